@@ -1,0 +1,15 @@
+"""fcfn_jax: a JAX-accelerated, vectorized simulator of privacy-incentive federated learning.
+
+Architecture (one module per concept, see ../shared/DESIGN.md):
+  config       frozen, validated configuration dataclasses
+  data         tfds / .npz / embedded loading, client partitioning, padded packing
+  models       flax CNNs and logistic regression
+  privacy/     per-example clipping + Gaussian noise (clipping), epsilon <-> noise (accounting)
+  game/        follower equilibrium and leader (equilibrium, solver, leader), baselines, outcomes
+  federated    one client's DP-SGD update, vmapped once into a round, FedAvg aggregation
+  simulation   the loop joining mechanism, privacy calibration, rounds and evaluation
+  metrics      evaluation and result tables
+  checkpoint   atomic orbax checkpoints
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,226 @@
+"""Frozen, validated configuration dataclasses (one per concept).
+
+Every config validates itself in ``__post_init__`` and raises :class:`ConfigError` with a message that
+names the offending field, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Collection
+from typing import Any
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message names the field, the value and what is allowed."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation helpers shared by every config (and by input checks elsewhere in the package).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def require(condition: bool, message: str) -> None:
+  """Raises ConfigError(message) unless ``condition``."""
+  if not condition:
+    raise ConfigError(message)
+
+
+def check_finite(name: str, value: Any) -> None:
+  require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+          f"{name}={value!r} is invalid: expected a finite number")
+
+
+def check_positive(name: str, value: Any) -> None:
+  check_finite(name, value)
+  require(value > 0, f"{name}={value!r} is invalid: expected a number > 0")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+  check_finite(name, value)
+  require(value >= 0, f"{name}={value!r} is invalid: expected a number >= 0")
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> None:
+  require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+          f"{name}={value!r} is invalid: expected an integer >= {minimum}")
+
+
+def check_open_unit(name: str, value: Any) -> None:
+  check_finite(name, value)
+  require(0 < value < 1, f"{name}={value!r} is invalid: expected a number in (0, 1)")
+
+
+def check_choice(name: str, value: Any, allowed: Collection[str]) -> None:
+  require(value in allowed, f"{name}={value!r} is invalid: expected one of {sorted(allowed)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs.
+# ----------------------------------------------------------------------------------------------------------
+
+DATASETS = ("femnist", "emnist", "cifar10")
+SOURCES = ("embedded", "npz", "tfds")
+PARTITIONS = ("writer", "dirichlet", "iid")
+MODELS = ("cnn", "logreg")
+ACCOUNTANTS = ("rdp", "pld")
+CALIBRATIONS = ("surrogate", "exact")
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
+MECHANISMS = ("stackelberg", "contract", "three_party", "posted_price", "no_incentive", "social_optimum")
+QUALITIES = ("log", "dp")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which data, from where, and how it is split into clients (DESIGN.md "Data").
+
+  dataset: 'femnist' (EMNIST by writer), 'emnist' (alias of femnist for tfds' emnist builder) or 'cifar10'.
+  source: 'embedded' (the small copy shipped in the package), 'npz' (``path``) or 'tfds' (``path`` = data_dir).
+  partition: 'writer' (natural clients; femnist/emnist only), 'dirichlet' (label-skew, ``dirichlet_alpha``)
+    or 'iid'. ``num_clients`` caps the writer partition and sets the size of the synthetic ones.
+  """
+
+  dataset: str = "femnist"
+  source: str = "embedded"
+  path: str | None = None
+  partition: str = "writer"
+  dirichlet_alpha: float = 0.5
+  num_clients: int = 40
+  min_examples_per_client: int = 16
+  test_fraction: float = 0.2
+  seed: int = 0
+
+  def __post_init__(self):
+    check_choice("dataset", self.dataset, DATASETS)
+    check_choice("source", self.source, SOURCES)
+    check_choice("partition", self.partition, PARTITIONS)
+    require(not (self.partition == "writer" and self.dataset == "cifar10"),
+            "partition='writer' is invalid for dataset='cifar10': CIFAR-10 has no writer ids; "
+            "use 'dirichlet' or 'iid'")
+    require(not (self.source == "npz" and not self.path),
+            "source='npz' needs path= a .npz file; got path=None")
+    check_positive("dirichlet_alpha", self.dirichlet_alpha)
+    check_int("num_clients", self.num_clients, minimum=2)
+    check_int("min_examples_per_client", self.min_examples_per_client, minimum=1)
+    check_open_unit("test_fraction", self.test_fraction)
+    check_int("seed", self.seed, minimum=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Model family: 'cnn' (flax CNN for the dataset's image shape) or 'logreg' (multinomial logistic)."""
+
+  name: str = "cnn"
+
+  def __post_init__(self):
+    check_choice("model", self.name, MODELS)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+  """DP-SGD parameters (DESIGN.md "From epsilon_i to noise").
+
+  clip_norm: per-example L2 clipping bound C. delta: target delta of every client's (eps, delta)-DP.
+  accountant: dp-accounting's 'rdp' or 'pld' for the exact host-side calibration and reports.
+  calibration: 'surrogate' (differentiable closed form inside the traced program; conservative) or
+    'exact' (host-side accountant inversion before each run).
+  private: False turns DP off entirely (the non-private reference path).
+  """
+
+  clip_norm: float = 1.0
+  delta: float = 1e-5
+  accountant: str = "rdp"
+  calibration: str = "surrogate"
+  private: bool = True
+
+  def __post_init__(self):
+    check_positive("clip_norm", self.clip_norm)
+    check_open_unit("delta", self.delta)
+    check_choice("accountant", self.accountant, ACCOUNTANTS)
+    check_choice("calibration", self.calibration, CALIBRATIONS)
+    require(isinstance(self.private, bool), f"private={self.private!r} is invalid: expected True or False")
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedConfig:
+  """Federated training: T rounds, S local DP-SGD steps of batch B per client per round, FedAvg server.
+
+  chunk_size: clients per vmapped chunk (``lax.map`` over chunks bounds memory); 0 = all clients at once.
+  """
+
+  rounds: int = 5
+  local_steps: int = 5
+  batch_size: int = 16
+  client_lr: float = 0.1
+  server_lr: float = 1.0
+  server_optimizer: str = "sgd"
+  chunk_size: int = 0
+
+  def __post_init__(self):
+    check_int("rounds", self.rounds)
+    check_int("local_steps", self.local_steps)
+    check_int("batch_size", self.batch_size)
+    check_positive("client_lr", self.client_lr)
+    check_positive("server_lr", self.server_lr)
+    check_choice("server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+    check_int("chunk_size", self.chunk_size, minimum=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GameConfig:
+  """The incentive mechanism and the clients' private costs (DESIGN.md "The game", "Baselines").
+
+  Per-unit privacy costs c_i ~ Uniform[cost_low, cost_high] (seeded); lam is the server's valuation of
+  model quality; budgets live in [0, eps_max]; eps_min is the self-protective budget of 'no_incentive'.
+  quality: 'log' (U_s = lam*log(1+X) - R) or 'dp' (U_s = lam*G(eps) - R, G = -sum a_i^2 v(eps_i)).
+  """
+
+  mechanism: str = "stackelberg"
+  lam: float = 10.0
+  cost_low: float = 0.5
+  cost_high: float = 2.0
+  eps_max: float = 8.0
+  eps_min: float = 0.5
+  num_types: int = 4
+  num_aggregators: int = 4
+  quality: str = "log"
+
+  def __post_init__(self):
+    check_choice("mechanism", self.mechanism, MECHANISMS)
+    check_positive("lam", self.lam)
+    check_positive("cost_low", self.cost_low)
+    check_positive("cost_high", self.cost_high)
+    require(self.cost_low <= self.cost_high,
+            f"cost_low={self.cost_low!r} > cost_high={self.cost_high!r}: expected cost_low <= cost_high")
+    check_positive("eps_max", self.eps_max)
+    check_positive("eps_min", self.eps_min)
+    require(self.eps_min <= self.eps_max,
+            f"eps_min={self.eps_min!r} > eps_max={self.eps_max!r}: expected eps_min <= eps_max")
+    check_int("num_types", self.num_types)
+    check_int("num_aggregators", self.num_aggregators)
+    check_choice("quality", self.quality, QUALITIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationConfig:
+  """One experiment: data x model x privacy x federated schedule x mechanism, plus I/O settings."""
+
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
+  federated: FederatedConfig = dataclasses.field(default_factory=FederatedConfig)
+  game: GameConfig = dataclasses.field(default_factory=GameConfig)
+  seed: int = 0
+  checkpoint_dir: str | None = None
+  checkpoint_every: int = 0
+
+  def __post_init__(self):
+    for name, cls in (("data", DataConfig), ("model", ModelConfig), ("privacy", PrivacyConfig),
+                      ("federated", FederatedConfig), ("game", GameConfig)):
+      require(isinstance(getattr(self, name), cls),
+              f"{name}={getattr(self, name)!r} is invalid: expected a {cls.__name__}")
+    check_int("seed", self.seed, minimum=0)
+    check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+    require(not (self.checkpoint_every and not self.checkpoint_dir),
+            f"checkpoint_every={self.checkpoint_every} needs checkpoint_dir; got checkpoint_dir=None")
