@@ -79,6 +79,10 @@ class DataConfig:
   source: 'embedded' (the small copy shipped in the package), 'npz' (``path``) or 'tfds' (``path`` = data_dir).
   partition: 'writer' (natural clients; femnist/emnist only), 'dirichlet' (label-skew, ``dirichlet_alpha``)
     or 'iid'. ``num_clients`` caps the writer partition and sets the size of the synthetic ones.
+  digits_only: keep only EMNIST digits (labels 0-9; tfds loads its 'emnist/digits' config).
+  capacity: slots per client row of the packed pool; 0 = the largest client's size (larger clients
+    keep a seeded subsample).
+  test_examples: size of a seeded subsample of the test split; 0 = the whole split.
   """
 
   dataset: str = "femnist"
@@ -90,6 +94,9 @@ class DataConfig:
   min_examples_per_client: int = 16
   test_fraction: float = 0.2
   seed: int = 0
+  digits_only: bool = False
+  capacity: int = 0
+  test_examples: int = 0
 
   def __post_init__(self):
     check_choice("dataset", self.dataset, DATASETS)
@@ -105,6 +112,12 @@ class DataConfig:
     check_int("min_examples_per_client", self.min_examples_per_client, minimum=1)
     check_open_unit("test_fraction", self.test_fraction)
     check_int("seed", self.seed, minimum=0)
+    require(isinstance(self.digits_only, bool),
+            f"digits_only={self.digits_only!r} is invalid: expected True or False")
+    require(not (self.digits_only and self.dataset == "cifar10"),
+            "digits_only=True is invalid for dataset='cifar10': only EMNIST has digit classes")
+    check_int("capacity", self.capacity, minimum=0)
+    check_int("test_examples", self.test_examples, minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)
