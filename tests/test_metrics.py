@@ -1,0 +1,138 @@
+"""Crash-safe result writers, table formatting and the timer."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import stat
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fcfn_jax.config import ConfigError
+from fcfn_jax.metrics import Timer, format_table, markdown_table, write_csv_atomic, write_json_atomic
+
+ROWS = [
+    {"mechanism": "stackelberg", "utility": np.float32(3.14159), "participants": 12},
+    {"mechanism": "posted_price", "utility": jnp.asarray(-0.5), "participants": np.int64(7), "note": "a|b"},
+]
+
+
+@pytest.fixture
+def removed_temp_files(monkeypatch):
+  """(path, size) of every temp file the writers remove: proof that the failure hit mid-write."""
+  removed, remove = [], os.remove
+
+  def spy(path):
+    removed.append((os.path.basename(path), os.path.getsize(path)))
+    remove(path)
+
+  monkeypatch.setattr(os, "remove", spy)
+  return removed
+
+
+class _Interrupt:
+  """Serializes like an array until the user hits Ctrl-C midway through the write."""
+
+  def tolist(self):
+    raise KeyboardInterrupt
+
+
+def test_write_json_atomic_roundtrip_and_overwrite(tmp_path):
+  path = tmp_path / "results.json"
+  write_json_atomic(path, {"old": True})
+  obj = {"rows": ROWS, "budgets": np.arange(3, dtype=np.float32), "nan": float("nan"), "none": None}
+  write_json_atomic(path, obj)
+  loaded = json.loads(path.read_text())
+  assert loaded["rows"][0] == {"mechanism": "stackelberg", "utility": pytest.approx(3.14159, rel=1e-6),
+                               "participants": 12}
+  assert loaded["rows"][1]["utility"] == -0.5 and loaded["rows"][1]["participants"] == 7
+  assert loaded["budgets"] == [0.0, 1.0, 2.0] and np.isnan(loaded["nan"]) and loaded["none"] is None
+  assert "old" not in loaded
+  assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+  assert os.listdir(tmp_path) == ["results.json"]
+
+
+@pytest.mark.parametrize("bad, error", [
+    (object(), ConfigError),  # unserializable value after part of the document is written
+    (_Interrupt(), KeyboardInterrupt),
+])
+def test_write_json_atomic_failure_keeps_old_file(tmp_path, removed_temp_files, bad, error):
+  path = tmp_path / "results.json"
+  write_json_atomic(path, {"round": 1})
+  with pytest.raises(error, match="is not JSON-serializable: expected" if error is ConfigError else None):
+    write_json_atomic(path, {"round": 2, "history": list(range(1000)) + [bad]})
+  assert json.loads(path.read_text()) == {"round": 1}
+  assert os.listdir(tmp_path) == ["results.json"]  # no temp file left behind
+  [(name, size)] = removed_temp_files
+  assert name.startswith(".results.json.") and size > 1000
+
+
+def test_write_csv_atomic_roundtrip(tmp_path):
+  path = tmp_path / "rounds.csv"
+  write_csv_atomic(path, ROWS)
+  with open(path, newline="") as f:
+    lines = list(csv.DictReader(f))
+  assert list(lines[0]) == ["mechanism", "utility", "participants", "note"]  # union, first-seen order
+  assert float(lines[0]["utility"]) == pytest.approx(3.14159, rel=1e-6)
+  assert lines[0]["note"] == "" and lines[1]["note"] == "a|b" and lines[1]["participants"] == "7"
+  write_csv_atomic(path, ROWS, columns=["participants", "mechanism", "utility", "note"])
+  assert path.read_text().splitlines()[0] == "participants,mechanism,utility,note"
+  write_csv_atomic(path, [], columns=["round"])
+  assert path.read_text().splitlines() == ["round"]
+
+
+def test_write_csv_atomic_failure_keeps_old_file(tmp_path, removed_temp_files):
+  path = tmp_path / "rounds.csv"
+  write_csv_atomic(path, ROWS)
+  before = path.read_bytes()
+  rows = [{"round": r} for r in range(1000)] + [{"round": 1000, "extra": 1}]
+  with pytest.raises(ConfigError, match=r"rows\[1000\] has keys \['extra'\] outside columns=\['round'\]"):
+    write_csv_atomic(path, rows, columns=["round"])
+  with pytest.raises(ConfigError, match=r"rows\[1\]=3 is invalid: expected a dict"):
+    write_csv_atomic(path, [{"round": 1}, 3])
+  assert path.read_bytes() == before
+  assert os.listdir(tmp_path) == ["rounds.csv"]
+  # Only the first failure had a temp file: a non-dict row is rejected before anything is written.
+  [(_, size)] = removed_temp_files
+  assert size > 1000
+
+
+def test_format_table_aligns_numbers_right_and_text_left():
+  assert format_table(ROWS).splitlines() == [
+      "mechanism     utility  participants  note",
+      "------------  -------  ------------  ----",
+      "stackelberg     3.142            12",
+      "posted_price     -0.5             7  a|b",
+  ]
+  assert format_table(ROWS, columns=["utility"], floatfmt=".2e").splitlines() == [
+      "  utility", "---------", " 3.14e+00", "-5.00e-01"]
+  assert format_table([], columns=["round", "accuracy"]) == "round  accuracy\n-----  --------"
+
+
+def test_markdown_table():
+  assert markdown_table(ROWS, floatfmt=".2f").splitlines() == [
+      "| mechanism | utility | participants | note |",
+      "| --- | ---: | ---: | --- |",
+      "| stackelberg | 3.14 | 12 |  |",
+      "| posted_price | -0.50 | 7 | a\\|b |",
+  ]
+
+
+def test_table_bad_floatfmt():
+  with pytest.raises(ConfigError, match=r"floatfmt='q' is invalid: expected a float format spec"):
+    format_table(ROWS, floatfmt="q")
+
+
+def test_timer():
+  with Timer() as timer:
+    time.sleep(0.02)
+    running = timer.elapsed
+  done = timer.elapsed
+  assert 0.02 <= running <= done
+  assert timer.elapsed == done  # frozen once the block exits
+  with pytest.raises(ConfigError, match="the timer was never entered"):
+    _ = Timer().elapsed
