@@ -1,0 +1,256 @@
+"""Federated training: one client's DP-SGD update, vmapped once into a FedAvg round, and evaluation.
+
+A round (DESIGN.md "From epsilon_i to noise"): every client i runs S local steps of DP-SGD (or plain SGD
+on the non-private path) from the server model theta, batch B drawn from its own n_i examples, noise
+multiplier z_i; it returns Delta_i = theta_i^S - theta. The server forms the FedAvg pseudo-gradient
+
+  g = -(sum_i a_i Delta_i) / (sum_i a_i),   a_i = weight_i * n_i * [z_i < inf]
+
+and applies its optax optimizer (``FederatedConfig.server_optimizer``). Clients with a_i = 0 sit out:
+their work is computed (shapes are fixed) but contributes exactly nothing. Keys: client i of round t uses
+fold_in(fold_in(key, t), i).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from fcfn_jax.config import FederatedConfig, PrivacyConfig, check_int, require
+from fcfn_jax.data import ClientPool
+from fcfn_jax.models import ApplyFn, LossFn, cross_entropy, make_loss_fn, normalize_pixels
+from fcfn_jax.privacy.clipping import dp_gradient, per_example_value_and_grad
+
+_SERVER_MOMENTUM = 0.9
+
+
+class ServerState(NamedTuple):
+  """The server's model, optimizer state and round counter t (int32 scalar)."""
+
+  params: chex.ArrayTree
+  opt_state: optax.OptState
+  round: chex.Array
+
+
+class ClientResult(NamedTuple):
+  """One client's round: model delta, mean train loss, clipped fraction.
+
+  delta: params pytree theta^S - theta. loss: mean over the valid examples of all S steps, each at its
+  step's pre-update params. clip_fraction: share of those examples clipped (0 on the non-private path).
+  """
+
+  delta: chex.ArrayTree
+  loss: chex.Array
+  clip_fraction: chex.Array
+
+
+class RoundMetrics(NamedTuple):
+  """Means over the round's participants of client train loss and clip fraction; participant count."""
+
+  train_loss: chex.Array
+  clip_fraction: chex.Array
+  participants: chex.Array
+
+
+def make_server_optimizer(fed: FederatedConfig) -> optax.GradientTransformation:
+  """optax 'sgd' | 'momentum' (heavy ball, beta = 0.9) | 'adam' with learning rate ``fed.server_lr``."""
+  if fed.server_optimizer == "adam":
+    return optax.adam(fed.server_lr)
+  momentum = _SERVER_MOMENTUM if fed.server_optimizer == "momentum" else None
+  return optax.sgd(fed.server_lr, momentum=momentum)
+
+
+def init_server_state(params: chex.ArrayTree, fed: FederatedConfig) -> ServerState:
+  """Round 0 with a fresh server optimizer state for ``params``."""
+  return ServerState(params=params, opt_state=make_server_optimizer(fed).init(params),
+                     round=jnp.zeros((), jnp.int32))
+
+
+def sample_client_batches(key: chex.PRNGKey, x: chex.Array, y: chex.Array, num_examples: chex.Array,
+                          steps: int, batch: int) -> tuple[chex.Array, chex.Array, chex.Array]:
+  """S batches of B examples of ONE client, uniform without replacement within each step.
+
+  Args:
+    key: PRNG key of this client and round.
+    x: uint8 [capacity, H, W, C], y: int32 [capacity]; slots >= num_examples are padding.
+    num_examples: int32 scalar n, the number of valid slots.
+    steps, batch: static S and B.
+
+  Returns:
+    x float32 [S, B, H, W, C] in [0, 1], y int32 [S, B], mask bool [S, B]; each step holds min(B, n)
+    distinct valid examples first, then masked slots.
+  """
+  capacity = x.shape[0]
+  num_valid = jnp.minimum(num_examples, capacity)
+  # Sorting uniform scores is a uniform random permutation; padding slots score 2 > 1 and sort last.
+  scores = jnp.where(jnp.arange(capacity) < num_valid, jax.random.uniform(key, (steps, capacity)), 2.0)
+  index = jnp.argsort(scores, axis=1)[:, :batch]
+  index = jnp.pad(index, ((0, 0), (0, batch - index.shape[1])))
+  mask = jnp.broadcast_to(jnp.arange(batch) < num_valid, (steps, batch))
+  return normalize_pixels(x[index]), y[index], mask
+
+
+def _mean_gradient(loss_fn: LossFn, params: chex.ArrayTree, x: chex.Array, y: chex.Array,
+                   mask: chex.Array) -> tuple[chex.ArrayTree, chex.Array]:
+  """Non-private (grad of mean_{j: m_j} loss_j, losses [B] with 0 at masked slots)."""
+
+  def mean_loss(p):
+    losses = jnp.where(mask, loss_fn(p, x, y), 0.0)
+    return jnp.sum(losses) / jnp.maximum(jnp.sum(mask), 1), losses
+
+  grad, losses = jax.grad(mean_loss, has_aux=True)(params)
+  return grad, losses
+
+
+def client_update(params: chex.ArrayTree, x: chex.Array, y: chex.Array, num_examples: chex.Array,
+                  noise_multiplier: chex.Numeric, key: chex.PRNGKey, *, apply_fn: ApplyFn,
+                  fed: FederatedConfig, privacy: PrivacyConfig) -> ClientResult:
+  """ONE client's round: S local steps theta <- theta - client_lr * g~ from the server model.
+
+  g~ is the DP-SGD gradient of :func:`fcfn_jax.privacy.clipping.dp_gradient` with multiplier z, or the
+  plain mean gradient over valid examples when ``privacy.private`` is False (static). z = inf means the
+  client sits out (epsilon_i = 0): its delta is exactly zero and nothing is NaN.
+
+  Args:
+    params: server model. x: uint8 [capacity, H, W, C], y: int32 [capacity], num_examples: int32 scalar
+      (one row of a ClientPool). noise_multiplier: scalar z. key: this client's key for this round.
+    apply_fn, fed, privacy: static model apply function and configs.
+  """
+  sample_key, noise_key = jax.random.split(key)
+  xs, ys, masks = sample_client_batches(sample_key, x, y, num_examples, fed.local_steps, fed.batch_size)
+  skip = ~jnp.isfinite(noise_multiplier)
+  noise_multiplier = jnp.where(skip, 0.0, noise_multiplier)
+  loss_fn = make_loss_fn(apply_fn)
+  per_example_fn = per_example_value_and_grad(loss_fn)
+
+  def local_step(p, inputs):
+    xb, yb, mb, step_key = inputs
+    if privacy.private:
+      out = dp_gradient(per_example_fn, p, xb, yb, mb, noise_multiplier, step_key, privacy.clip_norm)
+      grad, losses, clipped = out.grad, out.losses, out.norms > privacy.clip_norm
+    else:
+      grad, losses = _mean_gradient(loss_fn, p, xb, yb, mb)
+      clipped = jnp.zeros_like(mb)
+    p = jax.tree.map(lambda w, g: w - fed.client_lr * g, p, grad)
+    return p, (losses, clipped)
+
+  step_keys = jax.random.split(noise_key, fed.local_steps)
+  final, (losses, clipped) = jax.lax.scan(local_step, params, (xs, ys, masks, step_keys))
+  count = jnp.maximum(jnp.sum(masks), 1)
+  return ClientResult(
+      delta=jax.tree.map(lambda new, old: jnp.where(skip, 0.0, new - old), final, params),
+      loss=jnp.sum(losses) / count,
+      clip_fraction=jnp.sum(clipped & masks) / count)
+
+
+def _check_round_inputs(pool: ClientPool, noise_multipliers: chex.Array, weights: chex.Array) -> None:
+  """Shape checks at trace time: every per-client array has the pool's leading [clients] axis."""
+  clients = pool.y.shape[0]
+  require(pool.y.ndim == 2 and pool.x.shape[:2] == pool.y.shape,
+          f"pool.x {pool.x.shape} / pool.y {pool.y.shape} are invalid: expected [clients, capacity, H, W, C]"
+          " and [clients, capacity]")
+  for name, arr in (("pool.num_examples", pool.num_examples), ("noise_multipliers", noise_multipliers),
+                    ("weights", weights)):
+    require(jnp.shape(arr) == (clients,), f"{name} has shape {jnp.shape(arr)}: expected [{clients}]")
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "fed", "privacy"))
+def federated_round(state: ServerState, pool: ClientPool, noise_multipliers: chex.Array,
+                    weights: chex.Array, key: chex.PRNGKey, *, apply_fn: ApplyFn, fed: FederatedConfig,
+                    privacy: PrivacyConfig) -> tuple[ServerState, RoundMetrics]:
+  """One FedAvg round over all clients of ``pool`` (the only vmap over clients), jitted once.
+
+  Clients run in chunks of ``fed.chunk_size`` (0 = all at once): the client axis is padded to a multiple
+  of the chunk with weight-0 copies of the last client, and a scan over chunks accumulates the weighted
+  delta sum so memory holds one chunk of deltas at a time. A round with no participant leaves params and
+  optimizer state unchanged.
+
+  Args:
+    state: server state at round t. pool: ClientPool with x uint8 [clients, capacity, H, W, C] (put it on
+      the device once, e.g. ``jax.device_put(pool)``, or every round copies it from the host).
+    noise_multipliers: float [clients] z_i (inf = sits out). weights: float [clients] participation
+      weights >= 0 (0 = sits out). key: the run's key; round t uses fold_in(key, t).
+    apply_fn, fed, privacy: static (hashable) model apply function and configs.
+
+  Returns:
+    (state at round t + 1, RoundMetrics).
+  """
+  _check_round_inputs(pool, noise_multipliers, weights)
+  clients = pool.y.shape[0]
+  chunk = clients if fed.chunk_size == 0 else min(fed.chunk_size, clients)
+  num_chunks = -(-clients // chunk)
+  round_key = jax.random.fold_in(key, state.round)
+  num_examples = jnp.asarray(pool.num_examples, jnp.int32)
+
+  def one_client(client_id):
+    i = jnp.minimum(client_id, clients - 1)
+    z = noise_multipliers[i]
+    result = client_update(state.params, pool.x[i], pool.y[i], num_examples[i], z,
+                           jax.random.fold_in(round_key, client_id), apply_fn=apply_fn, fed=fed,
+                           privacy=privacy)
+    real = (client_id < clients) & jnp.isfinite(z)
+    return result, jnp.where(real, weights[i] * num_examples[i], 0.0).astype(jnp.float32)
+
+  def run_chunk(totals, client_ids):
+    results, agg_weights = jax.vmap(one_client)(client_ids)
+    joined = agg_weights > 0
+    # where() rather than a bare product: a non-participant's delta must not leak NaN or inf.
+    delta_sum = jax.tree.map(
+        lambda d: jnp.tensordot(agg_weights, jnp.where(joined.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0),
+                                axes=1), results.delta)
+    chunk_totals = (delta_sum, jnp.sum(agg_weights), jnp.sum(jnp.where(joined, results.loss, 0.0)),
+                    jnp.sum(jnp.where(joined, results.clip_fraction, 0.0)), jnp.sum(joined, dtype=jnp.int32))
+    return jax.tree.map(jnp.add, totals, chunk_totals), None
+
+  zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()), jnp.zeros(()),
+           jnp.zeros((), jnp.int32))
+  client_ids = jnp.arange(num_chunks * chunk).reshape(num_chunks, chunk)
+  (delta_sum, weight_sum, loss_sum, clip_sum, participants), _ = jax.lax.scan(run_chunk, zeros, client_ids)
+
+  pseudo_grad = jax.tree.map(lambda s: -s / jnp.where(weight_sum > 0, weight_sum, 1.0), delta_sum)
+  updates, opt_state = make_server_optimizer(fed).update(pseudo_grad, state.opt_state, state.params)
+  stepped = (optax.apply_updates(state.params, updates), opt_state)
+  params, opt_state = jax.tree.map(lambda new, old: jnp.where(participants > 0, new, old), stepped,
+                                   (state.params, state.opt_state))
+  denom = jnp.maximum(participants, 1)
+  metrics = RoundMetrics(train_loss=loss_sum / denom, clip_fraction=clip_sum / denom,
+                         participants=participants)
+  return ServerState(params=params, opt_state=opt_state, round=state.round + 1), metrics
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
+def _evaluate(params: chex.ArrayTree, x: chex.Array, y: chex.Array, *, apply_fn: ApplyFn,
+              batch_size: int) -> tuple[chex.Array, chex.Array]:
+  n = x.shape[0]
+  num_batches = -(-n // batch_size)
+  pad = num_batches * batch_size - n
+  xb = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(num_batches, batch_size, *x.shape[1:])
+  yb = jnp.pad(y, (0, pad)).reshape(num_batches, batch_size)
+  mb = (jnp.arange(num_batches * batch_size) < n).reshape(num_batches, batch_size)
+
+  def batch_totals(totals, inputs):
+    xs, ys, ms = inputs
+    logits = apply_fn({"params": params}, normalize_pixels(xs))
+    correct = jnp.sum(ms & (jnp.argmax(logits, axis=-1) == ys))
+    loss = jnp.sum(jnp.where(ms, cross_entropy(logits, ys), 0.0))
+    return (totals[0] + correct, totals[1] + loss), None
+
+  (correct, loss), _ = jax.lax.scan(batch_totals, (jnp.zeros((), jnp.int32), jnp.zeros(())), (xb, yb, mb))
+  return correct / n, loss / n
+
+
+def evaluate(params: chex.ArrayTree, x: chex.Array, y: chex.Array, apply_fn: ApplyFn,
+             batch_size: int) -> tuple[chex.Array, chex.Array]:
+  """(accuracy, mean cross-entropy) of the model on x uint8 [n, H, W, C], y int32 [n].
+
+  Runs under jit in fixed batches of ``batch_size``; the last batch is padded and masked.
+  """
+  check_int("batch_size", batch_size)
+  require(x.shape[0] >= 1 and x.shape[0] == y.shape[0],
+          f"x {x.shape} / y {y.shape} are invalid: expected [n, H, W, C] and [n] with n >= 1")
+  return _evaluate(params, x, y, apply_fn=apply_fn, batch_size=batch_size)
