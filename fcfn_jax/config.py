@@ -144,7 +144,7 @@ class PrivacyConfig:
   clip_norm: float = 1.0
   delta: float = 1e-5
   accountant: str = "rdp"
-  calibration: str = "surrogate"
+  calibration: str = "exact"
   private: bool = True
 
   def __post_init__(self):

@@ -1,0 +1,299 @@
+"""The simulation loop: mechanism -> budgets -> noise multipliers -> DP FedAvg rounds -> evaluation.
+
+One experiment (DESIGN.md "What it is"):
+  1. Clients are the data partition's clients; their quality weights are w_i = n_i / mean(n) and their
+     private per-unit privacy costs c_i ~ Uniform[cost_low, cost_high] (seeded, fold_in of the run key).
+  2. The mechanism (GameConfig.mechanism) sets every client's total budget eps_i and payment.
+  3. eps_i -> noise multiplier z_i for the whole run (T rounds x S local steps, sampling rate
+     q_i = min(1, B / n_i)): 'surrogate' calibration solves the mechanism and the closed-form surrogate
+     inside the same jitted program as the round; 'exact' inverts dp-accounting's accountant host-side
+     once. Clients with eps_i = 0 sit out: z_i = inf, weight 0, no payment.
+  4. T rounds of :func:`fcfn_jax.federated.federated_round`, evaluated on the test split; every K rounds the
+     state (model, optimizer, round, key, per-client privacy ledger) is checkpointed atomically, and a run
+     restarted with the same config resumes from the newest checkpoint with identical results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from fcfn_jax import checkpoint, data, federated, models
+from fcfn_jax.config import FederatedConfig, GameConfig, PrivacyConfig, SimulationConfig, require
+from fcfn_jax.game import baselines
+from fcfn_jax.game.outcome import Outcome
+from fcfn_jax.privacy import accounting
+
+_COST_STREAM = 1  # fold_in tags of the run key's independent streams
+_INIT_STREAM = 2
+_TRAIN_STREAM = 3
+_EVAL_BATCH = 512
+
+
+class SimState(NamedTuple):
+  """Everything a resumed run needs: server model/optimizer/round and the per-client privacy ledger.
+
+  server: federated.ServerState. steps_done: int32 [clients], DP-SGD steps each client has run so far.
+  """
+
+  server: federated.ServerState
+  steps_done: chex.Array
+
+
+class Experiment(NamedTuple):
+  """A prepared experiment (host side): data, model, the clients' game and their noise multipliers.
+
+  costs, weights, sampling_rates: [clients]. outcome: the mechanism's Outcome (budgets eps_i [clients]).
+  noise_multipliers: z_i [clients] used for training (inf = sits out).
+  train_pool: the clients that train, on device: all clients when the mechanism is solved inside the
+    round ('surrogate'), else only the participants (eps_i > 0), in client order.
+  """
+
+  cfg: SimulationConfig
+  data: data.FederatedData
+  apply_fn: Any
+  costs: np.ndarray
+  weights: np.ndarray
+  sampling_rates: np.ndarray
+  outcome: Outcome
+  noise_multipliers: np.ndarray
+  train_pool: data.ClientPool
+
+
+@functools.lru_cache(maxsize=None)
+def _model(model_cfg, input_shape: tuple[int, ...], num_classes: int):
+  """One module instance per architecture: jit caches on ``model.apply``, so reuse avoids recompiles."""
+  return models.make_model(model_cfg, input_shape, num_classes)
+
+
+def total_steps(cfg: SimulationConfig) -> int:
+  """k = T * S, the DP-SGD steps of each participating client over the whole run."""
+  return cfg.federated.rounds * cfg.federated.local_steps
+
+
+def client_costs(key: chex.PRNGKey, num_clients: int, game: GameConfig) -> np.ndarray:
+  """Per-unit privacy costs c_i ~ Uniform[cost_low, cost_high]: float64 [clients] (seeded)."""
+  u = np.asarray(jax.random.uniform(jax.random.fold_in(key, _COST_STREAM), (num_clients,)), np.float64)
+  return game.cost_low + (game.cost_high - game.cost_low) * u
+
+
+def quality_weights(num_examples: np.ndarray) -> np.ndarray:
+  """w_i = d_i / mean(d): float64 [clients] (DESIGN.md "The game")."""
+  d = np.asarray(num_examples, np.float64)
+  return d / d.mean()
+
+
+def _surrogate_noise(budgets: chex.Array, steps: int, privacy: PrivacyConfig) -> chex.Array:
+  """z_i from the differentiable surrogate; inf for clients that stay out (eps_i = 0)."""
+  return jnp.where(budgets > 0, accounting.surrogate_noise_multiplier(budgets, steps, privacy.delta),
+                   jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "cfg"))
+def mechanism_round(state: SimState, pool: data.ClientPool, costs: chex.Array, weights: chex.Array,
+                    key: chex.PRNGKey, *, apply_fn, cfg: SimulationConfig):
+  """ONE traced program: solve the mechanism, map eps -> z by the surrogate, run one DP FedAvg round.
+
+  Args:
+    state: SimState at round t. pool: all clients' data. costs, weights: c_i, w_i [clients].
+    key: the run's training key. apply_fn, cfg: static.
+
+  Returns:
+    (SimState at t + 1, federated.RoundMetrics, Outcome).
+  """
+  outcome = baselines.solve_mechanism(cfg.game.mechanism, costs, weights, cfg.game)
+  z = _surrogate_noise(outcome.budgets, total_steps(cfg), cfg.privacy)
+  joined = jnp.isfinite(z)
+  server, metrics = federated.federated_round(state.server, pool, z, joined.astype(jnp.float32), key,
+                                              apply_fn=apply_fn, fed=cfg.federated, privacy=cfg.privacy)
+  steps_done = state.steps_done + jnp.where(joined, cfg.federated.local_steps, 0).astype(jnp.int32)
+  return SimState(server=server, steps_done=steps_done), metrics, outcome
+
+
+def _participants_round(exp: Experiment, state: SimState, key: chex.PRNGKey):
+  """One DP FedAvg round over the participants only, with the host-calibrated z_i.
+
+  Clients with eps_i = 0 would contribute nothing, so they are left out of the batch rather than computed
+  and masked; the round's program depends only on the federated/privacy configs and the participant
+  count, so mechanisms with equal counts share it.
+  """
+  cfg = exp.cfg
+  joined = np.isfinite(exp.noise_multipliers)
+  if not joined.any():  # nobody sells privacy: the model stays as it is
+    server = state.server._replace(round=state.server.round + 1)
+    return state._replace(server=server), federated.RoundMetrics(jnp.nan, jnp.nan, jnp.zeros((), jnp.int32))
+  server, metrics = federated.federated_round(
+      state.server, exp.train_pool, jnp.asarray(exp.noise_multipliers[joined], jnp.float32),
+      jnp.ones(int(joined.sum()), jnp.float32), key, apply_fn=exp.apply_fn, fed=cfg.federated,
+      privacy=cfg.privacy)
+  steps_done = state.steps_done + jnp.asarray(np.where(joined, cfg.federated.local_steps, 0), jnp.int32)
+  return SimState(server=server, steps_done=steps_done), metrics
+
+
+def prepare(cfg: SimulationConfig, fed_data: data.FederatedData | None = None) -> Experiment:
+  """Loads data (unless given), draws costs, solves the mechanism and calibrates z_i (host side)."""
+  fed_data = data.load_federated(cfg.data) if fed_data is None else fed_data
+  key = jax.random.PRNGKey(cfg.seed)
+  n = np.asarray(fed_data.pool.num_examples)
+  costs = client_costs(key, n.shape[0], cfg.game)
+  weights = quality_weights(n)
+  sampling_rates = np.minimum(1.0, cfg.federated.batch_size / n)
+  with jax.enable_x64(True):
+    outcome = jax.tree.map(np.asarray, baselines.solve_mechanism(cfg.game.mechanism, costs, weights,
+                                                                 cfg.game))
+  eps = outcome.budgets
+  require(np.all(np.isfinite(eps)), f"mechanism {cfg.game.mechanism!r} returned non-finite budgets {eps}")
+  if cfg.privacy.calibration == "exact":
+    z = np.full(eps.shape, np.inf)
+    joined = eps > 0
+    if joined.any():
+      z[joined] = accounting.calibrate_noise_multipliers(
+          eps[joined], sampling_rates[joined], total_steps(cfg), cfg.privacy.delta, cfg.privacy.accountant)
+  else:
+    with jax.enable_x64(True):
+      z = np.asarray(_surrogate_noise(jnp.asarray(eps), total_steps(cfg), cfg.privacy))
+  model = _model(cfg.model, fed_data.input_shape, fed_data.num_classes)
+  in_round = cfg.privacy.calibration == "surrogate" and cfg.privacy.private
+  rows = slice(None) if in_round else np.flatnonzero(np.isfinite(z))
+  train_pool = jax.device_put(jax.tree.map(lambda a: a[rows], fed_data.pool))
+  return Experiment(cfg=cfg, data=fed_data, apply_fn=model.apply, costs=costs, weights=weights,
+                    sampling_rates=sampling_rates, outcome=outcome, noise_multipliers=z,
+                    train_pool=train_pool)
+
+
+def init_state(exp: Experiment) -> SimState:
+  """Round-0 state: freshly initialized model (seeded), empty privacy ledger."""
+  cfg = exp.cfg
+  model = _model(cfg.model, exp.data.input_shape, exp.data.num_classes)
+  params = models.init_params(model, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _INIT_STREAM),
+                              exp.data.input_shape)
+  return SimState(server=federated.init_server_state(params, cfg.federated),
+                  steps_done=jnp.zeros(exp.costs.shape, jnp.int32))
+
+
+def privacy_spent(exp: Experiment, steps_done: np.ndarray) -> np.ndarray:
+  """epsilon each client has spent so far [clients] by dp-accounting (0 for clients that sat out)."""
+  cfg = exp.cfg
+  spent = np.zeros(exp.costs.shape)
+  joined = np.isfinite(exp.noise_multipliers) & (np.asarray(steps_done) > 0)
+  if joined.any() and cfg.privacy.private:
+    spent[joined] = accounting.epsilon_spent(exp.noise_multipliers[joined], exp.sampling_rates[joined],
+                                             np.asarray(steps_done)[joined], cfg.privacy.delta,
+                                             cfg.privacy.accountant)
+  return spent
+
+
+def _step(exp: Experiment, state: SimState, key: chex.PRNGKey) -> tuple[SimState, Any]:
+  cfg = exp.cfg
+  if cfg.privacy.calibration == "surrogate" and cfg.privacy.private:
+    state, metrics, _ = mechanism_round(state, exp.train_pool, exp.costs.astype(np.float32),
+                                        exp.weights.astype(np.float32), key, apply_fn=exp.apply_fn,
+                                        cfg=cfg)
+    return state, metrics
+  return _participants_round(exp, state, key)
+
+
+@dataclasses.dataclass
+class RunResult:
+  """The rounds' history rows and the final summary row of one experiment."""
+
+  history: list[dict[str, Any]]
+  summary: dict[str, Any]
+  state: SimState
+
+
+def summary_row(exp: Experiment, accuracy: float, wall_time: float, spent: np.ndarray) -> dict[str, Any]:
+  """One comparison-table row: the mechanism's utilities and the trained model's accuracy."""
+  o = exp.outcome
+  eps = np.asarray(o.budgets)
+  joined = eps > 0
+  return {
+      "mechanism": exp.cfg.game.mechanism,
+      "server_utility": float(o.server_utility),
+      "mean_client_utility": float(o.mean_client_utility),
+      "social_welfare": float(o.social_welfare),
+      "average_utility": float(o.average_utility),
+      "participants": int(o.participants),
+      "total_payment": float(o.total_payment),
+      "mean_epsilon": float(eps[joined].mean()) if joined.any() else 0.0,
+      "max_epsilon_spent": float(spent.max()) if spent.size else 0.0,
+      "median_noise_multiplier": (float(np.median(exp.noise_multipliers[joined])) if joined.any()
+                                  else float("inf")),
+      "test_accuracy": accuracy,
+      "wall_time_s": wall_time,
+  }
+
+
+def run(cfg: SimulationConfig, *, fed_data: data.FederatedData | None = None, progress: bool = True,
+        stop_after: int | None = None) -> RunResult:
+  """Runs (or resumes, when cfg.checkpoint_dir holds a checkpoint) one experiment to the last round.
+
+  Args:
+    cfg: the experiment. fed_data: preloaded data (e.g. shared across mechanisms); None = load it.
+    progress: show a progress bar over rounds.
+    stop_after: stop after this round (a deliberate interruption, for resume tests); None = run all.
+  """
+  from fcfn_jax.metrics import Timer  # local: metrics is a leaf module used only at reporting time
+
+  with Timer() as timer:
+    exp = prepare(cfg, fed_data)
+    state = init_state(exp)
+    history: list[dict[str, Any]] = []
+    ckpt = checkpoint.Checkpointer(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if ckpt is not None:
+      restored = ckpt.restore(state)
+      if restored is not None:
+        state, history = restored.state, list(restored.metadata.get("history", []))
+    train_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _TRAIN_STREAM)
+    test = exp.data.test
+    start = int(state.server.round)
+    rounds = range(start, cfg.federated.rounds)
+    bar = tqdm.tqdm(rounds, desc=cfg.game.mechanism, disable=not progress, leave=False)
+    for t in bar:
+      state, metrics = _step(exp, state, train_key)
+      accuracy, loss = federated.evaluate(state.server.params, test.x, test.y, exp.apply_fn, _EVAL_BATCH)
+      history.append({"mechanism": cfg.game.mechanism, "round": t + 1, "test_accuracy": float(accuracy),
+                      "test_loss": float(loss), "train_loss": float(metrics.train_loss),
+                      "clip_fraction": float(metrics.clip_fraction),
+                      "participants": int(metrics.participants)})
+      bar.set_postfix(acc=f"{float(accuracy):.3f}")
+      done = t + 1
+      periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+      if ckpt is not None and (periodic or done == cfg.federated.rounds):
+        ckpt.save(done, state, {"history": history})
+      if stop_after is not None and done >= stop_after:
+        break
+    if ckpt is not None:
+      ckpt.close()
+    spent = privacy_spent(exp, np.asarray(state.steps_done))
+    accuracy = history[-1]["test_accuracy"] if history else float("nan")
+  return RunResult(history=history, summary=summary_row(exp, accuracy, timer.elapsed, spent), state=state)
+
+
+def compare(cfg: SimulationConfig, mechanisms: tuple[str, ...], *, progress: bool = True,
+            checkpoint_root: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """Runs ``cfg`` once per mechanism on the same clients and data; returns (summary rows, history rows).
+
+  Each summary row gains ``redundant_accuracy_loss`` = accuracy(social optimum budgets) - accuracy(row's
+  budgets) (DESIGN.md "Metrics"); the social optimum is run too when it is not among ``mechanisms``.
+  With ``checkpoint_root``, mechanism m checkpoints into ``<checkpoint_root>/<m>`` and resumes from it.
+  """
+  fed_data = data.load_federated(cfg.data)
+  runs = {}
+  for mech in dict.fromkeys(mechanisms + ("social_optimum",)):
+    ckpt_dir = f"{checkpoint_root}/{mech}" if checkpoint_root else None
+    mech_cfg = dataclasses.replace(cfg, game=dataclasses.replace(cfg.game, mechanism=mech),
+                                   checkpoint_dir=ckpt_dir)
+    runs[mech] = run(mech_cfg, fed_data=fed_data, progress=progress)
+  best = runs["social_optimum"].summary["test_accuracy"]
+  summary = [dict(runs[m].summary, redundant_accuracy_loss=best - runs[m].summary["test_accuracy"])
+             for m in mechanisms]
+  history = [row for m in mechanisms for row in runs[m].history]
+  return summary, history

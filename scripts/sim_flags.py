@@ -1,0 +1,102 @@
+"""absl flags shared by the experiment scripts: every SimulationConfig field, and the config they build.
+
+A bad value ends the program with exit status 2 and one line naming the flag, the value and what is
+allowed (no traceback): see :func:`config_or_exit`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from absl import flags
+
+from fcfn_jax import config as fc
+
+_T = TypeVar("_T")
+
+# Data.
+flags.DEFINE_enum("dataset", "femnist", list(fc.DATASETS),
+                  "femnist: EMNIST by writer; emnist: tfds EMNIST (no writers); cifar10: CIFAR-10.")
+flags.DEFINE_enum("source", "embedded", list(fc.SOURCES),
+                  "embedded: the FEMNIST-digits copy inside the package (offline); npz: --data_path is a "
+                  ".npz file (or, for cifar10, a folder with cifar10_train_batch1.npz and cifar10_test.npz); "
+                  "tfds: --data_path is a tfds data_dir with the dataset prepared as array_record.")
+flags.DEFINE_string("data_path", None, "The .npz file / folder (source=npz) or tfds data_dir (source=tfds).")
+flags.DEFINE_enum("partition", "writer", list(fc.PARTITIONS),
+                  "writer: one client per writer; dirichlet: label skew Dir(--dirichlet_alpha); iid.")
+flags.DEFINE_float("dirichlet_alpha", 0.5, "Dirichlet concentration for partition=dirichlet (> 0).")
+flags.DEFINE_integer("num_clients", 40, "Number of clients (writers are sampled down to this many).")
+flags.DEFINE_integer("min_examples", 16, "Writers with fewer examples are not clients.")
+flags.DEFINE_bool("digits_only", False, "femnist/emnist: keep only the 10 digit classes.")
+flags.DEFINE_integer("capacity", 0, "Per-client slots in the padded pool (0 = the largest client).")
+flags.DEFINE_integer("test_examples", 0, "Evaluate on a seeded subsample of this many test examples "
+                     "(0 = the whole test split).")
+# Model and privacy.
+flags.DEFINE_enum("model", "cnn", list(fc.MODELS), "cnn: small flax CNN; logreg: logistic regression.")
+flags.DEFINE_float("clip_norm", 1.0, "Per-example L2 clipping bound C (> 0).")
+flags.DEFINE_float("delta", 1e-5, "Every client's target delta, in (0, 1).")
+flags.DEFINE_enum("accountant", "rdp", list(fc.ACCOUNTANTS), "dp-accounting accountant for exact numbers.")
+flags.DEFINE_enum("calibration", "exact", list(fc.CALIBRATIONS),
+                  "exact: host-side accountant inversion of eps_i -> z_i (tight); surrogate: the "
+                  "differentiable closed form, solved with the mechanism inside the jitted round "
+                  "(conservative: more noise).")
+flags.DEFINE_bool("private", True, "False = no clipping and no noise (the non-private reference).")
+# Federated schedule.
+flags.DEFINE_integer("rounds", 10, "Federated rounds T.")
+flags.DEFINE_integer("local_steps", 5, "Local DP-SGD steps S per round.")
+flags.DEFINE_integer("batch_size", 16, "Local batch size B (sampling rate q_i = B / n_i).")
+flags.DEFINE_float("client_lr", 0.1, "Client SGD learning rate.")
+flags.DEFINE_float("server_lr", 1.0, "Server learning rate on the FedAvg pseudo-gradient.")
+flags.DEFINE_enum("server_optimizer", "sgd", list(fc.SERVER_OPTIMIZERS), "Server optax optimizer.")
+flags.DEFINE_integer("chunk_size", 0, "Clients per vmapped chunk (0 = all at once); bounds memory.")
+# Game.
+flags.DEFINE_float("lam", 10.0, "Server's valuation lambda of model quality (> 0).")
+flags.DEFINE_float("cost_low", 0.5, "Privacy costs c_i ~ Uniform[cost_low, cost_high] (> 0).")
+flags.DEFINE_float("cost_high", 2.0, "Upper end of the privacy-cost distribution.")
+flags.DEFINE_float("eps_max", 8.0, "Largest budget a client may sell (> 0).")
+flags.DEFINE_float("eps_min", 0.5, "Self-protective budget of the no-incentive baseline.")
+flags.DEFINE_integer("num_types", 4, "Contract theory: number of cost types.")
+flags.DEFINE_integer("num_aggregators", 4, "Three-party game: number of edge aggregators.")
+# Run.
+flags.DEFINE_integer("seed", 0, "Seed of everything (costs, model init, sampling, noise).")
+flags.DEFINE_string("out", "results", "Output folder for CSV/JSON/PNG files.")
+flags.DEFINE_integer("checkpoint_every", 0, "Checkpoint every K rounds (0 = only the last round).")
+flags.DEFINE_bool("checkpoint", False, "Checkpoint into <out>/checkpoints/<mechanism> and resume from it.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+FLAGS = flags.FLAGS
+
+
+def config_or_exit(build: Callable[[], _T]) -> _T:
+  """build(), or exit(2) with the ConfigError's one-line message (no traceback)."""
+  try:
+    return build()
+  except fc.ConfigError as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def simulation_config(mechanism: str, checkpoint_dir: str | None = None) -> fc.SimulationConfig:
+  """The SimulationConfig the flags describe, for one mechanism."""
+  return fc.SimulationConfig(
+      data=fc.DataConfig(dataset=FLAGS.dataset, source=FLAGS.source, path=FLAGS.data_path,
+                         partition=FLAGS.partition, dirichlet_alpha=FLAGS.dirichlet_alpha,
+                         num_clients=FLAGS.num_clients, min_examples_per_client=FLAGS.min_examples,
+                         digits_only=FLAGS.digits_only, capacity=FLAGS.capacity,
+                         test_examples=FLAGS.test_examples, seed=FLAGS.seed),
+      model=fc.ModelConfig(name=FLAGS.model),
+      privacy=fc.PrivacyConfig(clip_norm=FLAGS.clip_norm, delta=FLAGS.delta, accountant=FLAGS.accountant,
+                               calibration=FLAGS.calibration, private=FLAGS.private),
+      federated=fc.FederatedConfig(rounds=FLAGS.rounds, local_steps=FLAGS.local_steps,
+                                   batch_size=FLAGS.batch_size, client_lr=FLAGS.client_lr,
+                                   server_lr=FLAGS.server_lr, server_optimizer=FLAGS.server_optimizer,
+                                   chunk_size=FLAGS.chunk_size),
+      game=fc.GameConfig(mechanism=mechanism, lam=FLAGS.lam, cost_low=FLAGS.cost_low,
+                         cost_high=FLAGS.cost_high, eps_max=FLAGS.eps_max, eps_min=FLAGS.eps_min,
+                         num_types=FLAGS.num_types, num_aggregators=FLAGS.num_aggregators),
+      seed=FLAGS.seed,
+      checkpoint_dir=checkpoint_dir,
+      checkpoint_every=FLAGS.checkpoint_every,
+  )

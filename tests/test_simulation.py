@@ -1,0 +1,85 @@
+"""End-to-end simulation: determinism, resume after interruption, learning, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from fcfn_jax import config as fc
+from fcfn_jax import data, simulation
+
+
+def _cfg(tmp_path=None, **game) -> fc.SimulationConfig:
+  return fc.SimulationConfig(
+      data=fc.DataConfig(num_clients=12, capacity=64, test_examples=400),
+      model=fc.ModelConfig(name="logreg"),
+      federated=fc.FederatedConfig(rounds=4, local_steps=2, batch_size=8, client_lr=0.5),
+      game=fc.GameConfig(**game),
+      checkpoint_dir=str(tmp_path / "ckpt") if tmp_path else None,
+      checkpoint_every=1 if tmp_path else 0)
+
+
+@pytest.fixture(scope="module")
+def fed_data():
+  return data.load_federated(_cfg().data)
+
+
+def test_same_seed_same_results(fed_data):
+  a = simulation.run(_cfg(), fed_data=fed_data, progress=False)
+  b = simulation.run(_cfg(), fed_data=fed_data, progress=False)
+  assert a.history == b.history
+  chex.assert_trees_all_equal(a.state, b.state)
+
+
+def test_resume_after_interruption_matches_uninterrupted(fed_data, tmp_path):
+  full = simulation.run(_cfg(), fed_data=fed_data, progress=False)
+  cfg = _cfg(tmp_path)
+  partial = simulation.run(cfg, fed_data=fed_data, progress=False, stop_after=2)
+  assert len(partial.history) == 2
+  resumed = simulation.run(cfg, fed_data=fed_data, progress=False)
+  assert resumed.history == full.history
+  chex.assert_trees_all_equal(resumed.state, full.state)
+  assert resumed.summary["test_accuracy"] == full.summary["test_accuracy"]
+
+
+def test_non_participants_are_paid_nothing_and_spend_no_privacy(fed_data):
+  exp = simulation.prepare(_cfg(), fed_data)
+  out = simulation.run(_cfg(), fed_data=fed_data, progress=False)
+  eps = np.asarray(exp.outcome.budgets)
+  stayed_out = eps == 0
+  assert stayed_out.any(), "the default game should leave some high-cost clients out"
+  np.testing.assert_array_equal(np.asarray(exp.outcome.payments)[stayed_out], 0.0)
+  np.testing.assert_array_equal(np.asarray(out.state.steps_done)[stayed_out], 0)
+  spent = simulation.privacy_spent(exp, np.asarray(out.state.steps_done))
+  assert np.all(spent[~stayed_out] <= eps[~stayed_out] * (1 + 1e-9))
+  assert np.all(spent[stayed_out] == 0)
+
+
+def test_surrogate_path_solves_the_game_inside_the_round(fed_data):
+  cfg = dataclasses.replace(_cfg(), privacy=fc.PrivacyConfig(calibration="surrogate"))
+  exp = simulation.prepare(cfg, fed_data)
+  state = simulation.init_state(exp)
+  state, metrics, outcome = simulation.mechanism_round(
+      state, exp.train_pool, exp.costs.astype(np.float32), exp.weights.astype(np.float32),
+      jax.random.PRNGKey(0), apply_fn=exp.apply_fn, cfg=cfg)
+  np.testing.assert_allclose(np.asarray(outcome.budgets), np.asarray(exp.outcome.budgets), rtol=1e-4)
+  assert int(metrics.participants) == int(exp.outcome.participants)
+
+
+def test_non_private_training_beats_chance(fed_data):
+  cfg = dataclasses.replace(_cfg(mechanism="no_incentive"), privacy=fc.PrivacyConfig(private=False))
+  out = simulation.run(cfg, fed_data=fed_data, progress=False)
+  assert out.summary["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_bad_config_names_the_value():
+  with pytest.raises(fc.ConfigError, match="rounds=0"):
+    fc.FederatedConfig(rounds=0)
+  with pytest.raises(fc.ConfigError, match="lam=nan"):
+    fc.GameConfig(lam=float("nan"))
+  with pytest.raises(fc.ConfigError, match="mechanism='auction'"):
+    fc.GameConfig(mechanism="auction")
