@@ -33,6 +33,24 @@ class Participation(NamedTuple):
   threshold: chex.Array
 
 
+def validate_values(name: str, value, *, allow_zero: bool = False) -> None:
+  """Host-side check (skipped under tracing) that every entry of ``value`` is finite and > 0 (>= 0).
+
+  Raises:
+    ConfigError naming the first bad entry and what is allowed.
+  """
+  if value is None or isinstance(value, jax.core.Tracer):
+    return
+  arr = np.asarray(value)
+  require(arr.dtype.kind in "iuf", f"{name} has dtype {arr.dtype}: expected real numbers (integers or floats)")
+  bad = ~np.isfinite(arr) | ((arr < 0) if allow_zero else (arr <= 0))
+  if bad.any():
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    where = f"[{', '.join(map(str, idx))}]" if idx else ""
+    require(False, f"{name}{where}={float(arr[idx])!r} is invalid: "
+                   f"expected finite values {'>= 0' if allow_zero else '> 0'}")
+
+
 def validate_clients(costs, weights=None) -> None:
   """Host-side input check (skipped under tracing): >= 2 clients, finite positive costs and weights.
 
@@ -42,14 +60,10 @@ def validate_clients(costs, weights=None) -> None:
   for name, arr in (("costs", costs), ("weights", weights)):
     if arr is None or isinstance(arr, jax.core.Tracer):
       continue
-    arr = np.asarray(arr)
-    require(arr.ndim >= 1 and arr.shape[-1] >= 2,
-            f"{name} has shape {arr.shape}: a game needs at least 2 clients (last axis >= 2)")
-    bad = ~np.isfinite(arr) | (arr <= 0)
-    if bad.any():
-      idx = tuple(int(i) for i in np.argwhere(bad)[0])
-      require(False, f"{name}[{', '.join(map(str, idx))}]={float(arr[idx])!r} is invalid: "
-                     "expected finite values > 0")
+    shape = np.shape(arr)
+    require(len(shape) >= 1 and shape[-1] >= 2,
+            f"{name} has shape {shape}: a game needs at least 2 clients (last axis >= 2)")
+    validate_values(name, arr)
 
 
 def participation(k: chex.Array) -> Participation:
