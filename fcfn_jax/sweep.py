@@ -1,0 +1,218 @@
+"""Batched sweeps of many games x seeds x lambda values x cost distributions in one compiled program.
+
+A sweep is a flat batch of G configurations (seed, lam, cost_low, cost_high): [G] arrays, all traced.
+Each configuration draws one game (costs c_i ~ Uniform[cost_low, cost_high] and data weights w_i from
+``fold_in(key, seed)``, so every lam and cost range of a seed sees the same uniform quantiles: common
+random numbers) and solves every requested mechanism of ``game.baselines`` on it (DESIGN.md "Baselines").
+
+lam as a traced input: the baselines take lam from a static GameConfig, but every mechanism is
+homogeneous in money. With V = lam log(1 + X) and payments in the same units as costs, scaling the costs,
+lam and every payment by s > 0 scales every utility by s and leaves the budgets unchanged (the closed form
+R* = max(0, lam - K_S/(|S|-1)) scales with lam; water-filling thresholds lam / k_i, posted-price and
+contract break points are ratios). So a mechanism at (c, lam) is lam times the mechanism at (c / lam, 1):
+one compiled program serves every lam.
+
+The batch is evaluated as ``lax.map`` over fixed-size chunks of a ``vmap`` (memory bounded by the chunk),
+and the game axis can be split over a device mesh (``shard_map``: each device maps over its own chunks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+from fcfn_jax.config import (MECHANISMS, GameConfig, check_choice, check_int, check_positive, check_seed,
+                             require)
+from fcfn_jax.game import baselines
+from fcfn_jax.game.outcome import Outcome
+
+GAME_AXIS = "games"
+
+
+class SweepConfigs(NamedTuple):
+  """A flat batch of G configurations: seed int32 [G], lam [G], cost_low [G], cost_high [G]."""
+
+  seed: chex.Array
+  lam: chex.Array
+  cost_low: chex.Array
+  cost_high: chex.Array
+
+
+class SweepMetrics(NamedTuple):
+  """Per-game summary of one mechanism, each [G] (DESIGN.md "Metrics")."""
+
+  server_utility: chex.Array
+  mean_client_utility: chex.Array
+  social_welfare: chex.Array
+  participants: chex.Array
+  total_payment: chex.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSettings:
+  """What stays fixed (static) across a sweep.
+
+  game: eps_max, eps_min, num_types, num_aggregators of every game (its lam and cost range are ignored:
+    they are swept). num_clients: N. weight_spread: data sizes d_i ~ Uniform[1, weight_spread], w = d /
+    mean(d) (1 = equal weights). mechanisms: names from config.MECHANISMS.
+  """
+
+  game: GameConfig = GameConfig()
+  num_clients: int = 20
+  weight_spread: float = 4.0
+  mechanisms: tuple[str, ...] = ("stackelberg", "social_optimum", "posted_price")
+
+  def __post_init__(self):
+    require(isinstance(self.game, GameConfig), f"game={self.game!r} is invalid: expected a GameConfig")
+    require(self.game.quality == "log", f"quality={self.game.quality!r} is invalid for sweeps: expected "
+                                        "'log' (the closed-form mechanisms)")
+    check_int("num_clients", self.num_clients, minimum=2)
+    check_positive("weight_spread", self.weight_spread)
+    require(self.weight_spread >= 1, f"weight_spread={self.weight_spread!r} is invalid: expected >= 1")
+    require(isinstance(self.mechanisms, tuple) and self.mechanisms,
+            f"mechanisms={self.mechanisms!r} is invalid: expected a non-empty tuple of names")
+    for name in self.mechanisms:
+      check_choice("mechanism", name, MECHANISMS)
+
+
+def make_grid(seeds: Sequence[int], lams: Sequence[float], cost_ranges: Sequence[tuple[float, float]],
+              dtype: Any = None) -> SweepConfigs:
+  """The Cartesian product seeds x lams x cost_ranges as a flat SweepConfigs of G = product of sizes.
+
+  Raises:
+    ConfigError naming a bad seed, lam or cost range (the same rules as GameConfig).
+  """
+  require(len(seeds) and len(lams) and len(cost_ranges),
+          f"seeds={seeds!r}, lams={lams!r}, cost_ranges={cost_ranges!r}: expected non-empty lists")
+  for lam in lams:
+    GameConfig(lam=lam)
+  for low, high in cost_ranges:
+    GameConfig(cost_low=low, cost_high=high)
+  for seed in seeds:
+    check_seed("seed", seed)
+  rows = list(itertools.product(seeds, lams, cost_ranges))
+  dtype = jnp.result_type(float) if dtype is None else dtype
+  return SweepConfigs(seed=jnp.asarray([r[0] for r in rows], jnp.uint32),
+                      lam=jnp.asarray([r[1] for r in rows], dtype),
+                      cost_low=jnp.asarray([r[2][0] for r in rows], dtype),
+                      cost_high=jnp.asarray([r[2][1] for r in rows], dtype))
+
+
+def draw_game(key: chex.PRNGKey, seed: chex.Array, cost_low: chex.Array, cost_high: chex.Array,
+              num_clients: int, weight_spread: float) -> tuple[chex.Array, chex.Array]:
+  """One game (costs [N], weights [N]) drawn from ``fold_in(key, seed)``.
+
+  c_i = cost_low + (cost_high - cost_low) U_i, d_i = 1 + (weight_spread - 1) V_i, w = d / mean(d),
+  U, V ~ Uniform[0, 1)^N; the dtype is cost_low's.
+  """
+  cost_key, size_key = jax.random.split(jax.random.fold_in(key, seed))
+  dtype = jnp.result_type(cost_low)
+  costs = cost_low + (cost_high - cost_low) * jax.random.uniform(cost_key, (num_clients,), dtype)
+  sizes = 1.0 + (weight_spread - 1.0) * jax.random.uniform(size_key, (num_clients,), dtype)
+  return costs, sizes / jnp.mean(sizes)
+
+
+def mechanism_at_lam(name: str, costs: chex.Array, weights: chex.Array, lam: chex.Numeric,
+                     game: GameConfig) -> Outcome:
+  """The Outcome of mechanism ``name`` at a traced lam: lam x (the mechanism at costs / lam, lam = 1).
+
+  Exact by the money homogeneity of every mechanism (module docstring); budgets and participants are
+  unscaled, every utility and payment is multiplied by lam.
+  """
+  unit = baselines.solve_mechanism(name, costs / lam, weights, dataclasses.replace(game, lam=1.0))
+  money = {f: lam * getattr(unit, f) for f in Outcome._fields if f not in ("budgets", "participants")}
+  return unit._replace(**money)
+
+
+def _summary(outcome: Outcome) -> SweepMetrics:
+  return SweepMetrics(**{f: getattr(outcome, f) for f in SweepMetrics._fields})
+
+
+def evaluate_config(key: chex.PRNGKey, config: SweepConfigs, settings: SweepSettings
+                    ) -> dict[str, SweepMetrics]:
+  """Every mechanism of ``settings`` on the game of one configuration (fields of ``config`` are [])."""
+  costs, weights = draw_game(key, config.seed, config.cost_low, config.cost_high, settings.num_clients,
+                             settings.weight_spread)
+  return {name: _summary(mechanism_at_lam(name, costs, weights, config.lam, settings.game))
+          for name in settings.mechanisms}
+
+
+def _sweep_local(key, configs, settings, chunk_size):
+  """lax.map over chunks of chunk_size games, each a vmap: every leaf [G] with G a multiple of chunk_size."""
+  chunks = jax.tree.map(lambda a: a.reshape(-1, chunk_size), configs)
+  results = lax.map(jax.vmap(lambda c: evaluate_config(key, c, settings)), chunks)
+  return jax.tree.map(lambda a: a.reshape(-1), results)
+
+
+@functools.partial(jax.jit, static_argnames=("settings", "chunk_size", "mesh"))
+def _sweep(key, configs, settings, chunk_size, mesh):
+  local = functools.partial(_sweep_local, settings=settings, chunk_size=chunk_size)
+  if mesh is None:
+    return local(key, configs)
+  games = PartitionSpec(GAME_AXIS)
+  return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), games), out_specs=games)(key, configs)
+
+
+def run_sweep(key: chex.PRNGKey, configs: SweepConfigs, settings: SweepSettings, chunk_size: int = 0,
+              mesh: Mesh | None = None) -> dict[str, SweepMetrics]:
+  """Every mechanism on every configuration: {mechanism: SweepMetrics of [G] arrays}, one jit program.
+
+  Args:
+    key: base PRNG key; game g is drawn from fold_in(key, configs.seed[g]).
+    configs: G configurations (e.g. from :func:`make_grid`).
+    settings: the static part of the games.
+    chunk_size: games per vmapped chunk, over all devices (``lax.map`` runs the chunks in sequence,
+      bounding memory); 0 = all G at once. It is rounded up to a multiple of the mesh size, and the batch
+      is padded to a multiple of it with copies of the last configuration, dropped from the result.
+    mesh: optional 1-D device mesh with axis ``GAME_AXIS``: the games are split into one contiguous
+      block per device (``shard_map``), each running its share of every chunk.
+
+  Raises:
+    ConfigError for a bad chunk_size or mesh.
+  """
+  check_int("chunk_size", chunk_size, minimum=0)
+  require(mesh is None or mesh.axis_names == (GAME_AXIS,),
+          f"mesh axes {None if mesh is None else mesh.axis_names} are invalid: expected ({GAME_AXIS!r},)")
+  size = int(configs.lam.shape[0])
+  devices = 1 if mesh is None else mesh.size
+  per_device = -(-(chunk_size or size) // devices)
+  padded = -(-size // (per_device * devices)) * per_device * devices
+  configs = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], padded - size)]), configs)
+  results = _sweep(key, configs, settings, per_device, mesh)
+  return jax.tree.map(lambda a: a[:size], results)
+
+
+def game_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh over ``devices`` (default: all) with the game axis ``GAME_AXIS``."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (GAME_AXIS,))
+
+
+def sweep_table(configs: SweepConfigs, results: dict[str, SweepMetrics]) -> list[dict[str, Any]]:
+  """One row per (configuration, mechanism): the configuration values and the SweepMetrics fields."""
+  config_columns = {f: np.asarray(v).tolist() for f, v in configs._asdict().items()}
+  metric_columns = {name: {f: np.asarray(v).tolist() for f, v in metrics._asdict().items()}
+                    for name, metrics in results.items()}
+  return [{**{f: column[g] for f, column in config_columns.items()}, "mechanism": name,
+           **{f: column[g] for f, column in columns.items()}}
+          for g in range(len(config_columns["seed"])) for name, columns in metric_columns.items()]
+
+
+def mean_by(rows: Sequence[dict[str, Any]], keys: Sequence[str], metrics: Sequence[str]
+            ) -> list[dict[str, Any]]:
+  """Means of ``metrics`` over the rows of each distinct value of ``keys`` (in first-seen order)."""
+  groups: dict[tuple, list[dict[str, Any]]] = {}
+  for row in rows:
+    groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+  return [{**dict(zip(keys, values)), "games": len(members),
+           **{m: float(np.mean([r[m] for r in members])) for m in metrics}}
+          for values, members in groups.items()]
