@@ -7,7 +7,8 @@ names the offending field, its value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
+import sys
 from collections.abc import Collection
 from typing import Any
 
@@ -28,7 +29,8 @@ def require(condition: bool, message: str) -> None:
 
 
 def check_finite(name: str, value: Any) -> None:
-  require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+  # abs(v) <= max is False for NaN and inf, and compares huge ints exactly (math.isfinite overflows on them).
+  require(isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max,
           f"{name}={value!r} is invalid: expected a finite number")
 
 
@@ -42,9 +44,22 @@ def check_nonnegative(name: str, value: Any) -> None:
   require(value >= 0, f"{name}={value!r} is invalid: expected a number >= 0")
 
 
-def check_int(name: str, value: Any, minimum: int = 1) -> None:
+def check_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> None:
   require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
           f"{name}={value!r} is invalid: expected an integer >= {minimum}")
+  require(maximum is None or value <= maximum,
+          f"{name}={value!r} is invalid: expected an integer in [{minimum}, {maximum}]")
+
+
+def check_seed(name: str, value: Any) -> None:
+  """Seeds are 32-bit: jax.random.PRNGKey aliases larger ones (2**32 gives the key of 0) or overflows."""
+  check_int(name, value, minimum=0, maximum=2**32 - 1)
+
+
+def check_path(name: str, value: Any) -> None:
+  """None or a non-empty path (str or os.PathLike)."""
+  require(value is None or (isinstance(value, (str, os.PathLike)) and os.fspath(value) != ""),
+          f"{name}={value!r} is invalid: expected a path (a non-empty string) or None")
 
 
 def check_open_unit(name: str, value: Any) -> None:
@@ -53,7 +68,9 @@ def check_open_unit(name: str, value: Any) -> None:
 
 
 def check_choice(name: str, value: Any, allowed: Collection[str]) -> None:
-  require(value in allowed, f"{name}={value!r} is invalid: expected one of {sorted(allowed)}")
+  # The str test first: `in` on an array value would compare elementwise and raise.
+  require(isinstance(value, str) and value in allowed,
+          f"{name}={value!r} is invalid: expected one of {sorted(allowed)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,13 +122,14 @@ class DataConfig:
     require(not (self.partition == "writer" and self.dataset == "cifar10"),
             "partition='writer' is invalid for dataset='cifar10': CIFAR-10 has no writer ids; "
             "use 'dirichlet' or 'iid'")
+    check_path("path", self.path)
     require(not (self.source == "npz" and not self.path),
             "source='npz' needs path= a .npz file; got path=None")
     check_positive("dirichlet_alpha", self.dirichlet_alpha)
     check_int("num_clients", self.num_clients, minimum=2)
     check_int("min_examples_per_client", self.min_examples_per_client, minimum=1)
     check_open_unit("test_fraction", self.test_fraction)
-    check_int("seed", self.seed, minimum=0)
+    check_seed("seed", self.seed)
     require(isinstance(self.digits_only, bool),
             f"digits_only={self.digits_only!r} is invalid: expected True or False")
     require(not (self.digits_only and self.dataset == "cifar10"),
@@ -124,7 +142,7 @@ class DataConfig:
 class ModelConfig:
   """Model family: 'cnn' (flax CNN for the dataset's image shape) or 'logreg' (multinomial logistic)."""
 
-  name: str = "cnn"
+  name: str = "logreg"
 
   def __post_init__(self):
     check_choice("model", self.name, MODELS)
@@ -162,10 +180,10 @@ class FederatedConfig:
   chunk_size: clients per vmapped chunk (``lax.map`` over chunks bounds memory); 0 = all clients at once.
   """
 
-  rounds: int = 5
-  local_steps: int = 5
-  batch_size: int = 16
-  client_lr: float = 0.1
+  rounds: int = 10
+  local_steps: int = 3
+  batch_size: int = 32
+  client_lr: float = 0.5
   server_lr: float = 1.0
   server_optimizer: str = "sgd"
   chunk_size: int = 0
@@ -190,7 +208,7 @@ class GameConfig:
   """
 
   mechanism: str = "stackelberg"
-  lam: float = 10.0
+  lam: float = 50.0
   cost_low: float = 0.5
   cost_high: float = 2.0
   eps_max: float = 8.0
@@ -233,7 +251,8 @@ class SimulationConfig:
                       ("federated", FederatedConfig), ("game", GameConfig)):
       require(isinstance(getattr(self, name), cls),
               f"{name}={getattr(self, name)!r} is invalid: expected a {cls.__name__}")
-    check_int("seed", self.seed, minimum=0)
+    check_seed("seed", self.seed)
+    check_path("checkpoint_dir", self.checkpoint_dir)
     check_int("checkpoint_every", self.checkpoint_every, minimum=0)
     require(not (self.checkpoint_every and not self.checkpoint_dir),
             f"checkpoint_every={self.checkpoint_every} needs checkpoint_dir; got checkpoint_dir=None")

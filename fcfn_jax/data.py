@@ -10,6 +10,7 @@ equal seeds give equal outputs.
 from __future__ import annotations
 
 import os
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
@@ -89,6 +90,11 @@ class FederatedData(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _one_line(values: np.ndarray) -> str:
+  """A one-line description of an array for error messages: its repr if small, else shape and dtype."""
+  return " ".join(repr(values).split()) if values.size <= 8 else f"<{values.dtype} array of shape {values.shape}>"
+
+
 def _int_vector(name: str, values: Any, n: int, upper: int) -> np.ndarray:
   """values as int32 [n]; ConfigError unless integer-typed (so NaN-free) with 0 <= values < upper."""
   values = np.asarray(values)
@@ -151,7 +157,11 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     with path.open("rb") as file:
       archive = np.load(file, allow_pickle=False)
       arrays = dict(archive.items()) if isinstance(archive, np.lib.npyio.NpzFile) else None
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+  # Corruption surfaces in many types: a damaged .npy header fails numpy's parser (SyntaxError,
+  # tokenize.TokenError); damaged zip flags claim an unsupported compression (NotImplementedError) or
+  # encryption (RuntimeError).
+  except (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError, NotImplementedError, RuntimeError,
+          zipfile.BadZipFile, zlib.error) as error:
     raise ConfigError(f"path={str(path)!r} is not a readable .npz archive "
                       f"({type(error).__name__}: {error})") from error
   require(arrays is not None, f"path={str(path)!r} holds a single .npy array: expected an .npz archive")
@@ -210,7 +220,7 @@ def load_npz(path: str | os.PathLike, *, test_fraction: float = 0.2, seed: int =
     _require_keys(path, arrays, _PROJECT_KEYS)
     num_classes = arrays["num_classes"]
     require(num_classes.shape == () and np.issubdtype(num_classes.dtype, np.integer),
-            f"path={str(path)!r} has num_classes={num_classes!r}: expected an integer scalar")
+            f"path={str(path)!r} has num_classes={_one_line(num_classes)}: expected an integer scalar")
     return Splits(*(make_dataset(arrays[f"{split}_image"], arrays[f"{split}_label"], int(num_classes),
                                  arrays.get(f"{split}_writer"), name=f"{path} {split}")
                     for split in ("train", "test")))
@@ -233,13 +243,18 @@ def load_tfds(name: str, data_dir: str | None = None) -> Splits:
   Raises:
     ConfigError: ``name`` is unknown or not prepared under ``data_dir`` in a random-access format.
   """
+  build = f"`tfds build {name} --file_format=array_record --data_dir=...`"
+  require(data_dir is None or os.path.isdir(data_dir),
+          f"data_dir={data_dir!r} is not a directory: expected a tfds data_dir holding {name!r} prepared "
+          f"with {build}")
   try:
     sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
   except (NotImplementedError, ValueError, FileNotFoundError, AssertionError) as error:
+    cause = (str(error).strip().splitlines() or [""])[0]  # tfds appends lines of possible root causes
     raise ConfigError(
         f"tfds dataset {name!r} is not available under data_dir={data_dir!r}: tfds cannot download here; "
-        f"prepare it where TensorFlow and the archives exist with `tfds build {name} "
-        f"--file_format=array_record --data_dir=...` ({type(error).__name__}: {error})") from error
+        f"prepare it where TensorFlow and the archives exist with {build} ({type(error).__name__}: "
+        f"{cause})") from error
   return Splits(*(_from_source(source, name, split) for source, split in zip(sources, ("train", "test"))))
 
 
@@ -385,7 +400,7 @@ def pack_clients(dataset: Dataset, client_indices: Sequence[np.ndarray], capacit
   clients = [np.asarray(indices) for indices in client_indices]
   for k, indices in enumerate(clients):
     require(indices.ndim == 1 and len(indices) > 0 and np.issubdtype(indices.dtype, np.integer),
-            f"client {k} has indices {indices!r}: expected a non-empty 1-D integer array")
+            f"client {k} has indices {_one_line(indices)}: expected a non-empty 1-D integer array")
     require(indices.min() >= 0 and indices.max() < n,
             f"client {k} holds index {indices.min() if indices.min() < 0 else indices.max()}: expected "
             f"0 <= index < {n}")

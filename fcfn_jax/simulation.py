@@ -27,7 +27,7 @@ import tqdm
 
 from fcfn_jax import checkpoint, data, federated, models
 from fcfn_jax.config import FederatedConfig, GameConfig, PrivacyConfig, SimulationConfig, require
-from fcfn_jax.game import baselines
+from fcfn_jax.game import baselines, misreport
 from fcfn_jax.game.outcome import Outcome
 from fcfn_jax.privacy import accounting
 
@@ -137,8 +137,17 @@ def _participants_round(exp: Experiment, state: SimState, key: chex.PRNGKey):
   return SimState(server=server, steps_done=steps_done), metrics
 
 
-def prepare(cfg: SimulationConfig, fed_data: data.FederatedData | None = None) -> Experiment:
-  """Loads data (unless given), draws costs, solves the mechanism and calibrates z_i (host side)."""
+def prepare(cfg: SimulationConfig, fed_data: data.FederatedData | None = None, *,
+            cost_factors: np.ndarray | None = None) -> Experiment:
+  """Loads data (unless given), draws costs, solves the mechanism and calibrates z_i (host side).
+
+  cost_factors: m_i >= 1 [clients] or None (honest). Client i reports the cost m_i c_i; the mechanism is
+    solved on the reports and the outcome accounted with the true c_i (``misreport.misreported_outcome``).
+  """
+  in_round = cfg.privacy.calibration == "surrogate" and cfg.privacy.private
+  require(cost_factors is None or not in_round,
+          "cost_factors needs calibration='exact' or private=False: calibration='surrogate' re-solves the "
+          "mechanism on the true costs inside the round")
   fed_data = data.load_federated(cfg.data) if fed_data is None else fed_data
   key = jax.random.PRNGKey(cfg.seed)
   n = np.asarray(fed_data.pool.num_examples)
@@ -146,8 +155,9 @@ def prepare(cfg: SimulationConfig, fed_data: data.FederatedData | None = None) -
   weights = quality_weights(n)
   sampling_rates = np.minimum(1.0, cfg.federated.batch_size / n)
   with jax.enable_x64(True):
-    outcome = jax.tree.map(np.asarray, baselines.solve_mechanism(cfg.game.mechanism, costs, weights,
-                                                                 cfg.game))
+    outcome = (baselines.solve_mechanism(cfg.game.mechanism, costs, weights, cfg.game) if cost_factors is None
+               else misreport.misreported_outcome(cfg.game.mechanism, costs, weights, cfg.game, cost_factors))
+    outcome = jax.tree.map(np.asarray, outcome)
   eps = outcome.budgets
   require(np.all(np.isfinite(eps)), f"mechanism {cfg.game.mechanism!r} returned non-finite budgets {eps}")
   if cfg.privacy.calibration == "exact":
@@ -160,7 +170,6 @@ def prepare(cfg: SimulationConfig, fed_data: data.FederatedData | None = None) -
     with jax.enable_x64(True):
       z = np.asarray(_surrogate_noise(jnp.asarray(eps), total_steps(cfg), cfg.privacy))
   model = _model(cfg.model, fed_data.input_shape, fed_data.num_classes)
-  in_round = cfg.privacy.calibration == "surrogate" and cfg.privacy.private
   rows = slice(None) if in_round else np.flatnonzero(np.isfinite(z))
   train_pool = jax.device_put(jax.tree.map(lambda a: a[rows], fed_data.pool))
   return Experiment(cfg=cfg, data=fed_data, apply_fn=model.apply, costs=costs, weights=weights,
@@ -232,18 +241,19 @@ def summary_row(exp: Experiment, accuracy: float, wall_time: float, spent: np.nd
 
 
 def run(cfg: SimulationConfig, *, fed_data: data.FederatedData | None = None, progress: bool = True,
-        stop_after: int | None = None) -> RunResult:
+        stop_after: int | None = None, cost_factors: np.ndarray | None = None) -> RunResult:
   """Runs (or resumes, when cfg.checkpoint_dir holds a checkpoint) one experiment to the last round.
 
   Args:
     cfg: the experiment. fed_data: preloaded data (e.g. shared across mechanisms); None = load it.
     progress: show a progress bar over rounds.
     stop_after: stop after this round (a deliberate interruption, for resume tests); None = run all.
+    cost_factors: clients' cost exaggeration factors [clients] (see :func:`prepare`); None = honest.
   """
   from fcfn_jax.metrics import Timer  # local: metrics is a leaf module used only at reporting time
 
   with Timer() as timer:
-    exp = prepare(cfg, fed_data)
+    exp = prepare(cfg, fed_data, cost_factors=cost_factors)
     state = init_state(exp)
     history: list[dict[str, Any]] = []
     ckpt = checkpoint.Checkpointer(cfg.checkpoint_dir) if cfg.checkpoint_dir else None

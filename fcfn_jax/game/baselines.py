@@ -83,8 +83,8 @@ def _check_game(costs, weights, game_cfg) -> None:
           f"quality={game_cfg.quality!r} is invalid for the closed-form mechanisms: expected 'log' "
           "(the DP-aware quality is solved by the generic solver)")
   equilibrium.validate_clients(costs, weights)
-  require(jnp.ndim(costs) == 1 and jnp.shape(costs) == jnp.shape(weights),
-          f"costs of shape {jnp.shape(costs)} and weights of shape {jnp.shape(weights)} are invalid: "
+  require(np.ndim(costs) == 1 and np.shape(costs) == np.shape(weights),
+          f"costs of shape {np.shape(costs)} and weights of shape {np.shape(weights)} are invalid: "
           "expected one game, both of shape [N] (vmap over games)")
 
 
@@ -96,9 +96,17 @@ def _game_function(core: Callable[[chex.Array, chex.Array, GameConfig], _T]
   @functools.wraps(core)
   def wrapper(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> _T:
     _check_game(costs, weights, game_cfg)
-    costs, weights = jnp.asarray(costs), jnp.asarray(weights)
-    dtype = jnp.result_type(float, costs, weights)
-    return jitted(costs.astype(dtype), weights.astype(dtype), game_cfg)
+    c, w = jnp.asarray(costs), jnp.asarray(weights)
+    dtype = jnp.result_type(float, c, w)
+    result = jitted(c.astype(dtype), w.astype(dtype), game_cfg)
+    if not isinstance(c, jax.core.Tracer) and not isinstance(w, jax.core.Tracer):
+      # Finite inputs can still overflow the game's arithmetic (k_i = c_i / w_i, K_S, R / K_S) in dtype.
+      require(all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(result)),
+              f"{core.__name__} overflows in {np.dtype(dtype).name} for costs in [{float(np.min(costs))!r}, "
+              f"{float(np.max(costs))!r}] and weights in [{float(np.min(weights))!r}, "
+              f"{float(np.max(weights))!r}]: expected magnitudes whose ratios c_i / w_i and their sum "
+              "stay finite (rescale the costs and lam together)")
+    return result
 
   return wrapper
 
@@ -197,7 +205,7 @@ def contract(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> Ou
 def three_party(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> Outcome:
   """Server -> M aggregators -> clients, proportional-share at both levels (see the module docstring)."""
   n = costs.shape[-1]
-  groups = max(1, min(game_cfg.num_aggregators, n // 2))
+  groups = num_intermediaries("three_party", n, game_cfg)
   slots = -(-n // groups)
   k = costs / weights
   order = jnp.argsort(k)
@@ -251,6 +259,14 @@ def social_optimum(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig)
   x = water_fill(costs / weights, weights * game_cfg.eps_max, game_cfg.lam)
   budgets = jnp.minimum(x / weights, game_cfg.eps_max)
   return build_outcome(budgets, costs * budgets, costs, weights, log_valuation(game_cfg.lam))
+
+
+def num_intermediaries(name: str, num_clients: int, game_cfg: GameConfig) -> int:
+  """M, the intermediaries that mechanism ``name`` puts between the server and num_clients clients.
+
+  three_party: M = max(1, min(num_aggregators, N // 2)) edge aggregators; every other mechanism: 0.
+  """
+  return max(1, min(game_cfg.num_aggregators, num_clients // 2)) if name == "three_party" else 0
 
 
 _MECHANISMS: dict[str, Callable[[chex.Array, chex.Array, GameConfig], Outcome]] = {

@@ -58,7 +58,9 @@ def _check_entries(name: str, value: Any, ok: Callable[[np.ndarray], np.ndarray]
   """Raises ConfigError naming the first entry of ``value`` where ``ok`` fails (NaN always fails)."""
   if isinstance(value, jax.core.Tracer):
     return
-  arr = np.asarray(value, dtype=np.float64)
+  arr = np.asarray(value)
+  require(arr.dtype.kind in "iuf", f"{name} has dtype {arr.dtype}: expected real numbers (integers or floats)")
+  arr = arr.astype(np.float64)
   bad = np.isnan(arr) | ~ok(arr)
   if bad.any():
     idx = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -446,6 +448,9 @@ def calibrate_noise_multipliers(eps: chex.ArrayNumpy, sampling_rates: chex.Array
     return message
 
   guess = -np.log(np.asarray(_inverse_noise(e_keys, _amplified_steps(q_keys, steps), delta), np.float64))
+  # Budgets that overflow the surrogate (NaN) need the smallest z; the search clamps to the range anyway.
+  log_range = np.log(CALIBRATION_Z_RANGE)
+  guess = np.clip(np.nan_to_num(guess, nan=log_range[0]), *log_range)
   solution = _solve_sorted(q_keys, e_keys, guess, steps, delta, "rdp", rtol, describe("rdp"))
   if accountant == "pld":
     solution = _solve_sorted(q_keys, e_keys, np.log(solution), steps, delta, "pld", rtol, describe("pld"))

@@ -1,0 +1,110 @@
+"""Strategic misreporting: clients exaggerate their privacy costs (DESIGN.md "The game", "Baselines").
+
+A liar i reports c'_i = m c_i with an exaggeration factor m >= 1 instead of its true per-unit cost c_i;
+honest clients report c'_i = c_i. The mechanism cannot tell reports from costs, so it is solved on c' and
+picks budgets eps(c') and payments p(c'); what each party really gets is accounted with the TRUE costs:
+
+  u_i = p_i(c') - c_i eps_i(c'),   U_s = V(eps(c')) - total payment(c')   (the server never sees c),
+  W = U_s + sum_i u_i + margins = V(eps(c')) - sum_i c_i eps_i(c').
+
+m = 1 is the honest outcome. Because c'_i >= c_i, u_i >= p_i(c') - c'_i eps_i(c'): a mechanism that is
+individually rational on the reports stays individually rational on the true costs.
+
+Everything works on one game ([N] arrays) and vmaps over factors (and games), e.g.
+``jax.vmap(lambda m: misreported_outcome(name, c, w, game_cfg, m, liars))(factors)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fcfn_jax.config import GameConfig, check_int, require
+from fcfn_jax.game import baselines
+from fcfn_jax.game.outcome import Outcome, build_outcome, log_valuation
+
+
+def choose_liars(num_clients: int, fraction: float, seed: int = 0) -> np.ndarray:
+  """bool [num_clients]: a seeded uniform choice of round(fraction * num_clients) liars.
+
+  fraction in [0, 1]; 1 = every client lies.
+  """
+  check_int("num_clients", num_clients)
+  require(isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 <= fraction <= 1,
+          f"fraction={fraction!r} is invalid: expected a number in [0, 1]")
+  liars = np.zeros(num_clients, bool)
+  liars[np.random.default_rng(seed).choice(num_clients, round(fraction * num_clients), replace=False)] = True
+  return liars
+
+
+def _validate(true_costs, factor, liars_mask) -> None:
+  """Host-side checks (skipped for tracers) of the factor and the liars' mask against costs [N]."""
+  if not isinstance(factor, jax.core.Tracer):
+    arr = np.asarray(factor)
+    require(arr.dtype.kind in "iuf", f"factor has dtype {arr.dtype}: expected real numbers >= 1")
+    bad = ~(np.isfinite(arr) & (arr >= 1))
+    if bad.any():
+      idx = tuple(int(i) for i in np.argwhere(bad)[0])
+      where = f"[{', '.join(map(str, idx))}]" if idx else ""
+      require(False, f"factor{where}={float(arr[idx])!r} is invalid: expected finite exaggeration factors >= 1 "
+                     "(a liar reports m c_i with m >= 1)")
+    require(arr.ndim == 0 or arr.shape == np.shape(true_costs),
+            f"factor has shape {arr.shape}: expected a scalar or one per client, {np.shape(true_costs)}")
+  if liars_mask is not None and not isinstance(liars_mask, jax.core.Tracer):
+    mask = np.asarray(liars_mask)
+    require(mask.dtype == bool and mask.shape == np.shape(true_costs),
+            f"liars_mask of dtype {mask.dtype} and shape {mask.shape} is invalid: expected bool "
+            f"{np.shape(true_costs)}, one per client")
+
+
+def reported_costs(true_costs: chex.Array, factor: chex.Numeric,
+                   liars_mask: chex.Array | None = None) -> chex.Array:
+  """c'_i = m c_i for liars, c_i for honest clients: [N] (liars_mask None = everyone lies).
+
+  Args:
+    true_costs: c_i [N]. factor: m >= 1, a scalar or one per client [N]. liars_mask: bool [N] or None.
+  """
+  true_costs = jnp.asarray(true_costs)
+  exaggerated = jnp.asarray(factor) * true_costs
+  return exaggerated if liars_mask is None else jnp.where(liars_mask, exaggerated, true_costs)
+
+
+@functools.partial(jax.jit, static_argnames=("name", "game_cfg"))
+def true_cost_outcome(name: str, reported: Outcome, true_costs: chex.Array, weights: chex.Array,
+                      game_cfg: GameConfig) -> Outcome:
+  """``reported`` (mechanism ``name``'s Outcome on the reports) accounted with the true costs c_i: [N].
+
+  Budgets, payments and the intermediaries' margin are what the mechanism chose; only the clients'
+  utilities, the welfare and the averages change.
+  """
+  m = baselines.num_intermediaries(name, jnp.shape(true_costs)[-1], game_cfg)
+  # The Outcome keeps only the total margin; build_outcome needs only that total and the count M.
+  margins = (jnp.zeros((m,), reported.budgets.dtype).at[0].set(reported.intermediary_utility)
+             if m else None)
+  return build_outcome(reported.budgets, reported.payments, jnp.asarray(true_costs, reported.budgets.dtype),
+                       weights, log_valuation(game_cfg.lam), margins)
+
+
+def misreported_outcome(name: str, true_costs: chex.Array, weights: chex.Array, game_cfg: GameConfig,
+                        factor: chex.Numeric, liars_mask: chex.Array | None = None) -> Outcome:
+  """Mechanism ``name`` solved on the reported costs, every utility evaluated with the true costs.
+
+  Args:
+    name: one of config.MECHANISMS. true_costs: c_i [N]. weights: w_i [N]. game_cfg: the game.
+    factor: the exaggeration m >= 1, a scalar or one per client [N].
+    liars_mask: bool [N], True = client i reports m c_i; None = every client lies.
+
+  Returns:
+    The :class:`Outcome` under misreporting (see the module docstring); factor 1 gives the honest one.
+
+  Raises:
+    ConfigError: a factor below 1 or not finite, a mask of the wrong dtype or shape, or a bad game.
+  """
+  _validate(true_costs, factor, liars_mask)
+  reported = baselines.solve_mechanism(name, reported_costs(true_costs, factor, liars_mask), weights,
+                                       game_cfg)
+  return true_cost_outcome(name, reported, true_costs, weights, game_cfg)

@@ -1,0 +1,276 @@
+"""Strategic misreporting (fcfn_jax/game/misreport.py): honest limit, who gains by exaggerating, accounting."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fcfn_jax import config as fc
+from fcfn_jax import data, simulation
+from fcfn_jax.config import MECHANISMS, ConfigError, GameConfig
+from fcfn_jax.game import baselines, misreport
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = GameConfig(lam=10.0, eps_max=8.0, num_aggregators=3)
+UNCAPPED = GameConfig(lam=10.0, eps_max=1e3)  # the closed form's eps_max cap never binds
+FACTORS = jnp.linspace(1.0, 4.0, 31)
+TOL = 1e-10
+# Mechanisms whose outcome is individually rational on the reports (no_incentive imposes eps_min unpaid).
+IR_MECHANISMS = tuple(m for m in MECHANISMS if m != "no_incentive")
+
+
+@pytest.fixture(autouse=True)
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _random_games(seed: int, games: int, clients: int):
+  rng = np.random.default_rng(seed)
+  costs = rng.uniform(0.5, 2.0, (games, clients))
+  weights = rng.lognormal(0.0, 0.5, (games, clients))
+  return costs, weights / weights.mean(axis=1, keepdims=True)
+
+
+def _single_liar_utilities(name: str, costs, weights, cfg: GameConfig = CFG, factors=FACTORS):
+  """Outcomes with client i the only liar, for every i and factor: leaves [clients, factors, ...]."""
+  masks = np.eye(costs.shape[-1], dtype=bool)
+  per_factor = jax.vmap(lambda m, mask: misreport.misreported_outcome(name, costs, weights, cfg, m, mask),
+                        in_axes=(0, None))
+  return jax.vmap(per_factor, in_axes=(None, 0))(factors, masks)
+
+
+@pytest.mark.parametrize("name", MECHANISMS)
+def test_factor_one_reproduces_the_honest_outcome(name):
+  costs, weights = _random_games(seed=0, games=1, clients=9)
+  honest = baselines.solve_mechanism(name, costs[0], weights[0], CFG)
+  liars = misreport.choose_liars(9, 0.5, seed=1)
+  for mask in (liars, None):
+    out = misreport.misreported_outcome(name, costs[0], weights[0], CFG, 1.0, mask)
+    # The mechanism's decisions are bitwise the honest ones; the re-accounted sums differ by roundoff only.
+    for field in ("budgets", "payments", "participants", "intermediary_utility"):
+      np.testing.assert_array_equal(getattr(out, field), getattr(honest, field), err_msg=field)
+    chex.assert_trees_all_close(out, honest, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", MECHANISMS)
+def test_vmap_over_factors_matches_one_call_per_factor(name):
+  costs, weights = _random_games(seed=1, games=1, clients=8)
+  liars = misreport.choose_liars(8, 0.25, seed=0)
+  factors = jnp.array([1.0, 1.5, 2.0, 3.0])
+  batched = jax.vmap(lambda m: misreport.misreported_outcome(name, costs[0], weights[0], CFG, m, liars))(factors)
+  for j, m in enumerate(factors):
+    single = misreport.misreported_outcome(name, costs[0], weights[0], CFG, float(m), liars)
+    chex.assert_trees_all_close(jax.tree.map(lambda a, j=j: a[j], batched), single, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", MECHANISMS)
+def test_accounting_identities_hold_with_true_costs(name):
+  costs, weights = _random_games(seed=2, games=1, clients=10)
+  c, w = costs[0], weights[0]
+  liars = misreport.choose_liars(10, 0.5, seed=3)
+  for m in (1.0, 1.3, 2.0, 3.5):
+    reported_c = np.asarray(misreport.reported_costs(c, m, liars))
+    np.testing.assert_array_equal(reported_c, np.where(liars, m * c, c))
+    on_reports = baselines.solve_mechanism(name, reported_c, w, CFG)
+    out = misreport.misreported_outcome(name, c, w, CFG, m, liars)
+    eps, pay = np.asarray(out.budgets), np.asarray(out.payments)
+    # What the mechanism decides, and so the server's side, depends on the reports only.
+    for field in ("budgets", "payments", "intermediary_utility"):
+      np.testing.assert_array_equal(getattr(out, field), getattr(on_reports, field), err_msg=field)
+    for field in ("server_utility", "total_payment"):
+      np.testing.assert_allclose(getattr(out, field), getattr(on_reports, field), rtol=TOL, err_msg=field)
+    value = CFG.lam * np.log1p(np.sum(w * eps))
+    u = np.asarray(out.client_utilities)
+    np.testing.assert_allclose(u, pay - c * eps, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(out.social_welfare, value - np.sum(c * eps), rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(out.social_welfare, out.server_utility + u.sum() + out.intermediary_utility,
+                               rtol=TOL, atol=TOL)
+    parties = 10 + 1 + baselines.num_intermediaries(name, 10, CFG)
+    np.testing.assert_allclose(out.average_utility, out.social_welfare / parties, rtol=TOL, atol=TOL)
+    # Honest clients are accounted as before; liars keep the overstatement (m - 1) c_i eps_i on top.
+    u_reports = np.asarray(on_reports.client_utilities)
+    np.testing.assert_allclose(u[~liars], u_reports[~liars], rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(u[liars], u_reports[liars] + (m - 1) * c[liars] * eps[liars], rtol=TOL, atol=TOL)
+    if name in IR_MECHANISMS:  # IR on the reports implies IR on the true costs, which are lower
+      assert np.all(u >= -TOL), (m, u)
+    # No mechanism on any reports beats the welfare of the honest social optimum.
+    best = baselines.social_optimum(c, w, CFG).social_welfare
+    assert out.social_welfare <= best + TOL
+
+
+def test_social_optimum_pays_liars_exactly_their_overstatement():
+  costs, weights = _random_games(seed=4, games=1, clients=10)
+  c, w = costs[0], weights[0]
+  liars = misreport.choose_liars(10, 0.5, seed=0)
+  for m in (1.0, 1.2, 2.0):
+    out = misreport.misreported_outcome("social_optimum", c, w, CFG, m, liars)
+    eps, u = np.asarray(out.budgets), np.asarray(out.client_utilities)
+    np.testing.assert_allclose(u[~liars], 0.0, atol=TOL)
+    np.testing.assert_allclose(u[liars], (m - 1) * c[liars] * eps[liars], rtol=TOL, atol=TOL)
+
+
+def _stackelberg_gain_slope(lam, k_liar, k_other):
+  """d u_i / d m at m = 1 for the higher- or lower-cost of exactly two participants (sign only matters).
+
+  With |S| = 2, R = lam - K, u_i(m) = R(m) k_j (K(m) - k_i) / K(m)^2 with K(m) = m k_i + k_j, so
+  du_i/dm|_{m=1} = (k_i k_j / K^3) ((lam - K)(k_i - k_j) - k_j K).
+  """
+  total = k_liar + k_other
+  return (lam - total) * (k_liar - k_other) - k_other * total
+
+
+def test_stackelberg_single_liar_never_gains_with_three_or_more_participants():
+  """Measured and proved: with |S| >= 3 (no cap binding) u_i falls in the report k'_i.
+
+  u_i = R s_i (1 - (|S|-1) k_i / K'), s_i = 1 - (|S|-1) k'_i / K', R = lam - K' / (|S|-1); its derivative in
+  k'_i is negative whenever k_i + k'_i < K', which participation (k'_i < K' / (|S|-1) <= K' / 2) ensures.
+  """
+  costs, weights = _random_games(seed=5, games=12, clients=8)
+  checked = 0
+  for c, w in zip(costs, weights):
+    if int(baselines.stackelberg(c, w, UNCAPPED).participants) < 3:
+      continue
+    u = np.asarray(_single_liar_utilities("stackelberg", c, w, UNCAPPED).client_utilities)  # [liar, m, client]
+    own = u[np.arange(8), :, np.arange(8)]  # [liar, factor]
+    assert np.all(own <= own[:, :1] + TOL), np.max(own - own[:, :1])
+    checked += 1
+  assert checked >= 8  # most of these games have >= 3 participants
+
+
+def test_stackelberg_two_participants_the_costlier_can_gain():
+  """Measured: with exactly 2 participants the costlier one gains iff (lam - K)(k_i - k_j) > k_j K."""
+  costs = np.random.default_rng(6).uniform(0.3, 5.0, (40, 2))
+  costs = costs[costs.sum(axis=1) < UNCAPPED.lam]  # R* > 0
+  out = jax.vmap(lambda c: _single_liar_utilities("stackelberg", c, np.ones(2), UNCAPPED,
+                                                  factors=jnp.array([1.0, 1.0 + 1e-4])))(costs)
+  u = np.asarray(out.client_utilities)  # [game, liar, factor, client]
+  own = u[:, np.arange(2), :, np.arange(2)]  # [liar, game, factor]
+  slope = _stackelberg_gain_slope(UNCAPPED.lam, costs.T, costs[:, ::-1].T)  # [liar, game]
+  clear = np.abs(slope) > 1e-3
+  np.testing.assert_array_equal(np.sign(own[..., 1] - own[..., 0])[clear], np.sign(slope)[clear])
+  assert np.any(slope[clear] > 0) and np.any(slope[clear] < 0)  # both regimes occur
+  # E.g. k = (2, 1), lam = 10: (10 - 3)(2 - 1) = 7 > 1 * 3, so the costlier client gains by exaggerating.
+  u = [float(misreport.misreported_outcome("stackelberg", np.array([2.0, 1.0]), np.ones(2), UNCAPPED, m,
+                                           np.array([True, False])).client_utilities[0]) for m in (1, 1.2)]
+  assert u[1] > u[0]
+
+
+def test_posted_price_liar_gains_only_by_raising_everyones_price():
+  """Measured: exaggerating is not harmless under an optimized posted price. A liar whose report moves
+  above the price can make the server raise the price (to the report, or to the next honest cost); the liar
+  gains exactly when it still sells at a higher price, and then every honest seller gains too."""
+  costs, weights = _random_games(seed=7, games=12, clients=8)
+  gains = 0
+  for c, w in zip(costs, weights):
+    honest = baselines.posted_price(c, w, CFG)
+    honest_price = np.max(np.asarray(honest.payments)) / CFG.eps_max
+    out = _single_liar_utilities("posted_price", c, w)
+    u = np.asarray(out.client_utilities)  # [liar, factor, client]
+    price = np.max(np.asarray(out.payments), axis=-1) / CFG.eps_max  # [liar, factor]
+    own = u[np.arange(8), :, np.arange(8)]  # [liar, factor]
+    sells = np.asarray(out.budgets)[np.arange(8), :, np.arange(8)] == CFG.eps_max
+    gained = own > own[:, :1] + TOL
+    np.testing.assert_array_equal(gained, sells & (price > honest_price + TOL))
+    honest_sellers = np.asarray(honest.budgets) > 0
+    for liar, factor in zip(*np.nonzero(gained)):
+      others = honest_sellers & (np.arange(8) != liar)
+      assert np.all(u[liar, factor, others] > np.asarray(honest.client_utilities)[others])
+    gains += gained.any(axis=1).sum()
+  assert gains > 0  # some liars do gain: the optimized posted price is not truthful
+
+
+def test_no_incentive_ignores_reports():
+  costs, weights = _random_games(seed=8, games=1, clients=6)
+  outs = [misreport.misreported_outcome("no_incentive", costs[0], weights[0], CFG, m) for m in (1.0, 3.0)]
+  chex.assert_trees_all_equal(*outs)
+
+
+def test_choose_liars_is_seeded_and_counts():
+  a = misreport.choose_liars(40, 0.25, seed=3)
+  assert a.dtype == bool and a.sum() == 10
+  np.testing.assert_array_equal(a, misreport.choose_liars(40, 0.25, seed=3))
+  assert misreport.choose_liars(7, 1.0).all() and not misreport.choose_liars(7, 0.0).any()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(factor=0.5), r"factor=0.5 is invalid: expected finite exaggeration factors >= 1"),
+    (dict(factor=float("nan")), r"factor=nan is invalid"),
+    (dict(factor=np.array([1.0, 2.0])), r"factor has shape \(2,\): expected a scalar or one per client"),
+    (dict(factor=2.0, liars_mask=np.ones(3)), r"liars_mask of dtype float64 and shape \(3,\) is invalid"),
+    (dict(factor=2.0, liars_mask=np.ones(4, bool)), r"liars_mask .* shape \(4,\) is invalid: expected bool"),
+    (dict(factor="2"), r"factor has dtype <U1: expected real numbers >= 1"),
+    (dict(factor=np.array([1.0, 0.9, 2.0])), r"factor\[1\]=0.9 is invalid"),
+])
+def test_bad_misreport_inputs(kwargs, match):
+  with pytest.raises(ConfigError, match=match):
+    misreport.misreported_outcome("stackelberg", np.ones(3), np.ones(3), CFG, **kwargs)
+
+
+def test_bad_liar_fraction():
+  with pytest.raises(ConfigError, match=r"fraction=1.5 is invalid: expected a number in \[0, 1\]"):
+    misreport.choose_liars(10, 1.5)
+
+
+def _sim_cfg(calibration: str = "exact") -> fc.SimulationConfig:
+  return fc.SimulationConfig(
+      data=fc.DataConfig(num_clients=8, capacity=32, test_examples=200),
+      model=fc.ModelConfig(name="logreg"), privacy=fc.PrivacyConfig(calibration=calibration),
+      federated=fc.FederatedConfig(rounds=2, local_steps=1, batch_size=8),
+      game=GameConfig(mechanism="stackelberg", lam=20.0))
+
+
+def test_prepare_trains_with_the_misreported_budgets():
+  cfg = _sim_cfg()
+  fed_data = data.load_federated(cfg.data)
+  liars = misreport.choose_liars(8, 0.5, seed=0)
+  factors = np.where(liars, 2.0, 1.0)
+  exp = simulation.prepare(cfg, fed_data, cost_factors=factors)
+  n = np.asarray(fed_data.pool.num_examples)
+  expected = misreport.misreported_outcome(
+      "stackelberg", simulation.client_costs(jax.random.PRNGKey(cfg.seed), 8, cfg.game),
+      simulation.quality_weights(n), cfg.game, factors)
+  chex.assert_trees_all_close(exp.outcome, jax.tree.map(np.asarray, expected), rtol=1e-12, atol=1e-12)
+  np.testing.assert_array_equal(np.isfinite(exp.noise_multipliers), np.asarray(expected.budgets) > 0)
+  with pytest.raises(ConfigError, match="cost_factors needs calibration='exact'"):
+    simulation.prepare(_sim_cfg("surrogate"), fed_data, cost_factors=factors)
+  # The experiment keeps the true costs.
+  np.testing.assert_array_equal(exp.costs, simulation.client_costs(jax.random.PRNGKey(cfg.seed), 8, cfg.game))
+
+
+def test_misreporting_script_writes_the_table(tmp_path):
+  out = tmp_path / "out"
+  flags = ["--mechanisms=stackelberg,posted_price", "--factors=1,2", "--liar_fraction=0.5", "--num_clients=8",
+           "--capacity=32", "--min_examples=16", "--lam=10", "--cost_low=0.5", "--cost_high=2", "--eps_max=8",
+           "--seed=0", f"--out={out}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "misreporting.py"), *flags], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((out / "misreporting.json").read_text())
+  rows = {(r["mechanism"], r["factor"]): r for r in result["rows"]}
+  assert set(rows) == {(m, f) for m in ("stackelberg", "posted_price") for f in (1.0, 2.0)}
+  assert result["setup"]["liars"] == 4
+  fed_data = data.load_federated(fc.DataConfig(num_clients=8, capacity=32, min_examples_per_client=16))
+  n = np.asarray(fed_data.pool.num_examples)
+  game = GameConfig(lam=10.0, cost_low=0.5, cost_high=2.0, eps_max=8.0)
+  with jax.enable_x64(False):  # the script, like simulation.prepare, draws the costs in default precision
+    costs = simulation.client_costs(jax.random.PRNGKey(0), 8, game)
+  liars = misreport.choose_liars(8, 0.5, seed=0)
+  for name in ("stackelberg", "posted_price"):
+    honest = baselines.solve_mechanism(name, costs, simulation.quality_weights(n), game)
+    row = rows[(name, 1.0)]
+    np.testing.assert_allclose(row["server_utility"], honest.server_utility, rtol=1e-12)
+    np.testing.assert_allclose(row["liars_mean_utility"], np.mean(honest.client_utilities[liars]), rtol=1e-12,
+                               atol=1e-12)
+    assert row["participants"] == int(honest.participants)
+  for name in ("misreporting.csv", "misreporting.md", "liars_mean_utility_vs_factor.png"):
+    assert (out / name).stat().st_size > 0
