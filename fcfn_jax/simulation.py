@@ -80,7 +80,9 @@ def total_steps(cfg: SimulationConfig) -> int:
 
 def client_costs(key: chex.PRNGKey, num_clients: int, game: GameConfig) -> np.ndarray:
   """Per-unit privacy costs c_i ~ Uniform[cost_low, cost_high]: float64 [clients] (seeded)."""
-  u = np.asarray(jax.random.uniform(jax.random.fold_in(key, _COST_STREAM), (num_clients,)), np.float64)
+  # float32 draws whatever the x64 mode, so the same seed gives the same costs everywhere.
+  u = np.asarray(jax.random.uniform(jax.random.fold_in(key, _COST_STREAM), (num_clients,), jnp.float32),
+                 np.float64)
   return game.cost_low + (game.cost_high - game.cost_low) * u
 
 

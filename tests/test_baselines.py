@@ -209,7 +209,7 @@ def test_no_incentive_matches_the_hand_formula():
 
 
 def test_stackelberg_uses_the_closed_form():
-  cfg = GameConfig()
+  cfg = GameConfig(lam=10.0)
   costs, weights = _random_games(seed=12, games=1, clients=15)
   costs, weights = costs[0], weights[0]
   out = baselines.stackelberg(costs, weights, cfg)

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fcfn_jax.config import MECHANISMS, GameConfig, check_choice, require
-from fcfn_jax.game import equilibrium
+from fcfn_jax.game import equilibrium, solver
 from fcfn_jax.game.outcome import Outcome, build_outcome, log_valuation
 
 _T = TypeVar("_T")
@@ -148,9 +148,15 @@ def _iron(values: chex.Array, weights: chex.Array) -> chex.Array:
 
 @_game_function
 def stackelberg(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> Outcome:
-  """The proposed mechanism in closed form: R*, the follower equilibrium, payment_i = R* x_i / X."""
+  """The proposed mechanism: the leader's R*, the followers' capped Nash equilibrium, payment_i = R* x_i / X.
+
+  R* is the closed form max(0, lam - K_S / (|S| - 1)) (DESIGN.md "Stage I"); the followers' budgets are
+  the generic solver's equilibrium on [0, eps_max]^N, which equals the closed form when no cap binds and
+  stays an exact equilibrium when caps bind (then R* is the uncapped leader optimum; ``leader.solve_leader``
+  re-optimizes R under caps).
+  """
   payment = equilibrium.closed_form_payment(game_cfg.lam, costs, weights)
-  budgets = jnp.minimum(equilibrium.closed_form_budgets(payment, costs, weights), game_cfg.eps_max)
+  budgets = solver.share_equilibrium(payment, costs, weights, game_cfg.eps_max)
   payments = _proportional(payment, weights * budgets)
   return build_outcome(budgets, payments, costs, weights, log_valuation(game_cfg.lam))
 
