@@ -83,3 +83,12 @@ def test_bad_config_names_the_value():
     fc.GameConfig(lam=float("nan"))
   with pytest.raises(fc.ConfigError, match="mechanism='auction'"):
     fc.GameConfig(mechanism="auction")
+
+
+def test_default_private_run_learns_well_above_chance():
+  """The README's default experiment (Stackelberg, DP-SGD at the equilibrium budgets), cut to 4 rounds."""
+  default = fc.SimulationConfig()
+  cfg = dataclasses.replace(default, federated=dataclasses.replace(default.federated, rounds=4))
+  out = simulation.run(cfg, progress=False)
+  assert out.summary["participants"] >= 2
+  assert out.summary["test_accuracy"] > 0.3  # 10 digit classes: chance is 0.1
