@@ -24,7 +24,7 @@ import optax
 from fcfn_jax.config import FederatedConfig, PrivacyConfig, check_int, require
 from fcfn_jax.data import ClientPool
 from fcfn_jax.models import ApplyFn, LossFn, cross_entropy, make_loss_fn, normalize_pixels
-from fcfn_jax.privacy.clipping import dp_gradient, per_example_value_and_grad
+from fcfn_jax.privacy.clipping import dp_gradient, make_clipped_sum_fn
 
 _SERVER_MOMENTUM = 0.9
 
@@ -126,12 +126,12 @@ def client_update(params: chex.ArrayTree, x: chex.Array, y: chex.Array, num_exam
   skip = ~jnp.isfinite(noise_multiplier)
   noise_multiplier = jnp.where(skip, 0.0, noise_multiplier)
   loss_fn = make_loss_fn(apply_fn)
-  per_example_fn = per_example_value_and_grad(loss_fn)
+  clipped_sum_fn = make_clipped_sum_fn(apply_fn)
 
   def local_step(p, inputs):
     xb, yb, mb, step_key = inputs
     if privacy.private:
-      out = dp_gradient(per_example_fn, p, xb, yb, mb, noise_multiplier, step_key, privacy.clip_norm)
+      out = dp_gradient(clipped_sum_fn, p, xb, yb, mb, noise_multiplier, step_key, privacy.clip_norm)
       grad, losses, clipped = out.grad, out.losses, out.norms > privacy.clip_norm
     else:
       grad, losses = _mean_gradient(loss_fn, p, xb, yb, mb)
@@ -159,66 +159,146 @@ def _check_round_inputs(pool: ClientPool, noise_multipliers: chex.Array, weights
     require(jnp.shape(arr) == (clients,), f"{name} has shape {jnp.shape(arr)}: expected [{clients}]")
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "fed", "privacy"))
-def federated_round(state: ServerState, pool: ClientPool, noise_multipliers: chex.Array,
-                    weights: chex.Array, key: chex.PRNGKey, *, apply_fn: ApplyFn, fed: FederatedConfig,
-                    privacy: PrivacyConfig) -> tuple[ServerState, RoundMetrics]:
-  """One FedAvg round over all clients of ``pool`` (the only vmap over clients), jitted once.
+class _Totals(NamedTuple):
+  """Sums over participants: sum_i a_i Delta_i (params pytree), sum_i a_i, losses, clip fractions, count.
 
-  Clients run in chunks of ``fed.chunk_size`` (0 = all at once): the client axis is padded to a multiple
-  of the chunk with weight-0 copies of the last client, and a scan over chunks accumulates the weighted
-  delta sum so memory holds one chunk of deltas at a time. A round with no participant leaves params and
-  optimizer state unchanged.
-
-  Args:
-    state: server state at round t. pool: ClientPool with x uint8 [clients, capacity, H, W, C] (put it on
-      the device once, e.g. ``jax.device_put(pool)``, or every round copies it from the host).
-    noise_multipliers: float [clients] z_i (inf = sits out). weights: float [clients] participation
-      weights >= 0 (0 = sits out). key: the run's key; round t uses fold_in(key, t).
-    apply_fn, fed, privacy: static (hashable) model apply function and configs.
-
-  Returns:
-    (state at round t + 1, RoundMetrics).
+  All float32 (the count is exact below 2^24 clients), so a sharded round reduces them in one all-reduce.
   """
-  _check_round_inputs(pool, noise_multipliers, weights)
+
+  delta_sum: chex.ArrayTree
+  weight_sum: chex.Array
+  loss_sum: chex.Array
+  clip_sum: chex.Array
+  participants: chex.Array
+
+
+def _client_totals(params: chex.ArrayTree, pool: ClientPool, noise_multipliers: chex.Array,
+                   weights: chex.Array, round_key: chex.PRNGKey, first_id: chex.Array, *, apply_fn: ApplyFn,
+                   fed: FederatedConfig, privacy: PrivacyConfig) -> _Totals:
+  """_Totals of the clients of ``pool`` (global ids first_id + [0, clients)): the one vmap over clients.
+
+  Chunks of ``fed.chunk_size`` clients (0 = all at once) run under a scan that accumulates the totals, so
+  memory holds one chunk of deltas at a time; the last chunk is filled with weight-0 copies of the last
+  client.
+  """
   clients = pool.y.shape[0]
   chunk = clients if fed.chunk_size == 0 else min(fed.chunk_size, clients)
   num_chunks = -(-clients // chunk)
-  round_key = jax.random.fold_in(key, state.round)
   num_examples = jnp.asarray(pool.num_examples, jnp.int32)
 
-  def one_client(client_id):
-    i = jnp.minimum(client_id, clients - 1)
+  def one_client(row):
+    i = jnp.minimum(row, clients - 1)
     z = noise_multipliers[i]
-    result = client_update(state.params, pool.x[i], pool.y[i], num_examples[i], z,
-                           jax.random.fold_in(round_key, client_id), apply_fn=apply_fn, fed=fed,
+    result = client_update(params, pool.x[i], pool.y[i], num_examples[i], z,
+                           jax.random.fold_in(round_key, first_id + row), apply_fn=apply_fn, fed=fed,
                            privacy=privacy)
-    real = (client_id < clients) & jnp.isfinite(z)
+    real = (row < clients) & jnp.isfinite(z)
     return result, jnp.where(real, weights[i] * num_examples[i], 0.0).astype(jnp.float32)
 
-  def run_chunk(totals, client_ids):
-    results, agg_weights = jax.vmap(one_client)(client_ids)
+  def run_chunk(totals, rows):
+    results, agg_weights = jax.vmap(one_client)(rows)
     joined = agg_weights > 0
     # where() rather than a bare product: a non-participant's delta must not leak NaN or inf.
     delta_sum = jax.tree.map(
         lambda d: jnp.tensordot(agg_weights, jnp.where(joined.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0),
                                 axes=1), results.delta)
-    chunk_totals = (delta_sum, jnp.sum(agg_weights), jnp.sum(jnp.where(joined, results.loss, 0.0)),
-                    jnp.sum(jnp.where(joined, results.clip_fraction, 0.0)), jnp.sum(joined, dtype=jnp.int32))
+    chunk_totals = _Totals(delta_sum, jnp.sum(agg_weights), jnp.sum(jnp.where(joined, results.loss, 0.0)),
+                           jnp.sum(jnp.where(joined, results.clip_fraction, 0.0)),
+                           jnp.sum(joined, dtype=jnp.float32))
     return jax.tree.map(jnp.add, totals, chunk_totals), None
 
-  zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()), jnp.zeros(()),
-           jnp.zeros((), jnp.int32))
-  client_ids = jnp.arange(num_chunks * chunk).reshape(num_chunks, chunk)
-  (delta_sum, weight_sum, loss_sum, clip_sum, participants), _ = jax.lax.scan(run_chunk, zeros, client_ids)
+  zeros = _Totals(jax.tree.map(jnp.zeros_like, params), *(jnp.zeros(()),) * 4)
+  rows = jnp.arange(num_chunks * chunk).reshape(num_chunks, chunk)
+  return jax.lax.scan(run_chunk, zeros, rows)[0]
 
-  pseudo_grad = jax.tree.map(lambda s: -s / jnp.where(weight_sum > 0, weight_sum, 1.0), delta_sum)
+
+def client_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """The sharding of per-client arrays ([clients, ...]) in a round on ``mesh``: the leading axis split
+  over all mesh axes. Put the pool on it once: ``jax.device_put(pool, client_sharding(mesh))``."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
+
+
+def _sharded_totals(params: chex.ArrayTree, pool: ClientPool, noise_multipliers: chex.Array,
+                    weights: chex.Array, round_key: chex.PRNGKey, mesh: jax.sharding.Mesh,
+                    **static) -> _Totals:
+  """_Totals with the client axis split over ``mesh``: each device runs :func:`_client_totals` on its
+  shard, then ONE psum forms the server aggregate.
+
+  A client count that is not a multiple of mesh.size is padded (inside the program, a copy of the pool)
+  with clients that have no examples, z = inf and weight 0.
+  """
+  axes = tuple(mesh.axis_names)
+  pad = -pool.y.shape[0] % mesh.size
+
+  def pad_rows(a, value=0):
+    return jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), constant_values=value)
+
+  if pad:
+    pool = jax.tree.map(pad_rows, pool)
+    noise_multipliers, weights = pad_rows(noise_multipliers, jnp.inf), pad_rows(weights)
+  sharding = client_sharding(mesh)
+  # Explicit mesh axes (jax.make_mesh's default) need reshard; Auto ones a sharding constraint.
+  if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    pool, noise_multipliers, weights = jax.sharding.reshard((pool, noise_multipliers, weights), sharding)
+  else:
+    pool, noise_multipliers, weights = jax.lax.with_sharding_constraint((pool, noise_multipliers, weights),
+                                                                        sharding)
+
+  def shard_totals(params, pool, noise_multipliers, weights, round_key):
+    first_id = jax.lax.axis_index(axes) * pool.y.shape[0]
+    totals = _client_totals(params, pool, noise_multipliers, weights, round_key, first_id, **static)
+    return jax.lax.psum(totals, axes)
+
+  replicated, split = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(axes)
+  # check_vma=False: the per-device scans start from replicated values (server params, zero totals) and
+  # carry per-device ones; the psum above is what makes the output replicated.
+  return jax.shard_map(shard_totals, mesh=mesh, in_specs=(replicated, split, split, split, replicated),
+                       out_specs=replicated, check_vma=False)(params, pool, noise_multipliers, weights,
+                                                              round_key)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "fed", "privacy", "mesh"))
+def federated_round(state: ServerState, pool: ClientPool, noise_multipliers: chex.Array,
+                    weights: chex.Array, key: chex.PRNGKey, *, apply_fn: ApplyFn, fed: FederatedConfig,
+                    privacy: PrivacyConfig, mesh: jax.sharding.Mesh | None = None
+                    ) -> tuple[ServerState, RoundMetrics]:
+  """One FedAvg round over all clients of ``pool`` (the only vmap over clients), jitted once.
+
+  Clients run in chunks of ``fed.chunk_size`` (0 = all at once) under a scan that accumulates the
+  weighted delta sum (see :func:`_client_totals`). With ``mesh``, the client axis is split over the mesh's
+  devices and their partial sums meet in one psum. A round with no participant leaves params and optimizer
+  state unchanged. The result does not depend on chunking or sharding beyond float rounding: client i
+  always uses the key fold_in(fold_in(key, t), i).
+
+  Args:
+    state: server state at round t. pool: ClientPool with x uint8 [clients, capacity, H, W, C] (put it on
+      the device once, e.g. ``jax.device_put(pool)`` or, with a mesh, ``jax.device_put(pool,
+      client_sharding(mesh))``; otherwise every round copies it from the host).
+    noise_multipliers: float [clients] z_i (inf = sits out). weights: float [clients] participation
+      weights >= 0 (0 = sits out). key: the run's key; round t uses fold_in(key, t).
+    apply_fn, fed, privacy: static (hashable) model apply function and configs.
+    mesh: static ``jax.sharding.Mesh`` to split the clients over, or None (one device).
+
+  Returns:
+    (state at round t + 1, RoundMetrics).
+  """
+  _check_round_inputs(pool, noise_multipliers, weights)
+  round_key = jax.random.fold_in(key, state.round)
+  static = dict(apply_fn=apply_fn, fed=fed, privacy=privacy)
+  if mesh is None:
+    totals = _client_totals(state.params, pool, noise_multipliers, weights, round_key, 0, **static)
+  else:
+    totals = _sharded_totals(state.params, pool, noise_multipliers, weights, round_key, mesh, **static)
+
+  participants = totals.participants.astype(jnp.int32)
+  pseudo_grad = jax.tree.map(lambda s: -s / jnp.where(totals.weight_sum > 0, totals.weight_sum, 1.0),
+                             totals.delta_sum)
   updates, opt_state = make_server_optimizer(fed).update(pseudo_grad, state.opt_state, state.params)
   stepped = (optax.apply_updates(state.params, updates), opt_state)
   params, opt_state = jax.tree.map(lambda new, old: jnp.where(participants > 0, new, old), stepped,
                                    (state.params, state.opt_state))
   denom = jnp.maximum(participants, 1)
-  metrics = RoundMetrics(train_loss=loss_sum / denom, clip_fraction=clip_sum / denom,
+  metrics = RoundMetrics(train_loss=totals.loss_sum / denom, clip_fraction=totals.clip_sum / denom,
                          participants=participants)
   return ServerState(params=params, opt_state=opt_state, round=state.round + 1), metrics
 

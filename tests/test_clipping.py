@@ -67,8 +67,8 @@ class ClippingTest(chex.TestCase):
     fill = jnp.array([0.0, 1e6, 0.0, jnp.nan, 0.0, -3.0]).reshape(-1, 1, 1, 1)
     garbage_x = jnp.where(mask.reshape(-1, 1, 1, 1), x, fill)
     garbage_y = jnp.where(mask, y, 2 - y)
-    per_example_fn = clipping.per_example_value_and_grad(loss_fn)
-    dp = self.variant(lambda xx, yy: clipping.dp_gradient(per_example_fn, params, xx, yy, mask, 1.5,
+    clipped_sum_fn = clipping.vmap_clipped_sum(clipping.per_example_value_and_grad(loss_fn))
+    dp = self.variant(lambda xx, yy: clipping.dp_gradient(clipped_sum_fn, params, xx, yy, mask, 1.5,
                                                           jax.random.key(3), CLIP))
     clean, dirty = dp(x, y), dp(garbage_x, garbage_y)
     chex.assert_trees_all_equal(clean, dirty)
@@ -80,7 +80,8 @@ class ClippingTest(chex.TestCase):
     loss_fn, params, x, y = _setup()
     mask = jnp.array([True, True, True, False, False, False])
     per_example_fn = clipping.per_example_value_and_grad(loss_fn)
-    out = self.variant(clipping.dp_gradient, static_argnums=0)(per_example_fn, params, x, y, mask, 0.0,
+    clipped_sum_fn = clipping.vmap_clipped_sum(per_example_fn)
+    out = self.variant(clipping.dp_gradient, static_argnums=0)(clipped_sum_fn, params, x, y, mask, 0.0,
                                                                 jax.random.key(0), CLIP)
     summed, _ = clipping.clip_and_sum(per_example_fn(params, x, y)[1], mask, CLIP)
     # Divided by the fixed batch B = 6, not by the 3 valid examples.
@@ -95,8 +96,8 @@ class ClippingTest(chex.TestCase):
       return jnp.zeros(x.shape[0]), jax.tree.map(lambda q: jnp.zeros((x.shape[0], *q.shape)), p)
 
     def noisy_grad(z, key):
-      return clipping.dp_gradient(zero_grads, params, jnp.zeros((BATCH, 1)), jnp.zeros(BATCH, jnp.int32),
-                                  jnp.ones(BATCH, bool), z, key, 2.0).grad
+      return clipping.dp_gradient(clipping.vmap_clipped_sum(zero_grads), params, jnp.zeros((BATCH, 1)),
+                                  jnp.zeros(BATCH, jnp.int32), jnp.ones(BATCH, bool), z, key, 2.0).grad
 
     multipliers = jnp.array([0.5, 1.0, 3.0])
     grads = jax.jit(jax.vmap(noisy_grad))(multipliers, jax.random.split(jax.random.key(7), 3))

@@ -1,0 +1,129 @@
+"""Scaling of one federated DP round with the number of clients: wall time, compile time, peak memory.
+
+Each (model, clients) configuration runs in a fresh subprocess, so its peak resident memory (the process
+RSS high-water mark, ``ru_maxrss``) is its own; next to it is XLA's compiled memory analysis of the round
+(temp = XLA's working buffers, argument = the inputs, mostly the client pool). Clients come from
+resampling the embedded FEMNIST-digits train split (``common.emnist_pool``), every client with
+--capacity examples. Rounds run in chunks of --chunk_sizes clients so the working memory stays bounded.
+A size whose round is estimated (linearly from the previous size) to take longer than --max_round_s is
+skipped and listed as such.
+
+Example:
+  python benchmarks/bench_scaling.py --quick
+  python benchmarks/bench_scaling.py --clients=10,100,1000,10000 --models=logreg,cnn
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import resource
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from common import emnist_pool, machine, write_tables
+from fcfn_jax import federated, metrics, models
+from fcfn_jax.config import FederatedConfig, PrivacyConfig
+
+MODELS = ("logreg", "cnn")
+
+flags.DEFINE_list("models", list(MODELS), f"Models, from {list(MODELS)}.")
+flags.DEFINE_list("clients", ["10", "100", "1000", "10000"], "Client counts.")
+flags.DEFINE_list("chunk_sizes", ["32", "1"], "Chunk size per model (same order as --models).")
+flags.DEFINE_integer("local_steps", 5, "Local DP-SGD steps per client.")
+flags.DEFINE_integer("batch_size", 16, "Local batch size.")
+flags.DEFINE_integer("capacity", 64, "Examples per client.")
+flags.DEFINE_integer("repeats", 3, "Timed rounds per size (1 when a round is estimated above 10 s).")
+flags.DEFINE_float("max_round_s", 120.0, "Skip sizes whose round is estimated to take longer.")
+flags.DEFINE_string("out", "results/bench_scaling", "Folder for bench_scaling.{json,md} and scaling.csv.")
+flags.DEFINE_bool("quick", False, "Smoke run: 10 and 100 clients, 2 local steps, 1 repeat.")
+flags.DEFINE_string("single", None, "Internal: 'model:clients:chunk:repeats' = measure one size, print JSON.")
+FLAGS = flags.FLAGS
+
+NOISE_MULTIPLIER = 1.0
+
+
+def measure_one(model_name: str, clients: int, chunk: int, repeats: int) -> dict[str, Any]:
+  """One size in this process: compile (AOT), memory analysis, warm-up round, median of timed rounds."""
+  pool, classes = emnist_pool(clients, FLAGS.capacity)
+  pool = jax.device_put(pool)
+  shape = tuple(pool.x.shape[2:])
+  model = models.CNN(classes) if model_name == "cnn" else models.LogisticRegression(classes)
+  fed = FederatedConfig(local_steps=FLAGS.local_steps, batch_size=FLAGS.batch_size, chunk_size=chunk)
+  state = federated.init_server_state(models.init_params(model, jax.random.key(0), shape), fed)
+  round_fn = functools.partial(federated.federated_round, apply_fn=model.apply, fed=fed,
+                               privacy=PrivacyConfig())
+  args = (state, pool, jnp.full(clients, NOISE_MULTIPLIER), jnp.ones(clients), jax.random.key(1))
+  with metrics.Timer() as t:
+    compiled = jax.jit(round_fn).lower(*args).compile()
+  compile_s = t.elapsed
+  memory = compiled.memory_analysis()
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    with metrics.Timer() as t:
+      jax.block_until_ready(compiled(*args))
+    times.append(t.elapsed)
+  median = float(np.median(times))
+  return {"model": model_name, "clients": clients, "chunk_size": chunk, "compile_s": compile_s,
+          "round_s": median, "ms_per_client": 1e3 * median / clients, "repeats": repeats,
+          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "xla_temp_mb": memory.temp_size_in_bytes / 2 ** 20,
+          "xla_argument_mb": memory.argument_size_in_bytes / 2 ** 20,
+          "pool_mb": pool.x.nbytes / 2 ** 20}
+
+
+def run_sizes(model_name: str, chunk: int, sizes: Sequence[int]) -> list[dict[str, Any]]:
+  """Each size in a subprocess, smallest first; skips the rest once the estimate exceeds max_round_s."""
+  rows, previous = [], None
+  for clients in sizes:
+    estimate = previous["round_s"] * clients / previous["clients"] if previous else 0.0
+    if estimate > FLAGS.max_round_s:
+      rows.append({"model": model_name, "clients": clients, "chunk_size": chunk,
+                   "skipped": f"estimated {estimate:.0f} s per round > --max_round_s={FLAGS.max_round_s:g}"})
+      continue
+    repeats = FLAGS.repeats if estimate < 10 else 1
+    flags_passed = [f"--{name}={FLAGS[name].value}" for name in ("local_steps", "batch_size", "capacity")]
+    command = [sys.executable, __file__, f"--single={model_name}:{clients}:{chunk}:{repeats}", *flags_passed]
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    previous = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"{model_name} {clients:>6} clients: {previous['round_s']:.3f} s/round, peak RSS "
+          f"{previous['peak_rss_mb']:.0f} MB", flush=True)
+    rows.append(previous)
+  return rows
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  if FLAGS.single:
+    model_name, clients, chunk, repeats = FLAGS.single.split(":")
+    print(json.dumps(measure_one(model_name, int(clients), int(chunk), int(repeats))))
+    return
+  for name in FLAGS.models:
+    if name not in MODELS:
+      raise app.UsageError(f"--models has {name!r}: expected a comma list from {list(MODELS)}")
+  if len(FLAGS.chunk_sizes) != len(FLAGS.models):
+    raise app.UsageError(f"--chunk_sizes={FLAGS.chunk_sizes} needs one entry per model of {FLAGS.models}")
+  if FLAGS.quick:
+    FLAGS.clients, FLAGS.local_steps, FLAGS.repeats = ["10", "100"], 2, 1
+  sizes = sorted(int(c) for c in FLAGS.clients)
+  rows = []
+  for name, chunk in zip(FLAGS.models, FLAGS.chunk_sizes):
+    rows += run_sizes(name, int(chunk), sizes)
+  meta = {**machine(), "local_steps": FLAGS.local_steps, "batch_size": FLAGS.batch_size,
+          "capacity": FLAGS.capacity, "noise_multiplier": NOISE_MULTIPLIER,
+          "memory": "peak_rss_mb = the subprocess's RSS high-water mark (ru_maxrss; includes the host "
+                    "copy of the pool and the Python/JAX runtime); xla_temp_mb / xla_argument_mb = the "
+                    "compiled round's memory_analysis()"}
+  write_tables(FLAGS.out, "bench_scaling", {"scaling": rows}, meta)
+
+
+if __name__ == "__main__":
+  app.run(main)
