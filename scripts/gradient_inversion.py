@@ -49,13 +49,7 @@ COLUMNS = ("setting", "eps", "noise_multiplier", "psnr_mean", "psnr_min", "psnr_
 
 def _settings() -> tuple[list[float], fc.SimulationConfig]:
   """The budgets and the config the flags describe; raises ConfigError naming a bad flag."""
-  epsilons = []
-  for value in FLAGS.epsilons:
-    try:
-      epsilons.append(float(value))
-    except ValueError:
-      fc.require(False, f"epsilons has {value!r}: expected numbers > 0")
-    fc.check_positive("epsilons", epsilons[-1])
+  epsilons = sim_flags.positive_floats("epsilons", FLAGS.epsilons)
   fc.check_int("num_images", FLAGS.num_images)
   fc.check_int("attack_steps", FLAGS.attack_steps)
   fc.check_positive("attack_lr", FLAGS.attack_lr)

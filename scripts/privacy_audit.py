@@ -42,13 +42,7 @@ COLUMNS = ("run", "eps_claimed", "noise_multiplier", "eps_pld", "eps_lower", "tp
 
 def _settings() -> tuple[list[float], fc.SimulationConfig]:
   """The claimed budgets and the config the flags describe; raises ConfigError naming a bad flag."""
-  epsilons = []
-  for value in FLAGS.epsilons:
-    try:
-      epsilons.append(float(value))
-    except ValueError:
-      fc.require(False, f"epsilons has {value!r}: expected numbers > 0")
-    fc.check_positive("epsilons", epsilons[-1])
+  epsilons = sim_flags.positive_floats("epsilons", FLAGS.epsilons)
   fc.require(FLAGS.under_noise_factor > 1,
              f"under_noise_factor={FLAGS.under_noise_factor!r} is invalid: expected a number > 1")
   fc.check_open_unit("confidence", FLAGS.confidence)

@@ -90,6 +90,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     _exit_with(" ".join(str(err).split()))
 
 
+def positive_floats(name: str, values: list[str]) -> list[float]:
+  """The list flag ``name`` as numbers > 0; raises ConfigError naming the bad entry."""
+  numbers = []
+  for value in values:
+    try:
+      numbers.append(float(value))
+    except ValueError:
+      fc.require(False, f"{name} has {value!r}: expected numbers > 0")
+    fc.check_positive(name, numbers[-1])
+  return numbers
+
+
 def config_or_exit(build: Callable[[], _T]) -> _T:
   """build(), or exit(2) with the ConfigError's one-line message (no traceback)."""
   try:
