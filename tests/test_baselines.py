@@ -14,10 +14,7 @@ from fcfn_jax.game import baselines, equilibrium
 TOL = 1e-9
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
 
 def _random_games(seed: int, games: int, clients: int, cost_high: float = 2.0, weight_sigma: float = 0.5):

@@ -11,10 +11,7 @@ from fcfn_jax.config import ConfigError
 from fcfn_jax.game import equilibrium, solver
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
 
 def random_games(seed: int, games: int, clients: int):

@@ -15,10 +15,7 @@ from fcfn_jax.game import equilibrium, leader, solver
 from fcfn_jax.privacy import accounting
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
 
 def surrogate_variance(eps):

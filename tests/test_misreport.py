@@ -27,10 +27,7 @@ TOL = 1e-10
 IR_MECHANISMS = tuple(m for m in MECHANISMS if m != "no_incentive")
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
 
 def _random_games(seed: int, games: int, clients: int):

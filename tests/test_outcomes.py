@@ -15,10 +15,7 @@ from fcfn_jax.game import baselines
 from fcfn_jax.game.outcome import Outcome, build_outcome, log_valuation
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
 
 def _random_games(seed: int, games: int, clients: int):

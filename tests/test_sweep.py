@@ -16,10 +16,7 @@ SETTINGS = sweep.SweepSettings(game=GameConfig(eps_max=4.0), num_clients=12,
 KEY = jax.random.PRNGKey(7)
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,7 @@ from fcfn_jax.privacy import accounting
 NUM_CLIENTS = 8
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
 
 dp_quality = functools.partial(
