@@ -166,7 +166,10 @@ def local_training(step_grad: Callable[..., Any], params: Any, xs: jax.Array, ys
     return jax.tree.map(jnp.subtract, final, params)
 
   def run_chunk(total, batch):
-    deltas = jax.vmap(one_client)(*batch)
+    if chunk == 1:  # as federated._client_totals: no size-1 vmap
+      deltas = jax.tree.map(lambda d: d[None], one_client(*(b[0] for b in batch)))
+    else:
+      deltas = jax.vmap(one_client)(*batch)
     return jax.tree.map(lambda t, d: t + jnp.sum(d, axis=0), total, deltas), None
 
   split = lambda a: a.reshape(clients // chunk, chunk, *a.shape[1:])

@@ -110,13 +110,14 @@ def test_round_equals_per_client_loop(model, privacy):
   assert int(new_state.round) == 1
 
 
-def test_chunked_equals_unchunked():
-  """Chunk size 3 does not divide 7 clients; noise on (per-client keys do not depend on chunking)."""
+@pytest.mark.parametrize("chunk_size", [1, 3])  # 1: no vmap; 3 does not divide 7 clients
+def test_chunked_equals_unchunked(chunk_size):
+  """Noise on: per-client keys do not depend on chunking."""
   pool, state, key = _pool(), _state(), jax.random.key(2)
   z, w = np.full(CLIENTS, 0.8), np.ones(CLIENTS)
   whole, whole_metrics = _round(state, pool, z, w, key)
   chunked, chunked_metrics = _round(state, pool, z, w, key, fed=FederatedConfig(
-      local_steps=FED.local_steps, batch_size=FED.batch_size, client_lr=FED.client_lr, chunk_size=3))
+      local_steps=FED.local_steps, batch_size=FED.batch_size, client_lr=FED.client_lr, chunk_size=chunk_size))
   chex.assert_trees_all_close(whole, chunked, atol=1e-6)
   chex.assert_trees_all_close(whole_metrics, chunked_metrics, atol=1e-6)
 
