@@ -16,7 +16,8 @@ Modes (--modes, a comma list):
   chunks    DP and non-private rounds for several --chunk_sizes.
   loop      vmapped round vs a sequential Python loop over clients (each client's whole update one jitted
             call): the CNN at --clients, logistic regression at --logreg_clients, where the loop runs
-            --loop_subset clients and is extrapolated linearly (the table says so).
+            --loop_subset clients and is extrapolated linearly (the table says so); plus the same loop
+            with empty calls (its dispatch floor), so loop - floor is the clients' own work.
 
 Example:
   python benchmarks/bench_round.py --quick
@@ -301,9 +302,14 @@ def chunks_table(repeats: int) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def loop_case(name: str, setup: Setup, model: Any, privacy: PrivacyConfig, subset: int) -> Case:
+def loop_case(name: str, setup: Setup, model: Any, privacy: PrivacyConfig, subset: int,
+              dispatch_only: bool = False) -> Case:
   """The round as a Python loop over the first ``subset`` clients: one jitted call per client (its whole
-  local update plus accumulation), then one jitted server step; timed per round, scaled to all clients."""
+  local update plus accumulation), then one jitted server step; timed per round, scaled to all clients.
+
+  ``dispatch_only``: the same loop and call signature, but each call only adds a_i to the total: the
+  loop's floor, what a Python loop costs beyond the clients' own work.
+  """
   clients = setup.pool.y.shape[0]
   state = federated.init_server_state(setup.params, setup.fed)
   rows = [tuple(jnp.asarray(a[i]) for a in setup.pool) for i in range(subset)]
@@ -312,6 +318,8 @@ def loop_case(name: str, setup: Setup, model: Any, privacy: PrivacyConfig, subse
 
   @jax.jit
   def client(total, params, x, y, num, zi, round_key, i, a):
+    if dispatch_only:
+      return jax.tree.map(lambda t: t + a, total)
     result = federated.client_update(params, x, y, num, zi, jax.random.fold_in(round_key, i),
                                      apply_fn=model.apply, fed=setup.fed, privacy=privacy)
     return jax.tree.map(lambda t, d: t + a * d, total, result.delta)
@@ -355,15 +363,20 @@ def loop_table(repeats: int) -> list[dict[str, Any]]:
       (f"logreg, {FLAGS.logreg_clients} clients", logreg_setup, logreg,
        min(FLAGS.loop_subset, FLAGS.logreg_clients))):
     measured, outputs = measure([round_case(f"{label}: vmapped round", setup, model, privacy),
-                                 loop_case(f"{label}: Python loop", setup, model, privacy, subset)], repeats)
+                                 loop_case(f"{label}: Python loop", setup, model, privacy, subset),
+                                 loop_case(f"{label}: Python loop, dispatch only", setup, model, privacy,
+                                           subset, dispatch_only=True)], repeats)
     scale = setup.pool.y.shape[0] / subset
     if subset == setup.pool.y.shape[0]:
       measured[1]["max_abs_diff_vs_vmapped"] = max(
           float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(outputs[0][0].params),
                                                           jax.tree.leaves(outputs[1].params)))
-    measured[1]["median_s"] *= scale
-    measured[1]["min_s"] *= scale
-    measured[1]["extrapolated_from_clients"] = subset
+    for row in measured[1:]:
+      row["median_s"] *= scale
+      row["min_s"] *= scale
+      row["extrapolated_from_clients"] = subset
+      row["ms_per_client"] = 1e3 * row["median_s"] / setup.pool.y.shape[0]
+    measured[0]["ms_per_client"] = 1e3 * measured[0]["median_s"] / setup.pool.y.shape[0]
     measured[0]["loop_over_vmapped"] = measured[1]["median_s"] / measured[0]["median_s"]
     rows += measured
   return rows
