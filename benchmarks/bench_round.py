@@ -17,7 +17,8 @@ Modes (--modes, a comma list):
   loop      vmapped round vs a sequential Python loop over clients (each client's whole update one jitted
             call): the CNN at --clients, logistic regression at --logreg_clients, where the loop runs
             --loop_subset clients and is extrapolated linearly (the table says so); plus the same loop
-            with empty calls (its dispatch floor), so loop - floor is the clients' own work.
+            with empty calls (its dispatch floor), so loop - floor is the clients' own work; and the
+            round's Gaussian noise draws alone (a floor for any vmapped DP round).
 
 Example:
   python benchmarks/bench_round.py --quick
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from common import Case, emnist_pool, flops_of, jit_case, machine, matmul_peak_case, measure, write_tables
+from common import Case, resampled_pool, flops_of, jit_case, machine, matmul_peak_case, measure, write_tables
 from fcfn_jax import data, federated, models
 from fcfn_jax.config import DataConfig, FederatedConfig, PrivacyConfig
 from fcfn_jax.privacy import clipping
@@ -347,10 +348,32 @@ def loop_case(name: str, setup: Setup, model: Any, privacy: PrivacyConfig, subse
   return Case(label, prepare)
 
 
+def noise_floor_case(name: str, setup: Setup) -> Case:
+  """Only the round's Gaussian noise: per client S draws of N(0, I_P) (P = the model's parameter count),
+  in the round's structure (chunks of vmapped clients, a scan over steps). No vmapped DP round can beat it.
+  """
+  clients, steps = setup.pool.y.shape[0], setup.fed.local_steps
+  size = sum(leaf.size for leaf in jax.tree.leaves(setup.params))
+  chunk = setup.fed.chunk_size or clients
+
+  def draws(key):
+    def one_client(i):
+      def step(total, step_key):
+        return total + jnp.sum(jax.random.normal(step_key, (size,))), None
+      return jax.lax.scan(step, 0.0, jax.random.split(jax.random.fold_in(key, i), steps))[0]
+    return jnp.sum(jax.lax.map(one_client, jnp.arange(clients), batch_size=chunk))
+
+  def prepare():
+    compiled = jax.jit(draws).lower(setup.key).compile()
+    return (lambda: jax.block_until_ready(compiled(setup.key))), None  # FLOPs: no matmuls to count
+
+  return Case(name, prepare)
+
+
 def loop_table(repeats: int) -> list[dict[str, Any]]:
   rows = []
   cnn_setup = writer_setup(FLAGS.clients, FLAGS.local_steps, FLAGS.batch_size, FLAGS.chunk_size)
-  pool, classes = emnist_pool(FLAGS.logreg_clients, CAPACITY)
+  pool, classes = resampled_pool(FLAGS.logreg_clients, CAPACITY)
   logreg = models.LogisticRegression(classes)
   logreg_setup = Setup(jax.device_put(pool), jnp.full(FLAGS.logreg_clients, FLAGS.noise_multiplier),
                        jnp.ones(FLAGS.logreg_clients), jax.random.key(1),
@@ -365,18 +388,20 @@ def loop_table(repeats: int) -> list[dict[str, Any]]:
     measured, outputs = measure([round_case(f"{label}: vmapped round", setup, model, privacy),
                                  loop_case(f"{label}: Python loop", setup, model, privacy, subset),
                                  loop_case(f"{label}: Python loop, dispatch only", setup, model, privacy,
-                                           subset, dispatch_only=True)], repeats)
+                                           subset, dispatch_only=True),
+                                 noise_floor_case(f"{label}: the round's noise draws alone", setup)], repeats)
     scale = setup.pool.y.shape[0] / subset
     if subset == setup.pool.y.shape[0]:
       measured[1]["max_abs_diff_vs_vmapped"] = max(
           float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(outputs[0][0].params),
                                                           jax.tree.leaves(outputs[1].params)))
-    for row in measured[1:]:
+    for row in measured[1:3]:
       row["median_s"] *= scale
       row["min_s"] *= scale
       row["extrapolated_from_clients"] = subset
       row["ms_per_client"] = 1e3 * row["median_s"] / setup.pool.y.shape[0]
-    measured[0]["ms_per_client"] = 1e3 * measured[0]["median_s"] / setup.pool.y.shape[0]
+    for row in (measured[0], measured[3]):
+      row["ms_per_client"] = 1e3 * row["median_s"] / setup.pool.y.shape[0]
     measured[0]["loop_over_vmapped"] = measured[1]["median_s"] / measured[0]["median_s"]
     rows += measured
   return rows

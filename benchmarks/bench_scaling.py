@@ -3,15 +3,16 @@
 Each (model, clients) configuration runs in a fresh subprocess, so its peak resident memory (the process
 RSS high-water mark, ``ru_maxrss``) is its own; next to it is XLA's compiled memory analysis of the round
 (temp = XLA's working buffers, argument = the inputs, mostly the client pool), and the temp size the
-same round would need as ONE vmap over all clients (compiled, not run). Clients come from
-resampling the embedded FEMNIST-digits train split (``common.emnist_pool``), every client with
---capacity examples. Rounds run in chunks of --chunk_sizes clients so the working memory stays bounded.
-A size whose round is estimated (linearly from the previous size) to take longer than --max_round_s is
+same round would need as ONE vmap over all clients (compiled, not run). Clients come from resampling a
+train split (``common.resampled_pool``: the embedded FEMNIST digits, or --dataset=cifar10 from
+--data_path), every client with --capacity examples. Rounds run in chunks of --chunk_sizes clients so the
+working memory stays bounded. A size whose round is estimated (linearly from the previous size) to take longer than --max_round_s is
 skipped and listed as such.
 
 Example:
   python benchmarks/bench_scaling.py --quick
   python benchmarks/bench_scaling.py --clients=10,100,1000,10000 --models=logreg,cnn
+  python benchmarks/bench_scaling.py --dataset=cifar10 --data_path=../shared/data --models=cnn --chunk_sizes=64
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from common import emnist_pool, machine, write_tables
+from common import resampled_pool, machine, write_tables
 from fcfn_jax import federated, metrics, models
 from fcfn_jax.config import FederatedConfig, PrivacyConfig
 
@@ -42,6 +43,10 @@ flags.DEFINE_list("chunk_sizes", ["32", "1"], "Chunk size per model (same order 
 flags.DEFINE_integer("local_steps", 5, "Local DP-SGD steps per client.")
 flags.DEFINE_integer("batch_size", 32, "Local batch size.")
 flags.DEFINE_integer("capacity", 64, "Examples per client.")
+flags.DEFINE_enum("dataset", "femnist", ["femnist", "cifar10"], "Images the clients are resampled from "
+                  "(femnist: 28x28x1, the EMNIST CNN; cifar10: 32x32x3, the CIFAR CNN).")
+flags.DEFINE_string("data_path", None, "The .npz source (file or folder; cifar10: e.g. ../shared/data); "
+                    "None = the embedded FEMNIST digits.")
 flags.DEFINE_integer("repeats", 3, "Timed rounds per size (1 when a round is estimated above 10 s).")
 flags.DEFINE_float("max_round_s", 400.0, "Skip sizes whose round is estimated to take longer.")
 flags.DEFINE_string("out", "results/bench_scaling", "Folder for bench_scaling.{json,md} and scaling.csv.")
@@ -54,7 +59,7 @@ NOISE_MULTIPLIER = 1.0
 
 def measure_one(model_name: str, clients: int, chunk: int, repeats: int) -> dict[str, Any]:
   """One size in this process: compile (AOT), memory analysis, warm-up round, median of timed rounds."""
-  pool, classes = emnist_pool(clients, FLAGS.capacity)
+  pool, classes = resampled_pool(clients, FLAGS.capacity, FLAGS.dataset, FLAGS.data_path)
   pool = jax.device_put(pool)
   shape = tuple(pool.x.shape[2:])
   model = models.CNN(classes) if model_name == "cnn" else models.LogisticRegression(classes)
@@ -96,7 +101,9 @@ def run_sizes(model_name: str, chunk: int, sizes: Sequence[int]) -> list[dict[st
                    "skipped": f"estimated {estimate:.0f} s per round > --max_round_s={FLAGS.max_round_s:g}"})
       continue
     repeats = FLAGS.repeats if estimate < 10 else 1
-    flags_passed = [f"--{name}={FLAGS[name].value}" for name in ("local_steps", "batch_size", "capacity")]
+    flags_passed = [f"--{name}={FLAGS[name].value}" for name in ("local_steps", "batch_size", "capacity",
+                                                                   "dataset")]
+    flags_passed += [f"--data_path={FLAGS.data_path}"] if FLAGS.data_path else []
     command = [sys.executable, __file__, f"--single={model_name}:{clients}:{chunk}:{repeats}", *flags_passed]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     previous = json.loads(result.stdout.strip().splitlines()[-1])
@@ -117,13 +124,15 @@ def main(argv: Sequence[str]) -> None:
       raise app.UsageError(f"--models has {name!r}: expected a comma list from {list(MODELS)}")
   if len(FLAGS.chunk_sizes) != len(FLAGS.models):
     raise app.UsageError(f"--chunk_sizes={FLAGS.chunk_sizes} needs one entry per model of {FLAGS.models}")
+  if FLAGS.dataset == "cifar10" and not FLAGS.data_path:
+    raise app.UsageError("--dataset=cifar10 needs --data_path (a CIFAR-10 .npz or the ../shared/data folder)")
   if FLAGS.quick:
     FLAGS.clients, FLAGS.local_steps, FLAGS.repeats = ["10", "100"], 2, 1
   sizes = sorted(int(c) for c in FLAGS.clients)
   rows = []
   for name, chunk in zip(FLAGS.models, FLAGS.chunk_sizes):
     rows += run_sizes(name, int(chunk), sizes)
-  meta = {**machine(), "local_steps": FLAGS.local_steps, "batch_size": FLAGS.batch_size,
+  meta = {**machine(), "dataset": FLAGS.dataset, "local_steps": FLAGS.local_steps, "batch_size": FLAGS.batch_size,
           "capacity": FLAGS.capacity, "noise_multiplier": NOISE_MULTIPLIER,
           "memory": "peak_rss_mb = the subprocess's RSS high-water mark (ru_maxrss; includes the host "
                     "copy of the pool and the Python/JAX runtime); xla_temp_mb / xla_argument_mb = the "

@@ -87,12 +87,17 @@ def machine() -> dict[str, Any]:
           "devices": [str(d) for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def emnist_pool(clients: int, capacity: int, seed: int = 0) -> tuple[data.ClientPool, int]:
-  """(pool of ``clients`` full clients resampled from the embedded FEMNIST-digits train split, classes).
+def resampled_pool(clients: int, capacity: int, dataset: str = "femnist", path: str | None = None,
+                   seed: int = 0) -> tuple[data.ClientPool, int]:
+  """(pool of ``clients`` full clients resampled from a train split, classes).
 
-  For client counts beyond the embedded writers; speed does not depend on which images a client holds.
+  dataset 'femnist' without ``path``: the embedded FEMNIST-digits data; otherwise the ``.npz`` source at
+  ``path`` (e.g. ../shared/data for CIFAR-10). For client counts beyond the real clients: speed does not
+  depend on which images a client holds.
   """
-  train = data.load_splits(DataConfig()).train
+  source = "embedded" if path is None and dataset == "femnist" else "npz"
+  partition = "writer" if dataset == "femnist" else "iid"
+  train = data.load_splits(DataConfig(dataset=dataset, source=source, path=path, partition=partition)).train
   rows = np.random.default_rng(seed).integers(0, train.y.shape[0], (clients, capacity))
   pool = data.ClientPool(train.x[rows], train.y[rows], np.full(clients, capacity, np.int32))
   return pool, train.num_classes
