@@ -10,18 +10,12 @@ import pytest
 
 from fcfn_jax.config import MECHANISMS, ConfigError, GameConfig
 from fcfn_jax.game import baselines, equilibrium
+from tests.games import costs_and_weights
 
 TOL = 1e-9
 
 
 pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
-
-
-def _random_games(seed: int, games: int, clients: int, cost_high: float = 2.0, weight_sigma: float = 0.5):
-  rng = np.random.default_rng(seed)
-  costs = rng.uniform(0.5, cost_high, (games, clients))
-  weights = rng.lognormal(0.0, weight_sigma, (games, clients))
-  return costs, weights / weights.mean(axis=1, keepdims=True)
 
 
 def _solve(fn, costs, weights, cfg):
@@ -59,7 +53,7 @@ CONTRACT_CASES = [
 
 @pytest.mark.parametrize("cfg, clients", CONTRACT_CASES)
 def test_contract_is_individually_rational_and_incentive_compatible(cfg, clients):
-  costs, weights = _random_games(seed=3, games=40, clients=clients, weight_sigma=1.0)
+  costs, weights = costs_and_weights(seed=3, games=40, clients=clients, weight_sigma=1.0)
   menu = _solve(baselines.contract_menu, costs, weights, cfg)
   out = _solve(baselines.contract, costs, weights, cfg)
   eps, rewards, theta = (np.asarray(a) for a in (menu.budgets, menu.rewards, menu.type_costs))
@@ -104,7 +98,7 @@ def test_contract_irregular_types_are_ironed_and_the_menu_is_optimal():
 
 @pytest.mark.parametrize("cfg", [GameConfig(num_types=3), GameConfig(num_types=4, lam=30.0, eps_max=1.5)])
 def test_contract_menu_beats_random_monotone_menus(cfg):
-  costs, weights = _random_games(seed=5, games=20, clients=10, weight_sigma=1.5)
+  costs, weights = costs_and_weights(seed=5, games=20, clients=10, weight_sigma=1.5)
   menus = _solve(baselines.contract_menu, costs, weights, cfg)
   rng = np.random.default_rng(6)
   for g in range(20):
@@ -128,7 +122,7 @@ WELFARE_CASES = [
 
 @pytest.mark.parametrize("cfg, clients", WELFARE_CASES)
 def test_social_optimum_welfare_dominates_every_mechanism(cfg, clients):
-  costs, weights = _random_games(seed=7, games=200, clients=clients, cost_high=3.0, weight_sigma=1.0)
+  costs, weights = costs_and_weights(seed=7, games=200, clients=clients, cost_high=3.0, weight_sigma=1.0)
   best = _solve(baselines.social_optimum, costs, weights, cfg).social_welfare
   for name in MECHANISMS:
     out = _solve(lambda c, w, g, n=name: baselines.solve_mechanism(n, c, w, g), costs, weights, cfg)
@@ -138,7 +132,7 @@ def test_social_optimum_welfare_dominates_every_mechanism(cfg, clients):
 
 @pytest.mark.parametrize("cfg, clients", WELFARE_CASES)
 def test_social_optimum_satisfies_water_filling_kkt(cfg, clients):
-  costs, weights = _random_games(seed=8, games=200, clients=clients, cost_high=3.0, weight_sigma=1.0)
+  costs, weights = costs_and_weights(seed=8, games=200, clients=clients, cost_high=3.0, weight_sigma=1.0)
   out = _solve(baselines.social_optimum, costs, weights, cfg)
   eps = np.asarray(out.budgets)
   # d/d eps_i of lam log(1 + sum_j w_j eps_j) - sum_j c_j eps_j.
@@ -156,7 +150,7 @@ def test_social_optimum_satisfies_water_filling_kkt(cfg, clients):
 
 def test_social_optimum_beats_random_feasible_points():
   cfg = GameConfig(lam=15.0, eps_max=2.0)
-  costs, weights = _random_games(seed=9, games=20, clients=8, weight_sigma=1.0)
+  costs, weights = costs_and_weights(seed=9, games=20, clients=8, weight_sigma=1.0)
   best = np.asarray(_solve(baselines.social_optimum, costs, weights, cfg).social_welfare)
   rng = np.random.default_rng(10)
   trials = rng.uniform(0.0, cfg.eps_max, (20, 5000, 8)) * (rng.uniform(size=(20, 5000, 8)) < 0.7)
@@ -172,7 +166,7 @@ def test_social_optimum_beats_random_feasible_points():
 
 @pytest.mark.parametrize("cfg", [GameConfig(), GameConfig(lam=60.0, eps_max=1.0), GameConfig(lam=0.5)])
 def test_posted_price_optimum_beats_a_fine_price_grid(cfg):
-  costs, weights = _random_games(seed=11, games=30, clients=10, weight_sigma=1.0)
+  costs, weights = costs_and_weights(seed=11, games=30, clients=10, weight_sigma=1.0)
   out = _solve(baselines.posted_price, costs, weights, cfg)
   prices = np.linspace(0.0, 2.5, 5001)
   takes = costs[:, None, :] <= prices[None, :, None]  # [G, P, N]
@@ -207,7 +201,7 @@ def test_no_incentive_matches_the_hand_formula():
 
 def test_stackelberg_uses_the_closed_form():
   cfg = GameConfig(lam=10.0)
-  costs, weights = _random_games(seed=12, games=1, clients=15)
+  costs, weights = costs_and_weights(seed=12, games=1, clients=15)
   costs, weights = costs[0], weights[0]
   out = baselines.stackelberg(costs, weights, cfg)
   payment = jax.jit(equilibrium.closed_form_payment)(cfg.lam, costs, weights)
@@ -229,7 +223,7 @@ def test_stackelberg_uses_the_closed_form():
 def test_three_party_double_marginalization_lowers_welfare(aggregators, clients):
   # eps_max large enough that no cap binds: both closed forms are exact equilibria.
   cfg = GameConfig(num_aggregators=aggregators, eps_max=1e6, lam=20.0)
-  costs, weights = _random_games(seed=13, games=200, clients=clients, cost_high=3.0, weight_sigma=1.0)
+  costs, weights = costs_and_weights(seed=13, games=200, clients=clients, cost_high=3.0, weight_sigma=1.0)
   direct = _solve(baselines.stackelberg, costs, weights, cfg)
   mediated = _solve(baselines.three_party, costs, weights, cfg)
   assert np.all(mediated.social_welfare <= direct.social_welfare + TOL)
@@ -240,7 +234,7 @@ def test_three_party_double_marginalization_lowers_welfare(aggregators, clients)
 
 def test_three_party_is_an_equilibrium_at_both_levels():
   cfg = GameConfig(num_aggregators=3, eps_max=1e6, lam=20.0)
-  costs, weights = _random_games(seed=14, games=1, clients=11, weight_sigma=1.0)
+  costs, weights = costs_and_weights(seed=14, games=1, clients=11, weight_sigma=1.0)
   costs, weights = costs[0], weights[0]
   out = baselines.three_party(costs, weights, cfg)
   eps, pay = np.asarray(out.budgets), np.asarray(out.payments)

@@ -9,18 +9,10 @@ import pytest
 
 from fcfn_jax.config import ConfigError
 from fcfn_jax.game import equilibrium, solver
+from tests.games import paid_games
 
 
 pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
-
-
-def random_games(seed: int, games: int, clients: int):
-  """Seeded games with widely spread costs: payment [G], costs [G, N], weights [G, N]."""
-  rng = np.random.default_rng(seed)
-  payment = np.exp(rng.uniform(np.log(0.1), np.log(100.0), games))
-  costs = np.exp(rng.uniform(np.log(0.1), np.log(10.0), (games, clients)))
-  sizes = rng.lognormal(0.0, 1.0, (games, clients))
-  return payment, costs, sizes / sizes.mean(-1, keepdims=True)
 
 
 budgets = jax.jit(jax.vmap(equilibrium.closed_form_budgets))
@@ -28,7 +20,7 @@ participation = jax.jit(jax.vmap(equilibrium.participation))
 
 
 def test_participation_bound_is_independent_of_payment():
-  payment, costs, weights = random_games(0, 256, 12)
+  payment, costs, weights = paid_games(0, 256, 12)
   k = costs / weights
   part = participation(k)
   assert np.all(part.size >= 2)
@@ -41,7 +33,7 @@ def test_participation_bound_is_independent_of_payment():
 
 
 def test_participant_set_is_the_largest_feasible_prefix():
-  _, costs, weights = random_games(1, 256, 9)
+  _, costs, weights = paid_games(1, 256, 9)
   k = np.sort(costs / weights, axis=-1)
   part = participation(k)
   prefix = np.cumsum(k, -1)
@@ -53,7 +45,7 @@ def test_participant_set_is_the_largest_feasible_prefix():
 
 
 def test_closed_form_has_no_profitable_deviation():
-  payment, costs, weights = random_games(2, 256, 10)
+  payment, costs, weights = paid_games(2, 256, 10)
   eps = budgets(payment, costs, weights)
   grid = jnp.linspace(0.0, 1.0, 2001)[:, None] * 1.5 * jnp.max(eps, -1)[:, None, None]
   gains = jax.jit(jax.vmap(solver.unilateral_gains, in_axes=(None, 0, 0, 0, 0)), static_argnums=0)(
@@ -63,7 +55,7 @@ def test_closed_form_has_no_profitable_deviation():
 
 
 def test_follower_utilities_match_the_solver_utility():
-  payment, costs, weights = random_games(3, 16, 6)
+  payment, costs, weights = paid_games(3, 16, 6)
   eps = budgets(payment, costs, weights)
   aggregate = jnp.broadcast_to(jnp.sum(weights * eps, -1, keepdims=True), eps.shape)
   np.testing.assert_allclose(
@@ -75,7 +67,7 @@ def test_follower_utilities_match_the_solver_utility():
 
 def test_aggregate_response_and_closed_form_payment():
   lam = np.random.default_rng(4).uniform(0.1, 20.0, 256)
-  payment, costs, weights = random_games(4, 256, 8)
+  payment, costs, weights = paid_games(4, 256, 8)
   k = costs / weights
   np.testing.assert_allclose(jax.vmap(equilibrium.aggregate_response)(payment, k),
                              np.sum(weights * budgets(payment, costs, weights), -1), rtol=1e-12)
@@ -89,7 +81,7 @@ def test_aggregate_response_and_closed_form_payment():
 
 
 def test_vmap_over_64_games_equals_a_python_loop():
-  payment, costs, weights = random_games(5, 64, 7)
+  payment, costs, weights = paid_games(5, 64, 7)
   single = jax.jit(equilibrium.closed_form_budgets)
   looped = np.stack([single(*args) for args in zip(payment, costs, weights)])
   np.testing.assert_allclose(budgets(payment, costs, weights), looped, rtol=1e-10, atol=1e-14)

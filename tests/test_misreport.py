@@ -17,6 +17,7 @@ from fcfn_jax import config as fc
 from fcfn_jax import data, simulation
 from fcfn_jax.config import MECHANISMS, ConfigError, GameConfig
 from fcfn_jax.game import baselines, misreport
+from tests.games import costs_and_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = GameConfig(lam=10.0, eps_max=8.0, num_aggregators=3)
@@ -30,13 +31,6 @@ IR_MECHANISMS = tuple(m for m in MECHANISMS if m != "no_incentive")
 pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
 
-def _random_games(seed: int, games: int, clients: int):
-  rng = np.random.default_rng(seed)
-  costs = rng.uniform(0.5, 2.0, (games, clients))
-  weights = rng.lognormal(0.0, 0.5, (games, clients))
-  return costs, weights / weights.mean(axis=1, keepdims=True)
-
-
 def _single_liar_utilities(name: str, costs, weights, cfg: GameConfig = CFG, factors=FACTORS):
   """Outcomes with client i the only liar, for every i and factor: leaves [clients, factors, ...]."""
   masks = np.eye(costs.shape[-1], dtype=bool)
@@ -47,7 +41,7 @@ def _single_liar_utilities(name: str, costs, weights, cfg: GameConfig = CFG, fac
 
 @pytest.mark.parametrize("name", MECHANISMS)
 def test_factor_one_reproduces_the_honest_outcome(name):
-  costs, weights = _random_games(seed=0, games=1, clients=9)
+  costs, weights = costs_and_weights(seed=0, games=1, clients=9)
   honest = baselines.solve_mechanism(name, costs[0], weights[0], CFG)
   liars = misreport.choose_liars(9, 0.5, seed=1)
   for mask in (liars, None):
@@ -60,7 +54,7 @@ def test_factor_one_reproduces_the_honest_outcome(name):
 
 @pytest.mark.parametrize("name", MECHANISMS)
 def test_vmap_over_factors_matches_one_call_per_factor(name):
-  costs, weights = _random_games(seed=1, games=1, clients=8)
+  costs, weights = costs_and_weights(seed=1, games=1, clients=8)
   liars = misreport.choose_liars(8, 0.25, seed=0)
   factors = jnp.array([1.0, 1.5, 2.0, 3.0])
   batched = jax.vmap(lambda m: misreport.misreported_outcome(name, costs[0], weights[0], CFG, m, liars))(factors)
@@ -71,7 +65,7 @@ def test_vmap_over_factors_matches_one_call_per_factor(name):
 
 @pytest.mark.parametrize("name", MECHANISMS)
 def test_accounting_identities_hold_with_true_costs(name):
-  costs, weights = _random_games(seed=2, games=1, clients=10)
+  costs, weights = costs_and_weights(seed=2, games=1, clients=10)
   c, w = costs[0], weights[0]
   liars = misreport.choose_liars(10, 0.5, seed=3)
   for m in (1.0, 1.3, 2.0, 3.5):
@@ -105,7 +99,7 @@ def test_accounting_identities_hold_with_true_costs(name):
 
 
 def test_social_optimum_pays_liars_exactly_their_overstatement():
-  costs, weights = _random_games(seed=4, games=1, clients=10)
+  costs, weights = costs_and_weights(seed=4, games=1, clients=10)
   c, w = costs[0], weights[0]
   liars = misreport.choose_liars(10, 0.5, seed=0)
   for m in (1.0, 1.2, 2.0):
@@ -131,7 +125,7 @@ def test_stackelberg_single_liar_never_gains_with_three_or_more_participants():
   u_i = R s_i (1 - (|S|-1) k_i / K'), s_i = 1 - (|S|-1) k'_i / K', R = lam - K' / (|S|-1); its derivative in
   k'_i is negative whenever k_i + k'_i < K', which participation (k'_i < K' / (|S|-1) <= K' / 2) ensures.
   """
-  costs, weights = _random_games(seed=5, games=12, clients=8)
+  costs, weights = costs_and_weights(seed=5, games=12, clients=8)
   checked = 0
   for c, w in zip(costs, weights):
     if int(baselines.stackelberg(c, w, UNCAPPED).participants) < 3:
@@ -165,7 +159,7 @@ def test_posted_price_liar_gains_only_by_raising_everyones_price():
   """Measured: exaggerating is not harmless under an optimized posted price. A liar whose report moves
   above the price can make the server raise the price (to the report, or to the next honest cost); the liar
   gains exactly when it still sells at a higher price, and then every honest seller gains too."""
-  costs, weights = _random_games(seed=7, games=12, clients=8)
+  costs, weights = costs_and_weights(seed=7, games=12, clients=8)
   gains = 0
   for c, w in zip(costs, weights):
     honest = baselines.posted_price(c, w, CFG)
@@ -186,7 +180,7 @@ def test_posted_price_liar_gains_only_by_raising_everyones_price():
 
 
 def test_no_incentive_ignores_reports():
-  costs, weights = _random_games(seed=8, games=1, clients=6)
+  costs, weights = costs_and_weights(seed=8, games=1, clients=6)
   outs = [misreport.misreported_outcome("no_incentive", costs[0], weights[0], CFG, m) for m in (1.0, 3.0)]
   chex.assert_trees_all_equal(*outs)
 

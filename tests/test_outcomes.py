@@ -13,16 +13,10 @@ import pytest
 from fcfn_jax.config import MECHANISMS, GameConfig
 from fcfn_jax.game import baselines
 from fcfn_jax.game.outcome import Outcome, build_outcome, log_valuation
+from tests.games import costs_and_weights
 
 
 pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
-
-
-def _random_games(seed: int, games: int, clients: int):
-  rng = np.random.default_rng(seed)
-  costs = rng.uniform(0.5, 2.0, (games, clients))
-  weights = rng.lognormal(0.0, 0.5, (games, clients))
-  return costs, weights / weights.mean(axis=1, keepdims=True)
 
 
 def test_build_outcome_matches_hand_computation():
@@ -64,7 +58,7 @@ def test_valuation_is_pluggable():
 @pytest.mark.parametrize("name", MECHANISMS)
 def test_accounting_identities_hold_for_every_mechanism(name):
   cfg = GameConfig(num_aggregators=3)
-  costs, weights = _random_games(seed=1, games=32, clients=9)
+  costs, weights = costs_and_weights(seed=1, games=32, clients=9)
   out = jax.vmap(lambda c, w: baselines.solve_mechanism(name, c, w, cfg))(costs, weights)
   assert isinstance(out, Outcome)
   chex.assert_shape([out.budgets, out.payments, out.client_utilities], (32, 9))
@@ -91,7 +85,7 @@ def test_accounting_identities_hold_for_every_mechanism(name):
 
 
 def test_mechanisms_run_in_float32():
-  costs, weights = _random_games(seed=2, games=4, clients=6)
+  costs, weights = costs_and_weights(seed=2, games=4, clients=6)
   with jax.enable_x64(False):
     for name in MECHANISMS:
       out = jax.vmap(lambda c, w, n=name: baselines.solve_mechanism(n, c, w, GameConfig()))(

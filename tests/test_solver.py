@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import chex
@@ -14,19 +15,14 @@ from hypothesis import strategies as st
 
 from fcfn_jax.config import ConfigError
 from fcfn_jax.game import equilibrium, solver
+from tests.games import paid_games
 
 
 pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
 
-def random_games(seed: int, games: int, clients: int):
-  """Seeded heterogeneous games: payment [G], costs [G, N], weights [G, N] (w = d / mean d), prices."""
-  rng = np.random.default_rng(seed)
-  payment = np.exp(rng.uniform(np.log(0.1), np.log(100.0), games))
-  costs = np.exp(rng.uniform(np.log(0.2), np.log(5.0), (games, clients)))
-  sizes = rng.lognormal(0.0, 1.0, (games, clients))
-  prices = np.exp(rng.uniform(-1.0, 1.0, (games, clients)))
-  return payment, costs, sizes / sizes.mean(-1, keepdims=True), prices
+# Heterogeneous games with per-client prices: payment [G], costs [G, N], weights [G, N], prices [G, N].
+random_games = functools.partial(paid_games, cost_range=(0.2, 5.0), with_prices=True)
 
 
 # One compiled program serves every batch of the same shape: caps and prices are inputs.
