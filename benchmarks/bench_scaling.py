@@ -82,7 +82,7 @@ def measure_one(model_name: str, clients: int, chunk: int, repeats: int) -> dict
   # What one vmap over all clients would need (compiled only, never run: for the CNN it would not fit).
   unchunked = jax.jit(functools.partial(round_fn, fed=dataclasses.replace(fed, chunk_size=0)))
   unchunked_temp = unchunked.lower(*args).compile().memory_analysis().temp_size_in_bytes
-  return {"model": model_name, "clients": clients, "chunk_size": chunk, "compile_s": compile_s,
+  return {"model": model_name, "dataset": FLAGS.dataset, "clients": clients, "chunk_size": chunk, "compile_s": compile_s,
           "round_s": median, "ms_per_client": 1e3 * median / clients, "repeats": repeats,
           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
           "xla_temp_mb": memory.temp_size_in_bytes / 2 ** 20,
@@ -97,7 +97,7 @@ def run_sizes(model_name: str, chunk: int, sizes: Sequence[int]) -> list[dict[st
   for clients in sizes:
     estimate = previous["round_s"] * clients / previous["clients"] if previous else 0.0
     if estimate > FLAGS.max_round_s:
-      rows.append({"model": model_name, "clients": clients, "chunk_size": chunk,
+      rows.append({"model": model_name, "dataset": FLAGS.dataset, "clients": clients, "chunk_size": chunk,
                    "skipped": f"estimated {estimate:.0f} s per round > --max_round_s={FLAGS.max_round_s:g}"})
       continue
     repeats = FLAGS.repeats if estimate < 10 else 1
