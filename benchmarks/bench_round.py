@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from common import Case, resampled_pool, flops_of, jit_case, machine, matmul_peak_case, measure, write_tables
+from common import (Case, flops_of, jit_case, machine, matmul_peak_case, measure, resampled_pool,
+                    write_tables)
 from fcfn_jax import data, federated, models
 from fcfn_jax.config import DataConfig, FederatedConfig, PrivacyConfig
 from fcfn_jax.privacy import clipping

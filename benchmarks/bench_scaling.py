@@ -6,13 +6,14 @@ RSS high-water mark, ``ru_maxrss``) is its own; next to it is XLA's compiled mem
 same round would need as ONE vmap over all clients (compiled, not run). Clients come from resampling a
 train split (``common.resampled_pool``: the embedded FEMNIST digits, or --dataset=cifar10 from
 --data_path), every client with --capacity examples. Rounds run in chunks of --chunk_sizes clients so the
-working memory stays bounded. A size whose round is estimated (linearly from the previous size) to take longer than --max_round_s is
-skipped and listed as such.
+working memory stays bounded. A size whose round is estimated (linearly from the previous size) to take
+longer than --max_round_s is skipped and listed as such.
 
 Example:
   python benchmarks/bench_scaling.py --quick
   python benchmarks/bench_scaling.py --clients=10,100,1000,10000 --models=logreg,cnn
-  python benchmarks/bench_scaling.py --dataset=cifar10 --data_path=../shared/data --models=cnn --chunk_sizes=64
+  python benchmarks/bench_scaling.py --dataset=cifar10 --data_path=../shared/data --models=cnn \
+      --chunk_sizes=64
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from common import resampled_pool, machine, write_tables
+from common import machine, resampled_pool, write_tables
 from fcfn_jax import federated, metrics, models
 from fcfn_jax.config import FederatedConfig, PrivacyConfig
 
@@ -82,8 +83,9 @@ def measure_one(model_name: str, clients: int, chunk: int, repeats: int) -> dict
   # What one vmap over all clients would need (compiled only, never run: for the CNN it would not fit).
   unchunked = jax.jit(functools.partial(round_fn, fed=dataclasses.replace(fed, chunk_size=0)))
   unchunked_temp = unchunked.lower(*args).compile().memory_analysis().temp_size_in_bytes
-  return {"model": model_name, "dataset": FLAGS.dataset, "clients": clients, "chunk_size": chunk, "compile_s": compile_s,
-          "round_s": median, "ms_per_client": 1e3 * median / clients, "repeats": repeats,
+  return {"model": model_name, "dataset": FLAGS.dataset, "clients": clients, "chunk_size": chunk,
+          "compile_s": compile_s, "round_s": median, "ms_per_client": 1e3 * median / clients,
+          "repeats": repeats,
           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
           "xla_temp_mb": memory.temp_size_in_bytes / 2 ** 20,
           "xla_temp_unchunked_mb": unchunked_temp / 2 ** 20,
@@ -132,12 +134,12 @@ def main(argv: Sequence[str]) -> None:
   rows = []
   for name, chunk in zip(FLAGS.models, FLAGS.chunk_sizes):
     rows += run_sizes(name, int(chunk), sizes)
-  meta = {**machine(), "dataset": FLAGS.dataset, "local_steps": FLAGS.local_steps, "batch_size": FLAGS.batch_size,
-          "capacity": FLAGS.capacity, "noise_multiplier": NOISE_MULTIPLIER,
+  meta = {**machine(), "dataset": FLAGS.dataset, "local_steps": FLAGS.local_steps,
+          "batch_size": FLAGS.batch_size, "capacity": FLAGS.capacity, "noise_multiplier": NOISE_MULTIPLIER,
           "memory": "peak_rss_mb = the subprocess's RSS high-water mark (ru_maxrss; includes the host "
                     "copy of the pool and the Python/JAX runtime); xla_temp_mb / xla_argument_mb = the "
-                    "compiled round's memory_analysis(); xla_temp_unchunked_mb = the same for chunk_size=0 (one vmap over "
-                    "all clients), compiled only"}
+                    "compiled round's memory_analysis(); xla_temp_unchunked_mb = the same for "
+                    "chunk_size=0 (one vmap over all clients), compiled only"}
   write_tables(FLAGS.out, "bench_scaling", {"scaling": rows}, meta)
 
 
