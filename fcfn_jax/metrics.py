@@ -163,6 +163,18 @@ def markdown_table(rows: Sequence[Row], columns: Sequence[str] | None = None,
                    for cells in [header, rule, *body])
 
 
+def write_results(out: str | os.PathLike[str], name: str, rows: Sequence[Row],
+                  columns: Sequence[str] | None = None, meta: Mapping[str, Any] | None = None) -> None:
+  """Writes one result table atomically as ``{name}.csv``, ``{name}.json`` and ``{name}.md`` in ``out``.
+
+  The JSON holds ``rows``, or ``{**meta, "rows": rows}`` when ``meta`` (e.g. the run's setup) is given.
+  """
+  os.makedirs(out, exist_ok=True)
+  write_csv_atomic(os.path.join(out, f"{name}.csv"), rows, columns)
+  write_json_atomic(os.path.join(out, f"{name}.json"), rows if meta is None else {**meta, "rows": rows})
+  write_text_atomic(os.path.join(out, f"{name}.md"), markdown_table(rows, columns) + "\n")
+
+
 class Timer(contextlib.AbstractContextManager):
   """Wall-clock seconds of a ``with`` block: ``with Timer() as t: ...``, then ``t.elapsed``.
 

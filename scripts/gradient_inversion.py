@@ -139,11 +139,7 @@ def main(argv):
            "clip_norm": privacy.clip_norm, "delta": privacy.delta, "accountant": privacy.accountant,
            "attack_steps": FLAGS.attack_steps, "attack_lr": FLAGS.attack_lr, "distance": FLAGS.distance,
            "tv_weight": FLAGS.tv_weight, "oracle_labels": FLAGS.oracle_labels, "seed": cfg.seed}
-  metrics.write_csv_atomic(os.path.join(FLAGS.out, "inversion.csv"), rows, COLUMNS)
-  metrics.write_json_atomic(os.path.join(FLAGS.out, "inversion.json"),
-                            {"setup": setup, "rows": rows, "psnr_per_image": per_image})
-  metrics.write_text_atomic(os.path.join(FLAGS.out, "inversion.md"),
-                            metrics.markdown_table(rows, COLUMNS) + "\n")
+  metrics.write_results(FLAGS.out, "inversion", rows, COLUMNS, {"setup": setup, "psnr_per_image": per_image})
   _figure(originals, images, os.path.join(FLAGS.out, "inversion.png"))
   print(f"\n{cfg.data.dataset} ({cfg.data.source}) client 0 ({n0} examples), model {cfg.model.name}; "
         f"noise for eps over {steps} steps at q={sampling_rate:.3g}, C={privacy.clip_norm:g}, "

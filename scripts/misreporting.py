@@ -126,10 +126,7 @@ def main(argv):
            "seed": cfg.seed, "trained": FLAGS.train}
   if FLAGS.train:
     setup.update(model=cfg.model.name, rounds=cfg.federated.rounds, local_steps=cfg.federated.local_steps)
-  metrics.write_csv_atomic(os.path.join(FLAGS.out, "misreporting.csv"), rows, columns)
-  metrics.write_json_atomic(os.path.join(FLAGS.out, "misreporting.json"), {"setup": setup, "rows": rows})
-  metrics.write_text_atomic(os.path.join(FLAGS.out, "misreporting.md"),
-                            metrics.markdown_table(rows, columns) + "\n")
+  metrics.write_results(FLAGS.out, "misreporting", rows, columns, {"setup": setup})
   plotted = PLOTTED + (("test_accuracy",) if FLAGS.train else ())
   for metric in plotted:
     plotting.metric_vs_parameter(rows, "factor", metric, os.path.join(FLAGS.out, f"{metric}_vs_factor.png"))

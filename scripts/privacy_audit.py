@@ -92,9 +92,7 @@ def main(argv):
            "client_lr": fed.client_lr, "clip_norm": privacy.clip_norm, "delta": delta,
            "accountant": privacy.accountant, "trials_per_side": FLAGS.trials, "confidence": FLAGS.confidence,
            "canary_pixels": FLAGS.canary_pixels, "canary_label": FLAGS.canary_label, "seed": cfg.seed}
-  metrics.write_csv_atomic(os.path.join(FLAGS.out, "audit.csv"), rows, COLUMNS)
-  metrics.write_json_atomic(os.path.join(FLAGS.out, "audit.json"), {"setup": setup, "rows": rows})
-  metrics.write_text_atomic(os.path.join(FLAGS.out, "audit.md"), metrics.markdown_table(rows, COLUMNS) + "\n")
+  metrics.write_results(FLAGS.out, "audit", rows, COLUMNS, {"setup": setup})
   print(f"\n{cfg.data.dataset} ({cfg.data.source}) client 0: {n} examples + canary, model {cfg.model.name}, "
         f"{steps} full-batch DP-SGD steps, C={privacy.clip_norm:g}, delta={delta:g}; "
         f"{FLAGS.confidence:.0%} lower bounds from {FLAGS.trials} rounds per side")

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from fcfn_jax.config import ConfigError
-from fcfn_jax.metrics import Timer, format_table, markdown_table, write_csv_atomic, write_json_atomic
+from fcfn_jax.metrics import (Timer, format_table, markdown_table, write_csv_atomic, write_json_atomic,
+                              write_results)
 
 ROWS = [
     {"mechanism": "stackelberg", "utility": np.float32(3.14159), "participants": 12},
@@ -99,6 +100,20 @@ def test_write_csv_atomic_failure_keeps_old_file(tmp_path, removed_temp_files):
   # Only the first failure had a temp file: a non-dict row is rejected before anything is written.
   [(_, size)] = removed_temp_files
   assert size > 1000
+
+
+def test_write_results_writes_csv_json_and_markdown(tmp_path):
+  rows = [{"name": "a", "value": 1.5}, {"name": "b", "value": 2.25}]
+  out = tmp_path / "new_folder"
+  write_results(out, "table", rows, ["value", "name"], {"setup": {"seed": 0}})
+  with open(out / "table.csv", newline="") as f:
+    assert f.readline().strip() == "value,name"
+    assert list(csv.DictReader(f, fieldnames=["value", "name"])) == [{"value": "1.5", "name": "a"},
+                                                                      {"value": "2.25", "name": "b"}]
+  assert json.loads((out / "table.json").read_text()) == {"setup": {"seed": 0}, "rows": rows}
+  assert (out / "table.md").read_text() == markdown_table(rows, ["value", "name"]) + "\n"
+  write_results(out, "bare", rows)
+  assert json.loads((out / "bare.json").read_text()) == rows
 
 
 def test_format_table_aligns_numbers_right_and_text_left():
