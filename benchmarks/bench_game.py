@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from fcfn_jax.game import equilibrium, solver
-from fcfn_jax.metrics import format_table, write_csv_atomic, write_json_atomic
+from fcfn_jax.report import format_table, write_csv_atomic, write_json_atomic
 
 _SIZES = flags.DEFINE_list("sizes", ["10", "1000", "10000", "100000"], "Numbers of clients N.")
 _GAMES = flags.DEFINE_integer("games", 64, "Games per vmapped call.")
@@ -36,7 +36,7 @@ _OUT = flags.DEFINE_string("out", "results/bench_game", "Directory for bench_gam
 
 
 def random_games(seed: int, games: int, clients: int, dtype):
-  """payment [G], costs [G, N], weights [G, N] as in DESIGN.md "The game" (w = d / mean d)."""
+  """payment [G], costs [G, N], weights [G, N] as in docs/model.md "The game" (w = d / mean d)."""
   rng = np.random.default_rng(seed)
   payment = rng.uniform(1.0, 100.0, games)
   costs = rng.uniform(0.5, 2.0, (games, clients))
@@ -60,8 +60,9 @@ def time_call(fn, *args, repeats: int):
 
 
 def generic_gradient(payment, costs, weights, eps_max):
-  return jax.grad(lambda r, c: jnp.sum(jax.vmap(solver.share_equilibrium)(r, c, weights, eps_max)),
-                  argnums=(0, 1))(payment, costs)
+  return jax.grad(
+    lambda r, c: jnp.sum(jax.vmap(solver.share_equilibrium)(r, c, weights, eps_max)), argnums=(0, 1)
+  )(payment, costs)
 
 
 def bench_size(clients: int, games: int, repeats: int, dtype) -> list[dict]:
@@ -69,11 +70,25 @@ def bench_size(clients: int, games: int, repeats: int, dtype) -> list[dict]:
   closed_form = jax.vmap(equilibrium.closed_form_budgets)
   generic = jax.vmap(solver.share_equilibrium)
   compile_s, closed_s, closed = time_call(closed_form, payment, costs, weights, repeats=repeats)
-  rows = [dict(clients=clients, games=games, method="closed_form", compile_s=compile_s, run_s=closed_s,
-               per_game_ms=1e3 * closed_s / games, ratio=1.0, max_rel_diff=0.0, capped_frac=0.0)]
+  rows = [
+    dict(
+      clients=clients,
+      games=games,
+      method="closed_form",
+      compile_s=compile_s,
+      run_s=closed_s,
+      per_game_ms=1e3 * closed_s / games,
+      ratio=1.0,
+      max_rel_diff=0.0,
+      capped_frac=0.0,
+    )
+  ]
   top = jnp.max(closed, axis=-1, keepdims=True)
-  for method, fn, eps_max in (("generic", generic, 10.0 * top), ("generic_caps", generic, 0.5 * top),
-                              ("generic_grad", generic_gradient, 0.5 * top)):
+  for method, fn, eps_max in (
+    ("generic", generic, 10.0 * top),
+    ("generic_caps", generic, 0.5 * top),
+    ("generic_grad", generic_gradient, 0.5 * top),
+  ):
     eps_max = jnp.broadcast_to(eps_max, costs.shape)
     compile_s, run_s, out = time_call(fn, payment, costs, weights, eps_max, repeats=repeats)
     diff = capped = float("nan")
@@ -81,9 +96,19 @@ def bench_size(clients: int, games: int, repeats: int, dtype) -> list[dict]:
       diff = float(jnp.max(jnp.abs(out - closed)) / jnp.max(jnp.abs(closed)))
     if method != "generic_grad":
       capped = float(jnp.mean(out >= eps_max))
-    rows.append(dict(clients=clients, games=games, method=method, compile_s=compile_s, run_s=run_s,
-                     per_game_ms=1e3 * run_s / games, ratio=run_s / closed_s, max_rel_diff=diff,
-                     capped_frac=capped))
+    rows.append(
+      dict(
+        clients=clients,
+        games=games,
+        method=method,
+        compile_s=compile_s,
+        run_s=run_s,
+        per_game_ms=1e3 * run_s / games,
+        ratio=run_s / closed_s,
+        max_rel_diff=diff,
+        capped_frac=capped,
+      )
+    )
   return rows
 
 
@@ -94,12 +119,19 @@ def main(argv):
   with jax.enable_x64(_X64.value):
     dtype = jnp.float64 if _X64.value else jnp.float32
     rows = [row for clients in sizes for row in bench_size(clients, _GAMES.value, repeats, dtype)]
-  print(f"device: {jax.devices()[0].device_kind}, dtype: {jnp.dtype(dtype).name}, games per call: "
-        f"{_GAMES.value}, repeats: {repeats}")
+  print(
+    f"device: {jax.devices()[0].device_kind}, dtype: {jnp.dtype(dtype).name}, games per call: "
+    f"{_GAMES.value}, repeats: {repeats}"
+  )
   print(format_table(rows))
   os.makedirs(_OUT.value, exist_ok=True)
-  meta = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), dtype=jnp.dtype(dtype).name,
-              jax=jax.__version__, repeats=repeats)
+  meta = dict(
+    device=jax.devices()[0].device_kind,
+    backend=jax.default_backend(),
+    dtype=jnp.dtype(dtype).name,
+    jax=jax.__version__,
+    repeats=repeats,
+  )
   write_json_atomic(os.path.join(_OUT.value, "bench_game.json"), dict(meta=meta, rows=rows))
   write_csv_atomic(os.path.join(_OUT.value, "bench_game.csv"), rows)
 

@@ -37,11 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from common import (Case, flops_of, jit_case, machine, matmul_peak_case, measure, resampled_pool,
-                    write_tables)
 from fcfn_jax import data, federated, models
 from fcfn_jax.config import DataConfig, FederatedConfig, PrivacyConfig
 from fcfn_jax.privacy import clipping
+
+from common import Case, flops_of, jit_case, machine, matmul_peak_case, measure, resampled_pool, write_tables
 
 MODES = ("methods", "overhead", "chunks", "loop")
 
@@ -52,11 +52,19 @@ flags.DEFINE_integer("repeats", 5, "Timed repeats per case (interleaved); the me
 flags.DEFINE_integer("clients", 64, "Clients per CNN round (FEMNIST writers of the embedded data).")
 flags.DEFINE_integer("local_steps", 5, "Local DP-SGD steps per client.")
 flags.DEFINE_integer("batch_size", 32, "Local batch size.")
-flags.DEFINE_integer("chunk_size", 1, "Clients per vmapped chunk of the CNN round (0 = all at once); 1 is "
-                     "the fastest on a 2-core CPU (see the 'chunks' table).")
+flags.DEFINE_integer(
+  "chunk_size",
+  1,
+  "Clients per vmapped chunk of the CNN round (0 = all at once); 1 is "
+  "the fastest on a 2-core CPU (see the 'chunks' table).",
+)
 flags.DEFINE_list("chunk_sizes", ["1", "4", "16", "0"], "Chunk sizes of the 'chunks' table.")
-flags.DEFINE_integer("method_clients", 16, "Clients of the 'methods' table (vmap(grad) of flax convolutions "
-                     "is slow: about 20 s per 2,500 example-gradients on 2 CPU cores).")
+flags.DEFINE_integer(
+  "method_clients",
+  16,
+  "Clients of the 'methods' table (vmap(grad) of flax convolutions "
+  "is slow: about 20 s per 2,500 example-gradients on 2 CPU cores).",
+)
 flags.DEFINE_integer("logreg_clients", 4096, "Clients of the logistic-regression round of the 'loop' table.")
 flags.DEFINE_integer("logreg_chunk_size", 32, "Chunk size of the logistic-regression round (0 = all).")
 flags.DEFINE_integer("loop_subset", 256, "Clients the logistic-regression loop actually runs (extrapolated).")
@@ -90,21 +98,35 @@ def writer_setup(clients: int, steps: int, batch: int, chunk: int) -> Setup:
   """``clients`` FEMNIST writers of the embedded data, the EMNIST CNN's initial params."""
   fed_data = data.load_federated(DataConfig(num_clients=clients))
   params = models.init_params(models.CNN(fed_data.num_classes), jax.random.key(0), fed_data.input_shape)
-  return Setup(jax.device_put(fed_data.pool), jnp.full(clients, FLAGS.noise_multiplier), jnp.ones(clients),
-               jax.random.key(1), FederatedConfig(local_steps=steps, batch_size=batch, client_lr=CLIENT_LR,
-                                                  chunk_size=chunk),
-               fed_data.num_classes, tuple(fed_data.input_shape), params)
+  return Setup(
+    jax.device_put(fed_data.pool),
+    jnp.full(clients, FLAGS.noise_multiplier),
+    jnp.ones(clients),
+    jax.random.key(1),
+    FederatedConfig(local_steps=steps, batch_size=batch, client_lr=CLIENT_LR, chunk_size=chunk),
+    fed_data.num_classes,
+    tuple(fed_data.input_shape),
+    params,
+  )
 
 
-def round_case(name: str, setup: Setup, model: Any, privacy: PrivacyConfig,
-               fed: FederatedConfig | None = None) -> Case:
+def round_case(
+  name: str, setup: Setup, model: Any, privacy: PrivacyConfig, fed: FederatedConfig | None = None
+) -> Case:
   """Case of one federated_round; flops = clients x local steps x one local step's cost analysis."""
   fed = fed or setup.fed
   state = federated.init_server_state(setup.params, fed)
   flops = setup.pool.y.shape[0] * fed.local_steps * step_flops(setup, model.apply, privacy.private)
-  return jit_case(name, functools.partial(federated.federated_round, apply_fn=model.apply, fed=fed,
-                                          privacy=privacy),
-                  state, setup.pool, setup.z, setup.weights, setup.key, flops=flops)
+  return jit_case(
+    name,
+    functools.partial(federated.federated_round, apply_fn=model.apply, fed=fed, privacy=privacy),
+    state,
+    setup.pool,
+    setup.z,
+    setup.weights,
+    setup.key,
+    flops=flops,
+  )
 
 
 def sampled_batches(setup: Setup) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -113,9 +135,14 @@ def sampled_batches(setup: Setup) -> tuple[jax.Array, jax.Array, jax.Array]:
 
   def one(i):
     sample_key = jax.random.split(jax.random.fold_in(round_key, i))[0]
-    return federated.sample_client_batches(sample_key, setup.pool.x[i], setup.pool.y[i],
-                                           setup.pool.num_examples[i], setup.fed.local_steps,
-                                           setup.fed.batch_size)
+    return federated.sample_client_batches(
+      sample_key,
+      setup.pool.x[i],
+      setup.pool.y[i],
+      setup.pool.num_examples[i],
+      setup.fed.local_steps,
+      setup.fed.batch_size,
+    )
 
   return jax.jit(jax.vmap(one))(jnp.arange(setup.pool.y.shape[0]))
 
@@ -126,8 +153,18 @@ def step_flops(setup: Setup, apply_fn: Any, private: bool) -> float:
   x, y, mask = jnp.zeros(shape), jnp.zeros(shape[0], jnp.int32), jnp.ones(shape[0], bool)
   loss_fn = models.make_loss_fn(apply_fn)
   if private:
-    fn = lambda p: clipping.dp_gradient(clipping.make_clipped_sum_fn(apply_fn), p, x, y, mask,
-                                        FLAGS.noise_multiplier, jax.random.key(0), FLAGS.clip_norm).grad
+    fn = lambda p: (
+      clipping.dp_gradient(
+        clipping.make_clipped_sum_fn(apply_fn),
+        p,
+        x,
+        y,
+        mask,
+        FLAGS.noise_multiplier,
+        jax.random.key(0),
+        FLAGS.clip_norm,
+      ).grad
+    )
   else:
     fn = lambda p: jax.grad(lambda q: jnp.mean(loss_fn(q, x, y)))(p)
   return flops_of(jax.jit(fn).lower(setup.params).compile())
@@ -153,8 +190,9 @@ def ghost_clipped_sum(apply_fn: Any) -> clipping.ClippedSumFn:
   return clipped_sum
 
 
-def local_training(step_grad: Callable[..., Any], params: Any, xs: jax.Array, ys: jax.Array,
-                   masks: jax.Array, chunk: int) -> Any:
+def local_training(
+  step_grad: Callable[..., Any], params: Any, xs: jax.Array, ys: jax.Array, masks: jax.Array, chunk: int
+) -> Any:
   """sum_i Delta_i of S local SGD steps per client, in the round's loop structure (no sampling, no noise).
 
   step_grad(params, x [B, ...], y [B], mask [B]) -> the step's gradient.
@@ -165,6 +203,7 @@ def local_training(step_grad: Callable[..., Any], params: Any, xs: jax.Array, ys
   def one_client(x, y, m):
     def step(p, batch):
       return jax.tree.map(lambda w, g: w - CLIENT_LR * g, p, step_grad(p, *batch)), None
+
     final = jax.lax.scan(step, params, (x, y, m))[0]
     return jax.tree.map(jnp.subtract, final, params)
 
@@ -193,22 +232,37 @@ def methods_table(repeats: int) -> list[dict[str, Any]]:
     loss_fn = models.make_loss_fn(apply_fn)
     return lambda p, x, y, m: jax.grad(lambda q: jnp.sum(jnp.where(m, loss_fn(q, x, y), 0.0)) / batch)(p)
 
-  vmap_grad = lambda apply_fn: clipping.vmap_clipped_sum(clipping.per_example_value_and_grad(
-      models.make_loss_fn(apply_fn)))
+  vmap_grad = lambda apply_fn: clipping.vmap_clipped_sum(
+    clipping.per_example_value_and_grad(models.make_loss_fn(apply_fn))
+  )
   methods = {
-      "(a) vmap(grad), flax nn.Conv": private(vmap_grad(flax_cnn.apply)),
-      "(b) vmap(grad), im2col CNN": private(vmap_grad(fast.apply)),
-      "(c) ghost clipping, 2 backward passes": private(ghost_clipped_sum(fast.apply)),
-      "(d) book-keeping from taps (default)": private(clipping.tapped_clipped_sum(fast.apply)),
-      "non-private grad, flax nn.Conv": non_private(flax_cnn.apply),
-      "non-private grad, im2col CNN": non_private(fast.apply),
+    "(a) vmap(grad), flax nn.Conv": private(vmap_grad(flax_cnn.apply)),
+    "(b) vmap(grad), im2col CNN": private(vmap_grad(fast.apply)),
+    "(c) ghost clipping, 2 backward passes": private(ghost_clipped_sum(fast.apply)),
+    "(d) book-keeping from taps (default)": private(clipping.tapped_clipped_sum(fast.apply)),
+    "non-private grad, flax nn.Conv": non_private(flax_cnn.apply),
+    "non-private grad, im2col CNN": non_private(fast.apply),
   }
   steps = masks.shape[0] * masks.shape[1]
-  step_flops = {name: flops_of(jax.jit(fn).lower(setup.params, xs[0, 0], ys[0, 0], masks[0, 0]).compile())
-                for name, fn in methods.items()}
-  rows, results = measure([jit_case(name, functools.partial(local_training, fn, chunk=setup.fed.chunk_size),
-                                    setup.params, xs, ys, masks, flops=steps * step_flops[name])
-                           for name, fn in methods.items()], repeats)
+  step_flops = {
+    name: flops_of(jax.jit(fn).lower(setup.params, xs[0, 0], ys[0, 0], masks[0, 0]).compile())
+    for name, fn in methods.items()
+  }
+  rows, results = measure(
+    [
+      jit_case(
+        name,
+        functools.partial(local_training, fn, chunk=setup.fed.chunk_size),
+        setup.params,
+        xs,
+        ys,
+        masks,
+        flops=steps * step_flops[name],
+      )
+      for name, fn in methods.items()
+    ],
+    repeats,
+  )
   reference = jax.tree.leaves(results[0])
   gradients = int(np.prod(masks.shape))
   fastest_private = min(r["median_s"] for r in rows[:4])
@@ -216,10 +270,13 @@ def methods_table(repeats: int) -> list[dict[str, Any]]:
     row["ms_per_1k_example_grads"] = 1e6 * row["median_s"] / gradients
     row["vs_fastest_private"] = row["median_s"] / fastest_private
     if not row["case"].startswith("non-private"):
-      row["max_abs_diff_vs_(a)"] = max(float(jnp.max(jnp.abs(a - b)))
-                                       for a, b in zip(jax.tree.leaves(result), reference))
-  print(f"methods: {FLAGS.method_clients} clients x {setup.fed.local_steps} steps x batch {batch} = "
-        f"{gradients} example-gradients per run, chunk {setup.fed.chunk_size}")
+      row["max_abs_diff_vs_(a)"] = max(
+        float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(result), reference)
+      )
+  print(
+    f"methods: {FLAGS.method_clients} clients x {setup.fed.local_steps} steps x batch {batch} = "
+    f"{gradients} example-gradients per run, chunk {setup.fed.chunk_size}"
+  )
   return rows
 
 
@@ -228,15 +285,17 @@ def methods_table(repeats: int) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def batched_grad_case(name: str, apply_fn: Any, params: Any, x: np.ndarray, y: np.ndarray,
-                      micro: int) -> Case:
+def batched_grad_case(
+  name: str, apply_fn: Any, params: Any, x: np.ndarray, y: np.ndarray, micro: int
+) -> Case:
   """Non-private grad of sum_j loss_j over all (x, y) in micro-batches: one jitted call per micro-batch that
   adds its gradient to the running total (a Python loop: no XLA loop, see models.Conv)."""
   n = y.shape[0]
   calls = -(-n // micro)
   pad = calls * micro - n
-  xb = list(jnp.asarray(np.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(calls, micro,
-                                                                                   *x.shape[1:])))
+  xb = list(
+    jnp.asarray(np.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(calls, micro, *x.shape[1:]))
+  )
   yb = list(jnp.asarray(np.pad(y, (0, pad)).reshape(calls, micro)))
   mb = list(jnp.asarray((np.arange(calls * micro) < n).reshape(calls, micro)))
   loss_fn = models.make_loss_fn(apply_fn)
@@ -267,8 +326,10 @@ def overhead_table(repeats: int) -> list[dict[str, Any]]:
   xs, ys, masks = jax.device_get(sampled_batches(setup))
   valid = masks.reshape(-1)
   x, y = xs.reshape(-1, *setup.input_shape)[valid], ys.reshape(-1)[valid]
-  cases = [round_case("DP round", setup, fast, PrivacyConfig(clip_norm=FLAGS.clip_norm)),
-           round_case("non-private round", setup, fast, PrivacyConfig(private=False))]
+  cases = [
+    round_case("DP round", setup, fast, PrivacyConfig(clip_norm=FLAGS.clip_norm)),
+    round_case("non-private round", setup, fast, PrivacyConfig(private=False)),
+  ]
   for model, label in ((fast, "batched grad, im2col CNN"), (flax_cnn, "batched grad, flax nn.Conv")):
     for micro in sorted({min(m, y.shape[0]) for m in (y.shape[0], 1024, 256, 64, 32)}, reverse=True):
       cases.append(batched_grad_case(label, model.apply, setup.params, x, y, micro))
@@ -280,10 +341,12 @@ def overhead_table(repeats: int) -> list[dict[str, Any]]:
     row["dp_round_over_this"] = dp / row["median_s"]
   rows[0]["dp_over_non_private_round"] = dp / non_private
   rows[0]["dp_over_fastest_batched_grad"] = dp / fastest
-  print(f"overhead: {FLAGS.clients} writers x {setup.fed.local_steps} steps x batch {setup.fed.batch_size} "
-        f"({int(valid.sum())} valid of {valid.size} sampled slots), chunk {setup.fed.chunk_size}; "
-        f"DP / non-private round = {dp / non_private:.2f}, DP round / fastest batched grad = "
-        f"{dp / fastest:.2f}")
+  print(
+    f"overhead: {FLAGS.clients} writers x {setup.fed.local_steps} steps x batch {setup.fed.batch_size} "
+    f"({int(valid.sum())} valid of {valid.size} sampled slots), chunk {setup.fed.chunk_size}; "
+    f"DP / non-private round = {dp / non_private:.2f}, DP round / fastest batched grad = "
+    f"{dp / fastest:.2f}"
+  )
   return rows
 
 
@@ -293,8 +356,10 @@ def chunks_table(repeats: int) -> list[dict[str, Any]]:
   cases = []
   for chunk in map(int, FLAGS.chunk_sizes):
     fed = dataclasses.replace(setup.fed, chunk_size=chunk)
-    for privacy, label in ((PrivacyConfig(clip_norm=FLAGS.clip_norm), "DP"),
-                           (PrivacyConfig(private=False), "non-private")):
+    for privacy, label in (
+      (PrivacyConfig(clip_norm=FLAGS.clip_norm), "DP"),
+      (PrivacyConfig(private=False), "non-private"),
+    ):
       cases.append(round_case(f"{label} round, chunk {chunk or 'all'}", setup, fast, privacy, fed=fed))
   return measure(cases, repeats)[0]
 
@@ -304,8 +369,9 @@ def chunks_table(repeats: int) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def loop_case(name: str, setup: Setup, model: Any, privacy: PrivacyConfig, subset: int,
-              dispatch_only: bool = False) -> Case:
+def loop_case(
+  name: str, setup: Setup, model: Any, privacy: PrivacyConfig, subset: int, dispatch_only: bool = False
+) -> Case:
   """The round as a Python loop over the first ``subset`` clients: one jitted call per client (its whole
   local update plus accumulation), then one jitted server step; timed per round, scaled to all clients.
 
@@ -322,16 +388,26 @@ def loop_case(name: str, setup: Setup, model: Any, privacy: PrivacyConfig, subse
   def client(total, params, x, y, num, zi, round_key, i, a):
     if dispatch_only:
       return jax.tree.map(lambda t: t + a, total)
-    result = federated.client_update(params, x, y, num, zi, jax.random.fold_in(round_key, i),
-                                     apply_fn=model.apply, fed=setup.fed, privacy=privacy)
+    result = federated.client_update(
+      params,
+      x,
+      y,
+      num,
+      zi,
+      jax.random.fold_in(round_key, i),
+      apply_fn=model.apply,
+      fed=setup.fed,
+      privacy=privacy,
+    )
     return jax.tree.map(lambda t, d: t + a * d, total, result.delta)
 
   optimizer = federated.make_server_optimizer(setup.fed)
 
   @jax.jit
   def server(state, total, weight):
-    updates, opt_state = optimizer.update(jax.tree.map(lambda s: -s / weight, total), state.opt_state,
-                                          state.params)
+    updates, opt_state = optimizer.update(
+      jax.tree.map(lambda s: -s / weight, total), state.opt_state, state.params
+    )
     return federated.ServerState(jax.tree.map(jnp.add, state.params, updates), opt_state, state.round + 1)
 
   def run():
@@ -361,7 +437,9 @@ def noise_floor_case(name: str, setup: Setup) -> Case:
     def one_client(i):
       def step(total, step_key):
         return total + jnp.sum(jax.random.normal(step_key, (size,))), None
+
       return jax.lax.scan(step, 0.0, jax.random.split(jax.random.fold_in(key, i), steps))[0]
+
     return jnp.sum(jax.lax.map(one_client, jnp.arange(clients), batch_size=chunk))
 
   def prepare():
@@ -376,26 +454,41 @@ def loop_table(repeats: int) -> list[dict[str, Any]]:
   cnn_setup = writer_setup(FLAGS.clients, FLAGS.local_steps, FLAGS.batch_size, FLAGS.chunk_size)
   pool, classes = resampled_pool(FLAGS.logreg_clients, CAPACITY)
   logreg = models.LogisticRegression(classes)
-  logreg_setup = Setup(jax.device_put(pool), jnp.full(FLAGS.logreg_clients, FLAGS.noise_multiplier),
-                       jnp.ones(FLAGS.logreg_clients), jax.random.key(1),
-                       dataclasses.replace(cnn_setup.fed, chunk_size=FLAGS.logreg_chunk_size),
-                       classes, cnn_setup.input_shape,
-                       models.init_params(logreg, jax.random.key(0), cnn_setup.input_shape))
+  logreg_setup = Setup(
+    jax.device_put(pool),
+    jnp.full(FLAGS.logreg_clients, FLAGS.noise_multiplier),
+    jnp.ones(FLAGS.logreg_clients),
+    jax.random.key(1),
+    dataclasses.replace(cnn_setup.fed, chunk_size=FLAGS.logreg_chunk_size),
+    classes,
+    cnn_setup.input_shape,
+    models.init_params(logreg, jax.random.key(0), cnn_setup.input_shape),
+  )
   privacy = PrivacyConfig(clip_norm=FLAGS.clip_norm)
   for label, setup, model, subset in (
-      (f"CNN, {FLAGS.clients} clients", cnn_setup, models.CNN(cnn_setup.num_classes), FLAGS.clients),
-      (f"logreg, {FLAGS.logreg_clients} clients", logreg_setup, logreg,
-       min(FLAGS.loop_subset, FLAGS.logreg_clients))):
-    measured, outputs = measure([round_case(f"{label}: vmapped round", setup, model, privacy),
-                                 loop_case(f"{label}: Python loop", setup, model, privacy, subset),
-                                 loop_case(f"{label}: Python loop, dispatch only", setup, model, privacy,
-                                           subset, dispatch_only=True),
-                                 noise_floor_case(f"{label}: the round's noise draws alone", setup)], repeats)
+    (f"CNN, {FLAGS.clients} clients", cnn_setup, models.CNN(cnn_setup.num_classes), FLAGS.clients),
+    (
+      f"logreg, {FLAGS.logreg_clients} clients",
+      logreg_setup,
+      logreg,
+      min(FLAGS.loop_subset, FLAGS.logreg_clients),
+    ),
+  ):
+    measured, outputs = measure(
+      [
+        round_case(f"{label}: vmapped round", setup, model, privacy),
+        loop_case(f"{label}: Python loop", setup, model, privacy, subset),
+        loop_case(f"{label}: Python loop, dispatch only", setup, model, privacy, subset, dispatch_only=True),
+        noise_floor_case(f"{label}: the round's noise draws alone", setup),
+      ],
+      repeats,
+    )
     scale = setup.pool.y.shape[0] / subset
     if subset == setup.pool.y.shape[0]:
       measured[1]["max_abs_diff_vs_vmapped"] = max(
-          float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(outputs[0][0].params),
-                                                          jax.tree.leaves(outputs[1].params)))
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(outputs[0][0].params), jax.tree.leaves(outputs[1].params))
+      )
     for row in measured[1:3]:
       row["median_s"] *= scale
       row["min_s"] *= scale
@@ -419,17 +512,29 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.quick:
     FLAGS.repeats, FLAGS.clients, FLAGS.local_steps, FLAGS.batch_size = 2, 8, 2, 16
     FLAGS.method_clients, FLAGS.logreg_clients, FLAGS.loop_subset, FLAGS.chunk_sizes = 4, 256, 32, ["2", "0"]
-  builders = {"methods": methods_table, "overhead": overhead_table, "chunks": chunks_table,
-              "loop": loop_table}
+  builders = {
+    "methods": methods_table,
+    "overhead": overhead_table,
+    "chunks": chunks_table,
+    "loop": loop_table,
+  }
   tables = {}
   for mode in FLAGS.modes:
     print(f"--- {mode} ---", flush=True)
     tables[mode] = builders[mode](FLAGS.repeats)
-  meta = {**machine(), "repeats": FLAGS.repeats, "quick": FLAGS.quick, "clients": FLAGS.clients,
-          "local_steps": FLAGS.local_steps, "batch_size": FLAGS.batch_size, "chunk_size": FLAGS.chunk_size,
-          "clip_norm": FLAGS.clip_norm, "noise_multiplier": FLAGS.noise_multiplier,
-          "timing": "cases interleaved, median of repeats; compile_s = AOT lower + compile (Python loops: "
-                    "the first, compiling run)"}
+  meta = {
+    **machine(),
+    "repeats": FLAGS.repeats,
+    "quick": FLAGS.quick,
+    "clients": FLAGS.clients,
+    "local_steps": FLAGS.local_steps,
+    "batch_size": FLAGS.batch_size,
+    "chunk_size": FLAGS.chunk_size,
+    "clip_norm": FLAGS.clip_norm,
+    "noise_multiplier": FLAGS.noise_multiplier,
+    "timing": "cases interleaved, median of repeats; compile_s = AOT lower + compile (Python loops: "
+    "the first, compiling run)",
+  }
   write_tables(FLAGS.out, "bench_round", tables, meta)
 
 

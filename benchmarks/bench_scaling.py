@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from common import machine, resampled_pool, write_tables
-from fcfn_jax import federated, metrics, models
+from fcfn_jax import federated, models, report
 from fcfn_jax.config import FederatedConfig, PrivacyConfig
+
+from common import machine, resampled_pool, write_tables
 
 MODELS = ("logreg", "cnn")
 
@@ -44,10 +45,18 @@ flags.DEFINE_list("chunk_sizes", ["32", "1"], "Chunk size per model (same order 
 flags.DEFINE_integer("local_steps", 5, "Local DP-SGD steps per client.")
 flags.DEFINE_integer("batch_size", 32, "Local batch size.")
 flags.DEFINE_integer("capacity", 64, "Examples per client.")
-flags.DEFINE_enum("dataset", "femnist", ["femnist", "cifar10"], "Images the clients are resampled from "
-                  "(femnist: 28x28x1, the EMNIST CNN; cifar10: 32x32x3, the CIFAR CNN).")
-flags.DEFINE_string("data_path", None, "The .npz source (file or folder; cifar10: e.g. ../shared/data); "
-                    "None = the embedded FEMNIST digits.")
+flags.DEFINE_enum(
+  "dataset",
+  "femnist",
+  ["femnist", "cifar10"],
+  "Images the clients are resampled from "
+  "(femnist: 28x28x1, the EMNIST CNN; cifar10: 32x32x3, the CIFAR CNN).",
+)
+flags.DEFINE_string(
+  "data_path",
+  None,
+  "The .npz source (file or folder; cifar10: e.g. ../shared/data); None = the embedded FEMNIST digits.",
+)
 flags.DEFINE_integer("repeats", 3, "Timed rounds per size (1 when a round is estimated above 10 s).")
 flags.DEFINE_float("max_round_s", 400.0, "Skip sizes whose round is estimated to take longer.")
 flags.DEFINE_string("out", "results/bench_scaling", "Folder for bench_scaling.{json,md} and scaling.csv.")
@@ -66,31 +75,39 @@ def measure_one(model_name: str, clients: int, chunk: int, repeats: int) -> dict
   model = models.CNN(classes) if model_name == "cnn" else models.LogisticRegression(classes)
   fed = FederatedConfig(local_steps=FLAGS.local_steps, batch_size=FLAGS.batch_size, chunk_size=chunk)
   state = federated.init_server_state(models.init_params(model, jax.random.key(0), shape), fed)
-  round_fn = functools.partial(federated.federated_round, apply_fn=model.apply, fed=fed,
-                               privacy=PrivacyConfig())
+  round_fn = functools.partial(
+    federated.federated_round, apply_fn=model.apply, fed=fed, privacy=PrivacyConfig()
+  )
   args = (state, pool, jnp.full(clients, NOISE_MULTIPLIER), jnp.ones(clients), jax.random.key(1))
-  with metrics.Timer() as t:
+  with report.Timer() as t:
     compiled = jax.jit(round_fn).lower(*args).compile()
   compile_s = t.elapsed
   memory = compiled.memory_analysis()
   jax.block_until_ready(compiled(*args))
   times = []
   for _ in range(repeats):
-    with metrics.Timer() as t:
+    with report.Timer() as t:
       jax.block_until_ready(compiled(*args))
     times.append(t.elapsed)
   median = float(np.median(times))
   # What one vmap over all clients would need (compiled only, never run: for the CNN it would not fit).
   unchunked = jax.jit(functools.partial(round_fn, fed=dataclasses.replace(fed, chunk_size=0)))
   unchunked_temp = unchunked.lower(*args).compile().memory_analysis().temp_size_in_bytes
-  return {"model": model_name, "dataset": FLAGS.dataset, "clients": clients, "chunk_size": chunk,
-          "compile_s": compile_s, "round_s": median, "ms_per_client": 1e3 * median / clients,
-          "repeats": repeats,
-          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-          "xla_temp_mb": memory.temp_size_in_bytes / 2 ** 20,
-          "xla_temp_unchunked_mb": unchunked_temp / 2 ** 20,
-          "xla_argument_mb": memory.argument_size_in_bytes / 2 ** 20,
-          "pool_mb": pool.x.nbytes / 2 ** 20}
+  return {
+    "model": model_name,
+    "dataset": FLAGS.dataset,
+    "clients": clients,
+    "chunk_size": chunk,
+    "compile_s": compile_s,
+    "round_s": median,
+    "ms_per_client": 1e3 * median / clients,
+    "repeats": repeats,
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "xla_temp_mb": memory.temp_size_in_bytes / 2**20,
+    "xla_temp_unchunked_mb": unchunked_temp / 2**20,
+    "xla_argument_mb": memory.argument_size_in_bytes / 2**20,
+    "pool_mb": pool.x.nbytes / 2**20,
+  }
 
 
 def run_sizes(model_name: str, chunk: int, sizes: Sequence[int]) -> list[dict[str, Any]]:
@@ -99,18 +116,29 @@ def run_sizes(model_name: str, chunk: int, sizes: Sequence[int]) -> list[dict[st
   for clients in sizes:
     estimate = previous["round_s"] * clients / previous["clients"] if previous else 0.0
     if estimate > FLAGS.max_round_s:
-      rows.append({"model": model_name, "dataset": FLAGS.dataset, "clients": clients, "chunk_size": chunk,
-                   "skipped": f"estimated {estimate:.0f} s per round > --max_round_s={FLAGS.max_round_s:g}"})
+      rows.append(
+        {
+          "model": model_name,
+          "dataset": FLAGS.dataset,
+          "clients": clients,
+          "chunk_size": chunk,
+          "skipped": f"estimated {estimate:.0f} s per round > --max_round_s={FLAGS.max_round_s:g}",
+        }
+      )
       continue
     repeats = FLAGS.repeats if estimate < 10 else 1
-    flags_passed = [f"--{name}={FLAGS[name].value}" for name in ("local_steps", "batch_size", "capacity",
-                                                                   "dataset")]
+    flags_passed = [
+      f"--{name}={FLAGS[name].value}" for name in ("local_steps", "batch_size", "capacity", "dataset")
+    ]
     flags_passed += [f"--data_path={FLAGS.data_path}"] if FLAGS.data_path else []
     command = [sys.executable, __file__, f"--single={model_name}:{clients}:{chunk}:{repeats}", *flags_passed]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     previous = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"{model_name} {clients:>6} clients: {previous['round_s']:.3f} s/round, peak RSS "
-          f"{previous['peak_rss_mb']:.0f} MB", flush=True)
+    print(
+      f"{model_name} {clients:>6} clients: {previous['round_s']:.3f} s/round, peak RSS "
+      f"{previous['peak_rss_mb']:.0f} MB",
+      flush=True,
+    )
     rows.append(previous)
   return rows
 
@@ -134,12 +162,18 @@ def main(argv: Sequence[str]) -> None:
   rows = []
   for name, chunk in zip(FLAGS.models, FLAGS.chunk_sizes):
     rows += run_sizes(name, int(chunk), sizes)
-  meta = {**machine(), "dataset": FLAGS.dataset, "local_steps": FLAGS.local_steps,
-          "batch_size": FLAGS.batch_size, "capacity": FLAGS.capacity, "noise_multiplier": NOISE_MULTIPLIER,
-          "memory": "peak_rss_mb = the subprocess's RSS high-water mark (ru_maxrss; includes the host "
-                    "copy of the pool and the Python/JAX runtime); xla_temp_mb / xla_argument_mb = the "
-                    "compiled round's memory_analysis(); xla_temp_unchunked_mb = the same for "
-                    "chunk_size=0 (one vmap over all clients), compiled only"}
+  meta = {
+    **machine(),
+    "dataset": FLAGS.dataset,
+    "local_steps": FLAGS.local_steps,
+    "batch_size": FLAGS.batch_size,
+    "capacity": FLAGS.capacity,
+    "noise_multiplier": NOISE_MULTIPLIER,
+    "memory": "peak_rss_mb = the subprocess's RSS high-water mark (ru_maxrss; includes the host "
+    "copy of the pool and the Python/JAX runtime); xla_temp_mb / xla_argument_mb = the "
+    "compiled round's memory_analysis(); xla_temp_unchunked_mb = the same for "
+    "chunk_size=0 (one vmap over all clients), compiled only",
+  }
   write_tables(FLAGS.out, "bench_scaling", {"scaling": rows}, meta)
 
 

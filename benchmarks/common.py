@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcfn_jax import data, metrics
+from fcfn_jax import data, report
 from fcfn_jax.config import DataConfig
 
 
@@ -48,7 +48,7 @@ def measure(cases: Sequence[Case], repeats: int) -> tuple[list[dict[str, Any]], 
   """
   runs, flops, compile_s, outputs = [], [], [], []
   for case in cases:
-    with metrics.Timer() as t:
+    with report.Timer() as t:
       run, case_flops = case.prepare()
     runs.append(run)
     flops.append(case_flops)
@@ -57,13 +57,18 @@ def measure(cases: Sequence[Case], repeats: int) -> tuple[list[dict[str, Any]], 
   times = [[] for _ in cases]
   for _ in range(repeats):
     for run, out in zip(runs, times):
-      with metrics.Timer() as t:
+      with report.Timer() as t:
         run()
       out.append(t.elapsed)
   rows = []
   for case, c, ts, f in zip(cases, compile_s, times, flops):
-    row = {"case": case.name, "compile_s": c, "median_s": float(np.median(ts)), "min_s": float(np.min(ts)),
-           "repeats": repeats}
+    row = {
+      "case": case.name,
+      "compile_s": c,
+      "median_s": float(np.median(ts)),
+      "min_s": float(np.min(ts)),
+      "repeats": repeats,
+    }
     if f is not None:
       row.update(gflops=f / 1e9, gflop_per_s=f / 1e9 / row["median_s"])
     rows.append(row)
@@ -83,12 +88,19 @@ def machine() -> dict[str, Any]:
     with open("/proc/cpuinfo") as f:
       names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     cpu = names[0] if names else cpu
-  return {"cpu": cpu, "cpu_cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-          "devices": [str(d) for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  return {
+    "cpu": cpu,
+    "cpu_cores": os.cpu_count(),
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
 
 
-def resampled_pool(clients: int, capacity: int, dataset: str = "femnist", path: str | None = None,
-                   seed: int = 0) -> tuple[data.ClientPool, int]:
+def resampled_pool(
+  clients: int, capacity: int, dataset: str = "femnist", path: str | None = None, seed: int = 0
+) -> tuple[data.ClientPool, int]:
   """(pool of ``clients`` full clients resampled from a train split, classes).
 
   dataset 'femnist' without ``path``: the embedded FEMNIST-digits data; otherwise the ``.npz`` source at
@@ -103,15 +115,14 @@ def resampled_pool(clients: int, capacity: int, dataset: str = "femnist", path: 
   return pool, train.num_classes
 
 
-def write_tables(out: str, name: str, tables: dict[str, list[dict[str, Any]]],
-                 meta: dict[str, Any]) -> None:
+def write_tables(out: str, name: str, tables: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> None:
   """Prints every table and writes ``{name}.json`` (meta + tables), ``{name}.md`` and ``{table}.csv``."""
   os.makedirs(out, exist_ok=True)
   md = [f"# {name}", "", "```", *(f"{k}: {v}" for k, v in meta.items()), "```"]
   for table, rows in tables.items():
-    print(f"\n== {table} ==\n{metrics.format_table(rows)}")
-    metrics.write_csv_atomic(os.path.join(out, f"{table}.csv"), rows)
-    md += ["", f"## {table}", "", metrics.markdown_table(rows)]
-  metrics.write_json_atomic(os.path.join(out, f"{name}.json"), {"meta": meta, "tables": tables})
-  metrics.write_text_atomic(os.path.join(out, f"{name}.md"), "\n".join(md) + "\n")
+    print(f"\n== {table} ==\n{report.format_table(rows)}")
+    report.write_csv_atomic(os.path.join(out, f"{table}.csv"), rows)
+    md += ["", f"## {table}", "", report.markdown_table(rows)]
+  report.write_json_atomic(os.path.join(out, f"{name}.json"), {"meta": meta, "tables": tables})
+  report.write_text_atomic(os.path.join(out, f"{name}.md"), "\n".join(md) + "\n")
   print(f"\nwrote {out}/{name}.{{json,md}} and {', '.join(f'{t}.csv' for t in tables)}")

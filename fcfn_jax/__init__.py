@@ -1,6 +1,6 @@
 """fcfn_jax: a JAX-accelerated, vectorized simulator of privacy-incentive federated learning.
 
-Architecture (one module per concept, see ../shared/DESIGN.md):
+Architecture (one module per concept, see docs/model.md):
   config       frozen, validated configuration dataclasses
   data         tfds / .npz / embedded loading, client partitioning, padded packing
   models       flax CNNs and logistic regression

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import orbax.checkpoint as ocp
 
-from fcfn_jax.config import ConfigError, check_int, require
+from fcfn_jax.validate import ConfigError, check_int, require, reraise
 
 _STATE = "state"
 _METADATA = "metadata"
@@ -65,11 +65,16 @@ def _check_template(path: str, stored: Any, template: Any) -> None:
   have = {k: _leaf_spec(v) for k, v in ocp.tree.to_flat_dict(stored, sep="/").items()}
   problems = [f"{k}: not in the checkpoint" for k in want.keys() - have.keys()]
   problems += [f"{k}: not in the template" for k in have.keys() - want.keys()]
-  problems += [f"{k}: checkpoint {have[k]} vs template {want[k]}"
-               for k in want.keys() & have.keys() if want[k] and have[k] and want[k] != have[k]]
-  require(not problems,
-          f"template does not match checkpoint {path} ({len(problems)} leaves differ; (shape, dtype) "
-          "shown): " + "; ".join(sorted(problems)[:_MAX_LISTED]))
+  problems += [
+    f"{k}: checkpoint {have[k]} vs template {want[k]}"
+    for k in want.keys() & have.keys()
+    if want[k] and have[k] and want[k] != have[k]
+  ]
+  require(
+    not problems,
+    f"template does not match checkpoint {path} ({len(problems)} leaves differ; (shape, dtype) "
+    "shown): " + "; ".join(sorted(problems)[:_MAX_LISTED]),
+  )
 
 
 class Checkpointer:
@@ -87,10 +92,12 @@ class Checkpointer:
     check_int("max_to_keep", max_to_keep, minimum=1)
     self.directory = os.path.abspath(os.fspath(directory))
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=False, cleanup_tmp_directories=True),
-        item_handlers={_STATE: ocp.StandardCheckpointHandler(), _METADATA: ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=False, cleanup_tmp_directories=True
+      ),
+      item_handlers={_STATE: ocp.StandardCheckpointHandler(), _METADATA: ocp.JsonCheckpointHandler()},
+    )
 
   def all_steps(self) -> list[int]:
     """Committed steps, ascending (temporary directories of crashed saves are never listed)."""
@@ -113,17 +120,24 @@ class Checkpointer:
     """
     check_int("step", step, minimum=0)
     latest = self.latest_step()
-    require(latest is None or step > latest,
-            f"step={step} is invalid: {self.directory} already holds steps up to {latest}; expected a "
-            "step > latest_step() (resume from the latest step, or use a fresh directory)")
+    require(
+      latest is None or step > latest,
+      f"step={step} is invalid: {self.directory} already holds steps up to {latest}; expected a "
+      "step > latest_step() (resume from the latest step, or use a fresh directory)",
+    )
     metadata = {} if metadata is None else metadata
     require(isinstance(metadata, dict), f"metadata={metadata!r} is invalid: expected a dict")
-    try:
+    with reraise(
+      (TypeError, ValueError), lambda e: f"metadata is invalid: expected JSON-serializable values ({e})"
+    ):
       json.dumps(metadata)
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f"metadata is invalid: expected JSON-serializable values ({e})") from e
-    self._manager.save(step, force=True, args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardSave(state), _METADATA: ocp.args.JsonSave(metadata)}))
+    self._manager.save(
+      step,
+      force=True,
+      args=ocp.args.Composite(
+        **{_STATE: ocp.args.StandardSave(state), _METADATA: ocp.args.JsonSave(metadata)}
+      ),
+    )
     self._manager.wait_until_finished()
 
   def restore(self, template: Any, step: int | None = None) -> Restored | None:
@@ -145,8 +159,10 @@ class Checkpointer:
     """
     steps = self.all_steps()
     if step is not None:
-      require(step in steps,
-              f"step={step!r} is invalid: expected one of the saved steps {steps} in {self.directory}")
+      require(
+        step in steps,
+        f"step={step!r} is invalid: expected one of the saved steps {steps} in {self.directory}",
+      )
       return self._restore_step(step, template)
     failures = []
     for candidate in reversed(steps):
@@ -162,8 +178,12 @@ class Checkpointer:
     path = self.step_path(step)
     try:
       _check_template(path, self._manager.item_metadata(step)[_STATE].tree, template)
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          **{_STATE: ocp.args.StandardRestore(template), _METADATA: ocp.args.JsonRestore()}))
+      restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+          **{_STATE: ocp.args.StandardRestore(template), _METADATA: ocp.args.JsonRestore()}
+        ),
+      )
     except ConfigError:
       raise
     except Exception as e:  # orbax and tensorstore raise many types on damaged files

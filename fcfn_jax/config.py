@@ -1,81 +1,23 @@
 """Frozen, validated configuration dataclasses (one per concept).
 
-Every config validates itself in ``__post_init__`` and raises :class:`ConfigError` with a message that
-names the offending field, its value and what is allowed.
+Every config validates itself in ``__post_init__`` with the checks of :mod:`fcfn_jax.validate`, which
+raise :class:`~fcfn_jax.validate.ConfigError` naming the offending field, its value and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
-from collections.abc import Collection
-from typing import Any
 
-
-class ConfigError(ValueError):
-  """A configuration value is invalid; the message names the field, the value and what is allowed."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Validation helpers shared by every config (and by input checks elsewhere in the package).
-# ----------------------------------------------------------------------------------------------------------
-
-
-def require(condition: bool, message: str) -> None:
-  """Raises ConfigError(message) unless ``condition``."""
-  if not condition:
-    raise ConfigError(message)
-
-
-def check_finite(name: str, value: Any) -> None:
-  # abs(v) <= max is False for NaN and inf, and compares huge ints exactly (math.isfinite overflows on them).
-  require(isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max,
-          f"{name}={value!r} is invalid: expected a finite number")
-
-
-def check_positive(name: str, value: Any) -> None:
-  check_finite(name, value)
-  require(value > 0, f"{name}={value!r} is invalid: expected a number > 0")
-
-
-def check_nonnegative(name: str, value: Any) -> None:
-  check_finite(name, value)
-  require(value >= 0, f"{name}={value!r} is invalid: expected a number >= 0")
-
-
-def check_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> None:
-  require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-          f"{name}={value!r} is invalid: expected an integer >= {minimum}")
-  require(maximum is None or value <= maximum,
-          f"{name}={value!r} is invalid: expected an integer in [{minimum}, {maximum}]")
-
-
-def check_seed(name: str, value: Any) -> None:
-  """Seeds are 32-bit: jax.random.PRNGKey aliases larger ones (2**32 gives the key of 0) or overflows."""
-  check_int(name, value, minimum=0, maximum=2**32 - 1)
-
-
-def check_path(name: str, value: Any) -> None:
-  """None or a non-empty path (str or os.PathLike)."""
-  require(value is None or (isinstance(value, (str, os.PathLike)) and os.fspath(value) != ""),
-          f"{name}={value!r} is invalid: expected a path (a non-empty string) or None")
-
-
-def check_open_unit(name: str, value: Any) -> None:
-  check_finite(name, value)
-  require(0 < value < 1, f"{name}={value!r} is invalid: expected a number in (0, 1)")
-
-
-def check_choice(name: str, value: Any, allowed: Collection[str]) -> None:
-  # The str test first: `in` on an array value would compare elementwise and raise.
-  require(isinstance(value, str) and value in allowed,
-          f"{name}={value!r} is invalid: expected one of {sorted(allowed)}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Configs.
-# ----------------------------------------------------------------------------------------------------------
+from fcfn_jax.validate import (
+  check_bool,
+  check_choice,
+  check_int,
+  check_open_unit,
+  check_path,
+  check_positive,
+  check_seed,
+  require,
+)
 
 DATASETS = ("femnist", "emnist", "cifar10")
 SOURCES = ("embedded", "npz", "tfds")
@@ -90,10 +32,11 @@ QUALITIES = ("log", "dp")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Which data, from where, and how it is split into clients (DESIGN.md "Data").
+  """Which data, from where, and how it is split into clients (docs/model.md "Data").
 
   dataset: 'femnist' (EMNIST by writer), 'emnist' (alias of femnist for tfds' emnist builder) or 'cifar10'.
-  source: 'embedded' (the small copy shipped in the package), 'npz' (``path``) or 'tfds' (``path`` = data_dir).
+  source: 'embedded' (the small copy shipped in the package), 'npz' (``path``) or 'tfds' (``path`` =
+    data_dir).
   partition: 'writer' (natural clients; femnist/emnist only), 'dirichlet' (label-skew, ``dirichlet_alpha``)
     or 'iid'. ``num_clients`` caps the writer partition and sets the size of the synthetic ones.
   digits_only: keep only EMNIST digits (labels 0-9; tfds loads its 'emnist/digits' config).
@@ -119,21 +62,25 @@ class DataConfig:
     check_choice("dataset", self.dataset, DATASETS)
     check_choice("source", self.source, SOURCES)
     check_choice("partition", self.partition, PARTITIONS)
-    require(not (self.partition == "writer" and self.dataset == "cifar10"),
-            "partition='writer' is invalid for dataset='cifar10': CIFAR-10 has no writer ids; "
-            "use 'dirichlet' or 'iid'")
+    require(
+      not (self.partition == "writer" and self.dataset == "cifar10"),
+      "partition='writer' is invalid for dataset='cifar10': CIFAR-10 has no writer ids; "
+      "use 'dirichlet' or 'iid'",
+    )
     check_path("path", self.path)
-    require(not (self.source == "npz" and not self.path),
-            "source='npz' needs path= a .npz file; got path=None")
+    require(
+      not (self.source == "npz" and not self.path), "source='npz' needs path= a .npz file; got path=None"
+    )
     check_positive("dirichlet_alpha", self.dirichlet_alpha)
     check_int("num_clients", self.num_clients, minimum=2)
     check_int("min_examples_per_client", self.min_examples_per_client, minimum=1)
     check_open_unit("test_fraction", self.test_fraction)
     check_seed("seed", self.seed)
-    require(isinstance(self.digits_only, bool),
-            f"digits_only={self.digits_only!r} is invalid: expected True or False")
-    require(not (self.digits_only and self.dataset == "cifar10"),
-            "digits_only=True is invalid for dataset='cifar10': only EMNIST has digit classes")
+    check_bool("digits_only", self.digits_only)
+    require(
+      not (self.digits_only and self.dataset == "cifar10"),
+      "digits_only=True is invalid for dataset='cifar10': only EMNIST has digit classes",
+    )
     check_int("capacity", self.capacity, minimum=0)
     check_int("test_examples", self.test_examples, minimum=0)
 
@@ -150,7 +97,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PrivacyConfig:
-  """DP-SGD parameters (DESIGN.md "From epsilon_i to noise").
+  """DP-SGD parameters (docs/model.md "From epsilon_i to noise").
 
   clip_norm: per-example L2 clipping bound C. delta: target delta of every client's (eps, delta)-DP.
   accountant: dp-accounting's 'rdp' or 'pld' for the exact host-side calibration and reports.
@@ -170,7 +117,7 @@ class PrivacyConfig:
     check_open_unit("delta", self.delta)
     check_choice("accountant", self.accountant, ACCOUNTANTS)
     check_choice("calibration", self.calibration, CALIBRATIONS)
-    require(isinstance(self.private, bool), f"private={self.private!r} is invalid: expected True or False")
+    check_bool("private", self.private)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +147,7 @@ class FederatedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GameConfig:
-  """The incentive mechanism and the clients' private costs (DESIGN.md "The game", "Baselines").
+  """The incentive mechanism and the clients' private costs (docs/model.md "The game", "Baselines").
 
   Per-unit privacy costs c_i ~ Uniform[cost_low, cost_high] (seeded); lam is the server's valuation of
   model quality; budgets live in [0, eps_max]; eps_min is the self-protective budget of 'no_incentive'.
@@ -222,12 +169,16 @@ class GameConfig:
     check_positive("lam", self.lam)
     check_positive("cost_low", self.cost_low)
     check_positive("cost_high", self.cost_high)
-    require(self.cost_low <= self.cost_high,
-            f"cost_low={self.cost_low!r} > cost_high={self.cost_high!r}: expected cost_low <= cost_high")
+    require(
+      self.cost_low <= self.cost_high,
+      f"cost_low={self.cost_low!r} > cost_high={self.cost_high!r}: expected cost_low <= cost_high",
+    )
     check_positive("eps_max", self.eps_max)
     check_positive("eps_min", self.eps_min)
-    require(self.eps_min <= self.eps_max,
-            f"eps_min={self.eps_min!r} > eps_max={self.eps_max!r}: expected eps_min <= eps_max")
+    require(
+      self.eps_min <= self.eps_max,
+      f"eps_min={self.eps_min!r} > eps_max={self.eps_max!r}: expected eps_min <= eps_max",
+    )
     check_int("num_types", self.num_types)
     check_int("num_aggregators", self.num_aggregators)
     check_choice("quality", self.quality, QUALITIES)
@@ -247,12 +198,21 @@ class SimulationConfig:
   checkpoint_every: int = 0
 
   def __post_init__(self):
-    for name, cls in (("data", DataConfig), ("model", ModelConfig), ("privacy", PrivacyConfig),
-                      ("federated", FederatedConfig), ("game", GameConfig)):
-      require(isinstance(getattr(self, name), cls),
-              f"{name}={getattr(self, name)!r} is invalid: expected a {cls.__name__}")
+    for name, cls in (
+      ("data", DataConfig),
+      ("model", ModelConfig),
+      ("privacy", PrivacyConfig),
+      ("federated", FederatedConfig),
+      ("game", GameConfig),
+    ):
+      require(
+        isinstance(getattr(self, name), cls),
+        f"{name}={getattr(self, name)!r} is invalid: expected a {cls.__name__}",
+      )
     check_seed("seed", self.seed)
     check_path("checkpoint_dir", self.checkpoint_dir)
     check_int("checkpoint_every", self.checkpoint_every, minimum=0)
-    require(not (self.checkpoint_every and not self.checkpoint_dir),
-            f"checkpoint_every={self.checkpoint_every} needs checkpoint_dir; got checkpoint_dir=None")
+    require(
+      not (self.checkpoint_every and not self.checkpoint_dir),
+      f"checkpoint_every={self.checkpoint_every} needs checkpoint_dir; got checkpoint_dir=None",
+    )

@@ -1,4 +1,4 @@
-"""Data: tfds / .npz / embedded loading, client partitioning and padded client pools (DESIGN.md "Data").
+"""Data: tfds / .npz / embedded loading, client partitioning and padded client pools (docs/model.md "Data").
 
 ``load_federated`` joins the steps the simulation needs: load a train and a test split as uint8 images
 (MNIST style for EMNIST: 0 = background), split the train split into clients (by writer, Dirichlet label
@@ -17,12 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import chex
-import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fcfn_jax.config import ConfigError, DataConfig, check_int, check_open_unit, check_positive, require
+from fcfn_jax.config import DataConfig
+from fcfn_jax.validate import check_int, check_open_unit, check_positive, fail, require, reraise
 
 EMBEDDED_PATH = Path(__file__).resolve().parent / "assets" / "femnist_digits.npz"
 IMAGE_SHAPES = {"femnist": (28, 28, 1), "emnist": (28, 28, 1), "cifar10": (32, 32, 3)}
@@ -33,11 +32,15 @@ _LEAF_NUM_CLASSES = 62
 _CIFAR10_NUM_CLASSES = 10
 _PROJECT_KEYS = ("train_image", "train_label", "test_image", "test_label", "num_classes")
 _LEAF_KEYS = ("x", "y", "writer", "leaf_split")
-_LAYOUTS = ("the project layout (train_image, train_label, test_image, test_label, num_classes; optional "
-            "train_writer, test_writer), the LEAF FEMNIST layout (x, y, writer, leaf_split), or a directory "
-            f"holding {' and '.join(CIFAR10_FILES)} (x, y)")
-_NO_WRITERS = ("partition='writer' needs writer ids, but tfds' EMNIST and CIFAR-10 carry none: use "
-               "partition='dirichlet' or 'iid', or FEMNIST from source='embedded' or 'npz'")
+_LAYOUTS = (
+  "the project layout (train_image, train_label, test_image, test_label, num_classes; optional "
+  "train_writer, test_writer), the LEAF FEMNIST layout (x, y, writer, leaf_split), or a directory "
+  f"holding {' and '.join(CIFAR10_FILES)} (x, y)"
+)
+_NO_WRITERS = (
+  "partition='writer' needs writer ids, but tfds' EMNIST and CIFAR-10 carry none: use "
+  "partition='dirichlet' or 'iid', or FEMNIST from source='embedded' or 'npz'"
+)
 _DIRICHLET_TRIES = 100
 
 
@@ -92,14 +95,18 @@ class FederatedData(NamedTuple):
 
 def _one_line(values: np.ndarray) -> str:
   """A one-line description of an array for error messages: its repr if small, else shape and dtype."""
-  return " ".join(repr(values).split()) if values.size <= 8 else f"<{values.dtype} array of shape {values.shape}>"
+  return (
+    " ".join(repr(values).split()) if values.size <= 8 else f"<{values.dtype} array of shape {values.shape}>"
+  )
 
 
 def _int_vector(name: str, values: Any, n: int, upper: int) -> np.ndarray:
   """values as int32 [n]; ConfigError unless integer-typed (so NaN-free) with 0 <= values < upper."""
   values = np.asarray(values)
-  require(np.issubdtype(values.dtype, np.integer),
-          f"{name} have dtype {values.dtype}: expected integers (no NaN, no floats)")
+  require(
+    np.issubdtype(values.dtype, np.integer),
+    f"{name} have dtype {values.dtype}: expected integers (no NaN, no floats)",
+  )
   require(values.shape == (n,), f"{name} have shape {values.shape}: expected [{n}], one per image")
   bad = (values < 0) | (values >= upper)
   if bad.any():
@@ -131,8 +138,12 @@ def make_dataset(x: Any, y: Any, num_classes: int, groups: Any = None, name: str
 
 def _subset(dataset: Dataset, rows: np.ndarray, what: str) -> Dataset:
   """The examples at ``rows`` (indices or a bool mask); ConfigError if none is left."""
-  subset = Dataset(dataset.x[rows], dataset.y[rows], None if dataset.groups is None else dataset.groups[rows],
-                   dataset.num_classes)
+  subset = Dataset(
+    dataset.x[rows],
+    dataset.y[rows],
+    None if dataset.groups is None else dataset.groups[rows],
+    dataset.num_classes,
+  )
   require(len(subset.y) > 0, f"{what} is empty: expected at least 1 example")
   return subset
 
@@ -151,19 +162,33 @@ def subsample(dataset: Dataset, num: int, seed: int = 0) -> Dataset:
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
   """All arrays of an .npz archive; ConfigError if it is missing, corrupt or a single .npy array."""
-  require(path.is_file(), f"path={str(path)!r} does not exist: expected an .npz file, or a directory "
-                          f"holding {' and '.join(CIFAR10_FILES)}")
-  try:
-    with path.open("rb") as file:
-      archive = np.load(file, allow_pickle=False)
-      arrays = dict(archive.items()) if isinstance(archive, np.lib.npyio.NpzFile) else None
+  require(
+    path.is_file(),
+    f"path={str(path)!r} does not exist: expected an .npz file, or a directory "
+    f"holding {' and '.join(CIFAR10_FILES)}",
+  )
   # Corruption surfaces in many types: a damaged .npy header fails numpy's parser (SyntaxError,
   # tokenize.TokenError); damaged zip flags claim an unsupported compression (NotImplementedError) or
   # encryption (RuntimeError).
-  except (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError, NotImplementedError, RuntimeError,
-          zipfile.BadZipFile, zlib.error) as error:
-    raise ConfigError(f"path={str(path)!r} is not a readable .npz archive "
-                      f"({type(error).__name__}: {error})") from error
+  with (
+    reraise(
+      (
+        OSError,
+        ValueError,
+        EOFError,
+        SyntaxError,
+        tokenize.TokenError,
+        NotImplementedError,
+        RuntimeError,
+        zipfile.BadZipFile,
+        zlib.error,
+      ),
+      lambda error: f"path={str(path)!r} is not a readable .npz archive ({type(error).__name__}: {error})",
+    ),
+    path.open("rb") as file,
+  ):
+    archive = np.load(file, allow_pickle=False)
+    arrays = dict(archive.items()) if isinstance(archive, np.lib.npyio.NpzFile) else None
   require(arrays is not None, f"path={str(path)!r} holds a single .npy array: expected an .npz archive")
   return arrays
 
@@ -173,8 +198,9 @@ def _require_keys(path: Path, arrays: Mapping[str, np.ndarray], keys: Sequence[s
   require(not missing, f"path={str(path)!r} lacks keys {missing} (has {sorted(arrays)}): expected {_LAYOUTS}")
 
 
-def _leaf_test_mask(writer: np.ndarray, leaf_split: np.ndarray, test_fraction: float,
-                    seed: int) -> np.ndarray:
+def _leaf_test_mask(
+  writer: np.ndarray, leaf_split: np.ndarray, test_fraction: float, seed: int
+) -> np.ndarray:
   """bool [n], True = test, for the LEAF layout.
 
   LEAF's own split where the writer has a LEAF train part; otherwise a seeded per-writer split that sends
@@ -219,11 +245,22 @@ def load_npz(path: str | os.PathLike, *, test_fraction: float = 0.2, seed: int =
   if "train_image" in arrays:
     _require_keys(path, arrays, _PROJECT_KEYS)
     num_classes = arrays["num_classes"]
-    require(num_classes.shape == () and np.issubdtype(num_classes.dtype, np.integer),
-            f"path={str(path)!r} has num_classes={_one_line(num_classes)}: expected an integer scalar")
-    return Splits(*(make_dataset(arrays[f"{split}_image"], arrays[f"{split}_label"], int(num_classes),
-                                 arrays.get(f"{split}_writer"), name=f"{path} {split}")
-                    for split in ("train", "test")))
+    require(
+      num_classes.shape == () and np.issubdtype(num_classes.dtype, np.integer),
+      f"path={str(path)!r} has num_classes={_one_line(num_classes)}: expected an integer scalar",
+    )
+    return Splits(
+      *(
+        make_dataset(
+          arrays[f"{split}_image"],
+          arrays[f"{split}_label"],
+          int(num_classes),
+          arrays.get(f"{split}_writer"),
+          name=f"{path} {split}",
+        )
+        for split in ("train", "test")
+      )
+    )
   require("x" in arrays, f"path={str(path)!r} has keys {sorted(arrays)}: expected {_LAYOUTS}")
   _require_keys(path, arrays, _LEAF_KEYS)
   full = make_dataset(arrays["x"], arrays["y"], _LEAF_NUM_CLASSES, arrays["writer"], name=str(path))
@@ -244,17 +281,22 @@ def load_tfds(name: str, data_dir: str | None = None) -> Splits:
     ConfigError: ``name`` is unknown or not prepared under ``data_dir`` in a random-access format.
   """
   build = f"`tfds build {name} --file_format=array_record --data_dir=...`"
-  require(data_dir is None or os.path.isdir(data_dir),
-          f"data_dir={data_dir!r} is not a directory: expected a tfds data_dir holding {name!r} prepared "
-          f"with {build}")
-  try:
-    sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
-  except (NotImplementedError, ValueError, FileNotFoundError, AssertionError) as error:
+  require(
+    data_dir is None or os.path.isdir(data_dir),
+    f"data_dir={data_dir!r} is not a directory: expected a tfds data_dir holding {name!r} prepared "
+    f"with {build}",
+  )
+
+  def unavailable(error: BaseException) -> str:
     cause = (str(error).strip().splitlines() or [""])[0]  # tfds appends lines of possible root causes
-    raise ConfigError(
-        f"tfds dataset {name!r} is not available under data_dir={data_dir!r}: tfds cannot download here; "
-        f"prepare it where TensorFlow and the archives exist with {build} ({type(error).__name__}: "
-        f"{cause})") from error
+    return (
+      f"tfds dataset {name!r} is not available under data_dir={data_dir!r}: tfds cannot download here; "
+      f"prepare it where TensorFlow and the archives exist with {build} ({type(error).__name__}: "
+      f"{cause})"
+    )
+
+  with reraise((NotImplementedError, ValueError, FileNotFoundError, AssertionError), unavailable):
+    sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
   return Splits(*(_from_source(source, name, split) for source, split in zip(sources, ("train", "test"))))
 
 
@@ -285,16 +327,27 @@ def load_splits(cfg: DataConfig) -> Splits:
   elif cfg.source == "npz":
     splits = load_npz(cfg.path, test_fraction=cfg.test_fraction, seed=cfg.seed)
   else:
-    require(cfg.dataset != "cifar10", "source='embedded' holds FEMNIST digits only; got dataset='cifar10': "
-                                      "use source='npz' (path= a CIFAR-10 directory) or 'tfds'")
+    require(
+      cfg.dataset != "cifar10",
+      "source='embedded' holds FEMNIST digits only; got dataset='cifar10': "
+      "use source='npz' (path= a CIFAR-10 directory) or 'tfds'",
+    )
     splits = load_npz(EMBEDDED_PATH, test_fraction=cfg.test_fraction, seed=cfg.seed)
   for split, dataset in zip(Splits._fields, splits):
-    require(dataset.x.shape[1:] == IMAGE_SHAPES[cfg.dataset],
-            f"the {split} images of source={cfg.source!r} have shape {dataset.x.shape}: expected "
-            f"[n, {', '.join(map(str, IMAGE_SHAPES[cfg.dataset]))}] for dataset={cfg.dataset!r}")
+    require(
+      dataset.x.shape[1:] == IMAGE_SHAPES[cfg.dataset],
+      f"the {split} images of source={cfg.source!r} have shape {dataset.x.shape}: expected "
+      f"[n, {', '.join(map(str, IMAGE_SHAPES[cfg.dataset]))}] for dataset={cfg.dataset!r}",
+    )
   if cfg.digits_only:
-    splits = Splits(*(_subset(dataset, dataset.y < NUM_DIGITS, f"digits_only {split} split")._replace(
-        num_classes=NUM_DIGITS) for split, dataset in zip(Splits._fields, splits)))
+    splits = Splits(
+      *(
+        _subset(dataset, dataset.y < NUM_DIGITS, f"digits_only {split} split")._replace(
+          num_classes=NUM_DIGITS
+        )
+        for split, dataset in zip(Splits._fields, splits)
+      )
+    )
   return splits
 
 
@@ -309,8 +362,9 @@ def _split_by_owner(owner: np.ndarray, num_owners: int) -> list[np.ndarray]:
   return np.split(order, np.cumsum(np.bincount(owner, minlength=num_owners))[:-1])
 
 
-def partition_by_group(groups: np.ndarray, num_clients: int, min_examples: int = 1,
-                       seed: int = 0) -> list[np.ndarray]:
+def partition_by_group(
+  groups: np.ndarray, num_clients: int, min_examples: int = 1, seed: int = 0
+) -> list[np.ndarray]:
   """Natural clients: one per writer with >= min_examples examples, writers kept intact.
 
   When more than ``num_clients`` writers qualify, a seeded uniform choice of num_clients of them (which
@@ -321,16 +375,19 @@ def partition_by_group(groups: np.ndarray, num_clients: int, min_examples: int =
   groups = np.asarray(groups)
   counts = np.bincount(groups)
   eligible = np.flatnonzero(counts >= min_examples)
-  require(len(eligible) > 0, f"min_examples={min_examples} is too large: the largest writer has "
-                             f"{counts.max()} examples")
+  require(
+    len(eligible) > 0,
+    f"min_examples={min_examples} is too large: the largest writer has {counts.max()} examples",
+  )
   if len(eligible) > num_clients:
     eligible = np.sort(np.random.default_rng(seed).choice(eligible, num_clients, replace=False))
   by_writer = _split_by_owner(groups, len(counts))
   return [by_writer[writer] for writer in eligible]
 
 
-def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, min_examples: int = 1,
-                        seed: int = 0) -> list[np.ndarray]:
+def partition_dirichlet(
+  labels: np.ndarray, num_clients: int, alpha: float, min_examples: int = 1, seed: int = 0
+) -> list[np.ndarray]:
   """Label-skewed clients (Hsu et al., 2019), every example in exactly one client.
 
   Each class's examples are shuffled and cut over the K clients in proportions p_c ~ Dirichlet(alpha 1_K);
@@ -350,21 +407,28 @@ def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, min_
       owner[rng.permutation(members)] = np.searchsorted(cuts, np.arange(len(members)), side="right")
     if np.bincount(owner, minlength=num_clients).min() >= min_examples:
       return _split_by_owner(owner, num_clients)
-  raise ConfigError(f"dirichlet_alpha={alpha!r} with num_clients={num_clients} left a client with fewer "
-                    f"than min_examples={min_examples} of {len(labels)} examples in {_DIRICHLET_TRIES} "
-                    "draws: raise alpha or lower num_clients / min_examples")
+  fail(
+    f"dirichlet_alpha={alpha!r} with num_clients={num_clients} left a client with fewer "
+    f"than min_examples={min_examples} of {len(labels)} examples in {_DIRICHLET_TRIES} "
+    "draws: raise alpha or lower num_clients / min_examples"
+  )
 
 
-def partition_iid(num_examples: int, num_clients: int, min_examples: int = 1,
-                  seed: int = 0) -> list[np.ndarray]:
+def partition_iid(
+  num_examples: int, num_clients: int, min_examples: int = 1, seed: int = 0
+) -> list[np.ndarray]:
   """A seeded random permutation cut into num_clients near-equal parts (sizes differ by <= 1)."""
   check_int("num_clients", num_clients)
   check_int("min_examples", min_examples)
-  require(num_examples >= num_clients * min_examples,
-          f"num_clients={num_clients} x min_examples={min_examples} is invalid: expected at most "
-          f"{num_examples} examples in all")
-  return [np.sort(part) for part in
-          np.array_split(np.random.default_rng(seed).permutation(num_examples), num_clients)]
+  require(
+    num_examples >= num_clients * min_examples,
+    f"num_clients={num_clients} x min_examples={min_examples} is invalid: expected at most "
+    f"{num_examples} examples in all",
+  )
+  return [
+    np.sort(part)
+    for part in np.array_split(np.random.default_rng(seed).permutation(num_examples), num_clients)
+  ]
 
 
 def partition_clients(dataset: Dataset, cfg: DataConfig) -> list[np.ndarray]:
@@ -373,8 +437,9 @@ def partition_clients(dataset: Dataset, cfg: DataConfig) -> list[np.ndarray]:
     require(dataset.groups is not None, _NO_WRITERS)
     return partition_by_group(dataset.groups, cfg.num_clients, cfg.min_examples_per_client, cfg.seed)
   if cfg.partition == "dirichlet":
-    return partition_dirichlet(dataset.y, cfg.num_clients, cfg.dirichlet_alpha, cfg.min_examples_per_client,
-                               cfg.seed)
+    return partition_dirichlet(
+      dataset.y, cfg.num_clients, cfg.dirichlet_alpha, cfg.min_examples_per_client, cfg.seed
+    )
   return partition_iid(len(dataset.y), cfg.num_clients, cfg.min_examples_per_client, cfg.seed)
 
 
@@ -383,8 +448,9 @@ def partition_clients(dataset: Dataset, cfg: DataConfig) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def pack_clients(dataset: Dataset, client_indices: Sequence[np.ndarray], capacity: int | None = None,
-                 seed: int = 0) -> ClientPool:
+def pack_clients(
+  dataset: Dataset, client_indices: Sequence[np.ndarray], capacity: int | None = None, seed: int = 0
+) -> ClientPool:
   """Packs clients into x [clients, capacity, H, W, C], y [clients, capacity], num_examples [clients].
 
   Clients are sorted by size, largest first (stable: equal sizes keep their input order); client k's
@@ -399,17 +465,23 @@ def pack_clients(dataset: Dataset, client_indices: Sequence[np.ndarray], capacit
   n = len(dataset.y)
   clients = [np.asarray(indices) for indices in client_indices]
   for k, indices in enumerate(clients):
-    require(indices.ndim == 1 and len(indices) > 0 and np.issubdtype(indices.dtype, np.integer),
-            f"client {k} has indices {_one_line(indices)}: expected a non-empty 1-D integer array")
-    require(indices.min() >= 0 and indices.max() < n,
-            f"client {k} holds index {indices.min() if indices.min() < 0 else indices.max()}: expected "
-            f"0 <= index < {n}")
+    require(
+      indices.ndim == 1 and len(indices) > 0 and np.issubdtype(indices.dtype, np.integer),
+      f"client {k} has indices {_one_line(indices)}: expected a non-empty 1-D integer array",
+    )
+    require(
+      indices.min() >= 0 and indices.max() < n,
+      f"client {k} holds index {indices.min() if indices.min() < 0 else indices.max()}: expected "
+      f"0 <= index < {n}",
+    )
   sizes = np.array([len(indices) for indices in clients])
   capacity = int(sizes.max()) if capacity is None else capacity
   check_int("capacity", capacity)
   rng = np.random.default_rng(seed)
-  rows = [clients[k] if sizes[k] <= capacity else np.sort(rng.choice(clients[k], capacity, replace=False))
-          for k in np.argsort(-sizes, kind="stable")]
+  rows = [
+    clients[k] if sizes[k] <= capacity else np.sort(rng.choice(clients[k], capacity, replace=False))
+    for k in np.argsort(-sizes, kind="stable")
+  ]
   num_examples = np.array([len(row) for row in rows], np.int32)
   valid = np.arange(capacity) < num_examples[:, None]
   flat = np.concatenate(rows)
@@ -420,60 +492,14 @@ def pack_clients(dataset: Dataset, client_indices: Sequence[np.ndarray], capacit
   return ClientPool(x, y, num_examples)
 
 
-def example_mask(num_examples: chex.Array, capacity: int) -> chex.Array:
-  """bool [clients, capacity]: slot j of client k holds a real example iff j < num_examples[k]."""
-  return jnp.arange(capacity) < jnp.asarray(num_examples)[..., None]
-
-
-def bucket_clients(sizes: np.ndarray | Sequence[int], num_buckets: int) -> list[np.ndarray]:
-  """Groups clients of similar size so that packing each group at its own capacity pads least.
-
-  Minimizes the padded slots sum_b |b| max_{k in b} sizes_k exactly: optimal buckets are runs of the
-  clients sorted by size, found by dynamic programming over the cut points (O(num_buckets clients^2)).
-  Returns index arrays into ``sizes``, largest clients first, each sorted by size descending.
-  """
-  sizes = np.asarray(sizes)
-  require(sizes.ndim == 1 and np.issubdtype(sizes.dtype, np.integer) and len(sizes) > 0 and sizes.min() >= 1,
-          f"sizes={sizes!r} is invalid: expected a non-empty 1-D array of integers >= 1")
-  check_int("num_buckets", num_buckets)
-  require(num_buckets <= len(sizes), f"num_buckets={num_buckets} is invalid: expected at most the "
-                                     f"{len(sizes)} clients")
-  order = np.argsort(-sizes, kind="stable")
-  sorted_sizes = sizes[order].astype(np.float64)
-  n = len(sizes)
-  # slots[j]: least padded slots of the j largest clients in the buckets so far; the bucket of sorted
-  # clients i..j-1 costs (j - i) * sorted_sizes[i].
-  slots = np.concatenate([[0.0], np.full(n, np.inf)])
-  cuts = np.zeros((num_buckets, n + 1), np.int64)
-  for b in range(num_buckets):
-    previous = slots
-    slots = np.full(n + 1, np.inf)
-    for j in range(1, n + 1):
-      costs = previous[:j] + (j - np.arange(j)) * sorted_sizes[:j]
-      cuts[b, j] = np.argmin(costs)
-      slots[j] = costs[cuts[b, j]]
-  buckets, end = [], n
-  for b in reversed(range(num_buckets)):
-    start = cuts[b, end]
-    buckets.append(order[start:end])
-    end = start
-  return buckets[::-1]
-
-
 def padding_efficiency(pools: ClientPool | Sequence[ClientPool]) -> float:
   """Valid slots / total slots over one pool or several (e.g. one per bucket), in (0, 1]."""
   pools = [pools] if isinstance(pools, ClientPool) else pools
-  return (sum(int(pool.num_examples.sum()) for pool in pools)
-          / sum(pool.y.size for pool in pools))
-
-
-def normalize(x: chex.Array) -> chex.Array:
-  """uint8 pixels -> float32 x / 255 in [0, 1] (no per-channel standardization); works inside jit."""
-  return jnp.asarray(x, jnp.float32) / 255.0
+  return sum(int(pool.num_examples.sum()) for pool in pools) / sum(pool.y.size for pool in pools)
 
 
 def load_federated(cfg: DataConfig) -> FederatedData:
-  """Loads ``cfg``'s splits, partitions the train split into clients and packs them (DESIGN.md "Data").
+  """Loads ``cfg``'s splits, partitions the train split into clients and packs them (docs/model.md "Data").
 
   The pool's clients are sorted by size (``pack_clients``); capacity = cfg.capacity or the largest
   client; the test split is a seeded subsample of cfg.test_examples examples when that is > 0.

@@ -1,6 +1,6 @@
 """Federated training: one client's DP-SGD update, vmapped once into a FedAvg round, and evaluation.
 
-A round (DESIGN.md "From epsilon_i to noise"): every client i runs S local steps of DP-SGD (or plain SGD
+A round (docs/model.md "From epsilon_i to noise"): every client i runs S local steps of DP-SGD (or plain SGD
 on the non-private path) from the server model theta, batch B drawn from its own n_i examples, noise
 multiplier z_i; it returns Delta_i = theta_i^S - theta. The server forms the FedAvg pseudo-gradient
 
@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fcfn_jax.config import FederatedConfig, PrivacyConfig, check_int, require
+from fcfn_jax.config import FederatedConfig, PrivacyConfig
 from fcfn_jax.data import ClientPool
 from fcfn_jax.models import ApplyFn, LossFn, cross_entropy, make_loss_fn, normalize_pixels
 from fcfn_jax.privacy.clipping import dp_gradient, make_clipped_sum_fn
+from fcfn_jax.validate import check_int, require
 
 _SERVER_MOMENTUM = 0.9
 
@@ -67,12 +68,14 @@ def make_server_optimizer(fed: FederatedConfig) -> optax.GradientTransformation:
 
 def init_server_state(params: chex.ArrayTree, fed: FederatedConfig) -> ServerState:
   """Round 0 with a fresh server optimizer state for ``params``."""
-  return ServerState(params=params, opt_state=make_server_optimizer(fed).init(params),
-                     round=jnp.zeros((), jnp.int32))
+  return ServerState(
+    params=params, opt_state=make_server_optimizer(fed).init(params), round=jnp.zeros((), jnp.int32)
+  )
 
 
-def sample_client_indices(key: chex.PRNGKey, num_examples: chex.Array, capacity: int, steps: int,
-                          batch: int) -> tuple[chex.Array, chex.Array]:
+def sample_client_indices(
+  key: chex.PRNGKey, num_examples: chex.Array, capacity: int, steps: int, batch: int
+) -> tuple[chex.Array, chex.Array]:
   """Slots of S batches of B examples of ONE client, uniform without replacement within each step.
 
   Args:
@@ -94,16 +97,18 @@ def sample_client_indices(key: chex.PRNGKey, num_examples: chex.Array, capacity:
   return index, mask
 
 
-def sample_client_batches(key: chex.PRNGKey, x: chex.Array, y: chex.Array, num_examples: chex.Array,
-                          steps: int, batch: int) -> tuple[chex.Array, chex.Array, chex.Array]:
+def sample_client_batches(
+  key: chex.PRNGKey, x: chex.Array, y: chex.Array, num_examples: chex.Array, steps: int, batch: int
+) -> tuple[chex.Array, chex.Array, chex.Array]:
   """The examples of :func:`sample_client_indices`: x float32 [S, B, H, W, C] in [0, 1], y int32 [S, B],
   mask bool [S, B], from one client's row x uint8 [capacity, H, W, C], y int32 [capacity]."""
   index, mask = sample_client_indices(key, num_examples, x.shape[0], steps, batch)
   return normalize_pixels(x[index]), y[index], mask
 
 
-def _mean_gradient(loss_fn: LossFn, params: chex.ArrayTree, x: chex.Array, y: chex.Array,
-                   mask: chex.Array) -> tuple[chex.ArrayTree, chex.Array]:
+def _mean_gradient(
+  loss_fn: LossFn, params: chex.ArrayTree, x: chex.Array, y: chex.Array, mask: chex.Array
+) -> tuple[chex.ArrayTree, chex.Array]:
   """Non-private (grad of mean_{j: m_j} loss_j, losses [B] with 0 at masked slots)."""
 
   def mean_loss(p):
@@ -114,9 +119,18 @@ def _mean_gradient(loss_fn: LossFn, params: chex.ArrayTree, x: chex.Array, y: ch
   return grad, losses
 
 
-def client_update(params: chex.ArrayTree, x: chex.Array, y: chex.Array, num_examples: chex.Array,
-                  noise_multiplier: chex.Numeric, key: chex.PRNGKey, *, apply_fn: ApplyFn,
-                  fed: FederatedConfig, privacy: PrivacyConfig) -> ClientResult:
+def client_update(
+  params: chex.ArrayTree,
+  x: chex.Array,
+  y: chex.Array,
+  num_examples: chex.Array,
+  noise_multiplier: chex.Numeric,
+  key: chex.PRNGKey,
+  *,
+  apply_fn: ApplyFn,
+  fed: FederatedConfig,
+  privacy: PrivacyConfig,
+) -> ClientResult:
   """ONE client's round: S local steps theta <- theta - client_lr * g~ from the server model.
 
   g~ is the DP-SGD gradient of :func:`fcfn_jax.privacy.clipping.dp_gradient` with multiplier z, or the
@@ -132,8 +146,9 @@ def client_update(params: chex.ArrayTree, x: chex.Array, y: chex.Array, num_exam
   sample_key, noise_key = jax.random.split(key)
   # Indices up front, examples gathered inside each step: under vmap a pre-gathered [clients, S, B, ...]
   # stack is transposed to the scan's [S, clients, ...] layout (a full copy, 25% of a logreg round).
-  indices, masks = sample_client_indices(sample_key, num_examples, x.shape[0], fed.local_steps,
-                                         fed.batch_size)
+  indices, masks = sample_client_indices(
+    sample_key, num_examples, x.shape[0], fed.local_steps, fed.batch_size
+  )
   skip = ~jnp.isfinite(noise_multiplier)
   noise_multiplier = jnp.where(skip, 0.0, noise_multiplier)
   loss_fn = make_loss_fn(apply_fn)
@@ -155,19 +170,25 @@ def client_update(params: chex.ArrayTree, x: chex.Array, y: chex.Array, num_exam
   final, (losses, clipped) = jax.lax.scan(local_step, params, (indices, masks, step_keys))
   count = jnp.maximum(jnp.sum(masks), 1)
   return ClientResult(
-      delta=jax.tree.map(lambda new, old: jnp.where(skip, 0.0, new - old), final, params),
-      loss=jnp.sum(losses) / count,
-      clip_fraction=jnp.sum(clipped & masks) / count)
+    delta=jax.tree.map(lambda new, old: jnp.where(skip, 0.0, new - old), final, params),
+    loss=jnp.sum(losses) / count,
+    clip_fraction=jnp.sum(clipped & masks) / count,
+  )
 
 
 def _check_round_inputs(pool: ClientPool, noise_multipliers: chex.Array, weights: chex.Array) -> None:
   """Shape checks at trace time: every per-client array has the pool's leading [clients] axis."""
   clients = pool.y.shape[0]
-  require(pool.y.ndim == 2 and pool.x.shape[:2] == pool.y.shape,
-          f"pool.x {pool.x.shape} / pool.y {pool.y.shape} are invalid: expected [clients, capacity, H, W, C]"
-          " and [clients, capacity]")
-  for name, arr in (("pool.num_examples", pool.num_examples), ("noise_multipliers", noise_multipliers),
-                    ("weights", weights)):
+  require(
+    pool.y.ndim == 2 and pool.x.shape[:2] == pool.y.shape,
+    f"pool.x {pool.x.shape} / pool.y {pool.y.shape} are invalid: expected [clients, capacity, H, W, C]"
+    " and [clients, capacity]",
+  )
+  for name, arr in (
+    ("pool.num_examples", pool.num_examples),
+    ("noise_multipliers", noise_multipliers),
+    ("weights", weights),
+  ):
     require(jnp.shape(arr) == (clients,), f"{name} has shape {jnp.shape(arr)}: expected [{clients}]")
 
 
@@ -184,9 +205,18 @@ class _Totals(NamedTuple):
   participants: chex.Array
 
 
-def _client_totals(params: chex.ArrayTree, pool: ClientPool, noise_multipliers: chex.Array,
-                   weights: chex.Array, round_key: chex.PRNGKey, first_id: chex.Array, *, apply_fn: ApplyFn,
-                   fed: FederatedConfig, privacy: PrivacyConfig) -> _Totals:
+def _client_totals(
+  params: chex.ArrayTree,
+  pool: ClientPool,
+  noise_multipliers: chex.Array,
+  weights: chex.Array,
+  round_key: chex.PRNGKey,
+  first_id: chex.Array,
+  *,
+  apply_fn: ApplyFn,
+  fed: FederatedConfig,
+  privacy: PrivacyConfig,
+) -> _Totals:
   """_Totals of the clients of ``pool`` (global ids first_id + [0, clients)): the one vmap over clients.
 
   Chunks of ``fed.chunk_size`` clients (0 = all at once) run under a scan that accumulates the totals, so
@@ -201,9 +231,17 @@ def _client_totals(params: chex.ArrayTree, pool: ClientPool, noise_multipliers: 
   def one_client(row):
     i = jnp.minimum(row, clients - 1)
     z = noise_multipliers[i]
-    result = client_update(params, pool.x[i], pool.y[i], num_examples[i], z,
-                           jax.random.fold_in(round_key, first_id + row), apply_fn=apply_fn, fed=fed,
-                           privacy=privacy)
+    result = client_update(
+      params,
+      pool.x[i],
+      pool.y[i],
+      num_examples[i],
+      z,
+      jax.random.fold_in(round_key, first_id + row),
+      apply_fn=apply_fn,
+      fed=fed,
+      privacy=privacy,
+    )
     real = (row < clients) & jnp.isfinite(z)
     return result, jnp.where(real, weights[i] * num_examples[i], 0.0).astype(jnp.float32)
 
@@ -215,11 +253,18 @@ def _client_totals(params: chex.ArrayTree, pool: ClientPool, noise_multipliers: 
     joined = agg_weights > 0
     # where() rather than a bare product: a non-participant's delta must not leak NaN or inf.
     delta_sum = jax.tree.map(
-        lambda d: jnp.tensordot(agg_weights, jnp.where(joined.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0),
-                                axes=1), results.delta)
-    chunk_totals = _Totals(delta_sum, jnp.sum(agg_weights), jnp.sum(jnp.where(joined, results.loss, 0.0)),
-                           jnp.sum(jnp.where(joined, results.clip_fraction, 0.0)),
-                           jnp.sum(joined, dtype=jnp.float32))
+      lambda d: jnp.tensordot(
+        agg_weights, jnp.where(joined.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0), axes=1
+      ),
+      results.delta,
+    )
+    chunk_totals = _Totals(
+      delta_sum,
+      jnp.sum(agg_weights),
+      jnp.sum(jnp.where(joined, results.loss, 0.0)),
+      jnp.sum(jnp.where(joined, results.clip_fraction, 0.0)),
+      jnp.sum(joined, dtype=jnp.float32),
+    )
     return jax.tree.map(jnp.add, totals, chunk_totals), None
 
   zeros = _Totals(jax.tree.map(jnp.zeros_like, params), *(jnp.zeros(()),) * 4)
@@ -233,9 +278,15 @@ def client_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
 
 
-def _sharded_totals(params: chex.ArrayTree, pool: ClientPool, noise_multipliers: chex.Array,
-                    weights: chex.Array, round_key: chex.PRNGKey, mesh: jax.sharding.Mesh,
-                    **static) -> _Totals:
+def _sharded_totals(
+  params: chex.ArrayTree,
+  pool: ClientPool,
+  noise_multipliers: chex.Array,
+  weights: chex.Array,
+  round_key: chex.PRNGKey,
+  mesh: jax.sharding.Mesh,
+  **static,
+) -> _Totals:
   """_Totals with the client axis split over ``mesh``: each device runs :func:`_client_totals` on its
   shard, then ONE psum forms the server aggregate.
 
@@ -256,8 +307,9 @@ def _sharded_totals(params: chex.ArrayTree, pool: ClientPool, noise_multipliers:
   if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
     pool, noise_multipliers, weights = jax.sharding.reshard((pool, noise_multipliers, weights), sharding)
   else:
-    pool, noise_multipliers, weights = jax.lax.with_sharding_constraint((pool, noise_multipliers, weights),
-                                                                        sharding)
+    pool, noise_multipliers, weights = jax.lax.with_sharding_constraint(
+      (pool, noise_multipliers, weights), sharding
+    )
 
   def shard_totals(params, pool, noise_multipliers, weights, round_key):
     first_id = jax.lax.axis_index(axes) * pool.y.shape[0]
@@ -267,16 +319,28 @@ def _sharded_totals(params: chex.ArrayTree, pool: ClientPool, noise_multipliers:
   replicated, split = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(axes)
   # check_vma=False: the per-device scans start from replicated values (server params, zero totals) and
   # carry per-device ones; the psum above is what makes the output replicated.
-  return jax.shard_map(shard_totals, mesh=mesh, in_specs=(replicated, split, split, split, replicated),
-                       out_specs=replicated, check_vma=False)(params, pool, noise_multipliers, weights,
-                                                              round_key)
+  return jax.shard_map(
+    shard_totals,
+    mesh=mesh,
+    in_specs=(replicated, split, split, split, replicated),
+    out_specs=replicated,
+    check_vma=False,
+  )(params, pool, noise_multipliers, weights, round_key)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "fed", "privacy", "mesh"))
-def federated_round(state: ServerState, pool: ClientPool, noise_multipliers: chex.Array,
-                    weights: chex.Array, key: chex.PRNGKey, *, apply_fn: ApplyFn, fed: FederatedConfig,
-                    privacy: PrivacyConfig, mesh: jax.sharding.Mesh | None = None
-                    ) -> tuple[ServerState, RoundMetrics]:
+def federated_round(
+  state: ServerState,
+  pool: ClientPool,
+  noise_multipliers: chex.Array,
+  weights: chex.Array,
+  key: chex.PRNGKey,
+  *,
+  apply_fn: ApplyFn,
+  fed: FederatedConfig,
+  privacy: PrivacyConfig,
+  mesh: jax.sharding.Mesh | None = None,
+) -> tuple[ServerState, RoundMetrics]:
   """One FedAvg round over all clients of ``pool`` (the only vmap over clients), jitted once.
 
   Clients run in chunks of ``fed.chunk_size`` (0 = all at once) under a scan that accumulates the
@@ -306,21 +370,25 @@ def federated_round(state: ServerState, pool: ClientPool, noise_multipliers: che
     totals = _sharded_totals(state.params, pool, noise_multipliers, weights, round_key, mesh, **static)
 
   participants = totals.participants.astype(jnp.int32)
-  pseudo_grad = jax.tree.map(lambda s: -s / jnp.where(totals.weight_sum > 0, totals.weight_sum, 1.0),
-                             totals.delta_sum)
+  pseudo_grad = jax.tree.map(
+    lambda s: -s / jnp.where(totals.weight_sum > 0, totals.weight_sum, 1.0), totals.delta_sum
+  )
   updates, opt_state = make_server_optimizer(fed).update(pseudo_grad, state.opt_state, state.params)
   stepped = (optax.apply_updates(state.params, updates), opt_state)
-  params, opt_state = jax.tree.map(lambda new, old: jnp.where(participants > 0, new, old), stepped,
-                                   (state.params, state.opt_state))
+  params, opt_state = jax.tree.map(
+    lambda new, old: jnp.where(participants > 0, new, old), stepped, (state.params, state.opt_state)
+  )
   denom = jnp.maximum(participants, 1)
-  metrics = RoundMetrics(train_loss=totals.loss_sum / denom, clip_fraction=totals.clip_sum / denom,
-                         participants=participants)
+  metrics = RoundMetrics(
+    train_loss=totals.loss_sum / denom, clip_fraction=totals.clip_sum / denom, participants=participants
+  )
   return ServerState(params=params, opt_state=opt_state, round=state.round + 1), metrics
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
-def _evaluate(params: chex.ArrayTree, x: chex.Array, y: chex.Array, *, apply_fn: ApplyFn,
-              batch_size: int) -> tuple[chex.Array, chex.Array]:
+def _evaluate(
+  params: chex.ArrayTree, x: chex.Array, y: chex.Array, *, apply_fn: ApplyFn, batch_size: int
+) -> tuple[chex.Array, chex.Array]:
   n = x.shape[0]
   num_batches = -(-n // batch_size)
   pad = num_batches * batch_size - n
@@ -339,13 +407,16 @@ def _evaluate(params: chex.ArrayTree, x: chex.Array, y: chex.Array, *, apply_fn:
   return correct / n, loss / n
 
 
-def evaluate(params: chex.ArrayTree, x: chex.Array, y: chex.Array, apply_fn: ApplyFn,
-             batch_size: int) -> tuple[chex.Array, chex.Array]:
+def evaluate(
+  params: chex.ArrayTree, x: chex.Array, y: chex.Array, apply_fn: ApplyFn, batch_size: int
+) -> tuple[chex.Array, chex.Array]:
   """(accuracy, mean cross-entropy) of the model on x uint8 [n, H, W, C], y int32 [n].
 
   Runs under jit in fixed batches of ``batch_size``; the last batch is padded and masked.
   """
   check_int("batch_size", batch_size)
-  require(x.shape[0] >= 1 and x.shape[0] == y.shape[0],
-          f"x {x.shape} / y {y.shape} are invalid: expected [n, H, W, C] and [n] with n >= 1")
+  require(
+    x.shape[0] >= 1 and x.shape[0] == y.shape[0],
+    f"x {x.shape} / y {y.shape} are invalid: expected [n, H, W, C] and [n] with n >= 1",
+  )
   return _evaluate(params, x, y, apply_fn=apply_fn, batch_size=batch_size)

@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import optax
 
-from fcfn_jax.config import ModelConfig, check_int, require
+from fcfn_jax.config import ModelConfig
+from fcfn_jax.validate import check_int, require
 
 ApplyFn = Callable[..., chex.Array]
 LossFn = Callable[[chex.ArrayTree, chex.Array, chex.Array], chex.Array]
@@ -66,8 +67,9 @@ def conv_patches(x: chex.Array, kernel_size: tuple[int, int]) -> chex.Array:
   kh, kw = kernel_size
   height, width = x.shape[1:3]
   padded = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
-  return jnp.concatenate([padded[:, i:i + height, j:j + width] for i in range(kh) for j in range(kw)],
-                         axis=-1)
+  return jnp.concatenate(
+    [padded[:, i : i + height, j : j + width] for i in range(kh) for j in range(kw)], axis=-1
+  )
 
 
 class Conv(nn.Module):
@@ -82,8 +84,9 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x: chex.Array) -> chex.Array:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (*self.kernel_size, x.shape[-1],
-                                                                   self.features))
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (*self.kernel_size, x.shape[-1], self.features)
+    )
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     patches = conv_patches(x, self.kernel_size)
     batch, height, width, depth = patches.shape
@@ -98,9 +101,10 @@ def max_pool_2x2(x: chex.Array) -> chex.Array:
   (select-and-scatter) is several times slower than the elementwise gradient of ``maximum``. At exact ties
   the gradient is shared among the tied inputs instead of going to one of them.
   """
-  x = x[:, :x.shape[1] // 2 * 2, :x.shape[2] // 2 * 2]
-  return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]),
-                     jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
+  x = x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2]
+  return jnp.maximum(
+    jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]), jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2])
+  )
 
 
 class CNN(nn.Module):
@@ -154,8 +158,10 @@ class LogisticRegression(nn.Module):
 
 
 def _check_input(input_shape: Sequence[int], num_classes: int) -> None:
-  require(len(input_shape) == 3 and all(isinstance(d, numbers.Integral) and d >= 1 for d in input_shape),
-          f"input_shape={tuple(input_shape)!r} is invalid: expected (H, W, C) with positive integers")
+  require(
+    len(input_shape) == 3 and all(isinstance(d, numbers.Integral) and d >= 1 for d in input_shape),
+    f"input_shape={tuple(input_shape)!r} is invalid: expected (H, W, C) with positive integers",
+  )
   check_int("num_classes", num_classes, minimum=2)
 
 
@@ -168,8 +174,10 @@ def make_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -
   _check_input(input_shape, num_classes)
   if cfg.name == "logreg":
     return LogisticRegression(num_classes)
-  require(min(input_shape[:2]) >= 4,
-          f"input_shape={tuple(input_shape)!r} is invalid for model='cnn': expected H, W >= 4")
+  require(
+    min(input_shape[:2]) >= 4,
+    f"input_shape={tuple(input_shape)!r} is invalid for model='cnn': expected H, W >= 4",
+  )
   return CNN(num_classes)
 
 

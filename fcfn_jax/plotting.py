@@ -37,13 +37,12 @@ def accuracy_per_round(history: Sequence[Row], path: str | os.PathLike[str]) -> 
   return _save(fig, path)
 
 
-def bars(summary: Sequence[Row], columns: Sequence[str], path: str | os.PathLike[str],
-         title: str) -> str:
+def bars(summary: Sequence[Row], columns: Sequence[str], path: str | os.PathLike[str], title: str) -> str:
   """One bar panel per column (e.g. utilities, participants, payments), one bar per mechanism."""
   fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6), squeeze=False)
   names = [r["mechanism"] for r in summary]
   for ax, col in zip(axes[0], columns):
-    ax.bar(range(len(names)), [r[col] for r in summary], color=plt.cm.tab10.colors[:len(names)])
+    ax.bar(range(len(names)), [r[col] for r in summary], color=plt.cm.tab10.colors[: len(names)])
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     ax.set_title(col, fontsize=9)
     ax.axhline(0, color="black", lw=0.5)
@@ -51,8 +50,9 @@ def bars(summary: Sequence[Row], columns: Sequence[str], path: str | os.PathLike
   return _save(fig, path)
 
 
-def metric_vs_parameter(rows: Sequence[Row], parameter: str, metric: str,
-                        path: str | os.PathLike[str]) -> str:
+def metric_vs_parameter(
+  rows: Sequence[Row], parameter: str, metric: str, path: str | os.PathLike[str]
+) -> str:
   """metric vs a swept parameter (e.g. accuracy vs number of clients), one line per mechanism."""
   fig, ax = plt.subplots(figsize=(6, 4))
   for mech in dict.fromkeys(r["mechanism"] for r in rows):

@@ -1,6 +1,6 @@
 """The simulation loop: mechanism -> budgets -> noise multipliers -> DP FedAvg rounds -> evaluation.
 
-One experiment (DESIGN.md "What it is"):
+One experiment (docs/model.md "What it is"):
   1. Clients are the data partition's clients; their quality weights are w_i = n_i / mean(n) and their
      private per-unit privacy costs c_i ~ Uniform[cost_low, cost_high] (seeded, fold_in of the run key).
   2. The mechanism (GameConfig.mechanism) sets every client's total budget eps_i and payment.
@@ -15,6 +15,7 @@ One experiment (DESIGN.md "What it is"):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, NamedTuple
@@ -26,10 +27,12 @@ import numpy as np
 import tqdm
 
 from fcfn_jax import checkpoint, data, federated, models
-from fcfn_jax.config import FederatedConfig, GameConfig, PrivacyConfig, SimulationConfig, require
+from fcfn_jax.config import GameConfig, PrivacyConfig, SimulationConfig
 from fcfn_jax.game import baselines, misreport
 from fcfn_jax.game.outcome import Outcome
 from fcfn_jax.privacy import accounting
+from fcfn_jax.report import Timer
+from fcfn_jax.validate import require
 
 _COST_STREAM = 1  # fold_in tags of the run key's independent streams
 _INIT_STREAM = 2
@@ -67,7 +70,7 @@ class Experiment(NamedTuple):
   train_pool: data.ClientPool
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(model_cfg, input_shape: tuple[int, ...], num_classes: int):
   """One module instance per architecture: jit caches on ``model.apply``, so reuse avoids recompiles."""
   return models.make_model(model_cfg, input_shape, num_classes)
@@ -81,26 +84,34 @@ def total_steps(cfg: SimulationConfig) -> int:
 def client_costs(key: chex.PRNGKey, num_clients: int, game: GameConfig) -> np.ndarray:
   """Per-unit privacy costs c_i ~ Uniform[cost_low, cost_high]: float64 [clients] (seeded)."""
   # float32 draws whatever the x64 mode, so the same seed gives the same costs everywhere.
-  u = np.asarray(jax.random.uniform(jax.random.fold_in(key, _COST_STREAM), (num_clients,), jnp.float32),
-                 np.float64)
+  u = np.asarray(
+    jax.random.uniform(jax.random.fold_in(key, _COST_STREAM), (num_clients,), jnp.float32), np.float64
+  )
   return game.cost_low + (game.cost_high - game.cost_low) * u
 
 
 def quality_weights(num_examples: np.ndarray) -> np.ndarray:
-  """w_i = d_i / mean(d): float64 [clients] (DESIGN.md "The game")."""
+  """w_i = d_i / mean(d): float64 [clients] (docs/model.md "The game")."""
   d = np.asarray(num_examples, np.float64)
   return d / d.mean()
 
 
 def _surrogate_noise(budgets: chex.Array, steps: int, privacy: PrivacyConfig) -> chex.Array:
   """z_i from the differentiable surrogate; inf for clients that stay out (eps_i = 0)."""
-  return jnp.where(budgets > 0, accounting.surrogate_noise_multiplier(budgets, steps, privacy.delta),
-                   jnp.inf)
+  return jnp.where(budgets > 0, accounting.surrogate_noise_multiplier(budgets, steps, privacy.delta), jnp.inf)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "cfg"))
-def mechanism_round(state: SimState, pool: data.ClientPool, costs: chex.Array, weights: chex.Array,
-                    key: chex.PRNGKey, *, apply_fn, cfg: SimulationConfig):
+def mechanism_round(
+  state: SimState,
+  pool: data.ClientPool,
+  costs: chex.Array,
+  weights: chex.Array,
+  key: chex.PRNGKey,
+  *,
+  apply_fn,
+  cfg: SimulationConfig,
+):
   """ONE traced program: solve the mechanism, map eps -> z by the surrogate, run one DP FedAvg round.
 
   Args:
@@ -113,8 +124,16 @@ def mechanism_round(state: SimState, pool: data.ClientPool, costs: chex.Array, w
   outcome = baselines.solve_mechanism(cfg.game.mechanism, costs, weights, cfg.game)
   z = _surrogate_noise(outcome.budgets, total_steps(cfg), cfg.privacy)
   joined = jnp.isfinite(z)
-  server, metrics = federated.federated_round(state.server, pool, z, joined.astype(jnp.float32), key,
-                                              apply_fn=apply_fn, fed=cfg.federated, privacy=cfg.privacy)
+  server, metrics = federated.federated_round(
+    state.server,
+    pool,
+    z,
+    joined.astype(jnp.float32),
+    key,
+    apply_fn=apply_fn,
+    fed=cfg.federated,
+    privacy=cfg.privacy,
+  )
   steps_done = state.steps_done + jnp.where(joined, cfg.federated.local_steps, 0).astype(jnp.int32)
   return SimState(server=server, steps_done=steps_done), metrics, outcome
 
@@ -132,24 +151,33 @@ def _participants_round(exp: Experiment, state: SimState, key: chex.PRNGKey):
     server = state.server._replace(round=state.server.round + 1)
     return state._replace(server=server), federated.RoundMetrics(jnp.nan, jnp.nan, jnp.zeros((), jnp.int32))
   server, metrics = federated.federated_round(
-      state.server, exp.train_pool, jnp.asarray(exp.noise_multipliers[joined], jnp.float32),
-      jnp.ones(int(joined.sum()), jnp.float32), key, apply_fn=exp.apply_fn, fed=cfg.federated,
-      privacy=cfg.privacy)
+    state.server,
+    exp.train_pool,
+    jnp.asarray(exp.noise_multipliers[joined], jnp.float32),
+    jnp.ones(int(joined.sum()), jnp.float32),
+    key,
+    apply_fn=exp.apply_fn,
+    fed=cfg.federated,
+    privacy=cfg.privacy,
+  )
   steps_done = state.steps_done + jnp.asarray(np.where(joined, cfg.federated.local_steps, 0), jnp.int32)
   return SimState(server=server, steps_done=steps_done), metrics
 
 
-def prepare(cfg: SimulationConfig, fed_data: data.FederatedData | None = None, *,
-            cost_factors: np.ndarray | None = None) -> Experiment:
+def prepare(
+  cfg: SimulationConfig, fed_data: data.FederatedData | None = None, *, cost_factors: np.ndarray | None = None
+) -> Experiment:
   """Loads data (unless given), draws costs, solves the mechanism and calibrates z_i (host side).
 
   cost_factors: m_i >= 1 [clients] or None (honest). Client i reports the cost m_i c_i; the mechanism is
     solved on the reports and the outcome accounted with the true c_i (``misreport.misreported_outcome``).
   """
   in_round = cfg.privacy.calibration == "surrogate" and cfg.privacy.private
-  require(cost_factors is None or not in_round,
-          "cost_factors needs calibration='exact' or private=False: calibration='surrogate' re-solves the "
-          "mechanism on the true costs inside the round")
+  require(
+    cost_factors is None or not in_round,
+    "cost_factors needs calibration='exact' or private=False: calibration='surrogate' re-solves the "
+    "mechanism on the true costs inside the round",
+  )
   fed_data = data.load_federated(cfg.data) if fed_data is None else fed_data
   key = jax.random.PRNGKey(cfg.seed)
   n = np.asarray(fed_data.pool.num_examples)
@@ -157,8 +185,11 @@ def prepare(cfg: SimulationConfig, fed_data: data.FederatedData | None = None, *
   weights = quality_weights(n)
   sampling_rates = np.minimum(1.0, cfg.federated.batch_size / n)
   with jax.enable_x64(True):
-    outcome = (baselines.solve_mechanism(cfg.game.mechanism, costs, weights, cfg.game) if cost_factors is None
-               else misreport.misreported_outcome(cfg.game.mechanism, costs, weights, cfg.game, cost_factors))
+    outcome = (
+      baselines.solve_mechanism(cfg.game.mechanism, costs, weights, cfg.game)
+      if cost_factors is None
+      else misreport.misreported_outcome(cfg.game.mechanism, costs, weights, cfg.game, cost_factors)
+    )
     outcome = jax.tree.map(np.asarray, outcome)
   eps = outcome.budgets
   require(np.all(np.isfinite(eps)), f"mechanism {cfg.game.mechanism!r} returned non-finite budgets {eps}")
@@ -167,26 +198,38 @@ def prepare(cfg: SimulationConfig, fed_data: data.FederatedData | None = None, *
     joined = eps > 0
     if joined.any():
       z[joined] = accounting.calibrate_noise_multipliers(
-          eps[joined], sampling_rates[joined], total_steps(cfg), cfg.privacy.delta, cfg.privacy.accountant)
+        eps[joined], sampling_rates[joined], total_steps(cfg), cfg.privacy.delta, cfg.privacy.accountant
+      )
   else:
     with jax.enable_x64(True):
       z = np.asarray(_surrogate_noise(jnp.asarray(eps), total_steps(cfg), cfg.privacy))
   model = _model(cfg.model, fed_data.input_shape, fed_data.num_classes)
   rows = slice(None) if in_round else np.flatnonzero(np.isfinite(z))
   train_pool = jax.device_put(jax.tree.map(lambda a: a[rows], fed_data.pool))
-  return Experiment(cfg=cfg, data=fed_data, apply_fn=model.apply, costs=costs, weights=weights,
-                    sampling_rates=sampling_rates, outcome=outcome, noise_multipliers=z,
-                    train_pool=train_pool)
+  return Experiment(
+    cfg=cfg,
+    data=fed_data,
+    apply_fn=model.apply,
+    costs=costs,
+    weights=weights,
+    sampling_rates=sampling_rates,
+    outcome=outcome,
+    noise_multipliers=z,
+    train_pool=train_pool,
+  )
 
 
 def init_state(exp: Experiment) -> SimState:
   """Round-0 state: freshly initialized model (seeded), empty privacy ledger."""
   cfg = exp.cfg
   model = _model(cfg.model, exp.data.input_shape, exp.data.num_classes)
-  params = models.init_params(model, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _INIT_STREAM),
-                              exp.data.input_shape)
-  return SimState(server=federated.init_server_state(params, cfg.federated),
-                  steps_done=jnp.zeros(exp.costs.shape, jnp.int32))
+  params = models.init_params(
+    model, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _INIT_STREAM), exp.data.input_shape
+  )
+  return SimState(
+    server=federated.init_server_state(params, cfg.federated),
+    steps_done=jnp.zeros(exp.costs.shape, jnp.int32),
+  )
 
 
 def privacy_spent(exp: Experiment, steps_done: np.ndarray) -> np.ndarray:
@@ -195,18 +238,28 @@ def privacy_spent(exp: Experiment, steps_done: np.ndarray) -> np.ndarray:
   spent = np.zeros(exp.costs.shape)
   joined = np.isfinite(exp.noise_multipliers) & (np.asarray(steps_done) > 0)
   if joined.any() and cfg.privacy.private:
-    spent[joined] = accounting.epsilon_spent(exp.noise_multipliers[joined], exp.sampling_rates[joined],
-                                             np.asarray(steps_done)[joined], cfg.privacy.delta,
-                                             cfg.privacy.accountant)
+    spent[joined] = accounting.epsilon_spent(
+      exp.noise_multipliers[joined],
+      exp.sampling_rates[joined],
+      np.asarray(steps_done)[joined],
+      cfg.privacy.delta,
+      cfg.privacy.accountant,
+    )
   return spent
 
 
 def _step(exp: Experiment, state: SimState, key: chex.PRNGKey) -> tuple[SimState, Any]:
   cfg = exp.cfg
   if cfg.privacy.calibration == "surrogate" and cfg.privacy.private:
-    state, metrics, _ = mechanism_round(state, exp.train_pool, exp.costs.astype(np.float32),
-                                        exp.weights.astype(np.float32), key, apply_fn=exp.apply_fn,
-                                        cfg=cfg)
+    state, metrics, _ = mechanism_round(
+      state,
+      exp.train_pool,
+      exp.costs.astype(np.float32),
+      exp.weights.astype(np.float32),
+      key,
+      apply_fn=exp.apply_fn,
+      cfg=cfg,
+    )
     return state, metrics
   return _participants_round(exp, state, key)
 
@@ -226,24 +279,31 @@ def summary_row(exp: Experiment, accuracy: float, wall_time: float, spent: np.nd
   eps = np.asarray(o.budgets)
   joined = eps > 0
   return {
-      "mechanism": exp.cfg.game.mechanism,
-      "server_utility": float(o.server_utility),
-      "mean_client_utility": float(o.mean_client_utility),
-      "social_welfare": float(o.social_welfare),
-      "average_utility": float(o.average_utility),
-      "participants": int(o.participants),
-      "total_payment": float(o.total_payment),
-      "mean_epsilon": float(eps[joined].mean()) if joined.any() else 0.0,
-      "max_epsilon_spent": float(spent.max()) if spent.size else 0.0,
-      "median_noise_multiplier": (float(np.median(exp.noise_multipliers[joined])) if joined.any()
-                                  else float("inf")),
-      "test_accuracy": accuracy,
-      "wall_time_s": wall_time,
+    "mechanism": exp.cfg.game.mechanism,
+    "server_utility": float(o.server_utility),
+    "mean_client_utility": float(o.mean_client_utility),
+    "social_welfare": float(o.social_welfare),
+    "average_utility": float(o.average_utility),
+    "participants": int(o.participants),
+    "total_payment": float(o.total_payment),
+    "mean_epsilon": float(eps[joined].mean()) if joined.any() else 0.0,
+    "max_epsilon_spent": float(spent.max()) if spent.size else 0.0,
+    "median_noise_multiplier": (
+      float(np.median(exp.noise_multipliers[joined])) if joined.any() else float("inf")
+    ),
+    "test_accuracy": accuracy,
+    "wall_time_s": wall_time,
   }
 
 
-def run(cfg: SimulationConfig, *, fed_data: data.FederatedData | None = None, progress: bool = True,
-        stop_after: int | None = None, cost_factors: np.ndarray | None = None) -> RunResult:
+def run(
+  cfg: SimulationConfig,
+  *,
+  fed_data: data.FederatedData | None = None,
+  progress: bool = True,
+  stop_after: int | None = None,
+  cost_factors: np.ndarray | None = None,
+) -> RunResult:
   """Runs (or resumes, when cfg.checkpoint_dir holds a checkpoint) one experiment to the last round.
 
   Args:
@@ -252,13 +312,11 @@ def run(cfg: SimulationConfig, *, fed_data: data.FederatedData | None = None, pr
     stop_after: stop after this round (a deliberate interruption, for resume tests); None = run all.
     cost_factors: clients' cost exaggeration factors [clients] (see :func:`prepare`); None = honest.
   """
-  from fcfn_jax.metrics import Timer  # local: metrics is a leaf module used only at reporting time
-
-  with Timer() as timer:
+  with Timer() as timer, contextlib.ExitStack() as stack:
     exp = prepare(cfg, fed_data, cost_factors=cost_factors)
     state = init_state(exp)
     history: list[dict[str, Any]] = []
-    ckpt = checkpoint.Checkpointer(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    ckpt = stack.enter_context(checkpoint.Checkpointer(cfg.checkpoint_dir)) if cfg.checkpoint_dir else None
     if ckpt is not None:
       restored = ckpt.restore(state)
       if restored is not None:
@@ -271,10 +329,17 @@ def run(cfg: SimulationConfig, *, fed_data: data.FederatedData | None = None, pr
     for t in bar:
       state, metrics = _step(exp, state, train_key)
       accuracy, loss = federated.evaluate(state.server.params, test.x, test.y, exp.apply_fn, _EVAL_BATCH)
-      history.append({"mechanism": cfg.game.mechanism, "round": t + 1, "test_accuracy": float(accuracy),
-                      "test_loss": float(loss), "train_loss": float(metrics.train_loss),
-                      "clip_fraction": float(metrics.clip_fraction),
-                      "participants": int(metrics.participants)})
+      history.append(
+        {
+          "mechanism": cfg.game.mechanism,
+          "round": t + 1,
+          "test_accuracy": float(accuracy),
+          "test_loss": float(loss),
+          "train_loss": float(metrics.train_loss),
+          "clip_fraction": float(metrics.clip_fraction),
+          "participants": int(metrics.participants),
+        }
+      )
       bar.set_postfix(acc=f"{float(accuracy):.3f}")
       done = t + 1
       periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
@@ -282,30 +347,35 @@ def run(cfg: SimulationConfig, *, fed_data: data.FederatedData | None = None, pr
         ckpt.save(done, state, {"history": history})
       if stop_after is not None and done >= stop_after:
         break
-    if ckpt is not None:
-      ckpt.close()
     spent = privacy_spent(exp, np.asarray(state.steps_done))
     accuracy = history[-1]["test_accuracy"] if history else float("nan")
   return RunResult(history=history, summary=summary_row(exp, accuracy, timer.elapsed, spent), state=state)
 
 
-def compare(cfg: SimulationConfig, mechanisms: tuple[str, ...], *, progress: bool = True,
-            checkpoint_root: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def compare(
+  cfg: SimulationConfig,
+  mechanisms: tuple[str, ...],
+  *,
+  progress: bool = True,
+  checkpoint_root: str | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """Runs ``cfg`` once per mechanism on the same clients and data; returns (summary rows, history rows).
 
   Each summary row gains ``redundant_accuracy_loss`` = accuracy(social optimum budgets) - accuracy(row's
-  budgets) (DESIGN.md "Metrics"); the social optimum is run too when it is not among ``mechanisms``.
+  budgets) (docs/model.md "Metrics"); the social optimum is run too when it is not among ``mechanisms``.
   With ``checkpoint_root``, mechanism m checkpoints into ``<checkpoint_root>/<m>`` and resumes from it.
   """
   fed_data = data.load_federated(cfg.data)
   runs = {}
   for mech in dict.fromkeys(mechanisms + ("social_optimum",)):
     ckpt_dir = f"{checkpoint_root}/{mech}" if checkpoint_root else None
-    mech_cfg = dataclasses.replace(cfg, game=dataclasses.replace(cfg.game, mechanism=mech),
-                                   checkpoint_dir=ckpt_dir)
+    mech_cfg = dataclasses.replace(
+      cfg, game=dataclasses.replace(cfg.game, mechanism=mech), checkpoint_dir=ckpt_dir
+    )
     runs[mech] = run(mech_cfg, fed_data=fed_data, progress=progress)
   best = runs["social_optimum"].summary["test_accuracy"]
-  summary = [dict(runs[m].summary, redundant_accuracy_loss=best - runs[m].summary["test_accuracy"])
-             for m in mechanisms]
+  summary = [
+    dict(runs[m].summary, redundant_accuracy_loss=best - runs[m].summary["test_accuracy"]) for m in mechanisms
+  ]
   history = [row for m in mechanisms for row in runs[m].history]
   return summary, history

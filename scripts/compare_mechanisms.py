@@ -12,42 +12,67 @@ import os
 
 from absl import app, flags
 
-import sim_flags
 from fcfn_jax import config as fc
-from fcfn_jax import metrics, plotting, simulation
+from fcfn_jax import plotting, report, simulation, validate
+
+import sim_flags
 
 flags.DEFINE_list("mechanisms", list(fc.MECHANISMS), f"Mechanisms to compare, from {list(fc.MECHANISMS)}.")
 FLAGS = flags.FLAGS
 
-COLUMNS = ("mechanism", "server_utility", "mean_client_utility", "social_welfare", "average_utility",
-           "participants", "total_payment", "mean_epsilon", "test_accuracy", "redundant_accuracy_loss",
-           "wall_time_s")
+COLUMNS = (
+  "mechanism",
+  "server_utility",
+  "mean_client_utility",
+  "social_welfare",
+  "average_utility",
+  "participants",
+  "total_payment",
+  "mean_epsilon",
+  "test_accuracy",
+  "redundant_accuracy_loss",
+  "wall_time_s",
+)
 
 
 def main(argv):
   del argv
-  for mech in FLAGS.mechanisms:
-    sim_flags.config_or_exit(lambda: fc.check_choice("mechanisms", mech, fc.MECHANISMS))
+  sim_flags.config_or_exit(
+    lambda: [validate.check_choice("mechanisms", mech, fc.MECHANISMS) for mech in FLAGS.mechanisms]
+  )
   cfg = sim_flags.config_or_exit(lambda: sim_flags.simulation_config(FLAGS.mechanisms[0]))
   ckpt_root = os.path.join(FLAGS.out, "checkpoints") if FLAGS.checkpoint else None
   summary, history = sim_flags.config_or_exit(
-      lambda: simulation.compare(cfg, tuple(FLAGS.mechanisms), progress=FLAGS.progress,
-                                 checkpoint_root=ckpt_root))
+    lambda: simulation.compare(
+      cfg, tuple(FLAGS.mechanisms), progress=FLAGS.progress, checkpoint_root=ckpt_root
+    )
+  )
   os.makedirs(FLAGS.out, exist_ok=True)
-  metrics.write_csv_atomic(os.path.join(FLAGS.out, "comparison.csv"), summary)
-  metrics.write_json_atomic(os.path.join(FLAGS.out, "comparison.json"), summary)
-  metrics.write_csv_atomic(os.path.join(FLAGS.out, "history.csv"), history)
-  metrics.write_text_atomic(os.path.join(FLAGS.out, "comparison.md"),
-                            metrics.markdown_table(summary, COLUMNS) + "\n")
+  report.write_csv_atomic(os.path.join(FLAGS.out, "comparison.csv"), summary)
+  report.write_json_atomic(os.path.join(FLAGS.out, "comparison.json"), summary)
+  report.write_csv_atomic(os.path.join(FLAGS.out, "history.csv"), history)
+  report.write_text_atomic(
+    os.path.join(FLAGS.out, "comparison.md"), report.markdown_table(summary, COLUMNS) + "\n"
+  )
   plotting.accuracy_per_round(history, os.path.join(FLAGS.out, "accuracy_per_round.png"))
-  plotting.bars(summary, ("server_utility", "mean_client_utility", "social_welfare", "average_utility"),
-                os.path.join(FLAGS.out, "utilities.png"), "Utilities per mechanism")
-  plotting.bars(summary, ("participants", "total_payment", "mean_epsilon", "test_accuracy"),
-                os.path.join(FLAGS.out, "participation.png"), "Participation, payments, accuracy")
+  plotting.bars(
+    summary,
+    ("server_utility", "mean_client_utility", "social_welfare", "average_utility"),
+    os.path.join(FLAGS.out, "utilities.png"),
+    "Utilities per mechanism",
+  )
+  plotting.bars(
+    summary,
+    ("participants", "total_payment", "mean_epsilon", "test_accuracy"),
+    os.path.join(FLAGS.out, "participation.png"),
+    "Participation, payments, accuracy",
+  )
   n = cfg.data.num_clients
-  print(f"\n{cfg.data.dataset} ({cfg.data.source}), {n} clients, {cfg.federated.rounds} rounds x "
-        f"{cfg.federated.local_steps} local steps, batch {cfg.federated.batch_size}, model {cfg.model.name}")
-  print(metrics.format_table(summary, COLUMNS))
+  print(
+    f"\n{cfg.data.dataset} ({cfg.data.source}), {n} clients, {cfg.federated.rounds} rounds x "
+    f"{cfg.federated.local_steps} local steps, batch {cfg.federated.batch_size}, model {cfg.model.name}"
+  )
+  print(report.format_table(summary, COLUMNS))
   print(f"\nwrote {FLAGS.out}/comparison.{{csv,json,md}}, history.csv, *.png")
 
 

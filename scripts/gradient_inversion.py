@@ -23,16 +23,19 @@ import matplotlib
 import numpy as np
 from absl import app, flags
 
-import sim_flags
 from fcfn_jax import config as fc
-from fcfn_jax import data, metrics, models
-from fcfn_jax.privacy import accounting, inversion
+from fcfn_jax import data, models, report, validate
+from fcfn_jax.attacks import inversion
+from fcfn_jax.privacy import accounting
+
+import sim_flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-flags.DEFINE_list("epsilons", ["1", "8", "64", "1000"],
-                  "Client budgets whose DP-SGD noise is attacked (> 0).")
+flags.DEFINE_list(
+  "epsilons", ["1", "8", "64", "1000"], "Client budgets whose DP-SGD noise is attacked (> 0)."
+)
 flags.DEFINE_integer("num_images", 6, "Examples of client 0 to reconstruct, one single-example step each.")
 flags.DEFINE_integer("attack_steps", 500, "Adam iterations of the gradient-matching attack.")
 flags.DEFINE_float("attack_lr", 0.05, "Adam step size on the dummy image.")
@@ -43,17 +46,28 @@ FLAGS = flags.FLAGS
 FLAGS.set_default("model", "logreg")
 FLAGS.set_default("out", "results/gradient_inversion")
 
-COLUMNS = ("setting", "eps", "noise_multiplier", "psnr_mean", "psnr_min", "psnr_max", "mse_mean",
-           "label_accuracy", "closed_form_psnr_mean", "blank_psnr_mean", "wall_time_s")
+COLUMNS = (
+  "setting",
+  "eps",
+  "noise_multiplier",
+  "psnr_mean",
+  "psnr_min",
+  "psnr_max",
+  "mse_mean",
+  "label_accuracy",
+  "closed_form_psnr_mean",
+  "blank_psnr_mean",
+  "wall_time_s",
+)
 
 
 def _settings() -> tuple[list[float], fc.SimulationConfig]:
   """The budgets and the config the flags describe; raises ConfigError naming a bad flag."""
   epsilons = sim_flags.positive_floats("epsilons", FLAGS.epsilons)
-  fc.check_int("num_images", FLAGS.num_images)
-  fc.check_int("attack_steps", FLAGS.attack_steps)
-  fc.check_positive("attack_lr", FLAGS.attack_lr)
-  fc.check_nonnegative("tv_weight", FLAGS.tv_weight)
+  validate.check_int("num_images", FLAGS.num_images)
+  validate.check_int("attack_steps", FLAGS.attack_steps)
+  validate.check_positive("attack_lr", FLAGS.attack_lr)
+  validate.check_nonnegative("tv_weight", FLAGS.tv_weight)
   # Any mechanism: only the data, model, privacy and schedule parts of the config are used.
   return epsilons, sim_flags.simulation_config("stackelberg")
 
@@ -67,8 +81,12 @@ def _figure(originals: np.ndarray, reconstructions: dict[str, np.ndarray], path:
   for r, (name, (images, quality)) in enumerate(rows.items()):
     for c in range(cols):
       ax = axes[r, c]
-      ax.imshow(np.squeeze(images[c], axis=-1) if images.shape[-1] == 1 else images[c], cmap="gray",
-                vmin=0.0, vmax=1.0)
+      ax.imshow(
+        np.squeeze(images[c], axis=-1) if images.shape[-1] == 1 else images[c],
+        cmap="gray",
+        vmin=0.0,
+        vmax=1.0,
+      )
       ax.set_xticks([])
       ax.set_yticks([])
       if quality is not None:
@@ -86,16 +104,20 @@ def main(argv):
   fed, privacy = cfg.federated, cfg.privacy
   fd = sim_flags.config_or_exit(lambda: data.load_federated(cfg.data))
   n0 = int(fd.pool.num_examples[0])
-  sim_flags.config_or_exit(lambda: fc.require(
-      FLAGS.num_images <= n0, f"num_images={FLAGS.num_images} is invalid: client 0 has {n0} examples"))
-  x, y = fd.pool.x[0, :FLAGS.num_images], fd.pool.y[0, :FLAGS.num_images]
+  sim_flags.config_or_exit(
+    lambda: validate.require(
+      FLAGS.num_images <= n0, f"num_images={FLAGS.num_images} is invalid: client 0 has {n0} examples"
+    )
+  )
+  x, y = fd.pool.x[0, : FLAGS.num_images], fd.pool.y[0, : FLAGS.num_images]
   originals = np.asarray(models.normalize_pixels(x))
   model = models.make_model(cfg.model, fd.input_shape, fd.num_classes)
   key = jax.random.key(cfg.seed)
   params = models.init_params(model, jax.random.fold_in(key, 0), fd.input_shape)
   sampling_rate, steps = min(1.0, fed.batch_size / n0), fed.rounds * fed.local_steps
-  noise = accounting.calibrate_noise_multipliers(np.asarray(epsilons), sampling_rate, steps, privacy.delta,
-                                                 privacy.accountant)
+  noise = accounting.calibrate_noise_multipliers(
+    np.asarray(epsilons), sampling_rate, steps, privacy.delta, privacy.accountant
+  )
   settings = [("no noise", math.inf, None)] + [(f"eps={e:g}", e, float(z)) for e, z in zip(epsilons, noise)]
   blank = inversion.psnr(jnp.zeros_like(originals), originals)
   attack_keys = jax.random.split(jax.random.fold_in(key, 1), FLAGS.num_images)
@@ -105,46 +127,89 @@ def main(argv):
     # Fresh noise per setting: with one draw scaled by each z, noise-dominated settings would all show
     # the same reconstruction.
     image_keys = jax.random.split(jax.random.fold_in(key, 2 + i), FLAGS.num_images)
-    setting_privacy = fc.PrivacyConfig(clip_norm=privacy.clip_norm, delta=privacy.delta,
-                                       private=z is not None)
+    setting_privacy = fc.PrivacyConfig(
+      clip_norm=privacy.clip_norm, delta=privacy.delta, private=z is not None
+    )
 
     def attack(xj, yj, image_key, attack_key, z=z, setting_privacy=setting_privacy):
-      gradient = inversion.observed_gradient(params, xj[None], yj[None], jnp.float32(z or 0.0), image_key,
-                                             apply_fn=model.apply, privacy=setting_privacy)
+      gradient = inversion.observed_gradient(
+        params,
+        xj[None],
+        yj[None],
+        jnp.float32(z or 0.0),
+        image_key,
+        apply_fn=model.apply,
+        privacy=setting_privacy,
+      )
       labels = yj[None] if FLAGS.oracle_labels else inversion.infer_labels(gradient, 1)
       result = inversion.invert_gradient(
-          params, gradient, labels, attack_key, apply_fn=model.apply, input_shape=fd.input_shape,
-          clip_norm=None if z is None else privacy.clip_norm, num_steps=FLAGS.attack_steps,
-          learning_rate=FLAGS.attack_lr, distance=FLAGS.distance, tv_weight=FLAGS.tv_weight)
-      closed_form = (inversion.logreg_inversion(gradient, fd.input_shape)[0] if cfg.model.name == "logreg"
-                     else None)
+        params,
+        gradient,
+        labels,
+        attack_key,
+        apply_fn=model.apply,
+        input_shape=fd.input_shape,
+        clip_norm=None if z is None else privacy.clip_norm,
+        num_steps=FLAGS.attack_steps,
+        learning_rate=FLAGS.attack_lr,
+        distance=FLAGS.distance,
+        tv_weight=FLAGS.tv_weight,
+      )
+      closed_form = (
+        inversion.logreg_inversion(gradient, fd.input_shape)[0] if cfg.model.name == "logreg" else None
+      )
       return result.x[0], result.labels[0], closed_form
 
-    with metrics.Timer() as timer:
+    with report.Timer() as timer:
       x_hat, labels, closed_form = jax.block_until_ready(jax.vmap(attack)(x, y, image_keys, attack_keys))
     quality = np.asarray(inversion.psnr(x_hat, originals))
     images[name], per_image[name] = np.asarray(x_hat), quality.tolist()
-    rows.append({"setting": name, "eps": eps, "noise_multiplier": 0.0 if z is None else z,
-                 "psnr_mean": float(quality.mean()), "psnr_min": float(quality.min()),
-                 "psnr_max": float(quality.max()), "mse_mean": float(inversion.mse(x_hat, originals).mean()),
-                 "label_accuracy": float(np.mean(np.asarray(labels) == y)),
-                 "closed_form_psnr_mean": (None if closed_form is None
-                                           else float(inversion.psnr(closed_form, originals).mean())),
-                 "blank_psnr_mean": float(blank.mean()), "wall_time_s": timer.elapsed})
+    rows.append(
+      {
+        "setting": name,
+        "eps": eps,
+        "noise_multiplier": 0.0 if z is None else z,
+        "psnr_mean": float(quality.mean()),
+        "psnr_min": float(quality.min()),
+        "psnr_max": float(quality.max()),
+        "mse_mean": float(inversion.mse(x_hat, originals).mean()),
+        "label_accuracy": float(np.mean(np.asarray(labels) == y)),
+        "closed_form_psnr_mean": (
+          None if closed_form is None else float(inversion.psnr(closed_form, originals).mean())
+        ),
+        "blank_psnr_mean": float(blank.mean()),
+        "wall_time_s": timer.elapsed,
+      }
+    )
     print(f"{name}: z={rows[-1]['noise_multiplier']:.4g} PSNR {quality.mean():.1f} dB ({timer.elapsed:.1f}s)")
 
   os.makedirs(FLAGS.out, exist_ok=True)
-  setup = {"dataset": cfg.data.dataset, "source": cfg.data.source, "model": cfg.model.name,
-           "num_images": FLAGS.num_images, "labels": y, "sampling_rate": sampling_rate, "steps": steps,
-           "clip_norm": privacy.clip_norm, "delta": privacy.delta, "accountant": privacy.accountant,
-           "attack_steps": FLAGS.attack_steps, "attack_lr": FLAGS.attack_lr, "distance": FLAGS.distance,
-           "tv_weight": FLAGS.tv_weight, "oracle_labels": FLAGS.oracle_labels, "seed": cfg.seed}
-  metrics.write_results(FLAGS.out, "inversion", rows, COLUMNS, {"setup": setup, "psnr_per_image": per_image})
+  setup = {
+    "dataset": cfg.data.dataset,
+    "source": cfg.data.source,
+    "model": cfg.model.name,
+    "num_images": FLAGS.num_images,
+    "labels": y,
+    "sampling_rate": sampling_rate,
+    "steps": steps,
+    "clip_norm": privacy.clip_norm,
+    "delta": privacy.delta,
+    "accountant": privacy.accountant,
+    "attack_steps": FLAGS.attack_steps,
+    "attack_lr": FLAGS.attack_lr,
+    "distance": FLAGS.distance,
+    "tv_weight": FLAGS.tv_weight,
+    "oracle_labels": FLAGS.oracle_labels,
+    "seed": cfg.seed,
+  }
+  report.write_results(FLAGS.out, "inversion", rows, COLUMNS, {"setup": setup, "psnr_per_image": per_image})
   _figure(originals, images, os.path.join(FLAGS.out, "inversion.png"))
-  print(f"\n{cfg.data.dataset} ({cfg.data.source}) client 0 ({n0} examples), model {cfg.model.name}; "
-        f"noise for eps over {steps} steps at q={sampling_rate:.3g}, C={privacy.clip_norm:g}, "
-        f"delta={privacy.delta:g}")
-  print(metrics.format_table(rows, COLUMNS))
+  print(
+    f"\n{cfg.data.dataset} ({cfg.data.source}) client 0 ({n0} examples), model {cfg.model.name}; "
+    f"noise for eps over {steps} steps at q={sampling_rate:.3g}, C={privacy.clip_norm:g}, "
+    f"delta={privacy.delta:g}"
+  )
+  print(report.format_table(rows, COLUMNS))
   print(f"\nwrote {FLAGS.out}/inversion.{{csv,json,md,png}}")
 
 

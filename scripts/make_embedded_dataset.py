@@ -24,10 +24,13 @@ from absl import app, flags
 _REPO = Path(__file__).resolve().parents[1]
 
 _SOURCE = flags.DEFINE_string(
-    "source", str(_REPO.parent / "shared" / "data" / "femnist_leaf_subset.npz"),
-    "The shared LEAF FEMNIST subset (keys x, y, writer, writers, leaf_split).")
+  "source",
+  str(_REPO.parent / "shared" / "data" / "femnist_leaf_subset.npz"),
+  "The shared LEAF FEMNIST subset (keys x, y, writer, writers, leaf_split).",
+)
 _OUTPUT = flags.DEFINE_string(
-    "output", str(_REPO / "fcfn_jax" / "assets" / "femnist_digits.npz"), "Where to write the asset.")
+  "output", str(_REPO / "fcfn_jax" / "assets" / "femnist_digits.npz"), "Where to write the asset."
+)
 
 _NUM_DIGITS = 10
 
@@ -50,13 +53,14 @@ def build_arrays(leaf: Mapping[str, np.ndarray], source_sha256: str) -> dict[str
   arrays["num_classes"] = np.array(_NUM_DIGITS, np.int32)
   arrays["writers"] = leaf["writers"][kept_writers]
   arrays["provenance"] = np.array(
-      "FEMNIST digits (EMNIST by writer, NIST SD19 -> EMNIST (Cohen et al., 2017) -> LEAF (Caldas et al., "
-      "2018)). Built by scripts/make_embedded_dataset.py from ../shared/data/femnist_leaf_subset.npz "
-      f"(sha256 {source_sha256}): labels 0-9 of the writers that have their LEAF train part "
-      f"({len(kept_writers)} with digits), LEAF's per-writer train/test split, pixels inverted to MNIST "
-      f"style (0 = background), writers renumbered 0..{len(kept_writers) - 1} (LEAF ids in 'writers'). "
-      f"{len(arrays['train_label'])} train and {len(arrays['test_label'])} test images, 28x28x1 uint8. "
-      "NIST SD19 is a U.S. government database made available for research; LEAF is BSD-2.")
+    "FEMNIST digits (EMNIST by writer, NIST SD19 -> EMNIST (Cohen et al., 2017) -> LEAF (Caldas et al., "
+    "2018)). Built by scripts/make_embedded_dataset.py from ../shared/data/femnist_leaf_subset.npz "
+    f"(sha256 {source_sha256}): labels 0-9 of the writers that have their LEAF train part "
+    f"({len(kept_writers)} with digits), LEAF's per-writer train/test split, pixels inverted to MNIST "
+    f"style (0 = background), writers renumbered 0..{len(kept_writers) - 1} (LEAF ids in 'writers'). "
+    f"{len(arrays['train_label'])} train and {len(arrays['test_label'])} test images, 28x28x1 uint8. "
+    "NIST SD19 is a U.S. government database made available for research; LEAF is BSD-2."
+  )
   return arrays
 
 
@@ -78,8 +82,10 @@ def main(argv: list[str]) -> None:
     arrays = build_arrays({key: leaf[key] for key in leaf.files}, digest)
   output = Path(_OUTPUT.value)
   write_npz(output, arrays)
-  print(f"wrote {output} ({output.stat().st_size} bytes, sha256 "
-        f"{hashlib.sha256(output.read_bytes()).hexdigest()})")
+  print(
+    f"wrote {output} ({output.stat().st_size} bytes, sha256 "
+    f"{hashlib.sha256(output.read_bytes()).hexdigest()})"
+  )
 
 
 if __name__ == "__main__":

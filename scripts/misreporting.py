@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-import sim_flags
 from fcfn_jax import config as fc
-from fcfn_jax import data, metrics, plotting, simulation
+from fcfn_jax import data, plotting, report, simulation, validate
 from fcfn_jax.game import misreport
+
+import sim_flags
 
 flags.DEFINE_list("mechanisms", list(fc.MECHANISMS), f"Mechanisms to run, from {list(fc.MECHANISMS)}.")
 flags.DEFINE_list("factors", ["1", "1.5", "2", "3"], "Cost exaggeration factors m >= 1 of the liars.")
@@ -36,29 +37,44 @@ FLAGS = flags.FLAGS
 FLAGS.set_default("model", "logreg")
 FLAGS.set_default("out", "results/misreporting")
 
-COLUMNS = ("mechanism", "factor", "server_utility", "liars_mean_utility", "honest_mean_utility",
-           "social_welfare", "participants", "liar_participants", "total_payment")
+COLUMNS = (
+  "mechanism",
+  "factor",
+  "server_utility",
+  "liars_mean_utility",
+  "honest_mean_utility",
+  "social_welfare",
+  "participants",
+  "liar_participants",
+  "total_payment",
+)
 PLOTTED = ("server_utility", "liars_mean_utility", "honest_mean_utility", "social_welfare", "participants")
 
 
 def _settings() -> tuple[list[float], fc.SimulationConfig]:
   """The factors and the config the flags describe; raises ConfigError naming a bad flag."""
   for mech in FLAGS.mechanisms:
-    fc.check_choice("mechanisms", mech, fc.MECHANISMS)
+    validate.check_choice("mechanisms", mech, fc.MECHANISMS)
   factors = []
   for value in FLAGS.factors:
     try:
       factors.append(float(value))
     except ValueError:
-      fc.require(False, f"factors has {value!r}: expected numbers >= 1")
-    fc.require(math.isfinite(factors[-1]) and factors[-1] >= 1,
-               f"factors has {value!r}: expected finite numbers >= 1 (liars exaggerate their cost)")
-  fc.require(0 < FLAGS.liar_fraction <= 1,
-             f"liar_fraction={FLAGS.liar_fraction!r} is invalid: expected a number in (0, 1]")
+      validate.require(False, f"factors has {value!r}: expected numbers >= 1")
+    validate.require(
+      math.isfinite(factors[-1]) and factors[-1] >= 1,
+      f"factors has {value!r}: expected finite numbers >= 1 (liars exaggerate their cost)",
+    )
+  validate.require(
+    0 < FLAGS.liar_fraction <= 1,
+    f"liar_fraction={FLAGS.liar_fraction!r} is invalid: expected a number in (0, 1]",
+  )
   cfg = sim_flags.simulation_config(FLAGS.mechanisms[0])
-  fc.require(not (FLAGS.train and cfg.privacy.private and cfg.privacy.calibration == "surrogate"),
-             "calibration='surrogate' is invalid with --train: misreported budgets need "
-             "calibration='exact' (or private=False)")
+  validate.require(
+    not (FLAGS.train and cfg.privacy.private and cfg.privacy.calibration == "surrogate"),
+    "calibration='surrogate' is invalid with --train: misreported budgets need "
+    "calibration='exact' (or private=False)",
+  )
   return factors, cfg
 
 
@@ -66,8 +82,13 @@ def _mean(values: np.ndarray) -> float:
   return float(values.mean()) if values.size else math.nan
 
 
-def game_rows(cfg: fc.SimulationConfig, num_examples: np.ndarray, mechanisms: list[str],
-              factors: list[float], liars: np.ndarray) -> tuple[list[dict], list[np.ndarray]]:
+def game_rows(
+  cfg: fc.SimulationConfig,
+  num_examples: np.ndarray,
+  mechanisms: list[str],
+  factors: list[float],
+  liars: np.ndarray,
+) -> tuple[list[dict], list[np.ndarray]]:
   """One row per (mechanism, factor): the outcome on the reports, accounted with the true costs.
 
   num_examples: [clients]; liars: bool [clients]. Costs and weights are drawn as ``simulation.prepare``
@@ -78,31 +99,45 @@ def game_rows(cfg: fc.SimulationConfig, num_examples: np.ndarray, mechanisms: li
   rows, budgets = [], []
   with jax.enable_x64(True):
     for mech in mechanisms:
-      out = jax.vmap(lambda m, mech=mech: misreport.misreported_outcome(mech, costs, weights, cfg.game, m,
-                                                                        liars))(jnp.asarray(factors))
+      out = jax.vmap(
+        lambda m, mech=mech: misreport.misreported_outcome(mech, costs, weights, cfg.game, m, liars)
+      )(jnp.asarray(factors))
       out = jax.tree.map(np.asarray, out)
       for j, factor in enumerate(factors):
         utilities = out.client_utilities[j]
-        rows.append({"mechanism": mech, "factor": factor, "server_utility": float(out.server_utility[j]),
-                     "liars_mean_utility": _mean(utilities[liars]),
-                     "honest_mean_utility": _mean(utilities[~liars]),
-                     "social_welfare": float(out.social_welfare[j]), "participants": int(out.participants[j]),
-                     "liar_participants": int(np.sum(out.budgets[j][liars] > 0)),
-                     "total_payment": float(out.total_payment[j])})
+        rows.append(
+          {
+            "mechanism": mech,
+            "factor": factor,
+            "server_utility": float(out.server_utility[j]),
+            "liars_mean_utility": _mean(utilities[liars]),
+            "honest_mean_utility": _mean(utilities[~liars]),
+            "social_welfare": float(out.social_welfare[j]),
+            "participants": int(out.participants[j]),
+            "liar_participants": int(np.sum(out.budgets[j][liars] > 0)),
+            "total_payment": float(out.total_payment[j]),
+          }
+        )
         budgets.append(out.budgets[j])
   return rows, budgets
 
 
-def train_accuracy(cfg: fc.SimulationConfig, fed_data: data.FederatedData, rows: list[dict],
-                   budgets: list[np.ndarray], liars: np.ndarray) -> None:
+def train_accuracy(
+  cfg: fc.SimulationConfig,
+  fed_data: data.FederatedData,
+  rows: list[dict],
+  budgets: list[np.ndarray],
+  liars: np.ndarray,
+) -> None:
   """Adds test_accuracy to every row: training with the row's budgets (equal budgets train once)."""
   trained = {}
   for row, eps in zip(rows, budgets):
     key = eps.tobytes()
     if key not in trained:
       mech_cfg = dataclasses.replace(cfg, game=dataclasses.replace(cfg.game, mechanism=row["mechanism"]))
-      result = simulation.run(mech_cfg, fed_data=fed_data, progress=FLAGS.progress,
-                              cost_factors=np.where(liars, row["factor"], 1.0))
+      result = simulation.run(
+        mech_cfg, fed_data=fed_data, progress=FLAGS.progress, cost_factors=np.where(liars, row["factor"], 1.0)
+      )
       trained[key] = result.summary["test_accuracy"]
     row["test_accuracy"] = trained[key]
 
@@ -120,20 +155,31 @@ def main(argv):
     columns += ("test_accuracy",)
 
   os.makedirs(FLAGS.out, exist_ok=True)
-  setup = {"dataset": cfg.data.dataset, "source": cfg.data.source, "clients": len(num_examples),
-           "liars": int(liars.sum()), "liar_fraction": FLAGS.liar_fraction, "lam": cfg.game.lam,
-           "cost_low": cfg.game.cost_low, "cost_high": cfg.game.cost_high, "eps_max": cfg.game.eps_max,
-           "seed": cfg.seed, "trained": FLAGS.train}
+  setup = {
+    "dataset": cfg.data.dataset,
+    "source": cfg.data.source,
+    "clients": len(num_examples),
+    "liars": int(liars.sum()),
+    "liar_fraction": FLAGS.liar_fraction,
+    "lam": cfg.game.lam,
+    "cost_low": cfg.game.cost_low,
+    "cost_high": cfg.game.cost_high,
+    "eps_max": cfg.game.eps_max,
+    "seed": cfg.seed,
+    "trained": FLAGS.train,
+  }
   if FLAGS.train:
     setup.update(model=cfg.model.name, rounds=cfg.federated.rounds, local_steps=cfg.federated.local_steps)
-  metrics.write_results(FLAGS.out, "misreporting", rows, columns, {"setup": setup})
+  report.write_results(FLAGS.out, "misreporting", rows, columns, {"setup": setup})
   plotted = PLOTTED + (("test_accuracy",) if FLAGS.train else ())
   for metric in plotted:
     plotting.metric_vs_parameter(rows, "factor", metric, os.path.join(FLAGS.out, f"{metric}_vs_factor.png"))
-  print(f"\n{cfg.data.dataset} ({cfg.data.source}), {len(num_examples)} clients, {int(liars.sum())} liars "
-        f"(seed {cfg.seed}); lam={cfg.game.lam:g}, c ~ U[{cfg.game.cost_low:g}, {cfg.game.cost_high:g}], "
-        f"eps_max={cfg.game.eps_max:g}")
-  print(metrics.format_table(rows, columns))
+  print(
+    f"\n{cfg.data.dataset} ({cfg.data.source}), {len(num_examples)} clients, {int(liars.sum())} liars "
+    f"(seed {cfg.seed}); lam={cfg.game.lam:g}, c ~ U[{cfg.game.cost_low:g}, {cfg.game.cost_high:g}], "
+    f"eps_max={cfg.game.eps_max:g}"
+  )
+  print(report.format_table(rows, columns))
   print(f"\nwrote {FLAGS.out}/misreporting.{{csv,json,md}}, *_vs_factor.png")
 
 

@@ -2,7 +2,7 @@
 
 For each claimed budget eps, the noise multiplier z is calibrated for one round of S = --local_steps
 full-batch steps (sampling rate 1: the audited client holds --batch_size - 1 examples, plus the canary);
-``fcfn_jax.privacy.audit.audit_client`` then runs --trials rounds without and with the canary and turns
+``fcfn_jax.attacks.audit.audit_client`` then runs --trials rounds without and with the canary and turns
 the best canary test into an epsilon lower bound. Two controls show the audit's power: no noise at all,
 and a client that adds 1/--under_noise_factor of the noise its smallest claim needs.
 
@@ -20,10 +20,12 @@ import jax
 import numpy as np
 from absl import app, flags
 
-import sim_flags
 from fcfn_jax import config as fc
-from fcfn_jax import data, metrics, models
-from fcfn_jax.privacy import accounting, audit
+from fcfn_jax import data, models, report, validate
+from fcfn_jax.attacks import audit
+from fcfn_jax.privacy import accounting
+
+import sim_flags
 
 flags.DEFINE_list("epsilons", ["1", "2", "4", "8"], "Claimed budgets to audit (> 0).")
 flags.DEFINE_integer("trials", 5000, "Rounds per membership (half select the threshold, half evaluate).")
@@ -36,20 +38,33 @@ FLAGS = flags.FLAGS
 FLAGS.set_default("model", "logreg")
 FLAGS.set_default("out", "results/privacy_audit")
 
-COLUMNS = ("run", "eps_claimed", "noise_multiplier", "eps_pld", "eps_lower", "tpr", "fpr", "tpr_low",
-           "fpr_high", "trials", "wall_time_s")
+COLUMNS = (
+  "run",
+  "eps_claimed",
+  "noise_multiplier",
+  "eps_pld",
+  "eps_lower",
+  "tpr",
+  "fpr",
+  "tpr_low",
+  "fpr_high",
+  "trials",
+  "wall_time_s",
+)
 
 
 def _settings() -> tuple[list[float], fc.SimulationConfig]:
   """The claimed budgets and the config the flags describe; raises ConfigError naming a bad flag."""
   epsilons = sim_flags.positive_floats("epsilons", FLAGS.epsilons)
-  fc.require(FLAGS.under_noise_factor > 1,
-             f"under_noise_factor={FLAGS.under_noise_factor!r} is invalid: expected a number > 1")
-  fc.check_open_unit("confidence", FLAGS.confidence)
-  fc.check_int("trials", FLAGS.trials, minimum=4)
+  validate.require(
+    FLAGS.under_noise_factor > 1,
+    f"under_noise_factor={FLAGS.under_noise_factor!r} is invalid: expected a number > 1",
+  )
+  validate.check_open_unit("confidence", FLAGS.confidence)
+  validate.check_int("trials", FLAGS.trials, minimum=4)
   # Any mechanism: only the data, model, privacy and schedule parts of the config are used.
   cfg = sim_flags.simulation_config("stackelberg")
-  fc.check_int("batch_size", cfg.federated.batch_size, minimum=2)  # the client holds B - 1 examples
+  validate.check_int("batch_size", cfg.federated.batch_size, minimum=2)  # the client holds B - 1 examples
   return epsilons, cfg
 
 
@@ -59,44 +74,87 @@ def main(argv):
   fed, privacy = cfg.federated, cfg.privacy
   steps, delta, n = fed.local_steps, privacy.delta, fed.batch_size - 1
   fd = sim_flags.config_or_exit(lambda: data.load_federated(cfg.data))
-  sim_flags.config_or_exit(lambda: fc.require(
-      fd.pool.num_examples[0] >= n, f"batch_size={fed.batch_size} is invalid: client 0 has "
-                                    f"{fd.pool.num_examples[0]} examples, expected at least batch_size - 1"))
+  sim_flags.config_or_exit(
+    lambda: validate.require(
+      fd.pool.num_examples[0] >= n,
+      f"batch_size={fed.batch_size} is invalid: client 0 has "
+      f"{fd.pool.num_examples[0]} examples, expected at least batch_size - 1",
+    )
+  )
   x, y = fd.pool.x[0, :n], fd.pool.y[0, :n]
   canary = sim_flags.config_or_exit(lambda: audit.make_canary(x, FLAGS.canary_label, FLAGS.canary_pixels))
   model = models.make_model(cfg.model, fd.input_shape, fd.num_classes)
   key = jax.random.key(cfg.seed)
   params = models.init_params(model, jax.random.fold_in(key, 0), fd.input_shape)
-  claimed_noise = accounting.calibrate_noise_multipliers(np.asarray(epsilons), 1.0, steps, delta,
-                                                         privacy.accountant)
+  claimed_noise = accounting.calibrate_noise_multipliers(
+    np.asarray(epsilons), 1.0, steps, delta, privacy.accountant
+  )
   smallest = int(np.argmin(epsilons))
   runs = [("private", eps, float(z)) for eps, z in zip(epsilons, claimed_noise)]
-  runs += [("no_noise", math.inf, 0.0),
-           (f"noise/{FLAGS.under_noise_factor:g}", epsilons[smallest],
-            float(claimed_noise[smallest]) / FLAGS.under_noise_factor)]
+  runs += [
+    ("no_noise", math.inf, 0.0),
+    (
+      f"noise/{FLAGS.under_noise_factor:g}",
+      epsilons[smallest],
+      float(claimed_noise[smallest]) / FLAGS.under_noise_factor,
+    ),
+  ]
 
   rows = []
   for i, (run, eps, z) in enumerate(runs):
-    with metrics.Timer() as timer:
-      result = audit.audit_client(params, x, y, canary, z, jax.random.fold_in(key, i + 1),
-                                  apply_fn=model.apply, fed=fed, privacy=privacy, num_trials=FLAGS.trials,
-                                  confidence=FLAGS.confidence, chunk_size=FLAGS.trial_chunk)
+    with report.Timer() as timer:
+      result = audit.audit_client(
+        params,
+        x,
+        y,
+        canary,
+        z,
+        jax.random.fold_in(key, i + 1),
+        apply_fn=model.apply,
+        fed=fed,
+        privacy=privacy,
+        num_trials=FLAGS.trials,
+        confidence=FLAGS.confidence,
+        chunk_size=FLAGS.trial_chunk,
+      )
     eps_pld = accounting.accountant_epsilon(z, 1.0, steps, delta, "pld") if z > 0 else math.inf
-    rows.append({"run": run, "eps_claimed": eps, "noise_multiplier": z, "eps_pld": eps_pld,
-                 **{k: v for k, v in result._asdict().items() if k in COLUMNS}, "wall_time_s": timer.elapsed})
+    rows.append(
+      {
+        "run": run,
+        "eps_claimed": eps,
+        "noise_multiplier": z,
+        "eps_pld": eps_pld,
+        **{k: v for k, v in result._asdict().items() if k in COLUMNS},
+        "wall_time_s": timer.elapsed,
+      }
+    )
     print(f"{run}: eps_claimed={eps:g} z={z:.4g} eps_lower={result.eps_lower:.3f} ({timer.elapsed:.1f}s)")
 
   os.makedirs(FLAGS.out, exist_ok=True)
-  setup = {"dataset": cfg.data.dataset, "source": cfg.data.source, "model": cfg.model.name,
-           "client_examples": n, "batch_size": fed.batch_size, "local_steps": steps,
-           "client_lr": fed.client_lr, "clip_norm": privacy.clip_norm, "delta": delta,
-           "accountant": privacy.accountant, "trials_per_side": FLAGS.trials, "confidence": FLAGS.confidence,
-           "canary_pixels": FLAGS.canary_pixels, "canary_label": FLAGS.canary_label, "seed": cfg.seed}
-  metrics.write_results(FLAGS.out, "audit", rows, COLUMNS, {"setup": setup})
-  print(f"\n{cfg.data.dataset} ({cfg.data.source}) client 0: {n} examples + canary, model {cfg.model.name}, "
-        f"{steps} full-batch DP-SGD steps, C={privacy.clip_norm:g}, delta={delta:g}; "
-        f"{FLAGS.confidence:.0%} lower bounds from {FLAGS.trials} rounds per side")
-  print(metrics.format_table(rows, COLUMNS))
+  setup = {
+    "dataset": cfg.data.dataset,
+    "source": cfg.data.source,
+    "model": cfg.model.name,
+    "client_examples": n,
+    "batch_size": fed.batch_size,
+    "local_steps": steps,
+    "client_lr": fed.client_lr,
+    "clip_norm": privacy.clip_norm,
+    "delta": delta,
+    "accountant": privacy.accountant,
+    "trials_per_side": FLAGS.trials,
+    "confidence": FLAGS.confidence,
+    "canary_pixels": FLAGS.canary_pixels,
+    "canary_label": FLAGS.canary_label,
+    "seed": cfg.seed,
+  }
+  report.write_results(FLAGS.out, "audit", rows, COLUMNS, {"setup": setup})
+  print(
+    f"\n{cfg.data.dataset} ({cfg.data.source}) client 0: {n} examples + canary, model {cfg.model.name}, "
+    f"{steps} full-batch DP-SGD steps, C={privacy.clip_norm:g}, delta={delta:g}; "
+    f"{FLAGS.confidence:.0%} lower bounds from {FLAGS.trials} rounds per side"
+  )
+  print(report.format_table(rows, COLUMNS))
   print(f"\nwrote {FLAGS.out}/audit.{{csv,json,md}}")
 
 

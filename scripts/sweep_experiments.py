@@ -13,9 +13,10 @@ import os
 
 from absl import app, flags
 
-import sim_flags
 from fcfn_jax import config as fc
-from fcfn_jax import metrics, plotting, simulation
+from fcfn_jax import plotting, report, simulation, validate
+
+import sim_flags
 
 _SWEEPABLE = {"num_clients": int, "lam": float, "cost_high": float}
 flags.DEFINE_enum("sweep", "lam", list(_SWEEPABLE), "The parameter to sweep.")
@@ -28,8 +29,9 @@ PLOTTED = ("test_accuracy", "redundant_accuracy_loss", "social_welfare", "averag
 
 def main(argv):
   del argv
-  for mech in FLAGS.mechanisms:
-    sim_flags.config_or_exit(lambda: fc.check_choice("mechanisms", mech, fc.MECHANISMS))
+  sim_flags.config_or_exit(
+    lambda: [validate.check_choice("mechanisms", mech, fc.MECHANISMS) for mech in FLAGS.mechanisms]
+  )
   cast = _SWEEPABLE[FLAGS.sweep]
   values = sim_flags.config_or_exit(lambda: _parse_values(cast))
   rows = []
@@ -37,24 +39,27 @@ def main(argv):
     setattr(FLAGS, FLAGS.sweep, value)
     cfg = sim_flags.config_or_exit(lambda: sim_flags.simulation_config(FLAGS.mechanisms[0]))
     summary, _ = sim_flags.config_or_exit(
-        lambda: simulation.compare(cfg, tuple(FLAGS.mechanisms), progress=FLAGS.progress))
+      lambda cfg=cfg: simulation.compare(cfg, tuple(FLAGS.mechanisms), progress=FLAGS.progress)
+    )
     rows += [dict(row, **{FLAGS.sweep: value}) for row in summary]
     print(f"{FLAGS.sweep}={value}: done", flush=True)
   os.makedirs(FLAGS.out, exist_ok=True)
-  metrics.write_csv_atomic(os.path.join(FLAGS.out, "sweep.csv"), rows)
-  metrics.write_json_atomic(os.path.join(FLAGS.out, "sweep.json"), rows)
+  report.write_csv_atomic(os.path.join(FLAGS.out, "sweep.csv"), rows)
+  report.write_json_atomic(os.path.join(FLAGS.out, "sweep.json"), rows)
   for metric in PLOTTED:
-    plotting.metric_vs_parameter(rows, FLAGS.sweep, metric,
-                                 os.path.join(FLAGS.out, f"{metric}_vs_{FLAGS.sweep}.png"))
-  print(metrics.format_table(rows, (FLAGS.sweep, "mechanism") + PLOTTED + ("participants",)))
+    plotting.metric_vs_parameter(
+      rows, FLAGS.sweep, metric, os.path.join(FLAGS.out, f"{metric}_vs_{FLAGS.sweep}.png")
+    )
+  print(report.format_table(rows, (FLAGS.sweep, "mechanism") + PLOTTED + ("participants",)))
 
 
 def _parse_values(cast):
   try:
     return [cast(v) for v in FLAGS.values]
   except ValueError:
-    raise fc.ConfigError(f"values={FLAGS.values!r} is invalid for sweep={FLAGS.sweep!r}: expected "
-                         f"{cast.__name__} values") from None
+    validate.fail(
+      f"values={FLAGS.values!r} is invalid for sweep={FLAGS.sweep!r}: expected {cast.__name__} values"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Sweep many games x seeds x lambda values x cost ranges in one compiled program (``fcfn_jax.sweep``).
+"""Sweep many games x seeds x lambda values x cost ranges in one compiled program (``fcfn_jax.game.sweep``).
 
 Every (seed, lam, cost range) draws one game of --num_clients clients and solves every --mechanisms
 mechanism on it, vmapped in chunks of --games_per_chunk games (optionally sharded across all devices
@@ -16,17 +16,21 @@ import os
 import jax
 from absl import app, flags
 
-import sim_flags
 from fcfn_jax import config as fc
-from fcfn_jax import metrics, sweep
+from fcfn_jax import report, validate
+from fcfn_jax.game import sweep
 
-flags.DEFINE_integer("num_seeds", 8, "Games per (lam, cost range): seeds 0..num_seeds-1 (common random "
-                     "numbers).")
+import sim_flags
+
+flags.DEFINE_integer(
+  "num_seeds", 8, "Games per (lam, cost range): seeds 0..num_seeds-1 (common random numbers)."
+)
 flags.DEFINE_list("lams", ["5", "20", "50", "200"], "Server valuations lambda to sweep (> 0).")
 flags.DEFINE_list("cost_ranges", ["0.5:2", "1:1.5"], "Cost distributions Uniform[low, high] as low:high.")
 flags.DEFINE_list("mechanisms", list(fc.MECHANISMS), f"Mechanisms to run, from {list(fc.MECHANISMS)}.")
-flags.DEFINE_float("weight_spread", 4.0, "Data sizes d_i ~ Uniform[1, weight_spread] (>= 1), "
-                   "w = d / mean(d).")
+flags.DEFINE_float(
+  "weight_spread", 4.0, "Data sizes d_i ~ Uniform[1, weight_spread] (>= 1), w = d / mean(d)."
+)
 flags.DEFINE_integer("games_per_chunk", 0, "Games per vmapped chunk (0 = all at once); bounds memory.")
 flags.DEFINE_bool("shard", False, "Split each chunk's games across all devices.")
 flags.DEFINE_bool("x64", True, "Compute in float64.")
@@ -40,22 +44,30 @@ def _number(flag: str, text: str) -> float:
   try:
     return float(text)
   except ValueError:
-    fc.require(False, f"{flag} has {text!r}: expected a number")
+    validate.require(False, f"{flag} has {text!r}: expected a number")
 
 
 def _grid_and_settings() -> tuple[sweep.SweepConfigs, sweep.SweepSettings]:
   """The configurations and settings the flags describe; raises ConfigError naming a bad flag."""
-  fc.check_int("num_seeds", FLAGS.num_seeds)
-  fc.check_int("games_per_chunk", FLAGS.games_per_chunk, minimum=0)
+  validate.check_int("num_seeds", FLAGS.num_seeds)
+  validate.check_int("games_per_chunk", FLAGS.games_per_chunk, minimum=0)
   lams = [_number("lams", v) for v in FLAGS.lams]
   ranges = []
   for text in FLAGS.cost_ranges:
-    fc.require(text.count(":") == 1, f"cost_ranges has {text!r}: expected low:high")
+    validate.require(text.count(":") == 1, f"cost_ranges has {text!r}: expected low:high")
     ranges.append(tuple(_number("cost_ranges", v) for v in text.split(":")))
-  game = fc.GameConfig(eps_max=FLAGS.eps_max, eps_min=FLAGS.eps_min, num_types=FLAGS.num_types,
-                       num_aggregators=FLAGS.num_aggregators)
-  settings = sweep.SweepSettings(game=game, num_clients=FLAGS.num_clients, weight_spread=FLAGS.weight_spread,
-                                 mechanisms=tuple(FLAGS.mechanisms))
+  game = fc.GameConfig(
+    eps_max=FLAGS.eps_max,
+    eps_min=FLAGS.eps_min,
+    num_types=FLAGS.num_types,
+    num_aggregators=FLAGS.num_aggregators,
+  )
+  settings = sweep.SweepSettings(
+    game=game,
+    num_clients=FLAGS.num_clients,
+    weight_spread=FLAGS.weight_spread,
+    mechanisms=tuple(FLAGS.mechanisms),
+  )
   return sweep.make_grid(range(FLAGS.num_seeds), lams, ranges), settings
 
 
@@ -64,22 +76,23 @@ def main(_):
     configs, settings = sim_flags.config_or_exit(_grid_and_settings)
     mesh = sweep.game_mesh() if FLAGS.shard else None
     key = jax.random.PRNGKey(FLAGS.seed)
-    with metrics.Timer() as compile_and_run:
-      results = jax.block_until_ready(
-          sweep.run_sweep(key, configs, settings, FLAGS.games_per_chunk, mesh))
-    with metrics.Timer() as run:
+    with report.Timer() as compile_and_run:
+      results = jax.block_until_ready(sweep.run_sweep(key, configs, settings, FLAGS.games_per_chunk, mesh))
+    with report.Timer() as run:
       jax.block_until_ready(sweep.run_sweep(key, configs, settings, FLAGS.games_per_chunk, mesh))
   rows = sweep.sweep_table(configs, results)
   summary = sweep.mean_by(rows, ["mechanism", "lam"], SUMMARY_METRICS)
   os.makedirs(FLAGS.out, exist_ok=True)
   for name, table in (("sweep", rows), ("sweep_summary", summary)):
-    metrics.write_csv_atomic(os.path.join(FLAGS.out, f"{name}.csv"), table)
-    metrics.write_json_atomic(os.path.join(FLAGS.out, f"{name}.json"), table)
+    report.write_csv_atomic(os.path.join(FLAGS.out, f"{name}.csv"), table)
+    report.write_json_atomic(os.path.join(FLAGS.out, f"{name}.json"), table)
   games = int(configs.lam.shape[0])
-  print(f"{games} games x {len(settings.mechanisms)} mechanisms, {settings.num_clients} clients each, "
-        f"on {1 if mesh is None else mesh.size} device(s): compile+run {compile_and_run.elapsed:.2f} s, "
-        f"run {run.elapsed:.3f} s")
-  print(metrics.format_table(summary))
+  print(
+    f"{games} games x {len(settings.mechanisms)} mechanisms, {settings.num_clients} clients each, "
+    f"on {1 if mesh is None else mesh.size} device(s): compile+run {compile_and_run.elapsed:.2f} s, "
+    f"run {run.elapsed:.3f} s"
+  )
+  print(report.format_table(summary))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tune the server's payment and prices by Adam on the implicit hypergradient (``fcfn_jax.tuning``).
+"""Tune the server's payment and prices by Adam on the implicit hypergradient (``fcfn_jax.game.tuning``).
 
 One game of --num_clients clients (costs ~ Uniform[--cost_low, --cost_high], data sizes ~ Uniform[1,
 --weight_spread], seeded by --seed) is priced with --price_groups groups (clients ranked by data weight,
@@ -26,26 +26,34 @@ import numpy as np
 import optax
 from absl import app, flags
 
-import sim_flags
 from fcfn_jax import config as fc
-from fcfn_jax import metrics, plotting, sweep, tuning
-from fcfn_jax.game import equilibrium, leader
+from fcfn_jax import plotting, report, validate
+from fcfn_jax.game import equilibrium, leader, sweep, tuning
 from fcfn_jax.privacy import accounting
 
-flags.DEFINE_enum("quality", "dp", list(fc.QUALITIES),
-                  "log: lam log(1 + X); dp: lam G(eps) (noise variance).")
-flags.DEFINE_integer("price_groups", 4, "Price groups by data-weight rank (1 = uniform price; "
-                     "num_clients = one per client).")
+import sim_flags
+
+flags.DEFINE_enum(
+  "quality", "dp", list(fc.QUALITIES), "log: lam log(1 + X); dp: lam G(eps) (noise variance)."
+)
+flags.DEFINE_integer(
+  "price_groups", 4, "Price groups by data-weight rank (1 = uniform price; num_clients = one per client)."
+)
 flags.DEFINE_integer("steps", 300, "Adam steps.")
 flags.DEFINE_float("learning_rate", 0.05, "Adam's initial step on (log R, log pi).")
 flags.DEFINE_integer("decay_steps", 60, "The step halves every decay_steps steps.")
 flags.DEFINE_float("start_payment", 0.0, "Initial R (> 0), or 0 = the best point of the uniform grid.")
 flags.DEFINE_integer("grid_points", 200, "Points of the log-grid over the uniform payment.")
-flags.DEFINE_bool("safeguard", True, "Reject Adam steps that lower U_s: needed for --quality=dp (U_s "
-                  "jumps down where a client enters); on the smooth log quality it slows the final "
-                  "convergence (momentum overshoots get rejected), so use --nosafeguard there.")
-flags.DEFINE_float("weight_spread", 4.0, "Data sizes d_i ~ Uniform[1, weight_spread] (>= 1), "
-                   "w = d / mean(d).")
+flags.DEFINE_bool(
+  "safeguard",
+  True,
+  "Reject Adam steps that lower U_s: needed for --quality=dp (U_s "
+  "jumps down where a client enters); on the smooth log quality it slows the final "
+  "convergence (momentum overshoots get rejected), so use --nosafeguard there.",
+)
+flags.DEFINE_float(
+  "weight_spread", 4.0, "Data sizes d_i ~ Uniform[1, weight_spread] (>= 1), w = d / mean(d)."
+)
 FLAGS = flags.FLAGS
 FLAGS.set_default("out", "results/tune")
 FLAGS.set_default("num_clients", 12)
@@ -56,20 +64,29 @@ FLAGS.set_default("eps_max", 50.0)
 def _problem() -> tuple[leader.LeaderProblem, jax.Array, fc.SimulationConfig]:
   """The game, the price group of each client and the config; raises ConfigError naming a bad flag."""
   cfg = sim_flags.simulation_config("stackelberg")
-  fc.check_int("price_groups", FLAGS.price_groups, maximum=FLAGS.num_clients)
-  fc.check_int("steps", FLAGS.steps)
-  fc.check_positive("learning_rate", FLAGS.learning_rate)
-  fc.check_int("decay_steps", FLAGS.decay_steps)
-  fc.check_nonnegative("start_payment", FLAGS.start_payment)
-  fc.check_int("grid_points", FLAGS.grid_points, minimum=2)
-  fc.require(FLAGS.weight_spread >= 1, f"weight_spread={FLAGS.weight_spread!r} is invalid: expected >= 1")
+  validate.check_int("price_groups", FLAGS.price_groups, maximum=FLAGS.num_clients)
+  validate.check_int("steps", FLAGS.steps)
+  validate.check_positive("learning_rate", FLAGS.learning_rate)
+  validate.check_int("decay_steps", FLAGS.decay_steps)
+  validate.check_nonnegative("start_payment", FLAGS.start_payment)
+  validate.check_int("grid_points", FLAGS.grid_points, minimum=2)
+  validate.require(
+    FLAGS.weight_spread >= 1, f"weight_spread={FLAGS.weight_spread!r} is invalid: expected >= 1"
+  )
   game = cfg.game
-  costs, weights = sweep.draw_game(jax.random.PRNGKey(cfg.seed), 0, jnp.asarray(game.cost_low, float),
-                                   jnp.asarray(game.cost_high, float), FLAGS.num_clients, FLAGS.weight_spread)
+  costs, weights = sweep.draw_game(
+    jax.random.PRNGKey(cfg.seed),
+    0,
+    jnp.asarray(game.cost_low, float),
+    jnp.asarray(game.cost_high, float),
+    FLAGS.num_clients,
+    FLAGS.weight_spread,
+  )
   rank = jnp.argsort(jnp.argsort(weights))
   groups = rank * FLAGS.price_groups // FLAGS.num_clients
-  problem = leader.LeaderProblem(costs, weights, jnp.asarray(game.eps_max, float),
-                                 jnp.asarray(game.lam, float))
+  problem = leader.LeaderProblem(
+    costs, weights, jnp.asarray(game.eps_max, float), jnp.asarray(game.lam, float)
+  )
   return problem, groups, cfg
 
 
@@ -94,46 +111,74 @@ def _plot(rows: list[dict], num_groups: int, path: str) -> str:
 def main(_):
   with jax.enable_x64(True):
     problem, groups, cfg = sim_flags.config_or_exit(_problem)
-    variance = functools.partial(accounting.noise_variance, delta=cfg.privacy.delta,
-                                 steps=cfg.federated.rounds * cfg.federated.local_steps)
-    quality = {"log": leader.log_quality,
-               "dp": functools.partial(leader.dp_quality, variance_fn=variance)}[FLAGS.quality]
+    variance = functools.partial(
+      accounting.noise_variance,
+      delta=cfg.privacy.delta,
+      steps=cfg.federated.rounds * cfg.federated.local_steps,
+    )
+    quality = {"log": leader.log_quality, "dp": functools.partial(leader.dp_quality, variance_fn=variance)}[
+      FLAGS.quality
+    ]
     grid_payments, grid_utilities = tuning.uniform_grid(problem, quality, FLAGS.grid_points)
     best_grid = int(jnp.argmax(grid_utilities))
     start = FLAGS.start_payment or grid_payments[best_grid]
     optimizer = optax.adam(optax.exponential_decay(FLAGS.learning_rate, FLAGS.decay_steps, 0.5))
-    with metrics.Timer() as timer:
-      best, trace = jax.block_until_ready(tuning.tune_pricing(
-          tuning.initial_params(start, FLAGS.price_groups), problem, quality, groups, optimizer, FLAGS.steps,
-          safeguard=FLAGS.safeguard))
+    with report.Timer() as timer:
+      best, trace = jax.block_until_ready(
+        tuning.tune_pricing(
+          tuning.initial_params(start, FLAGS.price_groups),
+          problem,
+          quality,
+          groups,
+          optimizer,
+          FLAGS.steps,
+          safeguard=FLAGS.safeguard,
+        )
+      )
     reference = leader.solve_leader(problem, quality, groups, FLAGS.price_groups)
     trace = jax.tree.map(np.asarray, trace)
     summary = {
-        "quality": FLAGS.quality, "price_groups": FLAGS.price_groups, "steps": FLAGS.steps,
-        "safeguard": FLAGS.safeguard,
-        "seconds_with_compile": timer.elapsed,
-        "grid_best_payment": float(grid_payments[best_grid]),
-        "grid_best_utility": float(grid_utilities[best_grid]),
-        "start_utility": float(trace.objective[0]),
-        "tuned_payment": float(jnp.exp(best.log_payment)), "tuned_prices": tuning.group_prices(best),
-        "tuned_utility": float(trace.objective.max()),
-        "solve_leader_payment": float(reference.payment), "solve_leader_utility": float(reference.utility),
+      "quality": FLAGS.quality,
+      "price_groups": FLAGS.price_groups,
+      "steps": FLAGS.steps,
+      "safeguard": FLAGS.safeguard,
+      "seconds_with_compile": timer.elapsed,
+      "grid_best_payment": float(grid_payments[best_grid]),
+      "grid_best_utility": float(grid_utilities[best_grid]),
+      "start_utility": float(trace.objective[0]),
+      "tuned_payment": float(jnp.exp(best.log_payment)),
+      "tuned_prices": tuning.group_prices(best),
+      "tuned_utility": float(trace.objective.max()),
+      "solve_leader_payment": float(reference.payment),
+      "solve_leader_utility": float(reference.utility),
     }
     if FLAGS.quality == "log":
       r_star = equilibrium.closed_form_payment(problem.lam, problem.costs, problem.weights)
-      summary.update(closed_form_payment=float(r_star), closed_form_utility=float(
-          leader.server_utility(r_star, problem, quality)),
-                     tuned_payment_relative_error=abs(summary["tuned_payment"] / float(r_star) - 1.0))
-  rows = [{"step": t, "objective": trace.objective[t], "payment": trace.payment[t],
-           **{f"price_{g}": trace.prices[t, g] for g in range(FLAGS.price_groups)},
-           "grad_norm": trace.grad_norm[t]} for t in range(FLAGS.steps + 1)]
+      summary.update(
+        closed_form_payment=float(r_star),
+        closed_form_utility=float(leader.server_utility(r_star, problem, quality)),
+        tuned_payment_relative_error=abs(summary["tuned_payment"] / float(r_star) - 1.0),
+      )
+  rows = [
+    {
+      "step": t,
+      "objective": trace.objective[t],
+      "payment": trace.payment[t],
+      **{f"price_{g}": trace.prices[t, g] for g in range(FLAGS.price_groups)},
+      "grad_norm": trace.grad_norm[t],
+    }
+    for t in range(FLAGS.steps + 1)
+  ]
   os.makedirs(FLAGS.out, exist_ok=True)
-  metrics.write_csv_atomic(os.path.join(FLAGS.out, "trajectory.csv"), rows)
-  metrics.write_json_atomic(os.path.join(FLAGS.out, "trajectory.json"), rows)
-  metrics.write_json_atomic(os.path.join(FLAGS.out, "summary.json"), summary)
+  report.write_csv_atomic(os.path.join(FLAGS.out, "trajectory.csv"), rows)
+  report.write_json_atomic(os.path.join(FLAGS.out, "trajectory.json"), rows)
+  report.write_json_atomic(os.path.join(FLAGS.out, "summary.json"), summary)
   _plot(rows, FLAGS.price_groups, os.path.join(FLAGS.out, "trajectory.png"))
-  print(metrics.format_table([{"quantity": k, "value": v} for k, v in summary.items() if k != "tuned_prices"],
-                             floatfmt=".8g"))
+  print(
+    report.format_table(
+      [{"quantity": k, "value": v} for k, v in summary.items() if k != "tuned_prices"], floatfmt=".8g"
+    )
+  )
   print("tuned group prices:", np.round(np.asarray(summary["tuned_prices"]), 4).tolist())
 
 

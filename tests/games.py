@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def costs_and_weights(seed: int, games: int, clients: int, cost_high: float = 2.0,
-                      weight_sigma: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def costs_and_weights(
+  seed: int, games: int, clients: int, cost_high: float = 2.0, weight_sigma: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
   """costs ~ U[0.5, cost_high] [G, N]; weights ~ lognormal(0, weight_sigma) [G, N], mean 1 per game."""
   rng = np.random.default_rng(seed)
   costs = rng.uniform(0.5, cost_high, (games, clients))
@@ -14,8 +15,13 @@ def costs_and_weights(seed: int, games: int, clients: int, cost_high: float = 2.
   return costs, weights / weights.mean(axis=1, keepdims=True)
 
 
-def paid_games(seed: int, games: int, clients: int, cost_range: tuple[float, float] = (0.1, 10.0),
-               with_prices: bool = False) -> tuple[np.ndarray, ...]:
+def paid_games(
+  seed: int,
+  games: int,
+  clients: int,
+  cost_range: tuple[float, float] = (0.1, 10.0),
+  with_prices: bool = False,
+) -> tuple[np.ndarray, ...]:
   """Widely spread games: payment R ~ log-U[0.1, 100] [G], costs ~ log-U[cost_range] [G, N], weights
   w = d / mean(d) with d ~ lognormal(0, 1) [G, N]; with_prices adds per-client prices ~ exp(U[-1, 1])."""
   rng = np.random.default_rng(seed)

@@ -14,8 +14,8 @@ import pytest
 from absl.testing import absltest, parameterized
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from fcfn_jax.config import ConfigError
 from fcfn_jax.privacy import accounting
+from fcfn_jax.validate import ConfigError
 
 # Surrogate budgets where the surrogate is documented to upper-bound the accountants.
 CONSERVATIVE_RANGE = (0.02, 220.0)
@@ -43,7 +43,6 @@ def _check_calibrated(z, eps, q, steps, delta, accountant, rtol):
 
 
 class SurrogateTest(chex.TestCase):
-
   def test_closed_form_inverse_round_trips_in_float64(self):
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
@@ -52,7 +51,7 @@ class SurrogateTest(chex.TestCase):
         z = jnp.asarray(np.exp(rng.uniform(math.log(0.05), math.log(1e3), 64)))
         eps = accounting.surrogate_epsilon(z, steps, delta)
         chex.assert_trees_all_close(accounting.surrogate_noise_multiplier(eps, steps, delta), z, rtol=1e-12)
-        chex.assert_trees_all_close(accounting.noise_variance(eps, steps, delta), z ** 2, rtol=1e-11)
+        chex.assert_trees_all_close(accounting.noise_variance(eps, steps, delta), z**2, rtol=1e-11)
 
   def test_closed_form_is_the_optimal_order_rdp_bound(self):
     # eps(z) = min over alpha > 1 of k alpha / (2 z^2) + log(1/delta) / (alpha - 1).
@@ -94,8 +93,10 @@ class SurrogateTest(chex.TestCase):
       chex.assert_trees_all_close(fast(eps), fn(eps, 250, 1e-5), rtol=1e-6)
     z = jnp.array([0.3, 1.0, jnp.inf])
     chex.assert_trees_all_close(
-        self.variant(functools.partial(accounting.surrogate_epsilon, steps=250, delta=1e-5))(z),
-        accounting.surrogate_epsilon(z, 250, 1e-5), rtol=1e-6)
+      self.variant(functools.partial(accounting.surrogate_epsilon, steps=250, delta=1e-5))(z),
+      accounting.surrogate_epsilon(z, 250, 1e-5),
+      rtol=1e-6,
+    )
 
   def test_vmap_over_clients_and_games(self):
     eps = jnp.linspace(0.0, 8.0, 12).reshape(3, 4)
@@ -105,7 +106,7 @@ class SurrogateTest(chex.TestCase):
 
 
 class ConservativeTest(chex.TestCase):
-  """DESIGN.md: the surrogate is never below the accountant's epsilon (in its documented range)."""
+  """docs/model.md: the surrogate is never below the accountant's epsilon (in its documented range)."""
 
   @parameterized.parameters(0.5, 1e-2, 1e-5, 1e-7, 1e-9)
   def test_full_batch_rdp_exhaustively(self, delta):
@@ -114,9 +115,9 @@ class ConservativeTest(chex.TestCase):
     orders = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
     log_inv = math.log(1 / delta)
     for beta in np.exp(np.linspace(math.log(0.05), math.log(5000), 3000)):
-      surrogate = log_inv * (1 + 2 * beta) / beta ** 2
+      surrogate = log_inv * (1 + 2 * beta) / beta**2
       if CONSERVATIVE_RANGE[0] <= surrogate <= CONSERVATIVE_RANGE[1]:
-        rdp, _ = rdp_privacy_accountant.compute_epsilon(orders, orders * log_inv / beta ** 2, delta)
+        rdp, _ = rdp_privacy_accountant.compute_epsilon(orders, orders * log_inv / beta**2, delta)
         assert rdp <= surrogate, (beta, surrogate, rdp)
 
   @parameterized.parameters("rdp", "pld")
@@ -140,7 +141,6 @@ class ConservativeTest(chex.TestCase):
 
 
 class LedgerTest(chex.TestCase):
-
   def test_rdp_ledger_equals_the_full_accountant(self):
     # The ledger evaluates only the orders that can attain the minimum; it must not change the value.
     rng = np.random.default_rng(4)
@@ -161,8 +161,9 @@ class LedgerTest(chex.TestCase):
     self.assertEqual(spent[1], 0.0)
     self.assertEqual(spent[2], 0.0)
     for i in (0, 3):
-      self.assertAlmostEqual(spent[i], accounting.accountant_epsilon(z[i], q[i], int(t[i]), 1e-5, accountant),
-                             places=10)
+      self.assertAlmostEqual(
+        spent[i], accounting.accountant_epsilon(z[i], q[i], int(t[i]), 1e-5, accountant), places=10
+      )
 
   def test_monotone_in_noise_steps_and_rate(self):
     spent = accounting.epsilon_spent(np.array([0.7, 1.0, 1.5, 3.0]), 0.05, 200, 1e-5)
@@ -174,7 +175,6 @@ class LedgerTest(chex.TestCase):
 
 
 class CalibrationTest(chex.TestCase):
-
   @parameterized.parameters((1, 0), (50, 1), (1000, 2))
   def test_rdp_is_admissible_and_tight(self, steps, seed):
     rng = np.random.default_rng(10 + seed)
@@ -223,30 +223,44 @@ class CalibrationTest(chex.TestCase):
 
 
 class InputTest(chex.TestCase):
-
   @parameterized.named_parameters(
-      ("nan_eps", lambda: accounting.surrogate_noise_multiplier(jnp.array([1.0, jnp.nan]), 10, 1e-5),
-       r"eps\[1\]=nan"),
-      ("negative_eps", lambda: accounting.calibrate_noise_multipliers([1.0, -0.5], 0.1, 10, 1e-5),
-       r"eps\[1\]=-0.5 .*>= 0"),
-      ("infinite_eps", lambda: accounting.noise_variance(np.inf, 10, 1e-5), r"eps=inf .*finite"),
-      ("delta_zero", lambda: accounting.surrogate_epsilon(1.0, 10, 0.0), r"delta=0.0 .*\(0, 1\)"),
-      ("delta_one", lambda: accounting.accountant_epsilon(1.0, 0.1, 10, 1.0), r"delta=1.0"),
-      ("delta_nan", lambda: accounting.epsilon_spent([1.0], 0.1, 10, math.nan), r"delta=nan"),
-      ("rate_zero", lambda: accounting.accountant_epsilon(1.0, 0.0, 10, 1e-5), r"sampling_rate=0.0 .*\(0, 1\]"),
-      ("rate_above_one", lambda: accounting.calibrate_noise_multipliers([1.0], [1.5], 10, 1e-5),
-       r"sampling_rate\[0\]=1.5"),
-      ("rate_nan", lambda: accounting.epsilon_spent([1.0], [math.nan], 10, 1e-5), r"sampling_rate\[0\]=nan"),
-      ("steps_zero", lambda: accounting.calibrate_noise_multipliers([1.0], 0.1, 0, 1e-5), r"steps=0 .*>= 1"),
-      ("steps_float", lambda: accounting.surrogate_epsilon(1.0, 2.5, 1e-5), r"steps=2.5 .*integer"),
-      ("negative_steps_done", lambda: accounting.epsilon_spent([1.0], 0.1, [-1], 1e-5), r"steps_done\[0\]=-1"),
-      ("zero_noise", lambda: accounting.epsilon_spent([0.0], 0.1, 10, 1e-5), r"noise_multiplier\[0\]=0.0"),
-      ("accountant", lambda: accounting.accountant_epsilon(1.0, 0.1, 10, 1e-5, "gdp"), r"accountant='gdp'"),
-      ("rtol", lambda: accounting.calibrate_noise_multipliers([1.0], 0.1, 10, 1e-5, rtol=0.0), r"rtol=0.0"),
-      ("shapes", lambda: accounting.calibrate_noise_multipliers([1.0, 2.0], [0.1, 0.2, 0.3], 10, 1e-5),
-       r"share one length"),
-      ("unreachable_budget", lambda: accounting.calibrate_noise_multipliers([1e-4], 1.0, 10, 1e-5),
-       r"eps\[0\]=0.0001 .*noise multiplier outside"),
+    (
+      "nan_eps",
+      lambda: accounting.surrogate_noise_multiplier(jnp.array([1.0, jnp.nan]), 10, 1e-5),
+      r"eps\[1\]=nan",
+    ),
+    (
+      "negative_eps",
+      lambda: accounting.calibrate_noise_multipliers([1.0, -0.5], 0.1, 10, 1e-5),
+      r"eps\[1\]=-0.5 .*>= 0",
+    ),
+    ("infinite_eps", lambda: accounting.noise_variance(np.inf, 10, 1e-5), r"eps=inf .*finite"),
+    ("delta_zero", lambda: accounting.surrogate_epsilon(1.0, 10, 0.0), r"delta=0.0 .*\(0, 1\)"),
+    ("delta_one", lambda: accounting.accountant_epsilon(1.0, 0.1, 10, 1.0), r"delta=1.0"),
+    ("delta_nan", lambda: accounting.epsilon_spent([1.0], 0.1, 10, math.nan), r"delta=nan"),
+    ("rate_zero", lambda: accounting.accountant_epsilon(1.0, 0.0, 10, 1e-5), r"sampling_rate=0.0 .*\(0, 1\]"),
+    (
+      "rate_above_one",
+      lambda: accounting.calibrate_noise_multipliers([1.0], [1.5], 10, 1e-5),
+      r"sampling_rate\[0\]=1.5",
+    ),
+    ("rate_nan", lambda: accounting.epsilon_spent([1.0], [math.nan], 10, 1e-5), r"sampling_rate\[0\]=nan"),
+    ("steps_zero", lambda: accounting.calibrate_noise_multipliers([1.0], 0.1, 0, 1e-5), r"steps=0 .*>= 1"),
+    ("steps_float", lambda: accounting.surrogate_epsilon(1.0, 2.5, 1e-5), r"steps=2.5 .*integer"),
+    ("negative_steps_done", lambda: accounting.epsilon_spent([1.0], 0.1, [-1], 1e-5), r"steps_done\[0\]=-1"),
+    ("zero_noise", lambda: accounting.epsilon_spent([0.0], 0.1, 10, 1e-5), r"noise_multiplier\[0\]=0.0"),
+    ("accountant", lambda: accounting.accountant_epsilon(1.0, 0.1, 10, 1e-5, "gdp"), r"accountant='gdp'"),
+    ("rtol", lambda: accounting.calibrate_noise_multipliers([1.0], 0.1, 10, 1e-5, rtol=0.0), r"rtol=0.0"),
+    (
+      "shapes",
+      lambda: accounting.calibrate_noise_multipliers([1.0, 2.0], [0.1, 0.2, 0.3], 10, 1e-5),
+      r"share one length",
+    ),
+    (
+      "unreachable_budget",
+      lambda: accounting.calibrate_noise_multipliers([1e-4], 1.0, 10, 1e-5),
+      r"eps\[0\]=0.0001 .*noise multiplier outside",
+    ),
   )
   def test_bad_input_raises_config_error(self, call, message):
     with self.assertRaisesRegex(ConfigError, message):

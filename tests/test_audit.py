@@ -11,8 +11,10 @@ import pytest
 from scipy import stats
 
 from fcfn_jax import models
-from fcfn_jax.config import ConfigError, FederatedConfig, PrivacyConfig
-from fcfn_jax.privacy import accounting, audit
+from fcfn_jax.attacks import audit
+from fcfn_jax.config import FederatedConfig, PrivacyConfig
+from fcfn_jax.privacy import accounting
+from fcfn_jax.validate import ConfigError
 
 DELTA = 1e-5
 SHAPE = (8, 8, 1)
@@ -39,16 +41,36 @@ def _client():
 
 def _audit(noise_multiplier: float, seed: int = 1) -> audit.AuditResult:
   params, x, y, canary = _client()
-  return audit.audit_client(params, x, y, canary, noise_multiplier, jax.random.key(seed),
-                            apply_fn=MODEL.apply, fed=FED, privacy=PRIVACY, num_trials=TRIALS,
-                            chunk_size=CHUNK)
+  return audit.audit_client(
+    params,
+    x,
+    y,
+    canary,
+    noise_multiplier,
+    jax.random.key(seed),
+    apply_fn=MODEL.apply,
+    fed=FED,
+    privacy=PRIVACY,
+    num_trials=TRIALS,
+    chunk_size=CHUNK,
+  )
 
 
 def _scores(noise_multiplier: float, seed: int) -> np.ndarray:
   params, x, y, canary = _client()
-  scores = audit.canary_scores(params, x, y, canary, jnp.float32(noise_multiplier), jax.random.key(seed),
-                               apply_fn=MODEL.apply, fed=FED, privacy=PRIVACY, num_trials=TRIALS,
-                               chunk_size=CHUNK)
+  scores = audit.canary_scores(
+    params,
+    x,
+    y,
+    canary,
+    jnp.float32(noise_multiplier),
+    jax.random.key(seed),
+    apply_fn=MODEL.apply,
+    fed=FED,
+    privacy=PRIVACY,
+    num_trials=TRIALS,
+    chunk_size=CHUNK,
+  )
   return np.asarray(scores)
 
 
@@ -114,8 +136,9 @@ def test_gaussian_scores_bound_is_valid_and_powerful():
 def test_null_audit_rarely_claims_leakage():
   """Identical in/out distributions (epsilon = 0): a positive bound is a false alarm, rate <= 1 - conf."""
   rng = np.random.default_rng(0)
-  alarms = [audit.audit_scores(rng.normal(size=200), rng.normal(size=200), DELTA).eps_lower > 0
-            for _ in range(200)]
+  alarms = [
+    audit.audit_scores(rng.normal(size=200), rng.normal(size=200), DELTA).eps_lower > 0 for _ in range(200)
+  ]
   assert np.mean(alarms) <= 0.05
 
 
@@ -140,8 +163,9 @@ def test_canary_lights_only_pixels_the_client_never_uses():
   direction = audit.canary_direction(params, canary, MODEL.apply)
   loss_fn = models.make_loss_fn(MODEL.apply)
   grads = jax.grad(lambda p: jnp.sum(loss_fn(p, models.normalize_pixels(x), y)))(params)
-  np.testing.assert_allclose(jnp.vdot(direction["Dense_0"]["kernel"], grads["Dense_0"]["kernel"]), 0.0,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    jnp.vdot(direction["Dense_0"]["kernel"], grads["Dense_0"]["kernel"]), 0.0, atol=1e-6
+  )
   np.testing.assert_allclose(sum(jnp.vdot(d, d) for d in jax.tree.leaves(direction)), 1.0, rtol=1e-5)
 
 
@@ -182,5 +206,15 @@ def test_audit_refutes_an_under_noised_claim():
 def test_non_private_path_is_rejected():
   params, x, y, canary = _client()
   with pytest.raises(ConfigError, match="privacy.private=False"):
-    audit.canary_scores(params, x, y, canary, jnp.float32(1.0), jax.random.key(0), apply_fn=MODEL.apply,
-                        fed=FED, privacy=PrivacyConfig(private=False), num_trials=10)
+    audit.canary_scores(
+      params,
+      x,
+      y,
+      canary,
+      jnp.float32(1.0),
+      jax.random.key(0),
+      apply_fn=MODEL.apply,
+      fed=FED,
+      privacy=PrivacyConfig(private=False),
+      num_trials=10,
+    )

@@ -1,4 +1,4 @@
-"""Tests of the mechanisms in fcfn_jax/game/baselines.py (DESIGN.md "Baselines"), in float64."""
+"""Tests of the mechanisms in fcfn_jax/game/baselines.py (docs/model.md "Baselines"), in float64."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcfn_jax.config import MECHANISMS, ConfigError, GameConfig
+from fcfn_jax.config import MECHANISMS, GameConfig
 from fcfn_jax.game import baselines, equilibrium
+from fcfn_jax.validate import ConfigError
 from tests.games import costs_and_weights
 
 TOL = 1e-9
@@ -44,10 +45,10 @@ def _menu_profit(lam, menu, budgets):
 # ---------------------------------------------------------------------------------------------------------
 
 CONTRACT_CASES = [
-    (GameConfig(num_types=4), 12),
-    (GameConfig(num_types=1), 7),
-    (GameConfig(num_types=5, lam=40.0, eps_max=1.0), 13),  # caps bind
-    (GameConfig(num_types=9), 6),  # more types than clients: one type per client
+  (GameConfig(num_types=4), 12),
+  (GameConfig(num_types=1), 7),
+  (GameConfig(num_types=5, lam=40.0, eps_max=1.0), 13),  # caps bind
+  (GameConfig(num_types=9), 6),  # more types than clients: one type per client
 ]
 
 
@@ -64,8 +65,9 @@ def test_contract_is_individually_rational_and_incentive_compatible(cfg, clients
   assert np.all((eps >= 0) & (eps <= cfg.eps_max + TOL))
   # Binding IR of the highest-cost type and binding local downward IC.
   np.testing.assert_allclose(rewards[:, -1], theta[:, -1] * eps[:, -1], atol=TOL)
-  np.testing.assert_allclose(rewards[:, :-1] - theta[:, :-1] * eps[:, :-1],
-                             rewards[:, 1:] - theta[:, :-1] * eps[:, 1:], atol=TOL)
+  np.testing.assert_allclose(
+    rewards[:, :-1] - theta[:, :-1] * eps[:, :-1], rewards[:, 1:] - theta[:, :-1] * eps[:, 1:], atol=TOL
+  )
   # IR and IC for every type: [G, type, item].
   type_value = rewards[:, None, :] - theta[:, :, None] * eps[:, None, :]
   own = np.diagonal(type_value, axis1=1, axis2=2)
@@ -88,7 +90,7 @@ def test_contract_irregular_types_are_ironed_and_the_menu_is_optimal():
   costs, weights = jnp.array([1.0, 1.1, 1.2, 1.3]), jnp.array([1.0, 0.2, 5.0, 1.0])
   menu = baselines.contract_menu(costs, weights, cfg)
   eps = np.asarray(menu.budgets)
-  assert eps[1] == pytest.approx(eps[2]) and 0 < eps[2] and eps[0] >= eps[1]
+  assert eps[1] == pytest.approx(eps[2]) and eps[2] > 0 and eps[0] >= eps[1]
   rng = np.random.default_rng(4)
   trials = -np.sort(-rng.uniform(0.0, cfg.eps_max, (20000, 4)), axis=1)
   best = _menu_profit(cfg.lam, menu, eps[None])[0]
@@ -104,7 +106,7 @@ def test_contract_menu_beats_random_monotone_menus(cfg):
   for g in range(20):
     menu = jax.tree.map(lambda a, g=g: np.asarray(a[g]), menus)
     trials = -np.sort(-rng.uniform(0.0, cfg.eps_max, (4000, cfg.num_types)), axis=1)
-    trials[:cfg.num_types + 1] = cfg.eps_max * np.tri(cfg.num_types + 1, cfg.num_types, -1)  # the vertices
+    trials[: cfg.num_types + 1] = cfg.eps_max * np.tri(cfg.num_types + 1, cfg.num_types, -1)  # the vertices
     best = _menu_profit(cfg.lam, menu, menu.budgets[None])[0]
     assert best >= _menu_profit(cfg.lam, menu, trials).max() - TOL
     np.testing.assert_allclose(menu.rewards, _menu_rewards(menu.type_costs, menu.budgets), atol=TOL)
@@ -115,8 +117,8 @@ def test_contract_menu_beats_random_monotone_menus(cfg):
 # ---------------------------------------------------------------------------------------------------------
 
 WELFARE_CASES = [
-    (GameConfig(), 12),
-    (GameConfig(lam=40.0, eps_max=1.0, num_types=3, num_aggregators=2), 12),  # caps bind
+  (GameConfig(), 12),
+  (GameConfig(lam=40.0, eps_max=1.0, num_types=3, num_aggregators=2), 12),  # caps bind
 ]
 
 
@@ -154,8 +156,9 @@ def test_social_optimum_beats_random_feasible_points():
   best = np.asarray(_solve(baselines.social_optimum, costs, weights, cfg).social_welfare)
   rng = np.random.default_rng(10)
   trials = rng.uniform(0.0, cfg.eps_max, (20, 5000, 8)) * (rng.uniform(size=(20, 5000, 8)) < 0.7)
-  welfare = (cfg.lam * np.log1p(np.einsum("gsn,gn->gs", trials, weights))
-             - np.einsum("gsn,gn->gs", trials, costs))
+  welfare = cfg.lam * np.log1p(np.einsum("gsn,gn->gs", trials, weights)) - np.einsum(
+    "gsn,gn->gs", trials, costs
+  )
   assert np.all(best[:, None] >= welfare - TOL)
 
 
@@ -170,16 +173,20 @@ def test_posted_price_optimum_beats_a_fine_price_grid(cfg):
   out = _solve(baselines.posted_price, costs, weights, cfg)
   prices = np.linspace(0.0, 2.5, 5001)
   takes = costs[:, None, :] <= prices[None, :, None]  # [G, P, N]
-  grid = (cfg.lam * np.log1p(cfg.eps_max * np.sum(takes * weights[:, None, :], axis=2))
-          - prices[None, :] * cfg.eps_max * np.sum(takes, axis=2))
+  grid = cfg.lam * np.log1p(cfg.eps_max * np.sum(takes * weights[:, None, :], axis=2)) - prices[
+    None, :
+  ] * cfg.eps_max * np.sum(takes, axis=2)
   assert np.all(out.server_utility >= grid.max(axis=1) - TOL)
   # One price for all: clients take eps_max exactly when their cost is below it, each paid p eps_max.
   eps = np.asarray(out.budgets)
   assert np.all((eps == 0) | (eps == cfg.eps_max))
   price = out.payments / np.where(eps > 0, eps, 1.0)
   some = (eps > 0).any(axis=1)
-  np.testing.assert_allclose(np.where(eps > 0, price, -np.inf).max(axis=1)[some],
-                             np.where(eps > 0, price, np.inf).min(axis=1)[some], rtol=1e-12)
+  np.testing.assert_allclose(
+    np.where(eps > 0, price, -np.inf).max(axis=1)[some],
+    np.where(eps > 0, price, np.inf).min(axis=1)[some],
+    rtol=1e-12,
+  )
   taker_cost = np.where(eps > 0, costs, -np.inf).max(axis=1)
   refuser_cost = np.where(eps > 0, np.inf, costs).min(axis=1)
   assert np.all(taker_cost < refuser_cost)
@@ -275,7 +282,9 @@ def test_three_party_handles_few_clients_and_one_aggregator():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, costs, weights, cfg, match", [
+@pytest.mark.parametrize(
+  "name, costs, weights, cfg, match",
+  [
     ("stackelberg", [1.0], [1.0], GameConfig(), "at least 2 clients"),
     ("contract", [1.0, 0.0], [1.0, 1.0], GameConfig(), r"costs\[1\]=0.0"),
     ("posted_price", [1.0, np.nan], [1.0, 1.0], GameConfig(), r"costs\[1\]=nan"),
@@ -286,7 +295,8 @@ def test_three_party_handles_few_clients_and_one_aggregator():
     ("auction", [1.0, 2.0], [1.0, 1.0], GameConfig(), "mechanism='auction'"),
     ("contract", [1.0, 2.0], [1.0, 1.0], GameConfig(quality="dp"), "quality='dp'"),
     ("contract", [1.0, 2.0], [1.0, 1.0], {"lam": 1.0}, "expected a GameConfig"),
-])
+  ],
+)
 def test_bad_inputs_raise_config_errors(name, costs, weights, cfg, match):
   with pytest.raises(ConfigError, match=match):
     baselines.solve_mechanism(name, np.asarray(costs), np.asarray(weights), cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ import optax
 import pytest
 
 from fcfn_jax.checkpoint import Checkpointer
-from fcfn_jax.config import ConfigError
+from fcfn_jax.validate import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLIENTS = 6
@@ -42,7 +43,6 @@ class SimState(NamedTuple):
 
 
 class _Net(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     x = nn.relu(nn.Conv(4, (3, 3))(x))
@@ -60,15 +60,22 @@ def make_state(seed: int) -> SimState:
   _, opt_state = opt.update(grads, opt_state, params)  # non-trivial moments and count
   spent = jax.random.uniform(jax.random.fold_in(key, 1), (NUM_CLIENTS,))
   mechanism = MechanismState(price=2.0 * spent, budgets=jnp.arange(NUM_CLIENTS, dtype=jnp.float32))
-  return SimState(params=params, opt_state=opt_state, round=jnp.asarray(seed, jnp.int32), key=key,
-                  client_keys=jax.random.split(jax.random.key(seed), NUM_CLIENTS), privacy_spent=spent,
-                  mechanism=mechanism)
+  return SimState(
+    params=params,
+    opt_state=opt_state,
+    round=jnp.asarray(seed, jnp.int32),
+    key=key,
+    client_keys=jax.random.split(jax.random.key(seed), NUM_CLIENTS),
+    privacy_spent=spent,
+    mechanism=mechanism,
+  )
 
 
 def _key_data(tree):
   """Typed keys -> their uint32 data, so chex can compare them."""
   return jax.tree.map(
-      lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
+    lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree
+  )
 
 
 def assert_same_state(actual, expected):
@@ -77,8 +84,11 @@ def assert_same_state(actual, expected):
 
 
 def metadata(step: int) -> dict:
-  return {"config": {"rounds": 10, "mechanism": "stackelberg"}, "round": step,
-          "history": [{"round": r, "accuracy": 0.1 * r, "participants": r + 2} for r in range(step)]}
+  return {
+    "config": {"rounds": 10, "mechanism": "stackelberg"},
+    "round": step,
+    "history": [{"round": r, "accuracy": 0.1 * r, "participants": r + 2} for r in range(step)],
+  }
 
 
 @pytest.fixture
@@ -145,14 +155,22 @@ def test_save_rejects_bad_input_before_writing(ckpt_dir):
   assert os.listdir(ckpt_dir) == ["2"]
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize(
+  "change, message",
+  [
     (lambda s: s._replace(privacy_spent=jnp.zeros(NUM_CLIENTS + 1)), r"privacy_spent: checkpoint \(\(6,\)"),
-    (lambda s: s._replace(privacy_spent=s.privacy_spent.astype(jnp.int32)),
-     r"privacy_spent: checkpoint .*'float32'\) vs template .*'int32'"),
+    (
+      lambda s: s._replace(privacy_spent=s.privacy_spent.astype(jnp.int32)),
+      r"privacy_spent: checkpoint .*'float32'\) vs template .*'int32'",
+    ),
     (lambda s: s._replace(mechanism={"price": s.mechanism.price}), r"mechanism/budgets: not in the template"),
-    (lambda s: s._replace(mechanism=s.mechanism._replace(budgets={"a": s.mechanism.budgets})),
-     r"mechanism/budgets/a: not in the checkpoint"),
-], ids=["shape", "dtype", "template_lacks_leaf", "template_has_extra_leaf"])
+    (
+      lambda s: s._replace(mechanism=s.mechanism._replace(budgets={"a": s.mechanism.budgets})),
+      r"mechanism/budgets/a: not in the checkpoint",
+    ),
+  ],
+  ids=["shape", "dtype", "template_lacks_leaf", "template_has_extra_leaf"],
+)
 def test_template_mismatch_is_a_clear_error(ckpt_dir, change, message):
   with Checkpointer(ckpt_dir) as ckpt:
     ckpt.save(1, make_state(1))
@@ -193,8 +211,14 @@ _CRASHING_SAVE = textwrap.dedent("""
 @pytest.mark.parametrize("crash_point", ["mid_write", "before_commit"])
 def test_crash_mid_save_keeps_previous_step(ckpt_dir, crash_point):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _CRASHING_SAVE, ckpt_dir, crash_point], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", _CRASHING_SAVE, ckpt_dir, crash_point],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 17, proc.stderr[-3000:]
   leftovers = glob.glob(os.path.join(ckpt_dir, "2.orbax-checkpoint-tmp*"))
   assert leftovers, os.listdir(ckpt_dir)  # the crash really left a partial step behind
@@ -211,13 +235,14 @@ def test_crash_mid_save_keeps_previous_step(ckpt_dir, crash_point):
 
 
 _CORRUPTIONS = {
-    "truncated_array_data": lambda step_dir: [
-        open(f, "w").close() for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"),
-                                                 recursive=True)],
-    "garbled_metadata_json": lambda step_dir: open(os.path.join(step_dir, "metadata", "metadata"),
-                                                   "w").write('{"round": 2, "hist'),
-    "missing_tree_metadata": lambda step_dir: os.remove(os.path.join(step_dir, "state", "_METADATA")),
-    "empty_step_dir": lambda step_dir: (shutil.rmtree(step_dir), os.mkdir(step_dir)),
+  "truncated_array_data": lambda step_dir: [
+    open(f, "w").close() for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  ],
+  "garbled_metadata_json": lambda step_dir: pathlib.Path(step_dir, "metadata", "metadata").write_text(
+    '{"round": 2, "hist'
+  ),
+  "missing_tree_metadata": lambda step_dir: os.remove(os.path.join(step_dir, "state", "_METADATA")),
+  "empty_step_dir": lambda step_dir: (shutil.rmtree(step_dir), os.mkdir(step_dir)),
 }
 
 

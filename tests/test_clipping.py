@@ -28,7 +28,6 @@ def _setup():
 
 
 class ClippingTest(chex.TestCase):
-
   @parameterized.named_parameters(("logreg", False), ("cnn", True))
   def test_per_example_grads_match_single_example_grads(self, cnn):
     loss_fn, params, x, y = _setup()
@@ -39,7 +38,9 @@ class ClippingTest(chex.TestCase):
     chex.assert_shape(losses, (BATCH,))
     single_grad = jax.jit(jax.grad(lambda p, xj, yj: loss_fn(p, xj[None], yj[None])[0]))
     for j in range(BATCH):
-      chex.assert_trees_all_close(jax.tree.map(lambda g: g[j], grads), single_grad(params, x[j], y[j]), atol=1e-6)
+      chex.assert_trees_all_close(
+        jax.tree.map(lambda g, j=j: g[j], grads), single_grad(params, x[j], y[j]), atol=1e-6
+      )
     chex.assert_trees_all_close(losses, loss_fn(params, x, y), atol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -56,8 +57,9 @@ class ClippingTest(chex.TestCase):
     expected = jax.tree.map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), grads)
     chex.assert_trees_all_close(contributions, expected, rtol=1e-6, atol=1e-7)
     unclipped = np.asarray(raw_norms <= CLIP)
-    chex.assert_trees_all_equal(jax.tree.map(lambda c: c[unclipped], contributions),
-                                jax.tree.map(lambda g: g[unclipped], grads))
+    chex.assert_trees_all_equal(
+      jax.tree.map(lambda c: c[unclipped], contributions), jax.tree.map(lambda g: g[unclipped], grads)
+    )
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_masked_examples_contribute_exactly_nothing(self):
@@ -68,8 +70,9 @@ class ClippingTest(chex.TestCase):
     garbage_x = jnp.where(mask.reshape(-1, 1, 1, 1), x, fill)
     garbage_y = jnp.where(mask, y, 2 - y)
     clipped_sum_fn = clipping.vmap_clipped_sum(clipping.per_example_value_and_grad(loss_fn))
-    dp = self.variant(lambda xx, yy: clipping.dp_gradient(clipped_sum_fn, params, xx, yy, mask, 1.5,
-                                                          jax.random.key(3), CLIP))
+    dp = self.variant(
+      lambda xx, yy: clipping.dp_gradient(clipped_sum_fn, params, xx, yy, mask, 1.5, jax.random.key(3), CLIP)
+    )
     clean, dirty = dp(x, y), dp(garbage_x, garbage_y)
     chex.assert_trees_all_equal(clean, dirty)
     chex.assert_tree_all_finite(dirty)
@@ -81,8 +84,9 @@ class ClippingTest(chex.TestCase):
     mask = jnp.array([True, True, True, False, False, False])
     per_example_fn = clipping.per_example_value_and_grad(loss_fn)
     clipped_sum_fn = clipping.vmap_clipped_sum(per_example_fn)
-    out = self.variant(clipping.dp_gradient, static_argnums=0)(clipped_sum_fn, params, x, y, mask, 0.0,
-                                                                jax.random.key(0), CLIP)
+    out = self.variant(clipping.dp_gradient, static_argnums=0)(
+      clipped_sum_fn, params, x, y, mask, 0.0, jax.random.key(0), CLIP
+    )
     summed, _ = clipping.clip_and_sum(per_example_fn(params, x, y)[1], mask, CLIP)
     # Divided by the fixed batch B = 6, not by the 3 valid examples.
     chex.assert_trees_all_close(out.grad, jax.tree.map(lambda s: s / BATCH, summed), atol=1e-7)
@@ -96,8 +100,16 @@ class ClippingTest(chex.TestCase):
       return jnp.zeros(x.shape[0]), jax.tree.map(lambda q: jnp.zeros((x.shape[0], *q.shape)), p)
 
     def noisy_grad(z, key):
-      return clipping.dp_gradient(clipping.vmap_clipped_sum(zero_grads), params, jnp.zeros((BATCH, 1)),
-                                  jnp.zeros(BATCH, jnp.int32), jnp.ones(BATCH, bool), z, key, 2.0).grad
+      return clipping.dp_gradient(
+        clipping.vmap_clipped_sum(zero_grads),
+        params,
+        jnp.zeros((BATCH, 1)),
+        jnp.zeros(BATCH, jnp.int32),
+        jnp.ones(BATCH, bool),
+        z,
+        key,
+        2.0,
+      ).grad
 
     multipliers = jnp.array([0.5, 1.0, 3.0])
     grads = jax.jit(jax.vmap(noisy_grad))(multipliers, jax.random.split(jax.random.key(7), 3))

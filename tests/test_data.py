@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -12,21 +11,24 @@ import pytest
 import tensorflow_datasets as tfds
 
 from fcfn_jax import data
-from fcfn_jax.config import ConfigError, DataConfig
+from fcfn_jax.config import DataConfig
+from fcfn_jax.validate import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LEAF_FILE = SHARED / "femnist_leaf_subset.npz"
 needs_shared = pytest.mark.skipif(
-    not all((SHARED / name).is_file() for name in (LEAF_FILE.name, *data.CIFAR10_FILES)),
-    reason=f"the shared real data ({SHARED}) is not available")
+  not all((SHARED / name).is_file() for name in (LEAF_FILE.name, *data.CIFAR10_FILES)),
+  reason=f"the shared real data ({SHARED}) is not available",
+)
 
 
 def _random_dataset(n=60, num_classes=5, shape=(4, 4, 1), seed=0, num_writers=None) -> data.Dataset:
   rng = np.random.default_rng(seed)
   groups = None if num_writers is None else rng.integers(0, num_writers, n)
-  return data.make_dataset(rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, num_classes, n),
-                           num_classes, groups)
+  return data.make_dataset(
+    rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, num_classes, n), num_classes, groups
+  )
 
 
 def _project_arrays(n_train=30, n_test=10, shape=(28, 28, 1), num_classes=10, writers=True) -> dict:
@@ -72,8 +74,12 @@ def test_project_npz_without_writers_has_no_groups(tmp_path):
   cfg = DataConfig(source="npz", path=str(path), num_clients=2, min_examples_per_client=1)
   with pytest.raises(ConfigError, match="writer ids"):
     data.load_federated(cfg)
-  assert data.load_federated(DataConfig(source="npz", path=str(path), partition="iid", num_clients=3,
-                                        min_examples_per_client=1)).pool.num_examples.sum() == 30
+  assert (
+    data.load_federated(
+      DataConfig(source="npz", path=str(path), partition="iid", num_clients=3, min_examples_per_client=1)
+    ).pool.num_examples.sum()
+    == 30
+  )
 
 
 def test_leaf_layout_inverts_and_splits(tmp_path):
@@ -103,8 +109,9 @@ def test_shared_femnist_file():
   # A writer with a LEAF train part keeps LEAF's split, inverted.
   w = writer[np.flatnonzero(leaf_split == 0)[0]]
   for split, code in zip(splits, (0, 1)):
-    np.testing.assert_array_equal(split.x[split.groups == w, ..., 0],
-                                  255 - raw_x[(writer == w) & (leaf_split == code)])
+    np.testing.assert_array_equal(
+      split.x[split.groups == w, ..., 0], 255 - raw_x[(writer == w) & (leaf_split == code)]
+    )
 
 
 @needs_shared
@@ -137,8 +144,9 @@ def test_embedded_default_loads_offline():
 
 @needs_shared
 def test_embedded_asset_regenerates_exactly(tmp_path):
-  spec = importlib.util.spec_from_file_location("make_embedded_dataset",
-                                                REPO / "scripts" / "make_embedded_dataset.py")
+  spec = importlib.util.spec_from_file_location(
+    "make_embedded_dataset", REPO / "scripts" / "make_embedded_dataset.py"
+  )
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
   digest = hashlib.sha256(LEAF_FILE.read_bytes()).hexdigest()
@@ -152,11 +160,7 @@ def test_embedded_asset_regenerates_exactly(tmp_path):
   assert (tmp_path / "asset.npz").read_bytes() == data.EMBEDDED_PATH.read_bytes()
 
 
-def test_normalize_and_subsample():
-  x = np.array([0, 51, 255], np.uint8)
-  normalized = data.normalize(x)
-  assert normalized.dtype == np.float32
-  np.testing.assert_allclose(normalized, [0.0, 0.2, 1.0])
+def test_subsample():
   dataset = _random_dataset(n=50)
   sub = data.subsample(dataset, 20, seed=3)
   assert len(sub.y) == 20 and sub.x.shape == (20, 4, 4, 1)
@@ -185,10 +189,26 @@ def test_tfds_emnist_is_transposed_upright(tmp_path):
 
 def test_tfds_federated_cifar10_and_digits(tmp_path):
   with _mock_tfds(num_examples=40):
-    cifar = data.load_federated(DataConfig(dataset="cifar10", source="tfds", path=str(tmp_path),
-                                           partition="iid", num_clients=4, min_examples_per_client=1))
-    digits = data.load_federated(DataConfig(dataset="emnist", source="tfds", partition="dirichlet",
-                                            digits_only=True, num_clients=2, min_examples_per_client=1))
+    cifar = data.load_federated(
+      DataConfig(
+        dataset="cifar10",
+        source="tfds",
+        path=str(tmp_path),
+        partition="iid",
+        num_clients=4,
+        min_examples_per_client=1,
+      )
+    )
+    digits = data.load_federated(
+      DataConfig(
+        dataset="emnist",
+        source="tfds",
+        partition="dirichlet",
+        digits_only=True,
+        num_clients=2,
+        min_examples_per_client=1,
+      )
+    )
   assert cifar.pool.x.shape == (4, 10, 32, 32, 3) and cifar.num_classes == 10
   assert cifar.input_shape == (32, 32, 3) and cifar.test.x.shape == (40, 32, 32, 3)
   assert digits.num_classes == 10 and digits.pool.num_examples.sum() == 40
@@ -206,8 +226,8 @@ def test_tfds_errors(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 PARTITIONERS = {
-    "dirichlet": lambda seed: data.partition_dirichlet(_random_dataset(n=300).y, 6, 0.5, 5, seed),
-    "iid": lambda seed: data.partition_iid(300, 7, 10, seed),
+  "dirichlet": lambda seed: data.partition_dirichlet(_random_dataset(n=300).y, 6, 0.5, 5, seed),
+  "iid": lambda seed: data.partition_iid(300, 7, 10, seed),
 }
 
 
@@ -261,7 +281,7 @@ def test_partition_errors():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Packing and bucketing.
+# Packing.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -273,8 +293,7 @@ def test_pack_clients_layout_and_padding():
   np.testing.assert_array_equal(pool.num_examples, [5, 5, 2, 1])
   assert pool.x.shape == (4, 5, 4, 4, 1) and pool.y.shape == (4, 5)
   assert pool.num_examples.dtype == np.int32 and pool.y.dtype == np.int32 and pool.x.dtype == np.uint8
-  mask = np.asarray(data.example_mask(pool.num_examples, 5))
-  np.testing.assert_array_equal(mask, np.arange(5) < pool.num_examples[:, None])
+  mask = np.arange(5) < pool.num_examples[:, None]
   for row, k in enumerate(order):
     n = len(clients[k])
     np.testing.assert_array_equal(pool.x[row, :n], dataset.x[clients[k]])
@@ -304,49 +323,6 @@ def test_pack_clients_errors():
     data.pack_clients(dataset, [np.array([0, 1])], capacity=0)
   with pytest.raises(ConfigError, match="client_indices is empty"):
     data.pack_clients(dataset, [])
-
-
-def _padded_slots(sizes, buckets):
-  return sum(len(b) * max(sizes[k] for k in b) for b in buckets)
-
-
-def test_bucket_clients_is_optimal_on_small_cases():
-  sizes = np.array([5, 40, 7, 300, 12, 9, 64, 33])
-  buckets = data.bucket_clients(sizes, 3)
-  _assert_covers_once(buckets, len(sizes))
-  assert all(len(b) > 0 for b in buckets)
-  ordered = np.sort(sizes)[::-1]
-  best = min(sum((j - i) * ordered[i] for i, j in zip((0, *cut), (*cut, len(sizes))))
-             for cut in itertools.combinations(range(1, len(sizes)), 2))
-  assert _padded_slots(sizes, buckets) == best
-  assert [len(b) for b in data.bucket_clients(sizes, len(sizes))] == [1] * len(sizes)
-
-
-def test_bucketing_improves_padding_efficiency():
-  rng = np.random.default_rng(0)
-  sizes = np.maximum(1, rng.lognormal(3.0, 1.0, 200).astype(int))  # heavy-tailed, like writer sizes
-  offsets = np.concatenate([[0], np.cumsum(sizes)])
-  dataset = _random_dataset(n=int(offsets[-1]), shape=(2, 2, 1))
-  clients = [np.arange(offsets[k], offsets[k + 1]) for k in range(len(sizes))]
-  single = data.padding_efficiency(data.pack_clients(dataset, clients))
-  bucketed = data.padding_efficiency(
-      [data.pack_clients(dataset, [clients[k] for k in bucket]) for bucket in data.bucket_clients(sizes, 4)])
-  print(f"padding efficiency, 200 lognormal clients: single pool {single:.3f}, 4 buckets {bucketed:.3f}")
-  assert bucketed > 3 * single
-  # The embedded default's writer clients (DataConfig()): one pool vs 4 buckets.
-  pool = data.load_federated(DataConfig()).pool
-  sizes = pool.num_examples
-  bucketed = (sizes.sum() / _padded_slots(sizes, data.bucket_clients(sizes, 4)))
-  print(f"padding efficiency, embedded writers: single pool {data.padding_efficiency(pool):.3f}, "
-        f"4 buckets {bucketed:.3f}")
-  assert bucketed > 1.5 * data.padding_efficiency(pool)
-
-
-def test_bucket_clients_errors():
-  with pytest.raises(ConfigError, match="num_buckets=5"):
-    data.bucket_clients([3, 4], 5)
-  with pytest.raises(ConfigError, match="sizes="):
-    data.bucket_clients([3, 0], 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -381,11 +357,18 @@ def test_missing_keys_and_unknown_layout(tmp_path):
   with pytest.raises(ConfigError, match=r"has keys \['a', 'b'\]: expected the project layout"):
     data.load_npz(_save(tmp_path, {"a": np.zeros(2), "b": np.zeros(2)}, "other.npz"))
   with pytest.raises(ConfigError, match=r"lacks keys \['leaf_split'\]"):
-    data.load_npz(_save(tmp_path, {"x": np.zeros((2, 28, 28), np.uint8), "y": np.zeros(2, int),
-                                   "writer": np.zeros(2, int)}, "leaf.npz"))
+    data.load_npz(
+      _save(
+        tmp_path,
+        {"x": np.zeros((2, 28, 28), np.uint8), "y": np.zeros(2, int), "writer": np.zeros(2, int)},
+        "leaf.npz",
+      )
+    )
 
 
-@pytest.mark.parametrize("key, value, message", [
+@pytest.mark.parametrize(
+  "key, value, message",
+  [
     ("train_image", np.zeros((30, 28, 28, 1), np.float32), "dtype float32: expected uint8"),
     ("train_image", np.zeros((30, 784), np.uint8), r"shape \(30, 784\): expected \[n >= 1, H, W, C\]"),
     ("train_label", np.full(30, np.nan), "dtype float64: expected integers"),
@@ -393,7 +376,8 @@ def test_missing_keys_and_unknown_layout(tmp_path):
     ("train_label", np.zeros(29, int), r"shape \(29,\): expected \[30\]"),
     ("test_writer", -np.ones(10, int), r"writer ids\[0\]=-1 is out of range"),
     ("num_classes", np.array(2.5), "num_classes=array"),
-])
+  ],
+)
 def test_bad_arrays(tmp_path, key, value, message):
   arrays = _project_arrays()
   arrays[key] = value
@@ -405,18 +389,22 @@ def test_image_shape_must_match_dataset(tmp_path):
   path = _save(tmp_path, _project_arrays(shape=(32, 32, 3)))
   with pytest.raises(ConfigError, match=r"expected \[n, 28, 28, 1\] for dataset='femnist'"):
     data.load_splits(DataConfig(source="npz", path=str(path), partition="iid"))
-  assert data.load_splits(DataConfig(dataset="cifar10", source="npz", path=str(path),
-                                     partition="iid")).train.x.shape == (30, 32, 32, 3)
+  assert data.load_splits(
+    DataConfig(dataset="cifar10", source="npz", path=str(path), partition="iid")
+  ).train.x.shape == (30, 32, 32, 3)
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(capacity=-1), "capacity=-1"),
     (dict(test_examples=1.5), "test_examples=1.5"),
     (dict(digits_only="yes"), "digits_only='yes'"),
     (dict(digits_only=True, dataset="cifar10", partition="iid"), "digits_only=True is invalid"),
     (dict(num_clients=1), "num_clients=1"),
     (dict(dirichlet_alpha=0.0), "dirichlet_alpha=0.0"),
-])
+  ],
+)
 def test_bad_config_values(kwargs, message):
   with pytest.raises(ConfigError, match=message):
     DataConfig(**kwargs)

@@ -1,4 +1,4 @@
-"""Closed-form proportional-share equilibrium (fcfn_jax/game/equilibrium.py), DESIGN.md "The game"."""
+"""Closed-form proportional-share equilibrium (fcfn_jax/game/equilibrium.py), docs/model.md "The game"."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcfn_jax.config import ConfigError
 from fcfn_jax.game import equilibrium, solver
+from fcfn_jax.validate import ConfigError
 from tests.games import paid_games
-
 
 pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
@@ -49,7 +48,8 @@ def test_closed_form_has_no_profitable_deviation():
   eps = budgets(payment, costs, weights)
   grid = jnp.linspace(0.0, 1.0, 2001)[:, None] * 1.5 * jnp.max(eps, -1)[:, None, None]
   gains = jax.jit(jax.vmap(solver.unilateral_gains, in_axes=(None, 0, 0, 0, 0)), static_argnums=0)(
-      solver.proportional_share_utility, eps, weights, solver.ShareParams(payment, costs), grid)
+    solver.proportional_share_utility, eps, weights, solver.ShareParams(payment, costs), grid
+  )
   utility = jax.vmap(equilibrium.follower_utilities)(payment, weights * eps, costs / weights)
   assert np.all(gains <= 1e-6 * np.maximum(np.abs(utility), 1e-9 * payment[:, None]))
 
@@ -59,18 +59,22 @@ def test_follower_utilities_match_the_solver_utility():
   eps = budgets(payment, costs, weights)
   aggregate = jnp.broadcast_to(jnp.sum(weights * eps, -1, keepdims=True), eps.shape)
   np.testing.assert_allclose(
-      jax.vmap(equilibrium.follower_utilities)(payment, weights * eps, costs / weights),
-      jax.vmap(solver.proportional_share_utility)(eps, aggregate, weights,
-                                                  solver.ShareParams(payment, costs)),
-      rtol=1e-12, atol=1e-12)
+    jax.vmap(equilibrium.follower_utilities)(payment, weights * eps, costs / weights),
+    jax.vmap(solver.proportional_share_utility)(eps, aggregate, weights, solver.ShareParams(payment, costs)),
+    rtol=1e-12,
+    atol=1e-12,
+  )
 
 
 def test_aggregate_response_and_closed_form_payment():
   lam = np.random.default_rng(4).uniform(0.1, 20.0, 256)
   payment, costs, weights = paid_games(4, 256, 8)
   k = costs / weights
-  np.testing.assert_allclose(jax.vmap(equilibrium.aggregate_response)(payment, k),
-                             np.sum(weights * budgets(payment, costs, weights), -1), rtol=1e-12)
+  np.testing.assert_allclose(
+    jax.vmap(equilibrium.aggregate_response)(payment, k),
+    np.sum(weights * budgets(payment, costs, weights), -1),
+    rtol=1e-12,
+  )
   best = jax.vmap(equilibrium.closed_form_payment)(lam, costs, weights)
   slope = jax.vmap(equilibrium.aggregate_response)(np.ones(256), k)  # X(R) = R (|S| - 1) / K_S
   grid = np.linspace(0.0, 1.0, 4001)[:, None] * (lam + 1.0)
@@ -87,12 +91,15 @@ def test_vmap_over_64_games_equals_a_python_loop():
   np.testing.assert_allclose(budgets(payment, costs, weights), looped, rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("costs, weights, message", [
+@pytest.mark.parametrize(
+  "costs, weights, message",
+  [
     ([1.0], [1.0], "at least 2 clients"),
     ([1.0, 0.0], [1.0, 1.0], r"costs\[1\]=0.0"),
     ([1.0, np.nan], [1.0, 1.0], r"costs\[1\]=nan"),
     ([1.0, 2.0], [1.0, -1.0], r"weights\[1\]=-1.0"),
-])
+  ],
+)
 def test_invalid_clients_raise_config_error(costs, weights, message):
   with pytest.raises(ConfigError, match=message):
     equilibrium.closed_form_budgets(1.0, np.asarray(costs), np.asarray(weights))

@@ -10,8 +10,9 @@ import optax
 import pytest
 
 from fcfn_jax import federated, models
-from fcfn_jax.config import ConfigError, FederatedConfig, PrivacyConfig
+from fcfn_jax.config import FederatedConfig, PrivacyConfig
 from fcfn_jax.data import ClientPool
+from fcfn_jax.validate import ConfigError
 
 SHAPE = (8, 8, 1)
 CLASSES = 3
@@ -36,8 +37,16 @@ def _state(model=LOGREG, fed=FED):
 
 
 def _round(state, pool, z, w, key, model=LOGREG, fed=FED, privacy=PRIVATE):
-  return federated.federated_round(state, pool, jnp.asarray(z, jnp.float32), jnp.asarray(w, jnp.float32),
-                                   key, apply_fn=model.apply, fed=fed, privacy=privacy)
+  return federated.federated_round(
+    state,
+    pool,
+    jnp.asarray(z, jnp.float32),
+    jnp.asarray(w, jnp.float32),
+    key,
+    apply_fn=model.apply,
+    fed=fed,
+    privacy=privacy,
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -53,8 +62,9 @@ def test_sampling_masks_distinct_valid_slots(capacity, n):
   # Slot s holds pixel value s, so the sampled pixels reveal the sampled slots.
   slots = np.arange(capacity, dtype=np.uint8)
   x = np.broadcast_to(slots[:, None, None, None], (capacity, 2, 2, 1))
-  xs, ys, mask = _sample(jax.random.key(n), x, slots.astype(np.int32) + 100, jnp.int32(n), steps=steps,
-                         batch=batch)
+  xs, ys, mask = _sample(
+    jax.random.key(n), x, slots.astype(np.int32) + 100, jnp.int32(n), steps=steps, batch=batch
+  )
   chex.assert_shape([xs, ys, mask], [(steps, batch, 2, 2, 1), (steps, batch), (steps, batch)])
   assert xs.dtype == jnp.float32 and ys.dtype == jnp.int32 and mask.dtype == jnp.bool_
   np.testing.assert_array_equal(mask.sum(axis=1), min(batch, n))
@@ -80,11 +90,14 @@ def test_sampling_is_uniform_over_valid_slots():
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model,privacy", [
+@pytest.mark.parametrize(
+  "model,privacy",
+  [
     pytest.param(LOGREG, PRIVATE, id="logreg-dp"),
     pytest.param(LOGREG, NON_PRIVATE, id="logreg-nonprivate"),
     pytest.param(CNN, PRIVATE, id="cnn-dp", marks=pytest.mark.slow),  # ~20 s of XLA compile on CPU
-])
+  ],
+)
 def test_round_equals_per_client_loop(model, privacy):
   """Noise off: the vmapped round == client_update per client in Python + manual FedAvg + server SGD."""
   pool, state, key = _pool(), _state(model), jax.random.key(5)
@@ -93,9 +106,20 @@ def test_round_equals_per_client_loop(model, privacy):
 
   update = jax.jit(federated.client_update, static_argnames=("apply_fn", "fed", "privacy"))
   round_key = jax.random.fold_in(key, 0)
-  results = [update(state.params, pool.x[i], pool.y[i], pool.num_examples[i], 0.0,
-                    jax.random.fold_in(round_key, i), apply_fn=model.apply, fed=FED, privacy=privacy)
-             for i in range(CLIENTS)]
+  results = [
+    update(
+      state.params,
+      pool.x[i],
+      pool.y[i],
+      pool.num_examples[i],
+      0.0,
+      jax.random.fold_in(round_key, i),
+      apply_fn=model.apply,
+      fed=FED,
+      privacy=privacy,
+    )
+    for i in range(CLIENTS)
+  ]
   stacked = jax.tree.map(lambda *r: np.stack(r), *results)
   a = weights * NUM_EXAMPLES
   mean_delta = jax.tree.map(lambda d: np.tensordot(a, d, axes=1) / a.sum(), stacked.delta)
@@ -116,8 +140,16 @@ def test_chunked_equals_unchunked(chunk_size):
   pool, state, key = _pool(), _state(), jax.random.key(2)
   z, w = np.full(CLIENTS, 0.8), np.ones(CLIENTS)
   whole, whole_metrics = _round(state, pool, z, w, key)
-  chunked, chunked_metrics = _round(state, pool, z, w, key, fed=FederatedConfig(
-      local_steps=FED.local_steps, batch_size=FED.batch_size, client_lr=FED.client_lr, chunk_size=chunk_size))
+  chunked, chunked_metrics = _round(
+    state,
+    pool,
+    z,
+    w,
+    key,
+    fed=FederatedConfig(
+      local_steps=FED.local_steps, batch_size=FED.batch_size, client_lr=FED.client_lr, chunk_size=chunk_size
+    ),
+  )
   chex.assert_trees_all_close(whole, chunked, atol=1e-6)
   chex.assert_trees_all_close(whole_metrics, chunked_metrics, atol=1e-6)
 
@@ -139,8 +171,17 @@ def test_sitting_out_clients_contribute_nothing():
 
 def test_sit_out_client_update_is_zero_and_finite():
   pool, state = _pool(), _state()
-  result = federated.client_update(state.params, pool.x[0], pool.y[0], pool.num_examples[0], jnp.inf,
-                                   jax.random.key(0), apply_fn=LOGREG.apply, fed=FED, privacy=PRIVATE)
+  result = federated.client_update(
+    state.params,
+    pool.x[0],
+    pool.y[0],
+    pool.num_examples[0],
+    jnp.inf,
+    jax.random.key(0),
+    apply_fn=LOGREG.apply,
+    fed=FED,
+    privacy=PRIVATE,
+  )
   chex.assert_trees_all_equal(result.delta, jax.tree.map(jnp.zeros_like, state.params))
   chex.assert_tree_all_finite(result)
 
@@ -152,8 +193,9 @@ def test_client_noise_is_independent_per_step_with_std_zc():
   assert NUM_EXAMPLES[2] == 0
 
   def scaled_delta(key):
-    result = federated.client_update(state.params, pool.x[2], pool.y[2], 0, z, key, apply_fn=LOGREG.apply,
-                                     fed=FED, privacy=PRIVATE)
+    result = federated.client_update(
+      state.params, pool.x[2], pool.y[2], 0, z, key, apply_fn=LOGREG.apply, fed=FED, privacy=PRIVATE
+    )
     return jnp.concatenate([d.ravel() for d in jax.tree.leaves(result.delta)])
 
   draws = np.asarray(jax.jit(jax.vmap(scaled_delta))(jax.random.split(jax.random.key(3), 40)))
@@ -168,8 +210,9 @@ def test_round_without_participants_keeps_state(optimizer):
   fed = FederatedConfig(local_steps=1, batch_size=4, server_optimizer=optimizer)
   pool, state = _pool(), _state(fed=fed)
   stepped, _ = _round(state, pool, np.full(CLIENTS, 0.5), np.ones(CLIENTS), jax.random.key(0), fed=fed)
-  frozen, metrics = _round(stepped, pool, np.full(CLIENTS, np.inf), np.ones(CLIENTS), jax.random.key(0),
-                           fed=fed)
+  frozen, metrics = _round(
+    stepped, pool, np.full(CLIENTS, np.inf), np.ones(CLIENTS), jax.random.key(0), fed=fed
+  )
   chex.assert_trees_all_equal((frozen.params, frozen.opt_state), (stepped.params, stepped.opt_state))
   assert int(metrics.participants) == 0 and int(frozen.round) == 2
   chex.assert_tree_all_finite(metrics)
@@ -191,8 +234,15 @@ def test_rounds_do_not_recompile():
   state, _ = _round(state, pool, np.full(CLIENTS, 1.0), np.ones(CLIENTS), key)
   compiled = federated.federated_round._cache_size()
   for _ in range(2):  # equal (not identical) configs, new arrays, later rounds
-    state, _ = _round(state, pool, np.full(CLIENTS, 2.0), np.ones(CLIENTS), key,
-                      fed=FederatedConfig(**vars(FED)), privacy=PrivacyConfig(**vars(PRIVATE)))
+    state, _ = _round(
+      state,
+      pool,
+      np.full(CLIENTS, 2.0),
+      np.ones(CLIENTS),
+      key,
+      fed=FederatedConfig(**vars(FED)),
+      privacy=PrivacyConfig(**vars(PRIVATE)),
+    )
   assert federated.federated_round._cache_size() == compiled
 
 
@@ -212,7 +262,7 @@ def _separable(key_seed: int, n: int):
   y = rng.integers(0, CLASSES, n).astype(np.int32)
   x = rng.integers(0, 60, (n, *SHAPE))
   for k in range(CLASSES):
-    x[y == k, 2 * k:2 * k + 2] += 180
+    x[y == k, 2 * k : 2 * k + 2] += 180
   return x.astype(np.uint8), y
 
 
@@ -230,15 +280,18 @@ def test_evaluate_matches_direct_computation():
 def test_non_private_training_beats_chance():
   clients, capacity = 6, 16
   x, y = _separable(1, clients * capacity)
-  pool = ClientPool(x.reshape(clients, capacity, *SHAPE), y.reshape(clients, capacity),
-                    np.full(clients, capacity, np.int32))
-  fed = FederatedConfig(local_steps=4, batch_size=8, client_lr=0.5, server_optimizer="momentum",
-                        server_lr=0.5)
+  pool = ClientPool(
+    x.reshape(clients, capacity, *SHAPE), y.reshape(clients, capacity), np.full(clients, capacity, np.int32)
+  )
+  fed = FederatedConfig(
+    local_steps=4, batch_size=8, client_lr=0.5, server_optimizer="momentum", server_lr=0.5
+  )
   state = _state(fed=fed)
   key = jax.random.key(0)
   for _ in range(8):
-    state, metrics = _round(state, pool, np.zeros(clients), np.ones(clients), key, fed=fed,
-                            privacy=NON_PRIVATE)
+    state, metrics = _round(
+      state, pool, np.zeros(clients), np.ones(clients), key, fed=fed, privacy=NON_PRIVATE
+    )
   x_test, y_test = _separable(2, 200)
   accuracy, _ = federated.evaluate(state.params, x_test, y_test, LOGREG.apply, batch_size=64)
   assert float(accuracy) > 0.8, f"accuracy {float(accuracy):.3f} (chance 1/3)"

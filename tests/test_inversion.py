@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from fcfn_jax import data, models
+from fcfn_jax.attacks import inversion
 from fcfn_jax.config import PrivacyConfig
-from fcfn_jax.privacy import accounting, inversion
+from fcfn_jax.privacy import accounting
 
 SHAPE = (28, 28, 1)
 CLASSES = 10
@@ -37,14 +38,29 @@ def _params(model=LOGREG):
 def _gradient(x, y, noise_multiplier=None, model=LOGREG, seed=3):
   """The server's view of one step: clean (noise_multiplier None) or DP-SGD with z (0 = clip only)."""
   privacy = CLEAN if noise_multiplier is None else PRIVATE
-  return inversion.observed_gradient(_params(model), x, y, jnp.float32(noise_multiplier or 0.0),
-                                     jax.random.key(seed), apply_fn=model.apply, privacy=privacy)
+  return inversion.observed_gradient(
+    _params(model),
+    x,
+    y,
+    jnp.float32(noise_multiplier or 0.0),
+    jax.random.key(seed),
+    apply_fn=model.apply,
+    privacy=privacy,
+  )
 
 
 def _attack(gradient, batch=1, model=LOGREG, clip_norm=None, **kwargs):
   labels = inversion.infer_labels(gradient, batch)
-  return inversion.invert_gradient(_params(model), gradient, labels, jax.random.key(4), apply_fn=model.apply,
-                                   input_shape=SHAPE, clip_norm=clip_norm, **kwargs)
+  return inversion.invert_gradient(
+    _params(model),
+    gradient,
+    labels,
+    jax.random.key(4),
+    apply_fn=model.apply,
+    input_shape=SHAPE,
+    clip_norm=clip_norm,
+    **kwargs,
+  )
 
 
 def test_psnr_and_mse_known_values():
@@ -79,15 +95,17 @@ def test_observed_gradient_is_the_mean_gradient_or_its_noised_clip():
 def test_idlg_infers_labels_from_clean_gradients():
   x, y = _digits()
   for j in range(len(y)):
-    np.testing.assert_array_equal(inversion.infer_labels(_gradient(x[j:j + 1], y[j:j + 1]), 1), y[j:j + 1])
+    np.testing.assert_array_equal(
+      inversion.infer_labels(_gradient(x[j : j + 1], y[j : j + 1]), 1), y[j : j + 1]
+    )
   assert set(np.asarray(inversion.infer_labels(_gradient(x, y), len(y))).tolist()) == set(y.tolist())
 
 
 def test_closed_form_logreg_inversion_is_exact():
   x, y = _digits()
   for j in range(len(y)):
-    x_hat = inversion.logreg_inversion(_gradient(x[j:j + 1], y[j:j + 1]), SHAPE)
-    np.testing.assert_allclose(x_hat, models.normalize_pixels(x[j:j + 1]), atol=1e-4)
+    x_hat = inversion.logreg_inversion(_gradient(x[j : j + 1], y[j : j + 1]), SHAPE)
+    np.testing.assert_allclose(x_hat, models.normalize_pixels(x[j : j + 1]), atol=1e-4)
 
 
 @pytest.mark.parametrize("distance", inversion.DISTANCES)

@@ -10,16 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcfn_jax.config import ConfigError
 from fcfn_jax.game import equilibrium, leader, solver
 from fcfn_jax.privacy import accounting
-
+from fcfn_jax.validate import ConfigError
 
 pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
 
 def surrogate_variance(eps):
-  """v = z(eps)^2 of DESIGN.md's surrogate for 25 steps at delta = 1e-5."""
+  """v = z(eps)^2 of docs/model.md's surrogate for 25 steps at delta = 1e-5."""
   return accounting.noise_variance(eps, steps=25, delta=1e-5)
 
 
@@ -40,8 +39,10 @@ def take(problems: leader.LeaderProblem, index: int) -> leader.LeaderProblem:
 
 
 # One compiled leader per quality serves every game of the same size (a vmapped one compiles slower).
-solve_one = {name: jax.jit(functools.partial(leader.solve_leader, quality_fn=quality))
-             for name, quality in QUALITIES.items()}
+solve_one = {
+  name: jax.jit(functools.partial(leader.solve_leader, quality_fn=quality))
+  for name, quality in QUALITIES.items()
+}
 
 
 def solve_each(quality: str, problems: leader.LeaderProblem) -> leader.LeaderSolution:
@@ -57,9 +58,12 @@ def test_log_quality_matches_closed_form_payment():
   np.testing.assert_allclose(solution.payment, expected, rtol=1e-5, atol=1e-9)
   assert np.all(solution.budgets < problems.eps_max[:, None])  # no cap binds: the closed form applies
   total = jnp.sum(problems.weights * solution.budgets, -1)
-  np.testing.assert_allclose(solution.utility,
-                             equilibrium.log_server_utility(problems.lam, solution.payment, total),
-                             rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(
+    solution.utility,
+    equilibrium.log_server_utility(problems.lam, solution.payment, total),
+    rtol=1e-12,
+    atol=1e-12,
+  )
 
 
 def fine_grid_utility(problem: leader.LeaderProblem, quality_fn, points: int = 1000):
@@ -96,18 +100,25 @@ def test_hypergradients_match_finite_differences(quality):
   for name in inputs:
     direction = {k: jnp.zeros_like(v) for k, v in inputs.items()}
     direction[name] = jnp.asarray(rng.normal(size=np.shape(inputs[name])))
-    shifted = [value_and_grad({k: v + sign * step * direction[k] for k, v in inputs.items()})[0]
-               for sign in (1, -1)]
-    np.testing.assert_allclose(jnp.sum(grad[name] * direction[name]), (shifted[0] - shifted[1]) / (2 * step),
-                               rtol=1e-4, atol=1e-8 * abs(value), err_msg=name)
+    shifted = [
+      value_and_grad({k: v + sign * step * direction[k] for k, v in inputs.items()})[0] for sign in (1, -1)
+    ]
+    np.testing.assert_allclose(
+      jnp.sum(grad[name] * direction[name]),
+      (shifted[0] - shifted[1]) / (2 * step),
+      rtol=1e-4,
+      atol=1e-8 * abs(value),
+      err_msg=name,
+    )
 
 
 def test_dp_quality_ignores_clients_that_stay_out():
   budgets = jnp.array([0.0, 1.0, 4.0, 0.0])
   weights = jnp.array([3.0, 1.0, 2.0, 5.0])
   a = jnp.array([1.0, 2.0]) / 3.0
-  np.testing.assert_allclose(dp_quality(budgets, weights),
-                             -jnp.sum(a**2 * surrogate_variance(jnp.array([1.0, 4.0]))), rtol=1e-12)
+  np.testing.assert_allclose(
+    dp_quality(budgets, weights), -jnp.sum(a**2 * surrogate_variance(jnp.array([1.0, 4.0]))), rtol=1e-12
+  )
   grad = jax.grad(dp_quality)(budgets, weights)
   assert np.all(np.isfinite(grad)) and grad[0] == 0.0 and grad[3] == 0.0
   assert dp_quality(jnp.zeros(4), weights) == -jnp.inf
@@ -117,11 +128,13 @@ def test_dp_quality_ignores_clients_that_stay_out():
 def test_per_client_prices_do_not_lower_the_server_utility():
   problem = take(random_problems(5, 1, 6, eps_max=1e4), 0)
   priced = jax.jit(leader.solve_leader, static_argnums=(1, 3, 4))(
-      problem, leader.log_quality, jnp.arange(6), 6, leader.LeaderOptions(grid_size=32))
+    problem, leader.log_quality, jnp.arange(6), 6, leader.LeaderOptions(grid_size=32)
+  )
   # Uniform prices: the closed-form optimum (no cap binds).
   payment = equilibrium.closed_form_payment(problem.lam, problem.costs, problem.weights)
   uniform = equilibrium.log_server_utility(
-      problem.lam, payment, equilibrium.aggregate_response(payment, problem.costs / problem.weights))
+    problem.lam, payment, equilibrium.aggregate_response(payment, problem.costs / problem.weights)
+  )
   assert priced.utility > uniform + 1e-6 * abs(uniform)  # price discrimination pays here
   np.testing.assert_allclose(jnp.exp(jnp.mean(jnp.log(priced.prices))), 1.0, rtol=1e-9)
 
@@ -143,17 +156,21 @@ def test_solve_leader_vmap_equals_a_python_loop():
   chex.assert_trees_all_close(solve_each("dp", problems), batched, rtol=1e-9)
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("costs", [1.0], "at least 2 clients"),
     ("costs", [1.0, -1.0], r"costs\[1\]=-1.0"),
     ("weights", [1.0, np.nan], r"weights\[1\]=nan"),
     ("eps_max", 0.0, "eps_max=0.0"),
     ("lam", -2.0, "lam=-2.0"),
     ("lam", np.nan, "lam=nan"),
-])
+  ],
+)
 def test_invalid_problems_raise_config_error(field, value, message):
-  problem = leader.LeaderProblem(np.array([1.0, 2.0]), np.array([1.0, 1.0]), np.asarray(5.0),
-                                 np.asarray(10.0))._replace(**{field: np.asarray(value, float)})
+  problem = leader.LeaderProblem(
+    np.array([1.0, 2.0]), np.array([1.0, 1.0]), np.asarray(5.0), np.asarray(10.0)
+  )._replace(**{field: np.asarray(value, float)})
   with pytest.raises(ConfigError, match=message):
     leader.solve_leader(problem, leader.log_quality)
 

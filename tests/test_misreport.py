@@ -1,4 +1,5 @@
-"""Strategic misreporting (fcfn_jax/game/misreport.py): honest limit, who gains by exaggerating, accounting."""
+"""Strategic misreporting (fcfn_jax/game/misreport.py): honest limit, who gains by exaggerating,
+accounting."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import pytest
 
 from fcfn_jax import config as fc
 from fcfn_jax import data, simulation
-from fcfn_jax.config import MECHANISMS, ConfigError, GameConfig
+from fcfn_jax.config import MECHANISMS, GameConfig
 from fcfn_jax.game import baselines, misreport
+from fcfn_jax.validate import ConfigError
 from tests.games import costs_and_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,8 +36,9 @@ pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 def _single_liar_utilities(name: str, costs, weights, cfg: GameConfig = CFG, factors=FACTORS):
   """Outcomes with client i the only liar, for every i and factor: leaves [clients, factors, ...]."""
   masks = np.eye(costs.shape[-1], dtype=bool)
-  per_factor = jax.vmap(lambda m, mask: misreport.misreported_outcome(name, costs, weights, cfg, m, mask),
-                        in_axes=(0, None))
+  per_factor = jax.vmap(
+    lambda m, mask: misreport.misreported_outcome(name, costs, weights, cfg, m, mask), in_axes=(0, None)
+  )
   return jax.vmap(per_factor, in_axes=(None, 0))(factors, masks)
 
 
@@ -57,7 +60,9 @@ def test_vmap_over_factors_matches_one_call_per_factor(name):
   costs, weights = costs_and_weights(seed=1, games=1, clients=8)
   liars = misreport.choose_liars(8, 0.25, seed=0)
   factors = jnp.array([1.0, 1.5, 2.0, 3.0])
-  batched = jax.vmap(lambda m: misreport.misreported_outcome(name, costs[0], weights[0], CFG, m, liars))(factors)
+  batched = jax.vmap(lambda m: misreport.misreported_outcome(name, costs[0], weights[0], CFG, m, liars))(
+    factors
+  )
   for j, m in enumerate(factors):
     single = misreport.misreported_outcome(name, costs[0], weights[0], CFG, float(m), liars)
     chex.assert_trees_all_close(jax.tree.map(lambda a, j=j: a[j], batched), single, rtol=1e-12, atol=1e-12)
@@ -83,14 +88,17 @@ def test_accounting_identities_hold_with_true_costs(name):
     u = np.asarray(out.client_utilities)
     np.testing.assert_allclose(u, pay - c * eps, rtol=TOL, atol=TOL)
     np.testing.assert_allclose(out.social_welfare, value - np.sum(c * eps), rtol=TOL, atol=TOL)
-    np.testing.assert_allclose(out.social_welfare, out.server_utility + u.sum() + out.intermediary_utility,
-                               rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(
+      out.social_welfare, out.server_utility + u.sum() + out.intermediary_utility, rtol=TOL, atol=TOL
+    )
     parties = 10 + 1 + baselines.num_intermediaries(name, 10, CFG)
     np.testing.assert_allclose(out.average_utility, out.social_welfare / parties, rtol=TOL, atol=TOL)
     # Honest clients are accounted as before; liars keep the overstatement (m - 1) c_i eps_i on top.
     u_reports = np.asarray(on_reports.client_utilities)
     np.testing.assert_allclose(u[~liars], u_reports[~liars], rtol=TOL, atol=TOL)
-    np.testing.assert_allclose(u[liars], u_reports[liars] + (m - 1) * c[liars] * eps[liars], rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(
+      u[liars], u_reports[liars] + (m - 1) * c[liars] * eps[liars], rtol=TOL, atol=TOL
+    )
     if name in IR_MECHANISMS:  # IR on the reports implies IR on the true costs, which are lower
       assert np.all(u >= -TOL), (m, u)
     # No mechanism on any reports beats the welfare of the honest social optimum.
@@ -130,7 +138,9 @@ def test_stackelberg_single_liar_never_gains_with_three_or_more_participants():
   for c, w in zip(costs, weights):
     if int(baselines.stackelberg(c, w, UNCAPPED).participants) < 3:
       continue
-    u = np.asarray(_single_liar_utilities("stackelberg", c, w, UNCAPPED).client_utilities)  # [liar, m, client]
+    u = np.asarray(
+      _single_liar_utilities("stackelberg", c, w, UNCAPPED).client_utilities
+    )  # [liar, m, client]
     own = u[np.arange(8), :, np.arange(8)]  # [liar, factor]
     assert np.all(own <= own[:, :1] + TOL), np.max(own - own[:, :1])
     checked += 1
@@ -141,8 +151,11 @@ def test_stackelberg_two_participants_the_costlier_can_gain():
   """Measured: with exactly 2 participants the costlier one gains iff (lam - K)(k_i - k_j) > k_j K."""
   costs = np.random.default_rng(6).uniform(0.3, 5.0, (40, 2))
   costs = costs[costs.sum(axis=1) < UNCAPPED.lam]  # R* > 0
-  out = jax.vmap(lambda c: _single_liar_utilities("stackelberg", c, np.ones(2), UNCAPPED,
-                                                  factors=jnp.array([1.0, 1.0 + 1e-4])))(costs)
+  out = jax.vmap(
+    lambda c: _single_liar_utilities(
+      "stackelberg", c, np.ones(2), UNCAPPED, factors=jnp.array([1.0, 1.0 + 1e-4])
+    )
+  )(costs)
   u = np.asarray(out.client_utilities)  # [game, liar, factor, client]
   own = u[:, np.arange(2), :, np.arange(2)]  # [liar, game, factor]
   slope = _stackelberg_gain_slope(UNCAPPED.lam, costs.T, costs[:, ::-1].T)  # [liar, game]
@@ -150,8 +163,14 @@ def test_stackelberg_two_participants_the_costlier_can_gain():
   np.testing.assert_array_equal(np.sign(own[..., 1] - own[..., 0])[clear], np.sign(slope)[clear])
   assert np.any(slope[clear] > 0) and np.any(slope[clear] < 0)  # both regimes occur
   # E.g. k = (2, 1), lam = 10: (10 - 3)(2 - 1) = 7 > 1 * 3, so the costlier client gains by exaggerating.
-  u = [float(misreport.misreported_outcome("stackelberg", np.array([2.0, 1.0]), np.ones(2), UNCAPPED, m,
-                                           np.array([True, False])).client_utilities[0]) for m in (1, 1.2)]
+  u = [
+    float(
+      misreport.misreported_outcome(
+        "stackelberg", np.array([2.0, 1.0]), np.ones(2), UNCAPPED, m, np.array([True, False])
+      ).client_utilities[0]
+    )
+    for m in (1, 1.2)
+  ]
   assert u[1] > u[0]
 
 
@@ -192,15 +211,18 @@ def test_choose_liars_is_seeded_and_counts():
   assert misreport.choose_liars(7, 1.0).all() and not misreport.choose_liars(7, 0.0).any()
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(factor=0.5), r"factor=0.5 is invalid: expected finite exaggeration factors >= 1"),
     (dict(factor=float("nan")), r"factor=nan is invalid"),
     (dict(factor=np.array([1.0, 2.0])), r"factor has shape \(2,\): expected a scalar or one per client"),
     (dict(factor=2.0, liars_mask=np.ones(3)), r"liars_mask of dtype float64 and shape \(3,\) is invalid"),
     (dict(factor=2.0, liars_mask=np.ones(4, bool)), r"liars_mask .* shape \(4,\) is invalid: expected bool"),
-    (dict(factor="2"), r"factor has dtype <U1: expected real numbers >= 1"),
+    (dict(factor="2"), r"factor has dtype <U1: expected real numbers \(finite exaggeration factors >= 1"),
     (dict(factor=np.array([1.0, 0.9, 2.0])), r"factor\[1\]=0.9 is invalid"),
-])
+  ],
+)
 def test_bad_misreport_inputs(kwargs, match):
   with pytest.raises(ConfigError, match=match):
     misreport.misreported_outcome("stackelberg", np.ones(3), np.ones(3), CFG, **kwargs)
@@ -213,10 +235,12 @@ def test_bad_liar_fraction():
 
 def _sim_cfg(calibration: str = "exact") -> fc.SimulationConfig:
   return fc.SimulationConfig(
-      data=fc.DataConfig(num_clients=8, capacity=32, test_examples=200),
-      model=fc.ModelConfig(name="logreg"), privacy=fc.PrivacyConfig(calibration=calibration),
-      federated=fc.FederatedConfig(rounds=2, local_steps=1, batch_size=8),
-      game=GameConfig(mechanism="stackelberg", lam=20.0))
+    data=fc.DataConfig(num_clients=8, capacity=32, test_examples=200),
+    model=fc.ModelConfig(name="logreg"),
+    privacy=fc.PrivacyConfig(calibration=calibration),
+    federated=fc.FederatedConfig(rounds=2, local_steps=1, batch_size=8),
+    game=GameConfig(mechanism="stackelberg", lam=20.0),
+  )
 
 
 def test_prepare_trains_with_the_misreported_budgets():
@@ -227,8 +251,12 @@ def test_prepare_trains_with_the_misreported_budgets():
   exp = simulation.prepare(cfg, fed_data, cost_factors=factors)
   n = np.asarray(fed_data.pool.num_examples)
   expected = misreport.misreported_outcome(
-      "stackelberg", simulation.client_costs(jax.random.PRNGKey(cfg.seed), 8, cfg.game),
-      simulation.quality_weights(n), cfg.game, factors)
+    "stackelberg",
+    simulation.client_costs(jax.random.PRNGKey(cfg.seed), 8, cfg.game),
+    simulation.quality_weights(n),
+    cfg.game,
+    factors,
+  )
   chex.assert_trees_all_close(exp.outcome, jax.tree.map(np.asarray, expected), rtol=1e-12, atol=1e-12)
   np.testing.assert_array_equal(np.isfinite(exp.noise_multipliers), np.asarray(expected.budgets) > 0)
   with pytest.raises(ConfigError, match="cost_factors needs calibration='exact'"):
@@ -239,12 +267,29 @@ def test_prepare_trains_with_the_misreported_budgets():
 
 def test_misreporting_script_writes_the_table(tmp_path):
   out = tmp_path / "out"
-  flags = ["--mechanisms=stackelberg,posted_price", "--factors=1,2", "--liar_fraction=0.5", "--num_clients=8",
-           "--capacity=32", "--min_examples=16", "--lam=10", "--cost_low=0.5", "--cost_high=2", "--eps_max=8",
-           "--seed=0", f"--out={out}"]
+  flags = [
+    "--mechanisms=stackelberg,posted_price",
+    "--factors=1,2",
+    "--liar_fraction=0.5",
+    "--num_clients=8",
+    "--capacity=32",
+    "--min_examples=16",
+    "--lam=10",
+    "--cost_low=0.5",
+    "--cost_high=2",
+    "--eps_max=8",
+    "--seed=0",
+    f"--out={out}",
+  ]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "misreporting.py"), *flags], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, os.path.join(REPO, "scripts", "misreporting.py"), *flags],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((out / "misreporting.json").read_text())
   rows = {(r["mechanism"], r["factor"]): r for r in result["rows"]}
@@ -260,8 +305,9 @@ def test_misreporting_script_writes_the_table(tmp_path):
     honest = baselines.solve_mechanism(name, costs, simulation.quality_weights(n), game)
     row = rows[(name, 1.0)]
     np.testing.assert_allclose(row["server_utility"], honest.server_utility, rtol=1e-12)
-    np.testing.assert_allclose(row["liars_mean_utility"], np.mean(honest.client_utilities[liars]), rtol=1e-12,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+      row["liars_mean_utility"], np.mean(honest.client_utilities[liars]), rtol=1e-12, atol=1e-12
+    )
     assert row["participants"] == int(honest.participants)
   for name in ("misreporting.csv", "misreporting.md", "liars_mean_utility_vs_factor.png"):
     assert (out / name).stat().st_size > 0

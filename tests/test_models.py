@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fcfn_jax import models
-from fcfn_jax.config import ConfigError, ModelConfig
+from fcfn_jax.config import ModelConfig
+from fcfn_jax.validate import ConfigError
 
 
 @pytest.mark.parametrize("name", ["cnn", "logreg"])
@@ -27,12 +28,15 @@ def test_model_kinds():
   assert isinstance(models.make_model(ModelConfig("logreg"), (32, 32, 3), 10), models.LogisticRegression)
 
 
-@pytest.mark.parametrize("name,input_shape,num_classes,match", [
+@pytest.mark.parametrize(
+  "name,input_shape,num_classes,match",
+  [
     ("cnn", (28, 28), 10, "input_shape"),
     ("logreg", (28, 28, 0), 10, "input_shape"),
     ("logreg", (28, 28, 1), 1, "num_classes"),
     ("cnn", (2, 28, 1), 10, "H, W >= 4"),
-])
+  ],
+)
 def test_make_model_rejects_bad_input(name, input_shape, num_classes, match):
   with pytest.raises(ConfigError, match=match):
     models.make_model(ModelConfig(name), input_shape, num_classes)

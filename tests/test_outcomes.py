@@ -1,4 +1,4 @@
-"""Tests of the shared outcome accounting (fcfn_jax/game/outcome.py, DESIGN.md "Metrics"), in float64."""
+"""Tests of the shared outcome accounting (fcfn_jax/game/outcome.py, docs/model.md "Metrics"), in float64."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from fcfn_jax.config import MECHANISMS, GameConfig
 from fcfn_jax.game import baselines
 from fcfn_jax.game.outcome import Outcome, build_outcome, log_valuation
 from tests.games import costs_and_weights
-
 
 pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
@@ -49,8 +48,9 @@ def test_intermediaries_are_paid_by_the_server_and_count_as_parties():
 
 def test_valuation_is_pluggable():
   linear = lambda budgets, weights: 3.0 * jnp.sum(weights * budgets)
-  out = build_outcome(jnp.array([1.0, 0.5]), jnp.array([0.5, 0.5]), jnp.array([0.2, 0.4]),
-                      jnp.array([1.0, 2.0]), linear)
+  out = build_outcome(
+    jnp.array([1.0, 0.5]), jnp.array([0.5, 0.5]), jnp.array([0.2, 0.4]), jnp.array([1.0, 2.0]), linear
+  )
   chex.assert_trees_all_close(out.server_utility, 3.0 * 2.0 - 1.0)
   chex.assert_trees_all_close(out.social_welfare, 6.0 - 0.2 - 0.2)
 
@@ -68,15 +68,18 @@ def test_accounting_identities_hold_for_every_mechanism(name):
   value = cfg.lam * np.log1p(np.sum(weights * eps, axis=1))
   np.testing.assert_allclose(out.social_welfare, value - cost_paid, rtol=1e-10, atol=1e-10)
   np.testing.assert_allclose(out.client_utilities, out.payments - costs * eps, rtol=1e-12, atol=1e-12)
-  np.testing.assert_allclose(out.total_payment, np.sum(out.payments, axis=1) + out.intermediary_utility,
-                             rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(
+    out.total_payment, np.sum(out.payments, axis=1) + out.intermediary_utility, rtol=1e-12, atol=1e-12
+  )
   np.testing.assert_allclose(out.server_utility, value - out.total_payment, rtol=1e-10, atol=1e-10)
   intermediaries = min(cfg.num_aggregators, 9 // 2) if name == "three_party" else 0
   parties = 9 + 1 + intermediaries
   np.testing.assert_allclose(
-      out.average_utility,
-      (out.server_utility + np.sum(out.client_utilities, axis=1) + out.intermediary_utility) / parties,
-      rtol=1e-12, atol=1e-12)
+    out.average_utility,
+    (out.server_utility + np.sum(out.client_utilities, axis=1) + out.intermediary_utility) / parties,
+    rtol=1e-12,
+    atol=1e-12,
+  )
   np.testing.assert_allclose(out.mean_client_utility, np.mean(out.client_utilities, axis=1), rtol=1e-12)
   np.testing.assert_array_equal(out.participants, np.sum(eps > 0, axis=1))
   if name != "three_party":
@@ -89,6 +92,7 @@ def test_mechanisms_run_in_float32():
   with jax.enable_x64(False):
     for name in MECHANISMS:
       out = jax.vmap(lambda c, w, n=name: baselines.solve_mechanism(n, c, w, GameConfig()))(
-          jnp.asarray(costs, jnp.float32), jnp.asarray(weights, jnp.float32))
+        jnp.asarray(costs, jnp.float32), jnp.asarray(weights, jnp.float32)
+      )
       assert out.budgets.dtype == jnp.float32, name
       assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(out)), name

@@ -56,8 +56,9 @@ def test_conv_patches_matmul_is_same_convolution(kernel_size):
   kernel = jax.random.normal(jax.random.key(1), (*kernel_size, 3, 4))
   patches = models.conv_patches(x, kernel_size)
   chex.assert_shape(patches, (2, 7, 6, kernel_size[0] * kernel_size[1] * 3))
-  expected = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  expected = jax.lax.conv_general_dilated(
+    x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   chex.assert_trees_all_close(patches @ kernel.reshape(-1, 4), expected, atol=1e-5)
 
 
@@ -84,8 +85,11 @@ def test_cnn_is_the_flax_cnn(shape, classes):
 
 def test_fully_tapped_models():
   x = jnp.zeros((2, 8, 8, 1))
-  for model, tapped in ((models.CNN(3), True), (models.LogisticRegression(3), True),
-                        (models.FlaxCNN(3), False)):
+  for model, tapped in (
+    (models.CNN(3), True),
+    (models.LogisticRegression(3), True),
+    (models.FlaxCNN(3), False),
+  ):
     params = _params(model, x.shape[1:])
     assert clipping.is_fully_tapped(model.apply, params, x) == tapped, type(model).__name__
 
@@ -98,9 +102,9 @@ def test_fully_tapped_models():
 # choice and 12x12 ones (T = 36) the materialized per-example kernel gradient; dense layers always take
 # the ghost norm.
 CASES = [
-    pytest.param(models.CNN(5, features=(4, 8), hidden=16), (4, 4, 1), id="cnn-ghost-conv"),
-    pytest.param(models.CNN(5, features=(4, 8), hidden=16), (12, 12, 3), id="cnn-materialized-conv"),
-    pytest.param(models.LogisticRegression(10), (28, 28, 1), id="logreg"),
+  pytest.param(models.CNN(5, features=(4, 8), hidden=16), (4, 4, 1), id="cnn-ghost-conv"),
+  pytest.param(models.CNN(5, features=(4, 8), hidden=16), (12, 12, 3), id="cnn-materialized-conv"),
+  pytest.param(models.LogisticRegression(10), (28, 28, 1), id="logreg"),
 ]
 
 
@@ -108,8 +112,9 @@ CASES = [
 def test_tapped_clipped_sum_equals_vmap_grad(model, shape):
   params = _params(model, shape)
   x, y = _batch(shape, model.num_classes)
-  fast, reference = _clipped_sums(clipping.tapped_clipped_sum(model.apply), _reference(model.apply), params,
-                                  x, y)
+  fast, reference = _clipped_sums(
+    clipping.tapped_clipped_sum(model.apply), _reference(model.apply), params, x, y
+  )
   chex.assert_trees_all_close(fast, reference, rtol=1e-5, atol=1e-6)
 
 
@@ -131,8 +136,13 @@ def test_chosen_path_equals_flax_reference():
   shape = (28, 28, 1)
   params = _params(models.CNN(10), shape)
   x, y = _batch(shape, 10)
-  fast, reference = _clipped_sums(clipping.make_clipped_sum_fn(models.CNN(10).apply),
-                                  clipping.make_clipped_sum_fn(models.FlaxCNN(10).apply), params, x, y)
+  fast, reference = _clipped_sums(
+    clipping.make_clipped_sum_fn(models.CNN(10).apply),
+    clipping.make_clipped_sum_fn(models.FlaxCNN(10).apply),
+    params,
+    x,
+    y,
+  )
   chex.assert_trees_all_close(fast, reference, rtol=1e-5, atol=1e-6)
 
 
@@ -161,8 +171,9 @@ def test_vmapped_over_clients_with_noise():
   def per_client(clipped_sum_fn):
     return jax.vmap(lambda *a: clipping.dp_gradient(clipped_sum_fn, params, *a, 1.0))(x, y, masks, z, keys)
 
-  fast, reference = jax.jit(lambda: (per_client(clipping.make_clipped_sum_fn(model.apply)),
-                                     per_client(_reference(model.apply))))()
+  fast, reference = jax.jit(
+    lambda: (per_client(clipping.make_clipped_sum_fn(model.apply)), per_client(_reference(model.apply)))
+  )()
   chex.assert_trees_all_close(fast, reference, rtol=1e-5, atol=1e-6)
 
 
@@ -171,14 +182,25 @@ def test_round_equals_flax_reference_round():
   """A whole DP round (noise on) with the tapped CNN == the round with the stock flax CNN."""
   shape, classes, clients = (12, 12, 1), 4, 5
   rng = np.random.default_rng(0)
-  pool = ClientPool(rng.integers(0, 256, (clients, 10, *shape), dtype=np.uint8),
-                    rng.integers(0, classes, (clients, 10)).astype(np.int32),
-                    np.array([10, 4, 7, 0, 10], np.int32))
+  pool = ClientPool(
+    rng.integers(0, 256, (clients, 10, *shape), dtype=np.uint8),
+    rng.integers(0, classes, (clients, 10)).astype(np.int32),
+    np.array([10, 4, 7, 0, 10], np.int32),
+  )
   fed = FederatedConfig(local_steps=2, batch_size=4, client_lr=0.3, chunk_size=2)
   params = _params(models.CNN(classes), shape)
   state = federated.init_server_state(params, fed)
-  rounds = [federated.federated_round(state, pool, jnp.full(clients, 0.8), jnp.ones(clients),
-                                      jax.random.key(1), apply_fn=model.apply, fed=fed,
-                                      privacy=PrivacyConfig(clip_norm=0.5))
-            for model in (models.CNN(classes), models.FlaxCNN(classes))]
+  rounds = [
+    federated.federated_round(
+      state,
+      pool,
+      jnp.full(clients, 0.8),
+      jnp.ones(clients),
+      jax.random.key(1),
+      apply_fn=model.apply,
+      fed=fed,
+      privacy=PrivacyConfig(clip_norm=0.5),
+    )
+    for model in (models.CNN(classes), models.FlaxCNN(classes))
+  ]
   chex.assert_trees_all_close(rounds[0], rounds[1], rtol=1e-5, atol=1e-6)

@@ -25,43 +25,86 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fcfn_jax import checkpoint, data, simulation, validate
 from fcfn_jax import config as fc
-from fcfn_jax import checkpoint, data, simulation
 from fcfn_jax.game import baselines, misreport, solver
 from fcfn_jax.privacy import accounting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # The fuzzed magnitudes (1e300 in float32) overflow on purpose; what matters is the error that follows.
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")]
+pytestmark = [
+  pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+  pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning"),
+]
 
 # ----------------------------------------------------------------------------------------------------------
 # Configs.
 # ----------------------------------------------------------------------------------------------------------
 
-CONFIGS = (fc.DataConfig, fc.ModelConfig, fc.PrivacyConfig, fc.FederatedConfig, fc.GameConfig,
-           fc.SimulationConfig)
-CHOICES = (fc.DATASETS + fc.SOURCES + fc.PARTITIONS + fc.MODELS + fc.ACCOUNTANTS + fc.CALIBRATIONS
-           + fc.SERVER_OPTIMIZERS + fc.MECHANISMS + fc.QUALITIES)
+CONFIGS = (
+  fc.DataConfig,
+  fc.ModelConfig,
+  fc.PrivacyConfig,
+  fc.FederatedConfig,
+  fc.GameConfig,
+  fc.SimulationConfig,
+)
+CHOICES = (
+  fc.DATASETS
+  + fc.SOURCES
+  + fc.PARTITIONS
+  + fc.MODELS
+  + fc.ACCOUNTANTS
+  + fc.CALIBRATIONS
+  + fc.SERVER_OPTIMIZERS
+  + fc.MECHANISMS
+  + fc.QUALITIES
+)
 MESSAGE_NAMES = {(fc.ModelConfig, "name"): "model"}  # the field is called by what it picks
 
 # Valid-looking and broken values of every kind a config field may be handed.
 VALUES = st.one_of(
-    st.sampled_from(CHOICES), st.none(), st.booleans(), st.integers(-3, 50), st.integers(),
-    st.floats(-2.0, 60.0), st.floats(), st.sampled_from([math.nan, math.inf, -math.inf, 10**400, 2**32, -0.0]),
-    st.text(max_size=4), st.sampled_from([[], [1], {}, b"x", np.array([1, 2]), np.float32(0.5), np.int64(3),
-                                          fc.DataConfig(), fc.GameConfig(), "/tmp/x"]))
+  st.sampled_from(CHOICES),
+  st.none(),
+  st.booleans(),
+  st.integers(-3, 50),
+  st.integers(),
+  st.floats(-2.0, 60.0),
+  st.floats(),
+  st.sampled_from([math.nan, math.inf, -math.inf, 10**400, 2**32, -0.0]),
+  st.text(max_size=4),
+  st.sampled_from(
+    [
+      [],
+      [1],
+      {},
+      b"x",
+      np.array([1, 2]),
+      np.float32(0.5),
+      np.int64(3),
+      fc.DataConfig(),
+      fc.GameConfig(),
+      "/tmp/x",
+    ]
+  ),
+)
 
-_TYPES = {"str": lambda v: isinstance(v, str), "None": lambda v: v is None, "bool": lambda v: isinstance(v, bool),
-          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+_TYPES = {
+  "str": lambda v: isinstance(v, str),
+  "None": lambda v: v is None,
+  "bool": lambda v: isinstance(v, bool),
+  "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+  "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+}
 
 
 def _has_annotated_type(value, annotation: str) -> bool:
   """value matches a field annotation such as 'int', 'str | None' or 'DataConfig'."""
-  return any(_TYPES[t](value) if t in _TYPES else type(value).__name__ == t
-             for t in (part.strip() for part in annotation.split("|")))
+  return any(
+    _TYPES[t](value) if t in _TYPES else type(value).__name__ == t
+    for t in (part.strip() for part in annotation.split("|"))
+  )
 
 
 @FUZZ
@@ -71,11 +114,12 @@ def test_fuzzed_configs_are_valid_or_a_config_error_naming_the_value(cls, data_o
   changed = data_object.draw(st.dictionaries(st.sampled_from(sorted(fields)), VALUES, min_size=1, max_size=3))
   try:
     cfg = cls(**changed)
-  except fc.ConfigError as err:
+  except validate.ConfigError as err:
     message = str(err)
     assert "\n" not in message
-    assert any(f"{MESSAGE_NAMES.get((cls, name), name)}={value!r}" in message for name, value in changed.items()), \
-        (changed, message)
+    assert any(
+      f"{MESSAGE_NAMES.get((cls, name), name)}={value!r}" in message for name, value in changed.items()
+    ), (changed, message)
     assert any(word in message for word in ("expected", "needs", "use ")), message
   else:
     for name, f in fields.items():
@@ -83,17 +127,23 @@ def test_fuzzed_configs_are_valid_or_a_config_error_naming_the_value(cls, data_o
     assert 0 <= getattr(cfg, "seed", 0) < 2**32  # a usable PRNG seed
 
 
-@pytest.mark.parametrize("build, match", [
+@pytest.mark.parametrize(
+  "build, match",
+  [
     (lambda: fc.GameConfig(eps_max=0.0), "eps_max=0.0 is invalid: expected a number > 0"),
     (lambda: fc.GameConfig(eps_max=-1), "eps_max=-1 is invalid"),
     (lambda: fc.GameConfig(lam=10**400), r"lam=1000.* is invalid: expected a finite number"),
     (lambda: fc.GameConfig(mechanism=np.array(["stackelberg"])), r"mechanism=array\(\['stackelberg'\]"),
-    (lambda: fc.SimulationConfig(seed=2**32), r"seed=4294967296 is invalid: expected an integer in \[0, 4294967295\]"),
+    (
+      lambda: fc.SimulationConfig(seed=2**32),
+      r"seed=4294967296 is invalid: expected an integer in \[0, 4294967295\]",
+    ),
     (lambda: fc.DataConfig(path=3), "path=3 is invalid: expected a path"),
     (lambda: fc.SimulationConfig(checkpoint_dir=""), "checkpoint_dir='' is invalid: expected a path"),
-])
+  ],
+)
 def test_config_errors_found_by_fuzzing(build, match):
-  with pytest.raises(fc.ConfigError, match=match):
+  with pytest.raises(validate.ConfigError, match=match):
     build()
 
 
@@ -102,13 +152,16 @@ def test_config_errors_found_by_fuzzing(build, match):
 # ----------------------------------------------------------------------------------------------------------
 
 GAME = fc.GameConfig(lam=10.0, eps_max=8.0, num_aggregators=2)
-_FLOATS = st.one_of(st.floats(0.2, 5.0), st.floats(), st.sampled_from([0.0, -1.0, 1e-45, 1e-300, 1e38, 1e300]))
+_FLOATS = st.one_of(
+  st.floats(0.2, 5.0), st.floats(), st.sampled_from([0.0, -1.0, 1e-45, 1e-300, 1e38, 1e300])
+)
 
 
 def _arrays(max_side: int = 4):
   """Float64 arrays of 0-2 dimensions (mostly [N]) with good, extreme, non-finite and negative entries."""
-  shapes = st.one_of(st.integers(0, max_side).map(lambda n: (n,)), hnp.array_shapes(min_dims=0, max_dims=2,
-                                                                                    max_side=3))
+  shapes = st.one_of(
+    st.integers(0, max_side).map(lambda n: (n,)), hnp.array_shapes(min_dims=0, max_dims=2, max_side=3)
+  )
   return hnp.arrays(np.float64, shapes, elements=_FLOATS)
 
 
@@ -117,7 +170,7 @@ def _arrays(max_side: int = 4):
 def test_fuzzed_games_give_a_valid_outcome_or_a_config_error(name, costs, weights):
   try:
     out = baselines.solve_mechanism(name, costs, weights, GAME)
-  except fc.ConfigError as err:
+  except validate.ConfigError as err:
     assert "\n" not in str(err) and ("expected" in str(err) or "needs" in str(err)), str(err)
   else:
     eps = np.asarray(out.budgets)
@@ -126,7 +179,9 @@ def test_fuzzed_games_give_a_valid_outcome_or_a_config_error(name, costs, weight
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(out))
 
 
-@pytest.mark.parametrize("costs, weights, match", [
+@pytest.mark.parametrize(
+  "costs, weights, match",
+  [
     (np.array([1.0, np.nan]), np.ones(2), r"costs\[1\]=nan is invalid: expected finite values > 0"),
     (np.array([1.0, np.inf]), np.ones(2), r"costs\[1\]=inf is invalid"),
     (np.ones(3), np.array([1.0, -2.0, 1.0]), r"weights\[1\]=-2.0 is invalid"),
@@ -134,9 +189,10 @@ def test_fuzzed_games_give_a_valid_outcome_or_a_config_error(name, costs, weight
     (np.ones(3), np.ones(4), r"costs of shape \(3,\) and weights of shape \(4,\) are invalid"),
     (np.array(["a", "b"]), np.ones(2), r"costs has dtype <U1: expected real numbers"),
     (np.array([1e300, 1.0]), np.ones(2), r"stackelberg overflows in float32 for costs in \[1.0, 1e\+300\]"),
-])
+  ],
+)
 def test_game_input_errors(costs, weights, match):
-  with pytest.raises(fc.ConfigError, match=match):
+  with pytest.raises(validate.ConfigError, match=match):
     baselines.solve_mechanism("stackelberg", costs, weights, GAME)
 
 
@@ -145,7 +201,7 @@ def test_game_input_errors(costs, weights, match):
 def test_fuzzed_budgets_calibrate_or_raise_a_config_error(eps, sampling_rate):
   try:
     z = accounting.calibrate_noise_multipliers(eps, sampling_rate, 20, 1e-5, "rdp")
-  except fc.ConfigError as err:
+  except validate.ConfigError as err:
     assert "\n" not in str(err), str(err)
   else:
     eps, z = np.atleast_1d(eps), np.atleast_1d(z)
@@ -155,19 +211,29 @@ def test_fuzzed_budgets_calibrate_or_raise_a_config_error(eps, sampling_rate):
     assert np.all(spent <= eps[eps > 0] * (1 + 1e-9))
 
 
-@pytest.mark.parametrize("build, match", [
-    (lambda: accounting.calibrate_noise_multipliers(np.array([-1.0]), 0.1, 10, 1e-5), r"eps\[0\]=-1.0 is invalid"),
+@pytest.mark.parametrize(
+  "build, match",
+  [
+    (
+      lambda: accounting.calibrate_noise_multipliers(np.array([-1.0]), 0.1, 10, 1e-5),
+      r"eps\[0\]=-1.0 is invalid",
+    ),
     (lambda: accounting.calibrate_noise_multipliers(np.array(["1"]), 0.1, 10, 1e-5), r"eps has dtype <U1"),
-    (lambda: accounting.calibrate_noise_multipliers(np.array([1e300]), 0.1, 10, 1e-5),
-     r"eps\[0\]=1e\+300 .* needs a noise multiplier outside"),
+    (
+      lambda: accounting.calibrate_noise_multipliers(np.array([1e300]), 0.1, 10, 1e-5),
+      r"eps\[0\]=1e\+300 .* needs a noise multiplier outside",
+    ),
     (lambda: accounting.surrogate_noise_multiplier(np.array([1.0, np.nan]), 10, 1e-5), r"eps\[1\]=nan"),
     (lambda: solver.validate_game(np.ones(3), 0.0), r"eps_max=0.0 is invalid: expected finite values > 0"),
-    (lambda: misreport.misreported_outcome("posted_price", np.ones(3), np.ones(3), GAME, [1.0, 2.0]),
-     r"factor has shape \(2,\)"),
+    (
+      lambda: misreport.misreported_outcome("posted_price", np.ones(3), np.ones(3), GAME, [1.0, 2.0]),
+      r"factor has shape \(2,\)",
+    ),
     (lambda: misreport.choose_liars(0, 0.5), r"num_clients=0 is invalid"),
-])
+  ],
+)
 def test_budget_and_misreport_input_errors(build, match):
-  with pytest.raises(fc.ConfigError, match=match):
+  with pytest.raises(validate.ConfigError, match=match):
     build()
 
 
@@ -177,10 +243,14 @@ def test_budget_and_misreport_input_errors(build, match):
 
 
 def _project_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
-  return {"train_image": rng.integers(0, 256, (24, 28, 28, 1), dtype=np.uint8),
-          "train_label": rng.integers(0, 10, 24), "train_writer": rng.integers(0, 4, 24),
-          "test_image": rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8),
-          "test_label": rng.integers(0, 10, 8), "num_classes": np.array(10)}
+  return {
+    "train_image": rng.integers(0, 256, (24, 28, 28, 1), dtype=np.uint8),
+    "train_label": rng.integers(0, 10, 24),
+    "train_writer": rng.integers(0, 4, 24),
+    "test_image": rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8),
+    "test_label": rng.integers(0, 10, 8),
+    "num_classes": np.array(10),
+  }
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray], compressed: bool) -> bytes:
@@ -193,8 +263,11 @@ GOOD_ARRAYS = _project_arrays(np.random.default_rng(0))
 GOOD_NPZ = {compressed: _npz_bytes(GOOD_ARRAYS, compressed) for compressed in (False, True)}
 # Offsets of the zip records ("PK..." local and central headers) and .npy headers in the stored archive:
 # flips there exercise zipfile's and numpy's header parsers.
-_HEADERS = [i for i in range(len(GOOD_NPZ[False]))
-            if GOOD_NPZ[False][i:i + 2] == b"PK" or GOOD_NPZ[False][i:i + 6] == b"\x93NUMPY"]
+_HEADERS = [
+  i
+  for i in range(len(GOOD_NPZ[False]))
+  if GOOD_NPZ[False][i : i + 2] == b"PK" or GOOD_NPZ[False][i : i + 6] == b"\x93NUMPY"
+]
 
 
 def _flipped(blob: bytes, flips: list[tuple[int, int]]) -> bytes:
@@ -206,14 +279,27 @@ def _flipped(blob: bytes, flips: list[tuple[int, int]]) -> bytes:
 
 
 NPZ_BLOBS = st.one_of(
-    st.binary(max_size=600),
-    st.builds(lambda c, t: GOOD_NPZ[c][:int(t * len(GOOD_NPZ[c]))], st.booleans(), st.floats(0, 1)),
-    st.builds(lambda c, flips: _flipped(GOOD_NPZ[c], flips), st.booleans(),
-              st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=3)),
-    st.builds(lambda flips: _flipped(GOOD_NPZ[False], flips),
-              st.lists(st.builds(lambda at, offset, v: (at + offset, v), st.sampled_from(_HEADERS),
-                                 st.integers(0, 120), st.sampled_from(b"\x00\x01\xff0123456789(),' {}:<|")),
-                       min_size=1, max_size=2)))
+  st.binary(max_size=600),
+  st.builds(lambda c, t: GOOD_NPZ[c][: int(t * len(GOOD_NPZ[c]))], st.booleans(), st.floats(0, 1)),
+  st.builds(
+    lambda c, flips: _flipped(GOOD_NPZ[c], flips),
+    st.booleans(),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=3),
+  ),
+  st.builds(
+    lambda flips: _flipped(GOOD_NPZ[False], flips),
+    st.lists(
+      st.builds(
+        lambda at, offset, v: (at + offset, v),
+        st.sampled_from(_HEADERS),
+        st.integers(0, 120),
+        st.sampled_from(b"\x00\x01\xff0123456789(),' {}:<|"),
+      ),
+      min_size=1,
+      max_size=2,
+    ),
+  ),
+)
 
 
 def _load(blob: bytes) -> data.Splits | None:
@@ -224,7 +310,7 @@ def _load(blob: bytes) -> data.Splits | None:
       f.write(blob)
     try:
       return data.load_npz(path)
-    except fc.ConfigError as err:
+    except validate.ConfigError as err:
       assert "\n" not in str(err) and "fuzz.npz" in str(err), str(err)
       return None
 
@@ -243,18 +329,30 @@ def test_fuzzed_npz_bytes_load_or_raise_a_config_error(blob):
     _check_splits(splits)
 
 
-_BAD_ARRAYS = [np.zeros((0, 28, 28, 1), np.uint8), np.zeros((24, 28, 28), np.float32), np.full(24, np.nan),
-               np.arange(24) - 5, np.zeros((24, 2), int), np.array("x"), np.array(2.5), np.array([[1]]),
-               np.zeros(7, int), np.zeros((24, 28, 28, 1), np.uint8), np.array([None, 1], dtype=object)]
+_BAD_ARRAYS = [
+  np.zeros((0, 28, 28, 1), np.uint8),
+  np.zeros((24, 28, 28), np.float32),
+  np.full(24, np.nan),
+  np.arange(24) - 5,
+  np.zeros((24, 2), int),
+  np.array("x"),
+  np.array(2.5),
+  np.array([[1]]),
+  np.zeros(7, int),
+  np.zeros((24, 28, 28, 1), np.uint8),
+  np.array([None, 1], dtype=object),
+]
 
 
 @FUZZ
-@given(st.sets(st.sampled_from(sorted(GOOD_ARRAYS)), max_size=3),
-       st.dictionaries(st.sampled_from(sorted(GOOD_ARRAYS)), st.sampled_from(range(len(_BAD_ARRAYS))),
-                       max_size=2))
+@given(
+  st.sets(st.sampled_from(sorted(GOOD_ARRAYS)), max_size=3),
+  st.dictionaries(st.sampled_from(sorted(GOOD_ARRAYS)), st.sampled_from(range(len(_BAD_ARRAYS))), max_size=2),
+)
 def test_npz_with_missing_or_wrong_arrays_is_a_config_error(missing, replaced):
-  arrays = {k: (_BAD_ARRAYS[replaced[k]] if k in replaced else v) for k, v in GOOD_ARRAYS.items()
-            if k not in missing}
+  arrays = {
+    k: (_BAD_ARRAYS[replaced[k]] if k in replaced else v) for k, v in GOOD_ARRAYS.items() if k not in missing
+  }
   try:
     blob = _npz_bytes(arrays, compressed=False)
   except ValueError:  # numpy itself refuses to save object arrays without pickling
@@ -268,22 +366,38 @@ def test_data_directories_and_files_that_are_not_there(tmp_path):
   a_file = tmp_path / "a_file"
   a_file.write_text("not a directory")
   cases = [
-      (lambda: data.load_tfds("cifar10", str(tmp_path)), r"tfds dataset 'cifar10' is not available under "
-                                                          r"data_dir=.*tfds build cifar10 --file_format=array_rec"),
-      (lambda: data.load_tfds("emnist/digits", str(a_file)), "a_file' is not a directory: expected a tfds"),
-      (lambda: data.load_federated(fc.DataConfig(source="tfds", path=str(tmp_path / "missing"),
-                                                 partition="iid")), "missing' is not a directory"),
-      (lambda: data.load_npz(tmp_path / "missing.npz"), "does not exist"),
-      (lambda: data.load_npz(tmp_path), r"cifar10_train_batch1.npz' does not exist"),
-      (lambda: data.pack_clients(data.make_dataset(np.zeros((4, 2, 2), np.uint8), np.zeros(4, int), 2), []),
-       "client_indices is empty"),
-      (lambda: data.pack_clients(data.make_dataset(np.zeros((4, 2, 2), np.uint8), np.zeros(4, int), 2),
-                                 [np.array([0]), np.array([], int)]), "client 1 has indices"),
-      (lambda: data.load_federated(fc.DataConfig(num_clients=5, min_examples_per_client=10**6)),
-       "min_examples=1000000 is too large"),
+    (
+      lambda: data.load_tfds("cifar10", str(tmp_path)),
+      r"tfds dataset 'cifar10' is not available under "
+      r"data_dir=.*tfds build cifar10 --file_format=array_rec",
+    ),
+    (lambda: data.load_tfds("emnist/digits", str(a_file)), "a_file' is not a directory: expected a tfds"),
+    (
+      lambda: data.load_federated(
+        fc.DataConfig(source="tfds", path=str(tmp_path / "missing"), partition="iid")
+      ),
+      "missing' is not a directory",
+    ),
+    (lambda: data.load_npz(tmp_path / "missing.npz"), "does not exist"),
+    (lambda: data.load_npz(tmp_path), r"cifar10_train_batch1.npz' does not exist"),
+    (
+      lambda: data.pack_clients(data.make_dataset(np.zeros((4, 2, 2), np.uint8), np.zeros(4, int), 2), []),
+      "client_indices is empty",
+    ),
+    (
+      lambda: data.pack_clients(
+        data.make_dataset(np.zeros((4, 2, 2), np.uint8), np.zeros(4, int), 2),
+        [np.array([0]), np.array([], int)],
+      ),
+      "client 1 has indices",
+    ),
+    (
+      lambda: data.load_federated(fc.DataConfig(num_clients=5, min_examples_per_client=10**6)),
+      "min_examples=1000000 is too large",
+    ),
   ]
   for build, match in cases:
-    with pytest.raises(fc.ConfigError, match=match) as err:
+    with pytest.raises(validate.ConfigError, match=match) as err:
       build()
     assert "\n" not in str(err.value), str(err.value)
 
@@ -292,8 +406,14 @@ def test_data_directories_and_files_that_are_not_there(tmp_path):
 # Command lines: exit status 2, one line naming the flag and value, no traceback, nothing in --out.
 # ----------------------------------------------------------------------------------------------------------
 
-_TINY = ["--num_clients=4", "--capacity=16", "--test_examples=50", "--rounds=1", "--local_steps=1",
-         "--progress=false"]
+_TINY = [
+  "--num_clients=4",
+  "--capacity=16",
+  "--test_examples=50",
+  "--rounds=1",
+  "--local_steps=1",
+  "--progress=false",
+]
 
 
 def _cli_cases(tmp_path, slow: bool) -> list[tuple[str, list[str], str]]:
@@ -305,25 +425,28 @@ def _cli_cases(tmp_path, slow: bool) -> list[tuple[str, list[str], str]]:
   compare, misreporting = "compare_mechanisms.py", "misreporting.py"
   if not slow:
     return [
-        (compare, ["--rounds=0"], "rounds=0 is invalid: expected an integer >= 1"),  # config validation
-        (compare, ["--rounds=abc"], "flag --rounds=abc: invalid literal for int()"),  # flag parsing
-        (compare, ["--source=npz", f"--data_path={corrupt}"], "corrupt.npz' is not a readable .npz archive"),
-        (misreporting, ["--factors=1,0.5"], "factors has '0.5': expected finite numbers >= 1"),
+      (compare, ["--rounds=0"], "rounds=0 is invalid: expected an integer >= 1"),  # config validation
+      (compare, ["--rounds=abc"], "flag --rounds=abc: invalid literal for int()"),  # flag parsing
+      (compare, ["--source=npz", f"--data_path={corrupt}"], "corrupt.npz' is not a readable .npz archive"),
+      (misreporting, ["--factors=1,0.5"], "factors has '0.5': expected finite numbers >= 1"),
     ]
   return [
-      (compare, ["--lam=nan"], "lam=nan is invalid: expected a finite number"),
-      (compare, ["--eps_max=-1"], "eps_max=-1.0 is invalid: expected a number > 0"),
-      (compare, ["--mechanisms=stackelberg,auction"], "mechanisms='auction' is invalid: expected one of"),
-      (compare, ["--model=mlp"], "flag --model=mlp: value should be one of <cnn|logreg>"),
-      (compare, ["--seed=-1"], "seed=-1 is invalid"),
-      (compare, ["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
-      (compare, [f"--out={a_file}"], f"flag --out={a_file}: expected a directory"),
-      (compare, ["--source=npz", f"--data_path={tmp_path / 'missing.npz'}"], "missing.npz' does not exist"),
-      (compare, ["--source=tfds", "--partition=iid", f"--data_path={tmp_path / 'nope'}"],
-       "nope' is not a directory: expected a tfds data_dir"),
-      (misreporting, ["--liar_fraction=0"], "liar_fraction=0.0 is invalid: expected a number in (0, 1]"),
-      (misreporting, ["--train", "--calibration=surrogate"], "calibration='surrogate' is invalid with --train"),
-      (misreporting, ["--mechanisms=auction"], "mechanisms='auction' is invalid"),
+    (compare, ["--lam=nan"], "lam=nan is invalid: expected a finite number"),
+    (compare, ["--eps_max=-1"], "eps_max=-1.0 is invalid: expected a number > 0"),
+    (compare, ["--mechanisms=stackelberg,auction"], "mechanisms='auction' is invalid: expected one of"),
+    (compare, ["--model=mlp"], "flag --model=mlp: value should be one of <cnn|logreg>"),
+    (compare, ["--seed=-1"], "seed=-1 is invalid"),
+    (compare, ["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
+    (compare, [f"--out={a_file}"], f"flag --out={a_file}: expected a directory"),
+    (compare, ["--source=npz", f"--data_path={tmp_path / 'missing.npz'}"], "missing.npz' does not exist"),
+    (
+      compare,
+      ["--source=tfds", "--partition=iid", f"--data_path={tmp_path / 'nope'}"],
+      "nope' is not a directory: expected a tfds data_dir",
+    ),
+    (misreporting, ["--liar_fraction=0"], "liar_fraction=0.0 is invalid: expected a number in (0, 1]"),
+    (misreporting, ["--train", "--calibration=surrogate"], "calibration='surrogate' is invalid with --train"),
+    (misreporting, ["--mechanisms=auction"], "mechanisms='auction' is invalid"),
   ]
 
 
@@ -334,8 +457,14 @@ def _check_bad_command_lines(tmp_path, slow: bool) -> None:
   for i, (script, flags, expected) in enumerate(_cli_cases(tmp_path, slow)):
     out = tmp_path / f"out{i}"
     args = [sys.executable, os.path.join(REPO, "scripts", script), *_TINY, f"--out={out}", *flags]
-    procs.append((args, out, expected, subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                                        stderr=subprocess.PIPE, text=True)))
+    procs.append(
+      (
+        args,
+        out,
+        expected,
+        subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+      )
+    )
   for args, out, expected, proc in procs:
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2, (args, stderr[-2000:])
@@ -361,12 +490,14 @@ def test_more_bad_command_lines(tmp_path):
 def resume_cfg(checkpoint_dir: str | None) -> fc.SimulationConfig:
   """A tiny experiment (used by the killed subprocess too), checkpointing every round when given a dir."""
   return fc.SimulationConfig(
-      data=fc.DataConfig(num_clients=8, capacity=32, test_examples=200, seed=0),
-      model=fc.ModelConfig(name="logreg"),
-      privacy=fc.PrivacyConfig(calibration="exact", accountant="rdp", clip_norm=1.0, delta=1e-5),
-      federated=fc.FederatedConfig(rounds=5, local_steps=1, batch_size=8, client_lr=0.5, server_lr=1.0),
-      game=fc.GameConfig(mechanism="stackelberg", lam=20.0, eps_max=8.0),
-      checkpoint_dir=checkpoint_dir, checkpoint_every=1 if checkpoint_dir else 0)
+    data=fc.DataConfig(num_clients=8, capacity=32, test_examples=200, seed=0),
+    model=fc.ModelConfig(name="logreg"),
+    privacy=fc.PrivacyConfig(calibration="exact", accountant="rdp", clip_norm=1.0, delta=1e-5),
+    federated=fc.FederatedConfig(rounds=5, local_steps=1, batch_size=8, client_lr=0.5, server_lr=1.0),
+    game=fc.GameConfig(mechanism="stackelberg", lam=20.0, eps_max=8.0),
+    checkpoint_dir=checkpoint_dir,
+    checkpoint_every=1 if checkpoint_dir else 0,
+  )
 
 
 _KILLED_RUN = textwrap.dedent("""
@@ -410,8 +541,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path,
   fed_data, full = uninterrupted
   directory = str(tmp_path / "ckpt")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, directory, mode], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _KILLED_RUN, directory, mode],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   if mode == "sigkill_after_first_checkpoint":
     _wait_for_step(directory, proc)
     proc.send_signal(signal.SIGKILL)

@@ -34,16 +34,20 @@ def _mesh(axis_type=jax.sharding.AxisType.Explicit):
 def _inputs(clients: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   num_examples = rng.integers(0, 13, clients).astype(np.int32)
-  pool = ClientPool(rng.integers(0, 256, (clients, 12, *SHAPE), dtype=np.uint8),
-                    rng.integers(0, CLASSES, (clients, 12)).astype(np.int32), num_examples)
+  pool = ClientPool(
+    rng.integers(0, 256, (clients, 12, *SHAPE), dtype=np.uint8),
+    rng.integers(0, CLASSES, (clients, 12)).astype(np.int32),
+    num_examples,
+  )
   z = np.where(np.arange(clients) % 5 == 3, np.inf, 0.7).astype(np.float32)  # some sit out
   w = np.where(np.arange(clients) % 4 == 1, 0.0, 1.0).astype(np.float32)  # some have weight 0
   return pool, jnp.asarray(z), jnp.asarray(w)
 
 
 def _round(state, pool, z, w, model=LOGREG, mesh=None, fed=FED):
-  return federated.federated_round(state, pool, z, w, jax.random.key(7), apply_fn=model.apply, fed=fed,
-                                   privacy=PRIVATE, mesh=mesh)
+  return federated.federated_round(
+    state, pool, z, w, jax.random.key(7), apply_fn=model.apply, fed=fed, privacy=PRIVATE, mesh=mesh
+  )
 
 
 def _state(model=LOGREG):
@@ -77,8 +81,8 @@ def test_presharded_pool_and_auto_axes():
 def test_server_aggregate_is_one_all_reduce():
   pool, z, w = _inputs(8)
   compiled = federated.federated_round.lower(
-      _state(), pool, z, w, jax.random.key(7), apply_fn=LOGREG.apply, fed=FED, privacy=PRIVATE,
-      mesh=_mesh()).compile()
+    _state(), pool, z, w, jax.random.key(7), apply_fn=LOGREG.apply, fed=FED, privacy=PRIVATE, mesh=_mesh()
+  ).compile()
   reductions = re.findall(r"=\s*\S+\s+all-reduce(?:-start)?\(", compiled.as_text())
   assert len(reductions) == 1, reductions
 

@@ -10,17 +10,18 @@ import numpy as np
 import pytest
 
 from fcfn_jax import config as fc
-from fcfn_jax import data, simulation
+from fcfn_jax import data, simulation, validate
 
 
 def _cfg(tmp_path=None, **game) -> fc.SimulationConfig:
   return fc.SimulationConfig(
-      data=fc.DataConfig(num_clients=12, capacity=64, test_examples=400),
-      model=fc.ModelConfig(name="logreg"),
-      federated=fc.FederatedConfig(rounds=4, local_steps=2, batch_size=8, client_lr=0.5),
-      game=fc.GameConfig(**game),
-      checkpoint_dir=str(tmp_path / "ckpt") if tmp_path else None,
-      checkpoint_every=1 if tmp_path else 0)
+    data=fc.DataConfig(num_clients=12, capacity=64, test_examples=400),
+    model=fc.ModelConfig(name="logreg"),
+    federated=fc.FederatedConfig(rounds=4, local_steps=2, batch_size=8, client_lr=0.5),
+    game=fc.GameConfig(**game),
+    checkpoint_dir=str(tmp_path / "ckpt") if tmp_path else None,
+    checkpoint_every=1 if tmp_path else 0,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,14 @@ def test_surrogate_path_solves_the_game_inside_the_round(fed_data):
   exp = simulation.prepare(cfg, fed_data)
   state = simulation.init_state(exp)
   state, metrics, outcome = simulation.mechanism_round(
-      state, exp.train_pool, exp.costs.astype(np.float32), exp.weights.astype(np.float32),
-      jax.random.PRNGKey(0), apply_fn=exp.apply_fn, cfg=cfg)
+    state,
+    exp.train_pool,
+    exp.costs.astype(np.float32),
+    exp.weights.astype(np.float32),
+    jax.random.PRNGKey(0),
+    apply_fn=exp.apply_fn,
+    cfg=cfg,
+  )
   np.testing.assert_allclose(np.asarray(outcome.budgets), np.asarray(exp.outcome.budgets), rtol=1e-4)
   assert int(metrics.participants) == int(exp.outcome.participants)
 
@@ -77,11 +84,11 @@ def test_non_private_training_beats_chance(fed_data):
 
 
 def test_bad_config_names_the_value():
-  with pytest.raises(fc.ConfigError, match="rounds=0"):
+  with pytest.raises(validate.ConfigError, match="rounds=0"):
     fc.FederatedConfig(rounds=0)
-  with pytest.raises(fc.ConfigError, match="lam=nan"):
+  with pytest.raises(validate.ConfigError, match="lam=nan"):
     fc.GameConfig(lam=float("nan"))
-  with pytest.raises(fc.ConfigError, match="mechanism='auction'"):
+  with pytest.raises(validate.ConfigError, match="mechanism='auction'"):
     fc.GameConfig(mechanism="auction")
 
 

@@ -13,10 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fcfn_jax.config import ConfigError
 from fcfn_jax.game import equilibrium, solver
+from fcfn_jax.validate import ConfigError
 from tests.games import paid_games
-
 
 pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
@@ -33,8 +32,9 @@ batched_closed_form = jax.jit(jax.vmap(equilibrium.closed_form_budgets))
 def deviation_gains(payment, costs, weights, eps, eps_max):
   """Deviation gains of every client over a 2001-point grid on [0, eps_max_i]: [N]."""
   grid = jnp.linspace(0.0, 1.0, 2001)[:, None] * jnp.broadcast_to(eps_max, eps.shape)
-  return solver.unilateral_gains(solver.proportional_share_utility, eps, weights,
-                                 solver.ShareParams(payment, costs), grid)
+  return solver.unilateral_gains(
+    solver.proportional_share_utility, eps, weights, solver.ShareParams(payment, costs), grid
+  )
 
 
 batched_gains = jax.jit(jax.vmap(deviation_gains))
@@ -78,10 +78,12 @@ def test_binding_caps_give_a_fixed_point_of_projected_best_responses():
   params = solver.ShareParams(payment, costs)
   utility = solver.proportional_share_utility
   residual = jax.vmap(solver.projection_residual, in_axes=(None, 0, 0, 0, 0))(
-      utility, eps, weights, params, eps_max)
+    utility, eps, weights, params, eps_max
+  )
   np.testing.assert_allclose(residual, 0.0, atol=1e-9)
   response = jax.vmap(solver.best_response, in_axes=(None, 0, 0, 0, 0))(
-      utility, eps, weights, params, eps_max)
+    utility, eps, weights, params, eps_max
+  )
   np.testing.assert_allclose(response, eps, rtol=1e-8, atol=1e-12)
   assert_no_profitable_deviation(payment, costs, weights, np.asarray(eps), eps_max)
 
@@ -105,11 +107,13 @@ def test_generic_utility_equilibrium_is_a_fixed_point():
   solve = jax.jit(jax.vmap(solver.solve_equilibrium, in_axes=(None, 0, 0, 0)), static_argnums=0)
   eps = solve(quadratic_cost_utility, weights, params, eps_max)
   response = jax.vmap(solver.best_response, in_axes=(None, 0, 0, 0, 0))(
-      quadratic_cost_utility, eps, weights, params, eps_max)
+    quadratic_cost_utility, eps, weights, params, eps_max
+  )
   np.testing.assert_allclose(response, eps, rtol=1e-8, atol=1e-12)
   grid = jnp.linspace(0.0, 1.0, 2001)[None, :, None] * eps_max[:, None, :]
   gains = jax.vmap(solver.unilateral_gains, in_axes=(None, 0, 0, 0, 0))(
-      quadratic_cost_utility, eps, weights, params, grid)
+    quadratic_cost_utility, eps, weights, params, grid
+  )
   aggregate = jnp.broadcast_to(jnp.sum(weights * eps, -1, keepdims=True), eps.shape)
   utility = jax.vmap(quadratic_cost_utility)(eps, aggregate, weights, params)
   assert np.all(gains <= 1e-6 * np.maximum(np.abs(utility), 1e-9 * payment[:, None]))
@@ -129,8 +133,13 @@ vjp_jit = jax.jit(lambda inputs, cotangent: jax.grad(lambda i: jnp.dot(cotangent
 def test_implicit_derivatives_match_finite_differences(cap):
   payment, costs, weights, prices = (a[0] for a in random_games(7, 1, 8))
   eps_max = cap * float(equilibrium.closed_form_budgets(payment, costs, weights).max())
-  inputs = dict(payment=jnp.asarray(payment), costs=jnp.asarray(costs), weights=jnp.asarray(weights),
-                prices=jnp.asarray(prices), eps_max=jnp.asarray(eps_max))
+  inputs = dict(
+    payment=jnp.asarray(payment),
+    costs=jnp.asarray(costs),
+    weights=jnp.asarray(weights),
+    prices=jnp.asarray(prices),
+    eps_max=jnp.asarray(eps_max),
+  )
   eps = solve_jit(inputs)
   if cap < 1:
     assert np.any(eps >= eps_max) and np.sum((eps > 0) & (eps < eps_max)) >= 1
@@ -144,14 +153,24 @@ def test_implicit_derivatives_match_finite_differences(cap):
     shifted = [solve_jit({k: v + sign * step * direction[k] for k, v in inputs.items()}) for sign in (1, -1)]
     expected = (shifted[0] - shifted[1]) / (2 * step)
     np.testing.assert_allclose(jvp_jit(inputs, direction), expected, rtol=1e-4, atol=1e-7, err_msg=name)
-    np.testing.assert_allclose(jnp.sum(reverse[name] * direction[name]), jnp.dot(cotangent, expected),
-                               rtol=1e-4, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(
+      jnp.sum(reverse[name] * direction[name]),
+      jnp.dot(cotangent, expected),
+      rtol=1e-4,
+      atol=1e-7,
+      err_msg=name,
+    )
 
 
 def test_zero_payment_means_nobody_participates_with_finite_gradients():
   _, costs, weights, _ = (a[0] for a in random_games(6, 1, 8))
-  inputs = dict(payment=jnp.asarray(0.0), costs=jnp.asarray(costs), weights=jnp.asarray(weights),
-                prices=jnp.ones(8), eps_max=jnp.asarray(3.0))
+  inputs = dict(
+    payment=jnp.asarray(0.0),
+    costs=jnp.asarray(costs),
+    weights=jnp.asarray(weights),
+    prices=jnp.ones(8),
+    eps_max=jnp.asarray(3.0),
+  )
   np.testing.assert_array_equal(solve_jit(inputs), 0.0)
   grads = vjp_jit(inputs, jnp.ones(8))
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
@@ -161,7 +180,6 @@ single_equilibrium = jax.jit(solver.share_equilibrium)
 
 
 class JitTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_jit_and_eager_agree(self):
     with jax.enable_x64(True):
@@ -192,17 +210,17 @@ def test_property_closed_form_agreement(seed, payment):
 
 
 BAD_INPUTS = {
-    "one_client": (dict(costs=[1.0], weights=[1.0]), "at least 2 clients"),
-    "zero_cost": (dict(costs=[1.0, 0.0]), r"costs\[1\]=0.0"),
-    "negative_cost": (dict(costs=[-1.0, 1.0]), r"costs\[0\]=-1.0"),
-    "nan_cost": (dict(costs=[1.0, np.nan]), r"costs\[1\]=nan"),
-    "zero_weight": (dict(weights=[0.0, 1.0]), r"weights\[0\]=0.0"),
-    "zero_eps_max": (dict(eps_max=0.0), "eps_max=0.0"),
-    "negative_eps_max": (dict(eps_max=[1.0, -2.0]), r"eps_max\[1\]=-2.0"),
-    "nan_eps_max": (dict(eps_max=np.nan), "eps_max=nan"),
-    "negative_payment": (dict(payment=-1.0), r"payment=-1.0 .*>= 0"),
-    "nan_payment": (dict(payment=np.nan), "payment=nan"),
-    "zero_price": (dict(prices=[1.0, 0.0]), r"prices\[1\]=0.0"),
+  "one_client": (dict(costs=[1.0], weights=[1.0]), "at least 2 clients"),
+  "zero_cost": (dict(costs=[1.0, 0.0]), r"costs\[1\]=0.0"),
+  "negative_cost": (dict(costs=[-1.0, 1.0]), r"costs\[0\]=-1.0"),
+  "nan_cost": (dict(costs=[1.0, np.nan]), r"costs\[1\]=nan"),
+  "zero_weight": (dict(weights=[0.0, 1.0]), r"weights\[0\]=0.0"),
+  "zero_eps_max": (dict(eps_max=0.0), "eps_max=0.0"),
+  "negative_eps_max": (dict(eps_max=[1.0, -2.0]), r"eps_max\[1\]=-2.0"),
+  "nan_eps_max": (dict(eps_max=np.nan), "eps_max=nan"),
+  "negative_payment": (dict(payment=-1.0), r"payment=-1.0 .*>= 0"),
+  "nan_payment": (dict(payment=np.nan), "payment=nan"),
+  "zero_price": (dict(prices=[1.0, 0.0]), r"prices\[1\]=0.0"),
 }
 
 

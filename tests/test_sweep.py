@@ -7,12 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcfn_jax import sweep
-from fcfn_jax.config import ConfigError, GameConfig
-from fcfn_jax.game import baselines
+from fcfn_jax.config import GameConfig
+from fcfn_jax.game import baselines, sweep
+from fcfn_jax.validate import ConfigError
 
-SETTINGS = sweep.SweepSettings(game=GameConfig(eps_max=4.0), num_clients=12,
-                               mechanisms=("stackelberg", "social_optimum", "posted_price", "contract"))
+SETTINGS = sweep.SweepSettings(
+  game=GameConfig(eps_max=4.0),
+  num_clients=12,
+  mechanisms=("stackelberg", "social_optimum", "posted_price", "contract"),
+)
 KEY = jax.random.PRNGKey(7)
 
 
@@ -29,14 +32,25 @@ def grid_and_results():
 def test_every_configuration_matches_the_baseline_at_its_static_lam(grid_and_results):
   configs, results = grid_and_results
   for g in range(configs.lam.shape[0]):
-    costs, weights = sweep.draw_game(KEY, configs.seed[g], configs.cost_low[g], configs.cost_high[g],
-                                     SETTINGS.num_clients, SETTINGS.weight_spread)
+    costs, weights = sweep.draw_game(
+      KEY,
+      configs.seed[g],
+      configs.cost_low[g],
+      configs.cost_high[g],
+      SETTINGS.num_clients,
+      SETTINGS.weight_spread,
+    )
     game = GameConfig(lam=float(configs.lam[g]), eps_max=SETTINGS.game.eps_max)
     for name in SETTINGS.mechanisms:
       expected = baselines.solve_mechanism(name, costs, weights, game)
       for field, value in results[name]._asdict().items():
-        np.testing.assert_allclose(value[g], getattr(expected, field), rtol=1e-10, atol=1e-10,
-                                   err_msg=f"{name}.{field} at configuration {g}")
+        np.testing.assert_allclose(
+          value[g],
+          getattr(expected, field),
+          rtol=1e-10,
+          atol=1e-10,
+          err_msg=f"{name}.{field} at configuration {g}",
+        )
 
 
 def test_chunked_and_sharded_sweeps_equal_the_single_batch(grid_and_results):
@@ -76,15 +90,20 @@ def test_table_has_one_row_per_configuration_and_mechanism(grid_and_results):
   np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
-@pytest.mark.parametrize("call, message", [
+@pytest.mark.parametrize(
+  "call, message",
+  [
     (lambda: sweep.make_grid([0], [-1.0], [(0.5, 2.0)]), "lam=-1.0"),
     (lambda: sweep.make_grid([0], [1.0], [(2.0, 0.5)]), "cost_low=2.0"),
     (lambda: sweep.make_grid([-1], [1.0], [(0.5, 2.0)]), "seed=-1"),
     (lambda: sweep.SweepSettings(mechanisms=("bogus",)), "mechanism='bogus'"),
     (lambda: sweep.SweepSettings(weight_spread=0.5), "weight_spread=0.5"),
-    (lambda: sweep.run_sweep(KEY, sweep.make_grid([0], [1.0], [(0.5, 2.0)]), SETTINGS, chunk_size=-1),
-     "chunk_size=-1"),
-])
+    (
+      lambda: sweep.run_sweep(KEY, sweep.make_grid([0], [1.0], [(0.5, 2.0)]), SETTINGS, chunk_size=-1),
+      "chunk_size=-1",
+    ),
+  ],
+)
 def test_invalid_inputs_raise_config_error(call, message):
   with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
     call()

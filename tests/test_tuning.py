@@ -10,10 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from fcfn_jax import tuning
-from fcfn_jax.config import ConfigError
-from fcfn_jax.game import equilibrium, leader
+from fcfn_jax.game import equilibrium, leader, tuning
 from fcfn_jax.privacy import accounting
+from fcfn_jax.validate import ConfigError
 
 NUM_CLIENTS = 8
 
@@ -22,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
 
 dp_quality = functools.partial(
-    leader.dp_quality, variance_fn=functools.partial(accounting.noise_variance, steps=25, delta=1e-5))
+  leader.dp_quality, variance_fn=functools.partial(accounting.noise_variance, steps=25, delta=1e-5)
+)
 QUALITIES = {"log": leader.log_quality, "dp": dp_quality}
 
 
@@ -30,8 +30,9 @@ def problem(eps_max: float, lam: float, seed: int = 0) -> leader.LeaderProblem:
   rng = np.random.default_rng(seed)
   costs = rng.uniform(0.5, 2.0, NUM_CLIENTS)
   sizes = rng.lognormal(0.0, 1.0, NUM_CLIENTS)
-  return leader.LeaderProblem(jnp.asarray(costs), jnp.asarray(sizes / sizes.mean()), jnp.asarray(eps_max),
-                              jnp.asarray(lam))
+  return leader.LeaderProblem(
+    jnp.asarray(costs), jnp.asarray(sizes / sizes.mean()), jnp.asarray(eps_max), jnp.asarray(lam)
+  )
 
 
 @pytest.mark.parametrize("quality", ["log", "dp"])
@@ -53,17 +54,25 @@ def test_adam_reaches_the_closed_form_payment():
   r_star = equilibrium.closed_form_payment(game.lam, game.costs, game.weights)
   assert 0 < r_star < game.lam
   optimizer = optax.adam(optax.exponential_decay(0.2, 50, 0.5))
-  best, trace = tuning.tune_pricing(tuning.initial_params(1.0), game, leader.log_quality,
-                                    jnp.zeros(NUM_CLIENTS, jnp.int32), optimizer, 1000)
+  best, trace = tuning.tune_pricing(
+    tuning.initial_params(1.0), game, leader.log_quality, jnp.zeros(NUM_CLIENTS, jnp.int32), optimizer, 1000
+  )
   np.testing.assert_allclose(jnp.exp(best.log_payment), r_star, rtol=1e-6)
-  np.testing.assert_allclose(trace.objective.max(),
-                             leader.server_utility(r_star, game, leader.log_quality), rtol=1e-12)
+  np.testing.assert_allclose(
+    trace.objective.max(), leader.server_utility(r_star, game, leader.log_quality), rtol=1e-12
+  )
 
 
 def test_small_steps_improve_the_objective_monotonically():
   game = problem(eps_max=1e3, lam=20.0)
-  _, trace = tuning.tune_pricing(tuning.initial_params(1.0), game, leader.log_quality,
-                                 jnp.zeros(NUM_CLIENTS, jnp.int32), optax.adam(0.01), 150)
+  _, trace = tuning.tune_pricing(
+    tuning.initial_params(1.0),
+    game,
+    leader.log_quality,
+    jnp.zeros(NUM_CLIENTS, jnp.int32),
+    optax.adam(0.01),
+    150,
+  )
   assert np.all(np.diff(trace.objective) >= -1e-10 * np.abs(trace.objective[1:]))
   assert trace.objective[-1] > trace.objective[0] + 1.0
 
@@ -72,18 +81,33 @@ def test_per_client_prices_beat_the_best_uniform_payment_on_a_grid():
   game = problem(eps_max=50.0, lam=200.0)  # DP quality: no closed form
   payments, utilities = tuning.uniform_grid(game, dp_quality, 100)
   grid_best = int(jnp.argmax(utilities))
-  best, trace = tuning.tune_pricing(tuning.initial_params(payments[grid_best], NUM_CLIENTS), game,
-                                    dp_quality, jnp.arange(NUM_CLIENTS),
-                                    optax.adam(optax.exponential_decay(0.05, 60, 0.5)), 150, safeguard=True)
+  best, trace = tuning.tune_pricing(
+    tuning.initial_params(payments[grid_best], NUM_CLIENTS),
+    game,
+    dp_quality,
+    jnp.arange(NUM_CLIENTS),
+    optax.adam(optax.exponential_decay(0.05, 60, 0.5)),
+    150,
+    safeguard=True,
+  )
   assert np.all(np.diff(trace.objective) >= 0)  # rejected steps keep the iterate
   assert trace.objective[-1] > utilities[grid_best] + 0.05 * abs(utilities[grid_best])
-  np.testing.assert_allclose(tuning.pricing_objective(best, game, dp_quality, jnp.arange(NUM_CLIENTS)),
-                             trace.objective.max(), rtol=1e-12)
+  np.testing.assert_allclose(
+    tuning.pricing_objective(best, game, dp_quality, jnp.arange(NUM_CLIENTS)),
+    trace.objective.max(),
+    rtol=1e-12,
+  )
   assert float(jnp.ptp(tuning.group_prices(best))) > 0.1
 
 
 def test_invalid_num_steps_raise_config_error():
   game = problem(eps_max=50.0, lam=20.0)
   with pytest.raises(ConfigError, match="num_steps=0"):
-    tuning.tune_pricing(tuning.initial_params(1.0), game, leader.log_quality,
-                        jnp.zeros(NUM_CLIENTS, jnp.int32), optax.adam(0.1), 0)
+    tuning.tune_pricing(
+      tuning.initial_params(1.0),
+      game,
+      leader.log_quality,
+      jnp.zeros(NUM_CLIENTS, jnp.int32),
+      optax.adam(0.1),
+      0,
+    )

@@ -1,4 +1,4 @@
-"""The Stackelberg mechanism and its baselines on the same clients (DESIGN.md "The game", "Baselines").
+"""The Stackelberg mechanism and its baselines on the same clients (docs/model.md "The game", "Baselines").
 
 Every mechanism sees the same game: per-unit privacy costs c: [N], quality weights w: [N] (x_i = w_i eps_i,
 k_i = c_i / w_i), the server's Stage-I valuation V(eps) = lam log(1 + sum_i w_i eps_i) and budgets in
@@ -53,9 +53,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcfn_jax.config import MECHANISMS, GameConfig, check_choice, require
+from fcfn_jax.config import MECHANISMS, GameConfig
 from fcfn_jax.game import equilibrium, solver
 from fcfn_jax.game.outcome import Outcome, build_outcome, log_valuation
+from fcfn_jax.validate import check_choice, check_clients, is_traced, require
 
 _T = TypeVar("_T")
 
@@ -79,17 +80,22 @@ class Menu(NamedTuple):
 
 def _check_game(costs, weights, game_cfg) -> None:
   require(isinstance(game_cfg, GameConfig), f"game_cfg={game_cfg!r} is invalid: expected a GameConfig")
-  require(game_cfg.quality == "log",
-          f"quality={game_cfg.quality!r} is invalid for the closed-form mechanisms: expected 'log' "
-          "(the DP-aware quality is solved by the generic solver)")
-  equilibrium.validate_clients(costs, weights)
-  require(np.ndim(costs) == 1 and np.shape(costs) == np.shape(weights),
-          f"costs of shape {np.shape(costs)} and weights of shape {np.shape(weights)} are invalid: "
-          "expected one game, both of shape [N] (vmap over games)")
+  require(
+    game_cfg.quality == "log",
+    f"quality={game_cfg.quality!r} is invalid for the closed-form mechanisms: expected 'log' "
+    "(the DP-aware quality is solved by the generic solver)",
+  )
+  check_clients(costs, weights)
+  require(
+    np.ndim(costs) == 1 and np.shape(costs) == np.shape(weights),
+    f"costs of shape {np.shape(costs)} and weights of shape {np.shape(weights)} are invalid: "
+    "expected one game, both of shape [N] (vmap over games)",
+  )
 
 
-def _game_function(core: Callable[[chex.Array, chex.Array, GameConfig], _T]
-                  ) -> Callable[[chex.Array, chex.Array, GameConfig], _T]:
+def _game_function(
+  core: Callable[[chex.Array, chex.Array, GameConfig], _T],
+) -> Callable[[chex.Array, chex.Array, GameConfig], _T]:
   """Checks the game on the host (skipped for tracers), then runs core(costs, weights, game_cfg) under jit."""
   jitted = jax.jit(core, static_argnums=2)
 
@@ -99,13 +105,15 @@ def _game_function(core: Callable[[chex.Array, chex.Array, GameConfig], _T]
     c, w = jnp.asarray(costs), jnp.asarray(weights)
     dtype = jnp.result_type(float, c, w)
     result = jitted(c.astype(dtype), w.astype(dtype), game_cfg)
-    if not isinstance(c, jax.core.Tracer) and not isinstance(w, jax.core.Tracer):
+    if not is_traced(c) and not is_traced(w):
       # Finite inputs can still overflow the game's arithmetic (k_i = c_i / w_i, K_S, R / K_S) in dtype.
-      require(all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(result)),
-              f"{core.__name__} overflows in {np.dtype(dtype).name} for costs in [{float(np.min(costs))!r}, "
-              f"{float(np.max(costs))!r}] and weights in [{float(np.min(weights))!r}, "
-              f"{float(np.max(weights))!r}]: expected magnitudes whose ratios c_i / w_i and their sum "
-              "stay finite (rescale the costs and lam together)")
+      require(
+        all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(result)),
+        f"{core.__name__} overflows in {np.dtype(dtype).name} for costs in [{float(np.min(costs))!r}, "
+        f"{float(np.max(costs))!r}] and weights in [{float(np.min(weights))!r}, "
+        f"{float(np.max(weights))!r}]: expected magnitudes whose ratios c_i / w_i and their sum "
+        "stay finite (rescale the costs and lam together)",
+      )
     return result
 
   return wrapper
@@ -150,7 +158,7 @@ def _iron(values: chex.Array, weights: chex.Array) -> chex.Array:
 def stackelberg(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> Outcome:
   """The proposed mechanism: the leader's R*, the followers' capped Nash equilibrium, payment_i = R* x_i / X.
 
-  R* is the closed form max(0, lam - K_S / (|S| - 1)) (DESIGN.md "Stage I"); the followers' budgets are
+  R* is the closed form max(0, lam - K_S / (|S| - 1)) (docs/model.md "Stage I"); the followers' budgets are
   the generic solver's equilibrium on [0, eps_max]^N, which equals the closed form when no cap binds and
   stays an exact equilibrium when caps bind (then R* is the uncapped leader optimum; ``leader.solve_leader``
   re-optimizes R under caps).
@@ -188,8 +196,13 @@ def contract_menu(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) 
 
   rents = rent_step * budgets
   rewards = type_costs * budgets + jnp.cumsum(rents[::-1])[::-1] - rents
-  return Menu(type_costs=type_costs, counts=jnp.asarray(counts), type_weights=type_weights,
-              budgets=budgets, rewards=rewards)
+  return Menu(
+    type_costs=type_costs,
+    counts=jnp.asarray(counts),
+    type_weights=type_weights,
+    budgets=budgets,
+    rewards=rewards,
+  )
 
 
 @_game_function
@@ -203,8 +216,9 @@ def contract(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> Ou
   tol = _TIE_ULPS * jnp.finfo(costs.dtype).eps * jnp.max(scale, axis=1, keepdims=True)
   # Items are ordered by non-increasing budget, so the first near-best item is the largest budget.
   choice = jnp.argmax(value >= jnp.max(value, axis=1, keepdims=True) - tol, axis=1)
-  return build_outcome(item_budgets[choice], item_rewards[choice], costs, weights,
-                       log_valuation(game_cfg.lam))
+  return build_outcome(
+    item_budgets[choice], item_rewards[choice], costs, weights, log_valuation(game_cfg.lam)
+  )
 
 
 @_game_function
@@ -233,8 +247,14 @@ def three_party(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) ->
   budgets = jnp.minimum(x_groups / w_groups, game_cfg.eps_max)
   x_groups = w_groups * budgets
   margins = _proportional(payment, jnp.sum(x_groups, axis=1)) - group_payments
-  return build_outcome(from_groups(budgets), from_groups(_proportional(group_payments, x_groups)),
-                       costs, weights, log_valuation(game_cfg.lam), margins)
+  return build_outcome(
+    from_groups(budgets),
+    from_groups(_proportional(group_payments, x_groups)),
+    costs,
+    weights,
+    log_valuation(game_cfg.lam),
+    margins,
+  )
 
 
 @_game_function
@@ -244,8 +264,9 @@ def posted_price(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -
   sorted_costs = costs[order]
   takers = jnp.searchsorted(sorted_costs, sorted_costs, side="right")  # #{i : c_i <= c_(j)}
   taken_weight = jnp.cumsum(weights[order])[takers - 1]
-  utility = (game_cfg.lam * jnp.log1p(game_cfg.eps_max * taken_weight)
-             - sorted_costs * game_cfg.eps_max * takers)
+  utility = (
+    game_cfg.lam * jnp.log1p(game_cfg.eps_max * taken_weight) - sorted_costs * game_cfg.eps_max * takers
+  )
   best = jnp.argmax(utility)
   price = jnp.where(utility[best] > 0, sorted_costs[best], 0.0)
   budgets = jnp.where(costs <= price, game_cfg.eps_max, 0.0)
@@ -276,12 +297,12 @@ def num_intermediaries(name: str, num_clients: int, game_cfg: GameConfig) -> int
 
 
 _MECHANISMS: dict[str, Callable[[chex.Array, chex.Array, GameConfig], Outcome]] = {
-    "stackelberg": stackelberg,
-    "contract": contract,
-    "three_party": three_party,
-    "posted_price": posted_price,
-    "no_incentive": no_incentive,
-    "social_optimum": social_optimum,
+  "stackelberg": stackelberg,
+  "contract": contract,
+  "three_party": three_party,
+  "posted_price": posted_price,
+  "no_incentive": no_incentive,
+  "social_optimum": social_optimum,
 }
 
 

@@ -1,4 +1,4 @@
-"""Closed-form Stackelberg equilibrium of the canonical proportional-share game (DESIGN.md "The game").
+"""Closed-form Stackelberg equilibrium of the canonical proportional-share game (docs/model.md "The game").
 
 Clients i = 1..N with weights w_i = d_i / mean(d) and per-unit privacy costs c_i choose budgets eps_i;
 x_i = w_i eps_i is the effective contribution and k_i = c_i / w_i the normalized cost. Given the total
@@ -13,11 +13,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import chex
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fcfn_jax.config import require
+from fcfn_jax.validate import check_clients
 
 
 class Participation(NamedTuple):
@@ -31,39 +29,6 @@ class Participation(NamedTuple):
   size: chex.Array
   cost_sum: chex.Array
   threshold: chex.Array
-
-
-def validate_values(name: str, value, *, allow_zero: bool = False) -> None:
-  """Host-side check (skipped under tracing) that every entry of ``value`` is finite and > 0 (>= 0).
-
-  Raises:
-    ConfigError naming the first bad entry and what is allowed.
-  """
-  if value is None or isinstance(value, jax.core.Tracer):
-    return
-  arr = np.asarray(value)
-  require(arr.dtype.kind in "iuf", f"{name} has dtype {arr.dtype}: expected real numbers (integers or floats)")
-  bad = ~np.isfinite(arr) | ((arr < 0) if allow_zero else (arr <= 0))
-  if bad.any():
-    idx = tuple(int(i) for i in np.argwhere(bad)[0])
-    where = f"[{', '.join(map(str, idx))}]" if idx else ""
-    require(False, f"{name}{where}={float(arr[idx])!r} is invalid: "
-                   f"expected finite values {'>= 0' if allow_zero else '> 0'}")
-
-
-def validate_clients(costs, weights=None) -> None:
-  """Host-side input check (skipped under tracing): >= 2 clients, finite positive costs and weights.
-
-  Raises:
-    ConfigError naming the bad value and what is allowed.
-  """
-  for name, arr in (("costs", costs), ("weights", weights)):
-    if arr is None or isinstance(arr, jax.core.Tracer):
-      continue
-    shape = np.shape(arr)
-    require(len(shape) >= 1 and shape[-1] >= 2,
-            f"{name} has shape {shape}: a game needs at least 2 clients (last axis >= 2)")
-    validate_values(name, arr)
 
 
 def participation(k: chex.Array) -> Participation:
@@ -94,7 +59,7 @@ def closed_form_contributions(payment: chex.Numeric, k: chex.Array) -> chex.Arra
 
 def closed_form_budgets(payment: chex.Numeric, costs: chex.Array, weights: chex.Array) -> chex.Array:
   """Equilibrium privacy budgets eps_i = x_i / w_i: [N] for costs c: [N] and weights w: [N]."""
-  validate_clients(costs, weights)
+  check_clients(costs, weights)
   return closed_form_contributions(payment, costs / weights) / weights
 
 
@@ -106,12 +71,12 @@ def aggregate_response(payment: chex.Numeric, k: chex.Array) -> chex.Array:
 
 def closed_form_payment(lam: chex.Numeric, costs: chex.Array, weights: chex.Array) -> chex.Array:
   """Leader's optimal total payment for U_s(R) = lam log(1 + X(R)) - R: R* = max(0, lam - K_S/(|S|-1))."""
-  validate_clients(costs, weights)
+  check_clients(costs, weights)
   return jnp.maximum(0.0, lam - participation(costs / weights).threshold)
 
 
 def log_server_utility(lam: chex.Numeric, payment: chex.Numeric, total_contribution: chex.Numeric):
-  """U_s = lam log(1 + X) - R (DESIGN.md "Stage I")."""
+  """U_s = lam log(1 + X) - R (docs/model.md "Stage I")."""
   return lam * jnp.log1p(total_contribution) - payment
 
 

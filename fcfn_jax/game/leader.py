@@ -1,9 +1,9 @@
-"""The leader's problem (DESIGN.md "The game", Stage I): the server's payment R and optional prices.
+"""The leader's problem (docs/model.md "The game", Stage I): the server's payment R and optional prices.
 
 The server announces R (and, optionally, price weights pi, one per client or per group of clients); the
 followers play the proportional-share equilibrium eps*(R, pi) of ``solver.share_equilibrium``; the
 server's utility is U_s = lam Q(eps*) - R for a model-quality function Q:
-  - ``log_quality``: Q = log(1 + X), X = sum_i w_i eps_i, the canonical U_s of DESIGN.md, whose optimum
+  - ``log_quality``: Q = log(1 + X), X = sum_i w_i eps_i, the canonical U_s of docs/model.md, whose optimum
     is ``closed_form_payment`` when no cap binds;
   - ``dp_quality``: Q = G(eps) = -sum_i a_i^2 v(eps_i), the variance of the averaged Gaussian noise
     (a_i = d_i / sum of d over participants, v = noise variance at eps_i, supplied by the caller).
@@ -24,9 +24,8 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
-from fcfn_jax.config import require
-from fcfn_jax.game.equilibrium import validate_clients, validate_values
 from fcfn_jax.game.solver import SolverOptions, share_equilibrium
+from fcfn_jax.validate import check_clients, check_positive_array, is_traced, require
 
 QualityFn = Callable[[chex.Array, chex.Array], chex.Array]
 """``quality_fn(budgets: [N], weights: [N]) -> Q: []``, the server's model quality at the budgets."""
@@ -79,16 +78,17 @@ class LeaderSolution(NamedTuple):
 
 
 def log_quality(budgets: chex.Array, weights: chex.Array) -> chex.Array:
-  """Q = log(1 + X), X = sum_i w_i eps_i (DESIGN.md "Stage I")."""
+  """Q = log(1 + X), X = sum_i w_i eps_i (docs/model.md "Stage I")."""
   return jnp.log1p(jnp.dot(weights, budgets))
 
 
-def dp_quality(budgets: chex.Array, weights: chex.Array,
-               variance_fn: Callable[[chex.Array], chex.Array]) -> chex.Array:
-  """G = -sum_{i in P} a_i^2 v(eps_i), a_i = w_i / sum_{j in P} w_j, P = {i : eps_i > 0} (DESIGN.md).
+def dp_quality(
+  budgets: chex.Array, weights: chex.Array, variance_fn: Callable[[chex.Array], chex.Array]
+) -> chex.Array:
+  """G = -sum_{i in P} a_i^2 v(eps_i), a_i = w_i / sum_{j in P} w_j, P = {i : eps_i > 0} (docs/model.md).
 
   ``variance_fn(eps) -> v``, elementwise for eps > 0 (e.g. the squared noise multiplier of the
-  surrogate of DESIGN.md "From epsilon_i to noise", fixed by the caller's steps and delta). Clients
+  surrogate of docs/model.md "From epsilon_i to noise", fixed by the caller's steps and delta). Clients
   out of the game carry no weight and no variance term, and v is never evaluated at 0, so gradients stay
   finite. G = -inf when nobody participates (no model is trained).
   """
@@ -99,9 +99,13 @@ def dp_quality(budgets: chex.Array, weights: chex.Array,
   return jnp.where(total > 0, -jnp.sum(jnp.where(inside, a**2 * variance, 0.0)), -jnp.inf)
 
 
-def server_utility(payment: chex.Numeric, problem: LeaderProblem, quality_fn: QualityFn,
-                   prices: chex.Array | None = None,
-                   options: SolverOptions = SolverOptions()) -> chex.Array:
+def server_utility(
+  payment: chex.Numeric,
+  problem: LeaderProblem,
+  quality_fn: QualityFn,
+  prices: chex.Array | None = None,
+  options: SolverOptions = SolverOptions(),
+) -> chex.Array:
   """U_s(R, pi) = lam Q(eps*(R, pi)) - R: [], differentiable in R, pi and every field of ``problem``."""
   return _outcome(payment, problem, quality_fn, prices, options)[0]
 
@@ -135,14 +139,18 @@ def validate_problem(problem: LeaderProblem, groups=None, num_groups: int = 0) -
     ConfigError naming the bad value: fewer than 2 clients, non-positive or NaN costs, weights, eps_max
     or lam, groups outside [0, num_groups).
   """
-  validate_clients(problem.costs, problem.weights)
-  validate_values("eps_max", problem.eps_max)
-  validate_values("lam", problem.lam)
-  if groups is not None and not isinstance(groups, jax.core.Tracer):
+  check_clients(problem.costs, problem.weights)
+  check_positive_array("eps_max", problem.eps_max)
+  check_positive_array("lam", problem.lam)
+  if groups is not None and not is_traced(groups):
     groups = np.asarray(groups)
-    require(np.issubdtype(groups.dtype, np.integer) and groups.size
-            and 0 <= groups.min() and groups.max() < num_groups,
-            f"groups={groups!r} is invalid: expected integers in [0, num_groups={num_groups})")
+    require(
+      np.issubdtype(groups.dtype, np.integer)
+      and groups.size
+      and groups.min() >= 0
+      and groups.max() < num_groups,
+      f"groups={groups!r} is invalid: expected integers in [0, num_groups={num_groups})",
+    )
 
 
 def _group_prices(log_prices: chex.Array, groups: chex.Array) -> chex.Array:
@@ -150,8 +158,9 @@ def _group_prices(log_prices: chex.Array, groups: chex.Array) -> chex.Array:
   return jnp.exp(log_prices - jnp.mean(log_prices))[groups]
 
 
-def _section_search(fn: Callable, lo: chex.Array, mid: chex.Array, hi: chex.Array, fn_mid: chex.Array,
-                    iters: int):
+def _section_search(
+  fn: Callable, lo: chex.Array, mid: chex.Array, hi: chex.Array, fn_mid: chex.Array, iters: int
+):
   """Maximizes fn over the bracket lo < mid < hi by golden-section steps: (argmax estimate, max).
 
   Function values only, so kinks and jumps of a sawtooth U_s cannot mislead it; each step evaluates one
@@ -207,11 +216,16 @@ def _maximize(objective: Callable, start, active: chex.Array, max_iter: int, gto
   return z, -best_loss
 
 
-def solve_leader(problem: LeaderProblem, quality_fn: QualityFn, groups: chex.Array | None = None,
-                 num_groups: int = 0, options: LeaderOptions = LeaderOptions()) -> LeaderSolution:
+def solve_leader(
+  problem: LeaderProblem,
+  quality_fn: QualityFn,
+  groups: chex.Array | None = None,
+  num_groups: int = 0,
+  options: LeaderOptions = LeaderOptions(),
+) -> LeaderSolution:
   """The leader's optimal payment R* (and prices pi* if ``groups`` is given) for one game.
 
-  Maximizes U_s(R, pi) = lam Q(eps*(R, pi)) - R (DESIGN.md "Stage I") in three steps:
+  Maximizes U_s(R, pi) = lam Q(eps*(R, pi)) - R (docs/model.md "Stage I") in three steps:
     1. U_s at R = 0 and on a log-grid over [R_hi 10^-grid_decades, R_hi] (R_hi from
        ``payment_upper_bound``, prices 1);
     2. golden-section search on log R within one grid step of each of the ``num_starts`` best positive
@@ -244,7 +258,8 @@ def solve_leader(problem: LeaderProblem, quality_fn: QualityFn, groups: chex.Arr
     return server_utility(jnp.exp(log_payment), problem, quality_fn, prices, options.solver)
 
   log_grid = jnp.log(payment_upper_bound(problem, quality_fn)) + jnp.linspace(
-      -options.grid_decades * np.log(10.0), 0.0, options.grid_size, dtype=dtype)
+    -options.grid_decades * np.log(10.0), 0.0, options.grid_size, dtype=dtype
+  )
   # R = 0 rides along with the grid: every call site of the equilibrium solver compiles separately.
   payments = jnp.concatenate([jnp.zeros((1,), dtype), jnp.exp(log_grid)])
   grid_utility = jax.vmap(lambda r: server_utility(r, problem, quality_fn, None, options.solver))(payments)
@@ -255,17 +270,23 @@ def solve_leader(problem: LeaderProblem, quality_fn: QualityFn, groups: chex.Arr
   spacing = options.grid_decades * np.log(10.0) / max(options.grid_size - 1, 1)
   mid = log_grid[starts]
   log_r, section_utility = jax.vmap(
-      lambda lo, mid, hi, f_mid: _section_search(lambda t: utility(t, flat), lo, mid, hi, f_mid,
-                                                  options.section_iters))(
-      mid - spacing, mid, mid + spacing, start_utility)
+    lambda lo, mid, hi, f_mid: _section_search(
+      lambda t: utility(t, flat), lo, mid, hi, f_mid, options.section_iters
+    )
+  )(mid - spacing, mid, mid + spacing, start_utility)
   best = jnp.argmax(jnp.where(jnp.isnan(section_utility), -jnp.inf, section_utility))
   start, start_utility = (log_r[best], flat), section_utility[best]
 
   scale = jnp.maximum(jnp.abs(start_utility), jnp.finfo(dtype).tiny)
   eps = float(np.finfo(dtype).eps)
-  z, refined = _maximize(lambda z: utility(*z) / scale, start, start_utility > zero_utility,
-                         options.max_iter, np.sqrt(eps) if options.gtol is None else options.gtol,
-                         eps ** (2 / 3) if options.ftol is None else options.ftol)
+  z, refined = _maximize(
+    lambda z: utility(*z) / scale,
+    start,
+    start_utility > zero_utility,
+    options.max_iter,
+    np.sqrt(eps) if options.gtol is None else options.gtol,
+    eps ** (2 / 3) if options.ftol is None else options.ftol,
+  )
   use_refined = refined * scale > start_utility  # False for NaN
   log_payment, log_prices = jax.tree.map(lambda a, b: jnp.where(use_refined, a, b), z, start)
   best_utility = jnp.where(use_refined, refined * scale, start_utility)

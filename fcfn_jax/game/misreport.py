@@ -1,4 +1,4 @@
-"""Strategic misreporting: clients exaggerate their privacy costs (DESIGN.md "The game", "Baselines").
+"""Strategic misreporting: clients exaggerate their privacy costs (docs/model.md "The game", "Baselines").
 
 A liar i reports c'_i = m c_i with an exaggeration factor m >= 1 instead of its true per-unit cost c_i;
 honest clients report c'_i = c_i. The mechanism cannot tell reports from costs, so it is solved on c' and
@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcfn_jax.config import GameConfig, check_int, require
+from fcfn_jax.config import GameConfig
 from fcfn_jax.game import baselines
 from fcfn_jax.game.outcome import Outcome, build_outcome, log_valuation
+from fcfn_jax.validate import check_array, check_int, is_traced, require
 
 
 def choose_liars(num_clients: int, fraction: float, seed: int = 0) -> np.ndarray:
@@ -34,8 +35,10 @@ def choose_liars(num_clients: int, fraction: float, seed: int = 0) -> np.ndarray
   fraction in [0, 1]; 1 = every client lies.
   """
   check_int("num_clients", num_clients)
-  require(isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 <= fraction <= 1,
-          f"fraction={fraction!r} is invalid: expected a number in [0, 1]")
+  require(
+    isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 <= fraction <= 1,
+    f"fraction={fraction!r} is invalid: expected a number in [0, 1]",
+  )
   liars = np.zeros(num_clients, bool)
   liars[np.random.default_rng(seed).choice(num_clients, round(fraction * num_clients), replace=False)] = True
   return liars
@@ -43,26 +46,29 @@ def choose_liars(num_clients: int, fraction: float, seed: int = 0) -> np.ndarray
 
 def _validate(true_costs, factor, liars_mask) -> None:
   """Host-side checks (skipped for tracers) of the factor and the liars' mask against costs [N]."""
-  if not isinstance(factor, jax.core.Tracer):
-    arr = np.asarray(factor)
-    require(arr.dtype.kind in "iuf", f"factor has dtype {arr.dtype}: expected real numbers >= 1")
-    bad = ~(np.isfinite(arr) & (arr >= 1))
-    if bad.any():
-      idx = tuple(int(i) for i in np.argwhere(bad)[0])
-      where = f"[{', '.join(map(str, idx))}]" if idx else ""
-      require(False, f"factor{where}={float(arr[idx])!r} is invalid: expected finite exaggeration factors >= 1 "
-                     "(a liar reports m c_i with m >= 1)")
-    require(arr.ndim == 0 or arr.shape == np.shape(true_costs),
-            f"factor has shape {arr.shape}: expected a scalar or one per client, {np.shape(true_costs)}")
-  if liars_mask is not None and not isinstance(liars_mask, jax.core.Tracer):
+  check_array(
+    "factor",
+    factor,
+    lambda a: np.isfinite(a) & (a >= 1),
+    "finite exaggeration factors >= 1 (a liar reports m c_i with m >= 1)",
+  )
+  if not is_traced(factor):
+    require(
+      np.ndim(factor) == 0 or np.shape(factor) == np.shape(true_costs),
+      f"factor has shape {np.shape(factor)}: expected a scalar or one per client, {np.shape(true_costs)}",
+    )
+  if liars_mask is not None and not is_traced(liars_mask):
     mask = np.asarray(liars_mask)
-    require(mask.dtype == bool and mask.shape == np.shape(true_costs),
-            f"liars_mask of dtype {mask.dtype} and shape {mask.shape} is invalid: expected bool "
-            f"{np.shape(true_costs)}, one per client")
+    require(
+      mask.dtype == bool and mask.shape == np.shape(true_costs),
+      f"liars_mask of dtype {mask.dtype} and shape {mask.shape} is invalid: expected bool "
+      f"{np.shape(true_costs)}, one per client",
+    )
 
 
-def reported_costs(true_costs: chex.Array, factor: chex.Numeric,
-                   liars_mask: chex.Array | None = None) -> chex.Array:
+def reported_costs(
+  true_costs: chex.Array, factor: chex.Numeric, liars_mask: chex.Array | None = None
+) -> chex.Array:
   """c'_i = m c_i for liars, c_i for honest clients: [N] (liars_mask None = everyone lies).
 
   Args:
@@ -74,8 +80,9 @@ def reported_costs(true_costs: chex.Array, factor: chex.Numeric,
 
 
 @functools.partial(jax.jit, static_argnames=("name", "game_cfg"))
-def true_cost_outcome(name: str, reported: Outcome, true_costs: chex.Array, weights: chex.Array,
-                      game_cfg: GameConfig) -> Outcome:
+def true_cost_outcome(
+  name: str, reported: Outcome, true_costs: chex.Array, weights: chex.Array, game_cfg: GameConfig
+) -> Outcome:
   """``reported`` (mechanism ``name``'s Outcome on the reports) accounted with the true costs c_i: [N].
 
   Budgets, payments and the intermediaries' margin are what the mechanism chose; only the clients'
@@ -83,14 +90,25 @@ def true_cost_outcome(name: str, reported: Outcome, true_costs: chex.Array, weig
   """
   m = baselines.num_intermediaries(name, jnp.shape(true_costs)[-1], game_cfg)
   # The Outcome keeps only the total margin; build_outcome needs only that total and the count M.
-  margins = (jnp.zeros((m,), reported.budgets.dtype).at[0].set(reported.intermediary_utility)
-             if m else None)
-  return build_outcome(reported.budgets, reported.payments, jnp.asarray(true_costs, reported.budgets.dtype),
-                       weights, log_valuation(game_cfg.lam), margins)
+  margins = jnp.zeros((m,), reported.budgets.dtype).at[0].set(reported.intermediary_utility) if m else None
+  return build_outcome(
+    reported.budgets,
+    reported.payments,
+    jnp.asarray(true_costs, reported.budgets.dtype),
+    weights,
+    log_valuation(game_cfg.lam),
+    margins,
+  )
 
 
-def misreported_outcome(name: str, true_costs: chex.Array, weights: chex.Array, game_cfg: GameConfig,
-                        factor: chex.Numeric, liars_mask: chex.Array | None = None) -> Outcome:
+def misreported_outcome(
+  name: str,
+  true_costs: chex.Array,
+  weights: chex.Array,
+  game_cfg: GameConfig,
+  factor: chex.Numeric,
+  liars_mask: chex.Array | None = None,
+) -> Outcome:
   """Mechanism ``name`` solved on the reported costs, every utility evaluated with the true costs.
 
   Args:
@@ -105,6 +123,7 @@ def misreported_outcome(name: str, true_costs: chex.Array, weights: chex.Array, 
     ConfigError: a factor below 1 or not finite, a mask of the wrong dtype or shape, or a bad game.
   """
   _validate(true_costs, factor, liars_mask)
-  reported = baselines.solve_mechanism(name, reported_costs(true_costs, factor, liars_mask), weights,
-                                       game_cfg)
+  reported = baselines.solve_mechanism(
+    name, reported_costs(true_costs, factor, liars_mask), weights, game_cfg
+  )
   return true_cost_outcome(name, reported, true_costs, weights, game_cfg)

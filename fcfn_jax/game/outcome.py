@@ -1,4 +1,4 @@
-"""Outcome of one incentive mechanism on one game, with one accounting for all (DESIGN.md "Metrics").
+"""Outcome of one incentive mechanism on one game, with one accounting for all (docs/model.md "Metrics").
 
 Every mechanism (the Stackelberg game and each baseline in ``baselines.py``) ends in budgets eps: [N] and
 payments: [N] (what each client receives); :func:`build_outcome` turns them into the same metrics so the
@@ -45,7 +45,7 @@ class Outcome(NamedTuple):
 
 
 def log_valuation(lam: chex.Numeric) -> Valuation:
-  """Stage-I valuation V(eps, w) = lam log(1 + sum_i w_i eps_i) (DESIGN.md "Stage I")."""
+  """Stage-I valuation V(eps, w) = lam log(1 + sum_i w_i eps_i) (docs/model.md "Stage I")."""
 
   def valuation(budgets: chex.Array, weights: chex.Array) -> chex.Array:
     return lam * jnp.log1p(jnp.sum(weights * budgets))
@@ -53,12 +53,14 @@ def log_valuation(lam: chex.Numeric) -> Valuation:
   return valuation
 
 
-def build_outcome(budgets: chex.Array,
-                  payments: chex.Array,
-                  costs: chex.Array,
-                  weights: chex.Array,
-                  valuation: Valuation,
-                  intermediary_utilities: chex.Array | None = None) -> Outcome:
+def build_outcome(
+  budgets: chex.Array,
+  payments: chex.Array,
+  costs: chex.Array,
+  weights: chex.Array,
+  valuation: Valuation,
+  intermediary_utilities: chex.Array | None = None,
+) -> Outcome:
   """The metrics of budgets eps: [N] and client payments: [N] under a server valuation.
 
   Args:
@@ -80,14 +82,14 @@ def build_outcome(budgets: chex.Array,
   welfare = server_utility + jnp.sum(client_utilities) + margin
   num_parties = budgets.shape[-1] + 1 + intermediary_utilities.shape[-1]
   return Outcome(
-      budgets=budgets,
-      payments=payments,
-      client_utilities=client_utilities,
-      server_utility=server_utility,
-      intermediary_utility=margin,
-      participants=jnp.sum(budgets > 0).astype(jnp.int32),
-      total_payment=total_payment,
-      social_welfare=welfare,
-      mean_client_utility=jnp.mean(client_utilities),
-      average_utility=welfare / num_parties,
+    budgets=budgets,
+    payments=payments,
+    client_utilities=client_utilities,
+    server_utility=server_utility,
+    intermediary_utility=margin,
+    participants=jnp.sum(budgets > 0).astype(jnp.int32),
+    total_payment=total_payment,
+    social_welfare=welfare,
+    mean_client_utility=jnp.mean(client_utilities),
+    average_utility=welfare / num_parties,
   )

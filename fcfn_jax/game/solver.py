@@ -1,4 +1,4 @@
-"""Generic differentiable follower equilibrium of aggregative budget games (DESIGN.md "The game").
+"""Generic differentiable follower equilibrium of aggregative budget games (docs/model.md "The game").
 
 Clients choose budgets eps_i in [0, eps_max_i]; client i's utility u_i(eps_i, A) depends on the others only
 through the aggregate A = sum_j w_j eps_j. The canonical game is proportional sharing of the payment R,
@@ -24,6 +24,7 @@ them for many games.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fcfn_jax.game.equilibrium import validate_clients, validate_values
+from fcfn_jax.validate import check_clients, check_positive_array
 
 UtilityFn = Callable[[chex.Array, chex.Array, chex.Array, Any], chex.Array]
 """``utility_fn(eps, aggregate, weights, params) -> u``, all [N] except the pytree ``params``.
@@ -61,9 +62,10 @@ class ShareParams(NamedTuple):
   costs: chex.Array
 
 
-def proportional_share_utility(eps: chex.Array, aggregate: chex.Array, weights: chex.Array,
-                               params: ShareParams) -> chex.Array:
-  """u_i = R w_i eps_i / A - c_i eps_i: [N] (DESIGN.md "Stage II"; w may include prices pi_i w_i)."""
+def proportional_share_utility(
+  eps: chex.Array, aggregate: chex.Array, weights: chex.Array, params: ShareParams
+) -> chex.Array:
+  """u_i = R w_i eps_i / A - c_i eps_i: [N] (docs/model.md "Stage II"; w may include prices pi_i w_i)."""
   return params.payment * weights * eps / aggregate - params.costs * eps
 
 
@@ -76,8 +78,9 @@ def _foc_jvp(utility_fn: UtilityFn, eps, aggregate, weights, params, eps_dot, ag
   return jax.jvp(foc, (eps, aggregate), (eps_dot, aggregate_dot))
 
 
-def _safeguarded_root(fn: Callable, lo: chex.Array, hi: chex.Array, *, max_iter: int, rtol: float,
-                      atol: float):
+def _safeguarded_root(
+  fn: Callable, lo: chex.Array, hi: chex.Array, *, max_iter: int, rtol: float, atol: float
+):
   """Projected root of a decreasing function on [lo, hi], elementwise: safeguarded Newton/bisection.
 
   ``fn(t) -> (f, df/dt, aux)`` with f, df elementwise for t shaped like lo and any pytree aux. Returns
@@ -88,7 +91,9 @@ def _safeguarded_root(fn: Callable, lo: chex.Array, hi: chex.Array, *, max_iter:
   t = 0.5 * (lo + hi)
   # One batched call at both ends and the midpoint: each call site of fn is compiled separately.
   evals = jax.vmap(fn)(jnp.stack([lo, hi, t]))
-  (f_lo, _, aux_lo), (f_hi, _, aux_hi), (f, df, aux) = (jax.tree.map(lambda x: x[i], evals) for i in range(3))
+  (f_lo, _, aux_lo), (f_hi, _, aux_hi), (f, df, aux) = (
+    jax.tree.map(operator.itemgetter(i), evals) for i in range(3)
+  )
   at_lo = f_lo <= 0
   at_hi = ~at_lo & (f_hi >= 0)
 
@@ -136,8 +141,9 @@ def _share_responses(utility_fn: UtilityFn, aggregate, weights, params, eps_max,
   def fn(e):
     return *_foc_jvp(utility_fn, e, agg, weights, params, ones, zeros), None
 
-  eps, _ = _safeguarded_root(fn, zeros, eps_max, max_iter=options.max_iter,
-                             rtol=_tolerance(options, weights.dtype), atol=0.0)
+  eps, _ = _safeguarded_root(
+    fn, zeros, eps_max, max_iter=options.max_iter, rtol=_tolerance(options, weights.dtype), atol=0.0
+  )
   _, a = _foc_jvp(utility_fn, eps, agg, weights, params, ones, zeros)
   _, b = _foc_jvp(utility_fn, eps, agg, weights, params, zeros, ones)
   interior = (eps > 0) & (eps < eps_max)
@@ -204,13 +210,18 @@ def _equilibrium_jvp(utility_fn, options, primals, tangents):
 
 def validate_game(weights, eps_max) -> None:
   """Host-side check (skipped under tracing): >= 2 clients, finite weights > 0, finite eps_max > 0."""
-  validate_clients(weights)
-  validate_values("eps_max", eps_max)
+  check_clients(weights)
+  check_positive_array("eps_max", eps_max)
 
 
-def solve_equilibrium(utility_fn: UtilityFn, weights: chex.Array, params: Any,
-                      eps_max: chex.Numeric, options: SolverOptions = SolverOptions()) -> chex.Array:
-  """Follower equilibrium budgets eps*: [N] of an aggregative game with caps (DESIGN.md "The game").
+def solve_equilibrium(
+  utility_fn: UtilityFn,
+  weights: chex.Array,
+  params: Any,
+  eps_max: chex.Numeric,
+  options: SolverOptions = SolverOptions(),
+) -> chex.Array:
+  """Follower equilibrium budgets eps*: [N] of an aggregative game with caps (docs/model.md "The game").
 
   eps* is the fixed point of projected best responses on [0, eps_max]^N of ``utility_fn`` with
   A = sum_j w_j eps_j. Differentiable (forward and reverse mode) in ``weights`` [N], every array in
@@ -226,13 +237,18 @@ def solve_equilibrium(utility_fn: UtilityFn, weights: chex.Array, params: Any,
   return _equilibrium(utility_fn, weights, params, eps_max, options)
 
 
-def share_equilibrium(payment: chex.Numeric, costs: chex.Array, weights: chex.Array,
-                      eps_max: chex.Numeric, prices: chex.Array | None = None,
-                      options: SolverOptions = SolverOptions()) -> chex.Array:
+def share_equilibrium(
+  payment: chex.Numeric,
+  costs: chex.Array,
+  weights: chex.Array,
+  eps_max: chex.Numeric,
+  prices: chex.Array | None = None,
+  options: SolverOptions = SolverOptions(),
+) -> chex.Array:
   """Budgets eps*: [N] of the (price-weighted) proportional-share game with caps.
 
   Client i receives R pi_i w_i eps_i / sum_j pi_j w_j eps_j and pays c_i eps_i; pi = 1 is the canonical
-  game of DESIGN.md "Stage II", which matches ``closed_form_budgets`` when no cap binds.
+  game of docs/model.md "Stage II", which matches ``closed_form_budgets`` when no cap binds.
 
   Args:
     payment: total payment R >= 0: [].
@@ -246,9 +262,9 @@ def share_equilibrium(payment: chex.Numeric, costs: chex.Array, weights: chex.Ar
     ConfigError naming a bad input (fewer than 2 clients, non-positive costs/weights/prices/eps_max,
     negative payment, NaN).
   """
-  validate_clients(costs, weights)
-  validate_values("payment", payment, allow_zero=True)
-  validate_values("prices", prices)
+  check_clients(costs, weights)
+  check_positive_array("payment", payment, allow_zero=True)
+  check_positive_array("prices", prices)
   weights = jnp.asarray(weights)
   if prices is not None:
     weights = weights * prices
@@ -262,14 +278,26 @@ def pseudo_gradient(utility_fn: UtilityFn, eps: chex.Array, weights: chex.Array,
   return _foc_jvp(utility_fn, eps, agg, weights, params, jnp.zeros_like(eps), jnp.zeros_like(eps))[0]
 
 
-def projection_residual(utility_fn: UtilityFn, eps: chex.Array, weights: chex.Array, params: Any,
-                        eps_max: chex.Numeric, step: chex.Numeric = 1.0) -> chex.Array:
+def projection_residual(
+  utility_fn: UtilityFn,
+  eps: chex.Array,
+  weights: chex.Array,
+  params: Any,
+  eps_max: chex.Numeric,
+  step: chex.Numeric = 1.0,
+) -> chex.Array:
   """eps - clip(eps + step F(eps), 0, eps_max): [N]; zero exactly at an equilibrium (any step > 0)."""
   return eps - jnp.clip(eps + step * pseudo_gradient(utility_fn, eps, weights, params), 0.0, eps_max)
 
 
-def best_response(utility_fn: UtilityFn, eps: chex.Array, weights: chex.Array, params: Any,
-                  eps_max: chex.Numeric, options: SolverOptions = SolverOptions()) -> chex.Array:
+def best_response(
+  utility_fn: UtilityFn,
+  eps: chex.Array,
+  weights: chex.Array,
+  params: Any,
+  eps_max: chex.Numeric,
+  options: SolverOptions = SolverOptions(),
+) -> chex.Array:
   """Every client's projected best reply to the others' budgets eps_{-i}: [N].
 
   BR_i = argmax_{e in [0, eps_max_i]} u_i(e, A_{-i} + w_i e), the projected root of the decreasing
@@ -283,13 +311,14 @@ def best_response(utility_fn: UtilityFn, eps: chex.Array, weights: chex.Array, p
   def fn(e):
     return *_foc_jvp(utility_fn, e, others + weights * e, weights, params, ones, weights), None
 
-  return _safeguarded_root(fn, jnp.zeros_like(eps), eps_max, max_iter=options.max_iter,
-                           rtol=_tolerance(options, eps.dtype), atol=0.0)[0]
+  return _safeguarded_root(
+    fn, jnp.zeros_like(eps), eps_max, max_iter=options.max_iter, rtol=_tolerance(options, eps.dtype), atol=0.0
+  )[0]
 
 
-
-def unilateral_gains(utility_fn: UtilityFn, eps: chex.Array, weights: chex.Array, params: Any,
-                     grid: chex.Array) -> chex.Array:
+def unilateral_gains(
+  utility_fn: UtilityFn, eps: chex.Array, weights: chex.Array, params: Any, grid: chex.Array
+) -> chex.Array:
   """Each client's best gain from a unilateral deviation to a budget on ``grid``: [N].
 
   gain_i = max_g u_i(grid_g, A_{-i} + w_i grid_g) - u_i(eps_i, A); grid: [G] (or [G, N] per client).

@@ -1,4 +1,4 @@
-"""Privacy budget epsilon_i <-> DP-SGD noise multiplier z_i (DESIGN.md "From epsilon_i to noise").
+"""Privacy budget epsilon_i <-> DP-SGD noise multiplier z_i (docs/model.md "From epsilon_i to noise").
 
 Client i runs ``steps`` = T * S DP-SGD steps, each the Poisson-subsampled (rate q_i) Gaussian mechanism
 with noise multiplier z_i (noise std z_i * clip_norm), and must be (epsilon_i, delta)-DP over the run.
@@ -21,6 +21,7 @@ Two views of the same map live side by side:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +34,8 @@ import numpy as np
 from dp_accounting import rdp as dp_rdp
 from scipy import special
 
-from fcfn_jax.config import ACCOUNTANTS, check_choice, check_int, check_open_unit, require
+from fcfn_jax.config import ACCOUNTANTS
+from fcfn_jax.validate import check_array, check_choice, check_int, check_open_unit, require
 
 # Value discretization of the PLD accountant. Its epsilon is a pessimistic (upper) estimate; at 1e-3 it
 # is within 7e-4 (absolute) of dp-accounting's 1e-4 default for q in [0.01, 1], steps <= 1000,
@@ -46,7 +48,7 @@ CALIBRATION_Z_RANGE = (0.05, 1e5)
 _MAX_ITERATIONS = 200
 
 _RDP_ORDERS = np.asarray(dp_rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=np.float64)
-_INTEGER_ORDERS = _RDP_ORDERS == np.round(_RDP_ORDERS)
+_INTEGER_ORDERS = np.round(_RDP_ORDERS) == _RDP_ORDERS
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -54,30 +56,16 @@ _INTEGER_ORDERS = _RDP_ORDERS == np.round(_RDP_ORDERS)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_entries(name: str, value: Any, ok: Callable[[np.ndarray], np.ndarray], allowed: str) -> None:
-  """Raises ConfigError naming the first entry of ``value`` where ``ok`` fails (NaN always fails)."""
-  if isinstance(value, jax.core.Tracer):
-    return
-  arr = np.asarray(value)
-  require(arr.dtype.kind in "iuf", f"{name} has dtype {arr.dtype}: expected real numbers (integers or floats)")
-  arr = arr.astype(np.float64)
-  bad = np.isnan(arr) | ~ok(arr)
-  if bad.any():
-    idx = tuple(int(i) for i in np.argwhere(bad)[0])
-    where = f"[{', '.join(map(str, idx))}]" if idx else ""
-    require(False, f"{name}{where}={float(arr[idx])!r} is invalid: expected {allowed}")
-
-
 def _check_epsilons(value: Any) -> None:
-  _check_entries("eps", value, lambda a: np.isfinite(a) & (a >= 0), "finite values >= 0 (0 = stays out)")
+  check_array("eps", value, lambda a: np.isfinite(a) & (a >= 0), "finite values >= 0 (0 = stays out)")
 
 
 def _check_noise_multipliers(value: Any) -> None:
-  _check_entries("noise_multiplier", value, lambda a: a > 0, "values > 0 (inf = releases nothing)")
+  check_array("noise_multiplier", value, lambda a: a > 0, "values > 0 (inf = releases nothing)")
 
 
 def _check_sampling_rates(value: Any) -> None:
-  _check_entries("sampling_rate", value, lambda a: (a > 0) & (a <= 1), "values in (0, 1]")
+  check_array("sampling_rate", value, lambda a: (a > 0) & (a <= 1), "values in (0, 1]")
 
 
 def _check_run(steps: Any, delta: Any, minimum: int = 1) -> int:
@@ -114,7 +102,7 @@ def surrogate_epsilon(noise_multiplier: chex.Array, steps: int, delta: float) ->
   """Surrogate epsilon of ``steps`` unsubsampled Gaussian steps: eps = k/(2 z^2) + sqrt(2 k log(1/delta))/z.
 
   Elementwise over z: [...] (z = inf gives 0). Optimal-order Gaussian RDP with the basic RDP -> DP
-  conversion (DESIGN.md "From epsilon_i to noise"). Conservative: never below dp-accounting's RDP or
+  conversion (docs/model.md "From epsilon_i to noise"). Conservative: never below dp-accounting's RDP or
   PLD epsilon, at any sampling rate, for surrogate budgets in [0.02, 220] and delta in [1e-9, 0.5]
   (at q = 1 the comparison depends only on delta and the optimal order alpha* = 1 + z sqrt(2 log(1/delta)
   / k), checked exhaustively; q < 1 by randomized tests). Outside, the RDP accountant's discrete orders
@@ -147,7 +135,7 @@ def surrogate_noise_multiplier(eps: chex.Array, steps: int, delta: float) -> che
 def noise_variance(eps: chex.Array, steps: int, delta: float) -> chex.Array:
   """v(eps) = z(eps)^2 = 1/u^2: the surrogate's noise variance per unit sensitivity, elementwise [...].
 
-  The v of the DP-aware quality G = -sum_i a_i^2 v(eps_i) (DESIGN.md "Stage I"). v(0) = inf with
+  The v of the DP-aware quality G = -sum_i a_i^2 v(eps_i) (docs/model.md "Stage I"). v(0) = inf with
   gradient 0; mask non-participants with ``jnp.where``, not by multiplying (0 * inf = nan).
   """
   live, u = _surrogate_inverse(eps, steps, delta)
@@ -169,8 +157,9 @@ def dp_sgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> d
   return dp_accounting.SelfComposedDpEvent(step, steps)
 
 
-def accountant_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
-                       accountant: str = "rdp") -> float:
+def accountant_epsilon(
+  noise_multiplier: float, sampling_rate: float, steps: int, delta: float, accountant: str = "rdp"
+) -> float:
   """Epsilon at ``delta`` of DP-SGD (``dp_sgd_event``) by dp-accounting's RDP or PLD accountant.
 
   'rdp': RdpAccountant with dp-accounting's default orders.
@@ -183,8 +172,11 @@ def accountant_epsilon(noise_multiplier: float, sampling_rate: float, steps: int
   _check_sampling_rates(sampling_rate)
   if math.isinf(noise_multiplier) or steps == 0:
     return 0.0
-  acc = (dp_accounting.pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
-         if accountant == "pld" else dp_rdp.RdpAccountant())
+  acc = (
+    dp_accounting.pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
+    if accountant == "pld"
+    else dp_rdp.RdpAccountant()
+  )
   acc.compose(dp_sgd_event(float(noise_multiplier), float(sampling_rate), steps))
   return float(acc.get_epsilon(delta))
 
@@ -234,8 +226,10 @@ class _EpsilonCurve:
     if known.size >= 2:
       slope = np.diff(g[known]) / np.diff(a[known])
       # Chords of the two anchors just below (extended up) and of the two just above (extended down).
-      for side, chord_at, anchor in ((below >= 2, below - 2, below - 1),
-                                     (below <= known.size - 2, below, below)):
+      for side, chord_at, anchor in (
+        (below >= 2, below - 2, below - 1),
+        (below <= known.size - 2, below, below),
+      ):
         b = known[anchor[side]]
         chord = g[b] + slope[chord_at[side]] * (a[side] - a[b])
         r[side] = np.maximum(r[side], chord / (a[side] - 1.0))
@@ -253,8 +247,10 @@ class _EpsilonCurve:
     # Start at the last optimum with two integer orders on either side as anchors.
     anchors = np.flatnonzero(_INTEGER_ORDERS)
     k = np.searchsorted(anchors, self._optimum)
-    todo = np.union1d(np.arange(max(self._optimum - 1, 0), min(self._optimum + 2, len(_RDP_ORDERS))),
-                      anchors[max(k - 2, 0):k + 2])
+    todo = np.union1d(
+      np.arange(max(self._optimum - 1, 0), min(self._optimum + 2, len(_RDP_ORDERS))),
+      anchors[max(k - 2, 0) : k + 2],
+    )
     grow = 2
     while todo.size:
       acc = dp_rdp.RdpAccountant(_RDP_ORDERS[todo])
@@ -272,8 +268,10 @@ class _EpsilonCurve:
 def _client_arrays(**arrays: Any) -> dict[str, np.ndarray]:
   """Broadcasts per-client inputs (scalars or [N]) to one 1-D shape [N]."""
   shapes = {name: np.shape(a) for name, a in arrays.items()}
-  require(all(len(s) <= 1 for s in shapes.values()),
-          f"per-client inputs must be scalars or 1-D [N]; got shapes {shapes}")
+  require(
+    all(len(s) <= 1 for s in shapes.values()),
+    f"per-client inputs must be scalars or 1-D [N]; got shapes {shapes}",
+  )
   try:
     out = np.broadcast_arrays(*(np.asarray(a) for a in arrays.values()))
   except ValueError:
@@ -281,8 +279,13 @@ def _client_arrays(**arrays: Any) -> dict[str, np.ndarray]:
   return {name: np.atleast_1d(a) for name, a in zip(arrays, out)}
 
 
-def epsilon_spent(noise_multipliers: chex.ArrayNumpy, sampling_rates: chex.ArrayNumpy | float,
-                  steps_done: chex.ArrayNumpy | int, delta: float, accountant: str = "rdp") -> np.ndarray:
+def epsilon_spent(
+  noise_multipliers: chex.ArrayNumpy,
+  sampling_rates: chex.ArrayNumpy | float,
+  steps_done: chex.ArrayNumpy | int,
+  delta: float,
+  accountant: str = "rdp",
+) -> np.ndarray:
   """Per-client privacy ledger: ``accountant_epsilon(z_i, q_i, t_i, delta)`` for every client, [N].
 
   Args:
@@ -301,7 +304,7 @@ def epsilon_spent(noise_multipliers: chex.ArrayNumpy, sampling_rates: chex.Array
   _check_sampling_rates(sampling_rates)
   steps_arr = np.asarray(steps_done)
   require(steps_arr.dtype.kind in "iu", f"steps_done has dtype {steps_arr.dtype}: expected integers")
-  _check_entries("steps_done", steps_arr, lambda a: a >= 0, "integers >= 0")
+  check_array("steps_done", steps_arr, lambda a: a >= 0, "integers >= 0")
   cols = _client_arrays(z=noise_multipliers, q=sampling_rates, t=steps_arr)
   z, q, t = cols["z"].astype(np.float64), cols["q"].astype(np.float64), cols["t"].astype(np.int64)
   eps = np.zeros(z.shape)
@@ -322,8 +325,16 @@ def epsilon_spent(noise_multipliers: chex.ArrayNumpy, sampling_rates: chex.Array
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _invert_curve(curve: _EpsilonCurve, target: float, start: int, slope: float, grid: float, rtol: float,
-                  memo: dict[int, float], describe: Callable[[], str]) -> tuple[int, float]:
+def _invert_curve(
+  curve: _EpsilonCurve,
+  target: float,
+  start: int,
+  slope: float,
+  grid: float,
+  rtol: float,
+  memo: dict[int, float],
+  describe: Callable[[], str],
+) -> tuple[int, float]:
   """Lattice index n with eps(z_n) <= target, z_n = exp(n * grid), and tight; plus the last slope.
 
   Returns as soon as target (1 - rtol) <= eps(z_n) <= target, or when eps(z_{n-1}) > target (z_n is then
@@ -364,14 +375,25 @@ def _invert_curve(curve: _EpsilonCurve, target: float, start: int, slope: float,
     else:
       nxt, leap = max(nxt, lo + leap), 2 * leap
     nxt = min(max(nxt, n_min), n_max)
-    require(nxt != n, f"{describe()} needs a noise multiplier outside {CALIBRATION_Z_RANGE}: "
-                      f"accountant epsilon at z={math.exp(n * grid):.6g} is {eps!r}")
+    require(
+      nxt != n,
+      f"{describe()} needs a noise multiplier outside {CALIBRATION_Z_RANGE}: "
+      f"accountant epsilon at z={math.exp(n * grid):.6g} is {eps!r}",
+    )
     n = nxt
   raise RuntimeError(f"calibration did not converge for {describe()}")
 
 
-def _solve_sorted(q: np.ndarray, eps: np.ndarray, guess: np.ndarray, steps: int, delta: float,
-                  accountant: str, rtol: float, describe: Callable[[int], str]) -> np.ndarray:
+def _solve_sorted(
+  q: np.ndarray,
+  eps: np.ndarray,
+  guess: np.ndarray,
+  steps: int,
+  delta: float,
+  accountant: str,
+  rtol: float,
+  describe: Callable[[int], str],
+) -> np.ndarray:
   """Noise multipliers for targets sorted by (q ascending, eps descending), from log-z guesses: [M].
 
   One curve (and evaluation cache) per sampling rate. Each search starts with a secant step from the
@@ -388,14 +410,22 @@ def _solve_sorted(q: np.ndarray, eps: np.ndarray, guess: np.ndarray, steps: int,
       start = (guess[j] + offset) / grid
     else:
       start = n + (math.log(target) + math.log1p(-rtol / 2) - math.log(memo[n])) / (slope * grid)
-    n, slope = _invert_curve(curve, target, round(start), slope, grid, rtol, memo, lambda: describe(j))
+    n, slope = _invert_curve(
+      curve, target, round(start), slope, grid, rtol, memo, functools.partial(describe, j)
+    )
     out[j] = math.exp(n * grid)
     offset = n * grid - guess[j]
   return out
 
 
-def calibrate_noise_multipliers(eps: chex.ArrayNumpy, sampling_rates: chex.ArrayNumpy | float, steps: int,
-                                delta: float, accountant: str = "rdp", rtol: float = 1e-3) -> np.ndarray:
+def calibrate_noise_multipliers(
+  eps: chex.ArrayNumpy,
+  sampling_rates: chex.ArrayNumpy | float,
+  steps: int,
+  delta: float,
+  accountant: str = "rdp",
+  rtol: float = 1e-3,
+) -> np.ndarray:
   """Smallest noise multipliers z_i whose accountant epsilon is <= eps_i, up to ``rtol``: [N].
 
   Guarantees, for every client with eps_i > 0, by direct evaluation of the accountant at the returned
@@ -436,15 +466,19 @@ def calibrate_noise_multipliers(eps: chex.ArrayNumpy, sampling_rates: chex.Array
   live = np.flatnonzero(e > 0)
   if not live.size:
     return z
-  keys, first, inverse = np.unique(np.stack([q[live], -e[live]], axis=1), axis=0, return_index=True,
-                                   return_inverse=True)
+  keys, first, inverse = np.unique(
+    np.stack([q[live], -e[live]], axis=1), axis=0, return_index=True, return_inverse=True
+  )
   q_keys, e_keys = keys[:, 0], -keys[:, 1]
 
   def describe(name: str) -> Callable[[int], str]:
     def message(j: int) -> str:
       i = int(live[first[j]])
-      return (f"eps[{i}]={float(e[i])!r} (sampling_rate={float(q[i])!r}, steps={steps}, delta={delta}, "
-              f"accountant={name!r})")
+      return (
+        f"eps[{i}]={float(e[i])!r} (sampling_rate={float(q[i])!r}, steps={steps}, delta={delta}, "
+        f"accountant={name!r})"
+      )
+
     return message
 
   guess = -np.log(np.asarray(_inverse_noise(e_keys, _amplified_steps(q_keys, steps), delta), np.float64))

@@ -1,4 +1,4 @@
-"""Per-example clipping and Gaussian noise: the DP-SGD gradient (DESIGN.md "From epsilon_i to noise").
+"""Per-example clipping and Gaussian noise: the DP-SGD gradient (docs/model.md "From epsilon_i to noise").
 
 For a batch of B slots x_1..x_B with validity mask m (padding slots have m_j = 0), per-example gradients
 g_j = grad_theta loss(theta; x_j, y_j), clipping bound C and a noise multiplier z (Abadi et al., 2016):
@@ -94,8 +94,9 @@ def _clip_factors(norms: chex.Array, clip_norm: chex.Numeric) -> chex.Array:
   return clip_norm / jnp.maximum(norms, clip_norm)
 
 
-def clip_and_sum(grads: chex.ArrayTree, mask: chex.Array,
-                 clip_norm: chex.Numeric) -> tuple[chex.ArrayTree, chex.Array]:
+def clip_and_sum(
+  grads: chex.ArrayTree, mask: chex.Array, clip_norm: chex.Numeric
+) -> tuple[chex.ArrayTree, chex.Array]:
   """(sum_j m_j clip_C(g_j), ||m_j g_j||_2 [B]) for per-example grads [B, ...] and mask bool [B].
 
   Masked slots are zeroed before anything else, so they contribute exactly 0 whatever their inputs.
@@ -110,8 +111,9 @@ def vmap_clipped_sum(per_example_fn: PerExampleFn) -> ClippedSumFn:
   """The reference :data:`ClippedSumFn`: ``per_example_fn`` (e.g. :func:`per_example_value_and_grad`),
   then :func:`clip_and_sum`."""
 
-  def clipped_sum(params: chex.ArrayTree, x: chex.Array, y: chex.Array, mask: chex.Array,
-                  clip_norm: chex.Numeric) -> ClippedSum:
+  def clipped_sum(
+    params: chex.ArrayTree, x: chex.Array, y: chex.Array, mask: chex.Array, clip_norm: chex.Numeric
+  ) -> ClippedSum:
     losses, grads = per_example_fn(params, x, y)
     summed, norms = clip_and_sum(grads, mask, clip_norm)
     return ClippedSum(summed=summed, losses=jnp.where(mask, losses, 0.0), norms=norms)
@@ -147,8 +149,9 @@ def is_fully_tapped(apply_fn: ApplyFn, params: chex.ArrayTree, x: chex.Array) ->
   return bool(layers) and covered == set(traverse_util.flatten_dict(params))
 
 
-def tap_gradients(apply_fn: ApplyFn, params: chex.ArrayTree, x: chex.Array, y: chex.Array,
-                  mask: chex.Array) -> tuple[chex.Array, dict[tuple[str, ...], LayerTaps]]:
+def tap_gradients(
+  apply_fn: ApplyFn, params: chex.ArrayTree, x: chex.Array, y: chex.Array, mask: chex.Array
+) -> tuple[chex.Array, dict[tuple[str, ...], LayerTaps]]:
   """(losses [B] with 0 at masked slots, {layer path: LayerTaps}) from one forward and one backward pass.
 
   G is the gradient of sum_j m_j loss_j w.r.t. the layer outputs, so G_j = dloss_j / d outputs_j (examples
@@ -158,8 +161,9 @@ def tap_gradients(apply_fn: ApplyFn, params: chex.ArrayTree, x: chex.Array, y: c
   x = jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)
   y = jnp.where(mask, y, 0)
   shapes = _tap_shapes(apply_fn, params, x)
-  zeros = traverse_util.unflatten_dict({layer + ("outputs",): jnp.zeros(shape, x.dtype)
-                                        for layer, shape in shapes.items()})
+  zeros = traverse_util.unflatten_dict(
+    {layer + ("outputs",): jnp.zeros(shape, x.dtype) for layer, shape in shapes.items()}
+  )
 
   def total_loss(perturbations):
     logits, state = apply_fn({"params": params, TAP_OUTPUTS: perturbations}, x, mutable=[TAP_INPUTS])
@@ -168,8 +172,10 @@ def tap_gradients(apply_fn: ApplyFn, params: chex.ArrayTree, x: chex.Array, y: c
 
   out_grads, (losses, inputs) = jax.grad(total_loss, has_aux=True)(zeros)
   out_grads = traverse_util.flatten_dict(out_grads)
-  taps = {path[:-1]: LayerTaps(inputs=sown[0], out_grads=out_grads[path[:-1] + ("outputs",)])
-          for path, sown in traverse_util.flatten_dict(inputs).items()}
+  taps = {
+    path[:-1]: LayerTaps(inputs=sown[0], out_grads=out_grads[path[:-1] + ("outputs",)])
+    for path, sown in traverse_util.flatten_dict(inputs).items()
+  }
   return losses, taps
 
 
@@ -181,13 +187,17 @@ def _use_ghost_norm(taps: LayerTaps) -> bool:
 
 
 def _norms_and_kernel_grads(
-    taps: dict[tuple[str, ...], LayerTaps]) -> tuple[chex.Array, dict[tuple[str, ...], chex.Array]]:
+  taps: dict[tuple[str, ...], LayerTaps],
+) -> tuple[chex.Array, dict[tuple[str, ...], chex.Array]]:
   """(||g_j||_2 [B], {layer: A_j^T G_j [B, d_in, d_out]} for the layers where materializing is cheaper).
 
   ||g_j||^2 = sum over layers of ||A_j^T G_j||_F^2 + ||sum_t G_j[t]||^2 (kernel and bias parts).
   """
-  kernel_grads = {layer: jnp.einsum("btd,bte->bde", t.inputs, t.out_grads)
-                  for layer, t in taps.items() if not _use_ghost_norm(t)}
+  kernel_grads = {
+    layer: jnp.einsum("btd,bte->bde", t.inputs, t.out_grads)
+    for layer, t in taps.items()
+    if not _use_ghost_norm(t)
+  }
   squares = []
   for layer, t in taps.items():
     if layer in kernel_grads:
@@ -211,8 +221,9 @@ def tapped_clipped_sum(apply_fn: ApplyFn) -> ClippedSumFn:
   Cross-entropy loss of ``apply_fn``'s logits (as :func:`fcfn_jax.models.make_loss_fn`).
   """
 
-  def clipped_sum(params: chex.ArrayTree, x: chex.Array, y: chex.Array, mask: chex.Array,
-                  clip_norm: chex.Numeric) -> ClippedSum:
+  def clipped_sum(
+    params: chex.ArrayTree, x: chex.Array, y: chex.Array, mask: chex.Array, clip_norm: chex.Numeric
+  ) -> ClippedSum:
     losses, taps = tap_gradients(apply_fn, params, x, y, mask)
     norms, kernel_grads = _norms_and_kernel_grads(taps)
     factors = _clip_factors(norms, clip_norm)
@@ -236,8 +247,9 @@ def make_clipped_sum_fn(apply_fn: ApplyFn) -> ClippedSumFn:
   tapped = tapped_clipped_sum(apply_fn)
   reference = vmap_clipped_sum(per_example_value_and_grad(make_loss_fn(apply_fn)))
 
-  def clipped_sum(params: chex.ArrayTree, x: chex.Array, y: chex.Array, mask: chex.Array,
-                  clip_norm: chex.Numeric) -> ClippedSum:
+  def clipped_sum(
+    params: chex.ArrayTree, x: chex.Array, y: chex.Array, mask: chex.Array, clip_norm: chex.Numeric
+  ) -> ClippedSum:
     fn = tapped if is_fully_tapped(apply_fn, params, x) else reference
     return fn(params, x, y, mask, clip_norm)
 
@@ -254,13 +266,21 @@ def add_gaussian_noise(tree: chex.ArrayTree, key: chex.PRNGKey, stddev: chex.Num
   sizes = [leaf.size for leaf in leaves]
   noise = jax.random.normal(key, (sum(sizes),), jnp.result_type(*leaves))
   parts = jnp.split(noise, np.cumsum(sizes)[:-1])
-  return jax.tree.unflatten(treedef, [leaf + stddev * part.reshape(leaf.shape)
-                                      for leaf, part in zip(leaves, parts)])
+  return jax.tree.unflatten(
+    treedef, [leaf + stddev * part.reshape(leaf.shape) for leaf, part in zip(leaves, parts)]
+  )
 
 
-def dp_gradient(clipped_sum_fn: ClippedSumFn, params: chex.ArrayTree, x: chex.Array, y: chex.Array,
-                mask: chex.Array, noise_multiplier: chex.Numeric, key: chex.PRNGKey,
-                clip_norm: chex.Numeric) -> PrivateGradient:
+def dp_gradient(
+  clipped_sum_fn: ClippedSumFn,
+  params: chex.ArrayTree,
+  x: chex.Array,
+  y: chex.Array,
+  mask: chex.Array,
+  noise_multiplier: chex.Numeric,
+  key: chex.PRNGKey,
+  clip_norm: chex.Numeric,
+) -> PrivateGradient:
   """g~ = (sum_j m_j clip_C(g_j) + N(0, (z C)^2 I)) / B for x [B, H, W, C], y [B], mask bool [B].
 
   ``clipped_sum_fn`` is any :data:`ClippedSumFn` (e.g. :func:`make_clipped_sum_fn` of the model).

@@ -30,10 +30,11 @@ import numpy as np
 import optax
 from scipy import optimize
 
-from fcfn_jax.config import FederatedConfig, PrivacyConfig, check_choice, check_int, require
+from fcfn_jax.config import FederatedConfig, PrivacyConfig
 from fcfn_jax.federated import client_update
 from fcfn_jax.models import ApplyFn, make_loss_fn
 from fcfn_jax.privacy.clipping import clip_and_sum, per_example_value_and_grad
+from fcfn_jax.validate import check_choice, check_int, require
 
 DISTANCES = ("cosine", "l2")
 
@@ -48,8 +49,16 @@ class Inversion(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "privacy"))
-def observed_gradient(params: chex.ArrayTree, x: chex.Array, y: chex.Array, noise_multiplier: chex.Numeric,
-                      key: chex.PRNGKey, *, apply_fn: ApplyFn, privacy: PrivacyConfig) -> chex.ArrayTree:
+def observed_gradient(
+  params: chex.ArrayTree,
+  x: chex.Array,
+  y: chex.Array,
+  noise_multiplier: chex.Numeric,
+  key: chex.PRNGKey,
+  *,
+  apply_fn: ApplyFn,
+  privacy: PrivacyConfig,
+) -> chex.ArrayTree:
   """g = -Delta of one ``client_update`` step at eta = 1 on the whole batch x uint8 [B, H, W, C], y [B].
 
   This is exactly what the server learns from a client that runs one local step: the mean gradient
@@ -57,8 +66,9 @@ def observed_gradient(params: chex.ArrayTree, x: chex.Array, y: chex.Array, nois
   """
   batch = x.shape[0]
   fed = FederatedConfig(local_steps=1, batch_size=batch, client_lr=1.0)
-  result = client_update(params, x, y, jnp.int32(batch), noise_multiplier, key, apply_fn=apply_fn, fed=fed,
-                         privacy=privacy)
+  result = client_update(
+    params, x, y, jnp.int32(batch), noise_multiplier, key, apply_fn=apply_fn, fed=fed, privacy=privacy
+  )
   return jax.tree.map(jnp.negative, result.delta)
 
 
@@ -92,9 +102,11 @@ def logreg_inversion(gradient: chex.ArrayTree, input_shape: Sequence[int]) -> ch
   float32 [1, H, W, C], clipped to [0, 1].
   """
   leaves = jax.tree.leaves(gradient)
-  require(len(leaves) == 2 and sorted(leaf.ndim for leaf in leaves) == [1, 2],
-          f"gradient has leaves of shapes {[leaf.shape for leaf in leaves]}: expected a logistic "
-          "regression's kernel [D, K] and bias [K]")
+  require(
+    len(leaves) == 2 and sorted(leaf.ndim for leaf in leaves) == [1, 2],
+    f"gradient has leaves of shapes {[leaf.shape for leaf in leaves]}: expected a logistic "
+    "regression's kernel [D, K] and bias [K]",
+  )
   kernel, bias = (leaves[0], leaves[1]) if leaves[0].ndim == 2 else (leaves[1], leaves[0])
   x = kernel @ bias / jnp.sum(jnp.square(bias))
   return jnp.clip(x.reshape((1, *input_shape)), 0.0, 1.0)
@@ -114,12 +126,32 @@ def total_variation(x: chex.Array) -> chex.Array:
   return jnp.mean(jnp.abs(jnp.diff(x, axis=1))) + jnp.mean(jnp.abs(jnp.diff(x, axis=2)))
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "input_shape", "clip_norm", "num_steps",
-                                             "learning_rate", "distance", "tv_weight"))
-def invert_gradient(params: chex.ArrayTree, gradient: chex.ArrayTree, labels: chex.Array, key: chex.PRNGKey,
-                    *, apply_fn: ApplyFn, input_shape: tuple[int, ...], clip_norm: float | None,
-                    num_steps: int = 500, learning_rate: float = 0.05, distance: str = "cosine",
-                    tv_weight: float = 0.0) -> Inversion:
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "apply_fn",
+    "input_shape",
+    "clip_norm",
+    "num_steps",
+    "learning_rate",
+    "distance",
+    "tv_weight",
+  ),
+)
+def invert_gradient(
+  params: chex.ArrayTree,
+  gradient: chex.ArrayTree,
+  labels: chex.Array,
+  key: chex.PRNGKey,
+  *,
+  apply_fn: ApplyFn,
+  input_shape: tuple[int, ...],
+  clip_norm: float | None,
+  num_steps: int = 500,
+  learning_rate: float = 0.05,
+  distance: str = "cosine",
+  tv_weight: float = 0.0,
+) -> Inversion:
   """DLG with projected Adam: the images x' [B, H, W, C] whose gradient best matches ``gradient``.
 
   Args:
@@ -165,7 +197,7 @@ def mse(x_hat: chex.Array, x: chex.Array) -> chex.Array:
 
 def psnr(x_hat: chex.Array, x: chex.Array, max_value: float = 1.0) -> chex.Array:
   """Per-image peak signal-to-noise ratio 10 log10(max_value^2 / MSE) in dB: [B] (inf if exact)."""
-  return 10.0 * jnp.log10(max_value ** 2 / mse(x_hat, x))
+  return 10.0 * jnp.log10(max_value**2 / mse(x_hat, x))
 
 
 def match_reconstructions(x_hat: np.ndarray, x: np.ndarray) -> np.ndarray:

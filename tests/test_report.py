@@ -12,13 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcfn_jax.config import ConfigError
-from fcfn_jax.metrics import (Timer, format_table, markdown_table, write_csv_atomic, write_json_atomic,
-                              write_results)
+from fcfn_jax.report import (
+  Timer,
+  format_table,
+  markdown_table,
+  write_csv_atomic,
+  write_json_atomic,
+  write_results,
+)
+from fcfn_jax.validate import ConfigError
 
 ROWS = [
-    {"mechanism": "stackelberg", "utility": np.float32(3.14159), "participants": 12},
-    {"mechanism": "posted_price", "utility": jnp.asarray(-0.5), "participants": np.int64(7), "note": "a|b"},
+  {"mechanism": "stackelberg", "utility": np.float32(3.14159), "participants": 12},
+  {"mechanism": "posted_price", "utility": jnp.asarray(-0.5), "participants": np.int64(7), "note": "a|b"},
 ]
 
 
@@ -48,8 +54,11 @@ def test_write_json_atomic_roundtrip_and_overwrite(tmp_path):
   obj = {"rows": ROWS, "budgets": np.arange(3, dtype=np.float32), "nan": float("nan"), "none": None}
   write_json_atomic(path, obj)
   loaded = json.loads(path.read_text())
-  assert loaded["rows"][0] == {"mechanism": "stackelberg", "utility": pytest.approx(3.14159, rel=1e-6),
-                               "participants": 12}
+  assert loaded["rows"][0] == {
+    "mechanism": "stackelberg",
+    "utility": pytest.approx(3.14159, rel=1e-6),
+    "participants": 12,
+  }
   assert loaded["rows"][1]["utility"] == -0.5 and loaded["rows"][1]["participants"] == 7
   assert loaded["budgets"] == [0.0, 1.0, 2.0] and np.isnan(loaded["nan"]) and loaded["none"] is None
   assert "old" not in loaded
@@ -57,10 +66,13 @@ def test_write_json_atomic_roundtrip_and_overwrite(tmp_path):
   assert os.listdir(tmp_path) == ["results.json"]
 
 
-@pytest.mark.parametrize("bad, error", [
+@pytest.mark.parametrize(
+  "bad, error",
+  [
     (object(), ConfigError),  # unserializable value after part of the document is written
     (_Interrupt(), KeyboardInterrupt),
-])
+  ],
+)
 def test_write_json_atomic_failure_keeps_old_file(tmp_path, removed_temp_files, bad, error):
   path = tmp_path / "results.json"
   write_json_atomic(path, {"round": 1})
@@ -108,8 +120,10 @@ def test_write_results_writes_csv_json_and_markdown(tmp_path):
   write_results(out, "table", rows, ["value", "name"], {"setup": {"seed": 0}})
   with open(out / "table.csv", newline="") as f:
     assert f.readline().strip() == "value,name"
-    assert list(csv.DictReader(f, fieldnames=["value", "name"])) == [{"value": "1.5", "name": "a"},
-                                                                      {"value": "2.25", "name": "b"}]
+    assert list(csv.DictReader(f, fieldnames=["value", "name"])) == [
+      {"value": "1.5", "name": "a"},
+      {"value": "2.25", "name": "b"},
+    ]
   assert json.loads((out / "table.json").read_text()) == {"setup": {"seed": 0}, "rows": rows}
   assert (out / "table.md").read_text() == markdown_table(rows, ["value", "name"]) + "\n"
   write_results(out, "bare", rows)
@@ -118,22 +132,26 @@ def test_write_results_writes_csv_json_and_markdown(tmp_path):
 
 def test_format_table_aligns_numbers_right_and_text_left():
   assert format_table(ROWS).splitlines() == [
-      "mechanism     utility  participants  note",
-      "------------  -------  ------------  ----",
-      "stackelberg     3.142            12",
-      "posted_price     -0.5             7  a|b",
+    "mechanism     utility  participants  note",
+    "------------  -------  ------------  ----",
+    "stackelberg     3.142            12",
+    "posted_price     -0.5             7  a|b",
   ]
   assert format_table(ROWS, columns=["utility"], floatfmt=".2e").splitlines() == [
-      "  utility", "---------", " 3.14e+00", "-5.00e-01"]
+    "  utility",
+    "---------",
+    " 3.14e+00",
+    "-5.00e-01",
+  ]
   assert format_table([], columns=["round", "accuracy"]) == "round  accuracy\n-----  --------"
 
 
 def test_markdown_table():
   assert markdown_table(ROWS, floatfmt=".2f").splitlines() == [
-      "| mechanism | utility | participants | note |",
-      "| --- | ---: | ---: | --- |",
-      "| stackelberg | 3.14 | 12 |  |",
-      "| posted_price | -0.50 | 7 | a\\|b |",
+    "| mechanism | utility | participants | note |",
+    "| --- | ---: | ---: | --- |",
+    "| stackelberg | 3.14 | 12 |  |",
+    "| posted_price | -0.50 | 7 | a\\|b |",
   ]
 
 

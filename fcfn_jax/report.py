@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
-from fcfn_jax.config import ConfigError, require
+from fcfn_jax.validate import require, reraise
 
 Row = Mapping[str, Any]
 
@@ -28,9 +28,12 @@ def _to_builtin(value: Any) -> Any:
 
 def _json_default(value: Any) -> Any:
   converted = _to_builtin(value)
-  require(converted is not value, f"value {value!r} of type {type(value).__name__} is not "
-                                  "JSON-serializable: expected dicts, lists, strings, numbers, bools, "
-                                  "None or numpy/jax arrays")
+  require(
+    converted is not value,
+    f"value {value!r} of type {type(value).__name__} is not "
+    "JSON-serializable: expected dicts, lists, strings, numbers, bools, "
+    "None or numpy/jax arrays",
+  )
   return converted
 
 
@@ -87,8 +90,9 @@ def _columns(rows: Sequence[Row], columns: Sequence[str] | None) -> list[str]:
   return list(dict.fromkeys(key for row in rows for key in row))
 
 
-def write_csv_atomic(path: str | os.PathLike[str], rows: Sequence[Row],
-                     columns: Sequence[str] | None = None) -> None:
+def write_csv_atomic(
+  path: str | os.PathLike[str], rows: Sequence[Row], columns: Sequence[str] | None = None
+) -> None:
   """Writes ``rows`` as CSV with a header to ``path`` atomically; missing values are empty cells.
 
   Args:
@@ -121,21 +125,22 @@ def _format(value: Any, floatfmt: str) -> str:
   return str(value)
 
 
-def _cells(rows: Sequence[Row], columns: Sequence[str] | None,
-           floatfmt: str) -> tuple[list[str], list[list[str]], list[bool]]:
+def _cells(
+  rows: Sequence[Row], columns: Sequence[str] | None, floatfmt: str
+) -> tuple[list[str], list[list[str]], list[bool]]:
   """Header, formatted cells, and which columns hold only numbers (right-aligned)."""
-  try:
+  with reraise(
+    (TypeError, ValueError),
+    lambda e: f"floatfmt={floatfmt!r} is invalid: expected a float format spec such as '.4g'",
+  ):
     format(0.5, floatfmt)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"floatfmt={floatfmt!r} is invalid: expected a float format spec such as '.4g'") from e
   header = _columns(rows, columns)
   values = [[_to_builtin(row.get(col)) for col in header] for row in rows]
   numeric = [all(isinstance(row[j], numbers.Real | None) for row in values) for j in range(len(header))]
   return header, [[_format(v, floatfmt) for v in row] for row in values], numeric
 
 
-def format_table(rows: Sequence[Row], columns: Sequence[str] | None = None,
-                 floatfmt: str = ".4g") -> str:
+def format_table(rows: Sequence[Row], columns: Sequence[str] | None = None, floatfmt: str = ".4g") -> str:
   """An aligned plain-text table (header, rule, one line per row); numbers right-aligned.
 
   Example::
@@ -148,23 +153,27 @@ def format_table(rows: Sequence[Row], columns: Sequence[str] | None = None,
   widths = [max(map(len, column)) for column in zip(header, *body)]
 
   def line(cells: Sequence[str]) -> str:
-    return "  ".join(c.rjust(w) if num else c.ljust(w)
-                     for c, w, num in zip(cells, widths, numeric)).rstrip()
+    return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()
 
   return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
-def markdown_table(rows: Sequence[Row], columns: Sequence[str] | None = None,
-                   floatfmt: str = ".4g") -> str:
+def markdown_table(rows: Sequence[Row], columns: Sequence[str] | None = None, floatfmt: str = ".4g") -> str:
   """A GitHub-flavoured markdown table; numeric columns right-aligned (``---:``)."""
   header, body, numeric = _cells(rows, columns, floatfmt)
   rule = ["---:" if num else "---" for num in numeric]
-  return "\n".join("| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |"
-                   for cells in [header, rule, *body])
+  return "\n".join(
+    "| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |" for cells in [header, rule, *body]
+  )
 
 
-def write_results(out: str | os.PathLike[str], name: str, rows: Sequence[Row],
-                  columns: Sequence[str] | None = None, meta: Mapping[str, Any] | None = None) -> None:
+def write_results(
+  out: str | os.PathLike[str],
+  name: str,
+  rows: Sequence[Row],
+  columns: Sequence[str] | None = None,
+  meta: Mapping[str, Any] | None = None,
+) -> None:
   """Writes one result table atomically as ``{name}.csv``, ``{name}.json`` and ``{name}.md`` in ``out``.
 
   The JSON holds ``rows``, or ``{**meta, "rows": rows}`` when ``meta`` (e.g. the run's setup) is given.

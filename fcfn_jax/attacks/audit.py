@@ -43,9 +43,10 @@ import numpy as np
 import optax
 from scipy import stats
 
-from fcfn_jax.config import FederatedConfig, PrivacyConfig, check_int, check_open_unit, require
+from fcfn_jax.config import FederatedConfig, PrivacyConfig
 from fcfn_jax.federated import client_update
 from fcfn_jax.models import ApplyFn, make_loss_fn, normalize_pixels
+from fcfn_jax.validate import check_int, check_open_unit, require
 
 
 class Canary(NamedTuple):
@@ -77,8 +78,7 @@ class AuditResult(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def clopper_pearson(successes: np.ndarray | int, trials: int,
-                    alpha: float) -> tuple[np.ndarray, np.ndarray]:
+def clopper_pearson(successes: np.ndarray | int, trials: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
   """One-sided exact binomial bounds (low, high) of p from k = ``successes`` of n = ``trials``.
 
   low solves P_p[Bin(n, p) >= k] = alpha, i.e. the alpha quantile of Beta(k, n - k + 1) (0 at k = 0);
@@ -95,9 +95,14 @@ def clopper_pearson(successes: np.ndarray | int, trials: int,
   return low, high
 
 
-def epsilon_lower_bound(true_positives: np.ndarray | int, false_positives: np.ndarray | int,
-                        trials_in: int, trials_out: int, delta: float,
-                        confidence: float = 0.95) -> np.ndarray:
+def epsilon_lower_bound(
+  true_positives: np.ndarray | int,
+  false_positives: np.ndarray | int,
+  trials_in: int,
+  trials_out: int,
+  delta: float,
+  confidence: float = 0.95,
+) -> np.ndarray:
   """max(0, log((TPR_lo - delta) / FPR_hi), log((1 - FPR_hi - delta) / (1 - TPR_lo))), elementwise.
 
   TPR_lo, FPR_hi: one-sided Clopper-Pearson bounds at level 1 - alpha/2 with alpha = 1 - confidence, so
@@ -125,8 +130,13 @@ def _positives(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
   return scores.size - np.searchsorted(np.sort(scores), thresholds, side="right")
 
 
-def audit_scores(scores_out: chex.ArrayNumpy, scores_in: chex.ArrayNumpy, delta: float,
-                 confidence: float = 0.95, selection_fraction: float = 0.5) -> AuditResult:
+def audit_scores(
+  scores_out: chex.ArrayNumpy,
+  scores_in: chex.ArrayNumpy,
+  delta: float,
+  confidence: float = 0.95,
+  selection_fraction: float = 0.5,
+) -> AuditResult:
   """Epsilon lower bound from i.i.d. scores of the mechanism without (D) and with (D') the canary.
 
   The first ``selection_fraction`` of each side's trials pick the threshold t that maximizes
@@ -144,16 +154,25 @@ def audit_scores(scores_out: chex.ArrayNumpy, scores_in: chex.ArrayNumpy, delta:
   for name, s in sides.items():
     require(s.ndim == 1 and np.all(np.isfinite(s)), f"{name} is invalid: expected finite scores [trials]")
     cut = int(selection_fraction * s.size)
-    require(2 <= cut <= s.size - 2, f"{name} has {s.size} trials: too few to split at "
-                                    f"selection_fraction={selection_fraction} (need >= 2 per split)")
+    require(
+      2 <= cut <= s.size - 2,
+      f"{name} has {s.size} trials: too few to split at "
+      f"selection_fraction={selection_fraction} (need >= 2 per split)",
+    )
     splits[name] = (s[:cut], s[cut:])
   (select_out, eval_out), (select_in, eval_in) = splits["scores_out"], splits["scores_in"]
   distinct = np.unique(np.concatenate([select_out, select_in]))
   # Thresholds between scores, not on them: the noiseless control's scores differ only by float jitter,
   # and a threshold on one of them would split the evaluation trials at random.
   candidates = np.concatenate([distinct[:1], (distinct[:-1] + distinct[1:]) / 2])
-  selection = epsilon_lower_bound(_positives(select_in, candidates), _positives(select_out, candidates),
-                                  select_in.size, select_out.size, delta, confidence)
+  selection = epsilon_lower_bound(
+    _positives(select_in, candidates),
+    _positives(select_out, candidates),
+    select_in.size,
+    select_out.size,
+    delta,
+    confidence,
+  )
   threshold = candidates[np.argmax(selection)]
   tp = int(_positives(eval_in, threshold[None])[0])
   fp = int(_positives(eval_out, threshold[None])[0])
@@ -161,9 +180,15 @@ def audit_scores(scores_out: chex.ArrayNumpy, scores_in: chex.ArrayNumpy, delta:
   tpr_low, _ = clopper_pearson(tp, eval_in.size, alpha / 2)
   _, fpr_high = clopper_pearson(fp, eval_out.size, alpha / 2)
   eps = epsilon_lower_bound(tp, fp, eval_in.size, eval_out.size, delta, confidence)
-  return AuditResult(eps_lower=float(eps), threshold=float(threshold), tpr=tp / eval_in.size,
-                     fpr=fp / eval_out.size, tpr_low=float(tpr_low), fpr_high=float(fpr_high),
-                     trials=min(eval_in.size, eval_out.size))
+  return AuditResult(
+    eps_lower=float(eps),
+    threshold=float(threshold),
+    tpr=tp / eval_in.size,
+    fpr=fp / eval_out.size,
+    tpr_low=float(tpr_low),
+    fpr_high=float(fpr_high),
+    trials=min(eval_in.size, eval_out.size),
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,8 +204,9 @@ def make_canary(x: np.ndarray, label: int, num_pixels: int) -> Canary:
   regression, its gradient is orthogonal to theirs except in the bias.
   """
   x = np.asarray(x)
-  require(x.ndim == 4 and x.dtype == np.uint8,
-          f"x {x.shape} {x.dtype} is invalid: expected uint8 [n, H, W, C]")
+  require(
+    x.ndim == 4 and x.dtype == np.uint8, f"x {x.shape} {x.dtype} is invalid: expected uint8 [n, H, W, C]"
+  )
   check_int("num_pixels", num_pixels)
   require(num_pixels <= x[0].size, f"num_pixels={num_pixels} is invalid: an image has {x[0].size} pixels")
   check_int("label", label, minimum=0)
@@ -202,10 +228,20 @@ def canary_direction(params: chex.ArrayTree, canary: Canary, apply_fn: ApplyFn) 
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "fed", "privacy", "num_trials", "chunk_size"))
-def canary_scores(params: chex.ArrayTree, x: chex.Array, y: chex.Array, canary: Canary,
-                  noise_multiplier: chex.Numeric, key: chex.PRNGKey, *, apply_fn: ApplyFn,
-                  fed: FederatedConfig, privacy: PrivacyConfig, num_trials: int,
-                  chunk_size: int = 64) -> chex.Array:
+def canary_scores(
+  params: chex.ArrayTree,
+  x: chex.Array,
+  y: chex.Array,
+  canary: Canary,
+  noise_multiplier: chex.Numeric,
+  key: chex.PRNGKey,
+  *,
+  apply_fn: ApplyFn,
+  fed: FederatedConfig,
+  privacy: PrivacyConfig,
+  num_trials: int,
+  chunk_size: int = 64,
+) -> chex.Array:
   """Scores s = -<Delta, v> B / (eta C) of independent runs of ``client_update`` without and with the canary.
 
   The client's row holds its n examples then the canary; D is num_examples = n (the canary slot is
@@ -224,8 +260,11 @@ def canary_scores(params: chex.ArrayTree, x: chex.Array, y: chex.Array, canary: 
   Returns:
     float32 [2, num_trials]: row 0 without the canary (D), row 1 with it (D').
   """
-  require(privacy.private, "privacy.private=False is invalid for an audit: the non-private path ignores "
-                           "the noise multiplier; audit z = 0 instead")
+  require(
+    privacy.private,
+    "privacy.private=False is invalid for an audit: the non-private path ignores "
+    "the noise multiplier; audit z = 0 instead",
+  )
   check_int("num_trials", num_trials)
   check_int("chunk_size", chunk_size)
   n = x.shape[0]
@@ -237,8 +276,9 @@ def canary_scores(params: chex.ArrayTree, x: chex.Array, y: chex.Array, canary: 
   def trial(inputs):
     member, index = inputs
     run_key = jax.random.fold_in(jax.random.fold_in(key, member), index)
-    result = client_update(params, x_row, y_row, n + member, noise_multiplier, run_key, apply_fn=apply_fn,
-                           fed=fed, privacy=privacy)
+    result = client_update(
+      params, x_row, y_row, n + member, noise_multiplier, run_key, apply_fn=apply_fn, fed=fed, privacy=privacy
+    )
     return -scale * optax.tree_utils.tree_vdot(result.delta, direction)
 
   members = jnp.repeat(jnp.arange(2, dtype=jnp.int32), num_trials)
@@ -247,15 +287,40 @@ def canary_scores(params: chex.ArrayTree, x: chex.Array, y: chex.Array, canary: 
   return scores.reshape(2, num_trials)
 
 
-def audit_client(params: chex.ArrayTree, x: chex.Array, y: chex.Array, canary: Canary,
-                 noise_multiplier: float, key: chex.PRNGKey, *, apply_fn: ApplyFn, fed: FederatedConfig,
-                 privacy: PrivacyConfig, num_trials: int, confidence: float = 0.95,
-                 chunk_size: int = 64) -> AuditResult:
+def audit_client(
+  params: chex.ArrayTree,
+  x: chex.Array,
+  y: chex.Array,
+  canary: Canary,
+  noise_multiplier: float,
+  key: chex.PRNGKey,
+  *,
+  apply_fn: ApplyFn,
+  fed: FederatedConfig,
+  privacy: PrivacyConfig,
+  num_trials: int,
+  confidence: float = 0.95,
+  chunk_size: int = 64,
+) -> AuditResult:
   """:func:`canary_scores` then :func:`audit_scores` at ``privacy.delta``: the epsilon lower bound of
   ONE client's ``client_update`` with noise multiplier z on the client's examples plus the canary."""
-  require(math.isfinite(noise_multiplier) and noise_multiplier >= 0,
-          f"noise_multiplier={noise_multiplier!r} is invalid: expected a finite number >= 0")
-  scores = np.asarray(canary_scores(params, x, y, canary, jnp.float32(noise_multiplier), key,
-                                    apply_fn=apply_fn, fed=fed, privacy=privacy, num_trials=num_trials,
-                                    chunk_size=chunk_size))
+  require(
+    math.isfinite(noise_multiplier) and noise_multiplier >= 0,
+    f"noise_multiplier={noise_multiplier!r} is invalid: expected a finite number >= 0",
+  )
+  scores = np.asarray(
+    canary_scores(
+      params,
+      x,
+      y,
+      canary,
+      jnp.float32(noise_multiplier),
+      key,
+      apply_fn=apply_fn,
+      fed=fed,
+      privacy=privacy,
+      num_trials=num_trials,
+      chunk_size=chunk_size,
+    )
+  )
   return audit_scores(scores[0], scores[1], privacy.delta, confidence)

@@ -1,4 +1,4 @@
-"""Gradient-based tuning of the server's pricing parameters (DESIGN.md "The game", Stage I).
+"""Gradient-based tuning of the server's pricing parameters (docs/model.md "The game", Stage I).
 
 The server's objective U_s(R, pi) = lam Q(eps*(R, pi)) - R (``leader.server_utility``) is differentiated
 through the follower equilibrium eps* by the implicit function theorem (``solver.share_equilibrium``) and,
@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fcfn_jax.config import check_int
 from fcfn_jax.game.leader import LeaderProblem, QualityFn, _group_prices, payment_upper_bound, server_utility
 from fcfn_jax.game.solver import SolverOptions
+from fcfn_jax.validate import check_int
 
 
 class PricingParams(NamedTuple):
@@ -55,24 +55,41 @@ def group_prices(params: PricingParams) -> chex.Array:
   return _group_prices(params.log_prices, jnp.arange(params.log_prices.shape[-1]))
 
 
-def pricing_objective(params: PricingParams, problem: LeaderProblem, quality_fn: QualityFn,
-                      groups: chex.Array, options: SolverOptions = SolverOptions()) -> chex.Array:
+def pricing_objective(
+  params: PricingParams,
+  problem: LeaderProblem,
+  quality_fn: QualityFn,
+  groups: chex.Array,
+  options: SolverOptions = SolverOptions(),
+) -> chex.Array:
   """U_s(exp(log R), pi) = lam Q(eps*) - R: [], client i paying price pi_{groups[i]} (groups: int [N])."""
-  return server_utility(jnp.exp(params.log_payment), problem, quality_fn,
-                        _group_prices(params.log_prices, groups), options)
+  return server_utility(
+    jnp.exp(params.log_payment), problem, quality_fn, _group_prices(params.log_prices, groups), options
+  )
 
 
-def hypergradient(params: PricingParams, problem: LeaderProblem, quality_fn: QualityFn,
-                  groups: chex.Array, options: SolverOptions = SolverOptions()
-                  ) -> tuple[chex.Array, PricingParams]:
+def hypergradient(
+  params: PricingParams,
+  problem: LeaderProblem,
+  quality_fn: QualityFn,
+  groups: chex.Array,
+  options: SolverOptions = SolverOptions(),
+) -> tuple[chex.Array, PricingParams]:
   """(U_s, d U_s / d theta) by the implicit function theorem on the follower equilibrium."""
   return jax.value_and_grad(pricing_objective)(params, problem, quality_fn, groups, options)
 
 
 @functools.partial(jax.jit, static_argnames=("quality_fn", "optimizer", "num_steps", "safeguard", "options"))
-def tune_pricing(params: PricingParams, problem: LeaderProblem, quality_fn: QualityFn, groups: chex.Array,
-                 optimizer: optax.GradientTransformation, num_steps: int, safeguard: bool = False,
-                 options: SolverOptions = SolverOptions()) -> tuple[PricingParams, TuningTrace]:
+def tune_pricing(
+  params: PricingParams,
+  problem: LeaderProblem,
+  quality_fn: QualityFn,
+  groups: chex.Array,
+  optimizer: optax.GradientTransformation,
+  num_steps: int,
+  safeguard: bool = False,
+  options: SolverOptions = SolverOptions(),
+) -> tuple[PricingParams, TuningTrace]:
   """Maximizes U_s over theta = (log R, log pi) by ``optimizer`` for num_steps steps.
 
   With ``safeguard`` a step that lowers U_s (or makes it NaN) is rejected and the next proposal is the
@@ -108,8 +125,11 @@ def tune_pricing(params: PricingParams, problem: LeaderProblem, quality_fn: Qual
     proposal = optax.apply_updates(params, optax.tree_utils.tree_scale(scale, updates))
     new_value, new_grad = hypergradient(proposal, problem, quality_fn, groups, options)
     accept = (new_value >= value) | ~jnp.asarray(safeguard)
-    carry = jax.tree.map(lambda new, old: jnp.where(accept, new, old),
-                         (proposal, new_value, new_grad, new_state), (params, value, grad, state))
+    carry = jax.tree.map(
+      lambda new, old: jnp.where(accept, new, old),
+      (proposal, new_value, new_grad, new_state),
+      (params, value, grad, state),
+    )
     scale = jnp.where(accept, jnp.minimum(2.0 * scale, 1.0), 0.5 * scale)
     return (*carry, scale), (carry[0], row(*carry[:3]))
 
@@ -123,8 +143,13 @@ def tune_pricing(params: PricingParams, problem: LeaderProblem, quality_fn: Qual
   return jax.tree.map(lambda a: a[best], history), trace
 
 
-def uniform_grid(problem: LeaderProblem, quality_fn: QualityFn, num_points: int, decades: float = 4.0,
-                 options: SolverOptions = SolverOptions()) -> tuple[chex.Array, chex.Array]:
+def uniform_grid(
+  problem: LeaderProblem,
+  quality_fn: QualityFn,
+  num_points: int,
+  decades: float = 4.0,
+  options: SolverOptions = SolverOptions(),
+) -> tuple[chex.Array, chex.Array]:
   """U_s on a log-grid of uniform-price payments R in [R_hi 10^-decades, R_hi]: (R [P], U_s [P]).
 
   R_hi = ``leader.payment_upper_bound``: the grid baseline the tuned prices are compared with.

@@ -3,7 +3,7 @@
 A sweep is a flat batch of G configurations (seed, lam, cost_low, cost_high): [G] arrays, all traced.
 Each configuration draws one game (costs c_i ~ Uniform[cost_low, cost_high] and data weights w_i from
 ``fold_in(key, seed)``, so every lam and cost range of a seed sees the same uniform quantiles: common
-random numbers) and solves every requested mechanism of ``game.baselines`` on it (DESIGN.md "Baselines").
+random numbers) and solves every requested mechanism of ``game.baselines`` on it (docs/model.md "Baselines").
 
 lam as a traced input: the baselines take lam from a static GameConfig, but every mechanism is
 homogeneous in money. With V = lam log(1 + X) and payments in the same units as costs, scaling the costs,
@@ -31,10 +31,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from fcfn_jax.config import (MECHANISMS, GameConfig, check_choice, check_int, check_positive, check_seed,
-                             require)
+from fcfn_jax.config import MECHANISMS, GameConfig
 from fcfn_jax.game import baselines
 from fcfn_jax.game.outcome import Outcome
+from fcfn_jax.validate import check_choice, check_int, check_positive, check_seed, require
 
 GAME_AXIS = "games"
 
@@ -49,7 +49,7 @@ class SweepConfigs(NamedTuple):
 
 
 class SweepMetrics(NamedTuple):
-  """Per-game summary of one mechanism, each [G] (DESIGN.md "Metrics")."""
+  """Per-game summary of one mechanism, each [G] (docs/model.md "Metrics")."""
 
   server_utility: chex.Array
   mean_client_utility: chex.Array
@@ -74,26 +74,33 @@ class SweepSettings:
 
   def __post_init__(self):
     require(isinstance(self.game, GameConfig), f"game={self.game!r} is invalid: expected a GameConfig")
-    require(self.game.quality == "log", f"quality={self.game.quality!r} is invalid for sweeps: expected "
-                                        "'log' (the closed-form mechanisms)")
+    require(
+      self.game.quality == "log",
+      f"quality={self.game.quality!r} is invalid for sweeps: expected 'log' (the closed-form mechanisms)",
+    )
     check_int("num_clients", self.num_clients, minimum=2)
     check_positive("weight_spread", self.weight_spread)
     require(self.weight_spread >= 1, f"weight_spread={self.weight_spread!r} is invalid: expected >= 1")
-    require(isinstance(self.mechanisms, tuple) and self.mechanisms,
-            f"mechanisms={self.mechanisms!r} is invalid: expected a non-empty tuple of names")
+    require(
+      isinstance(self.mechanisms, tuple) and self.mechanisms,
+      f"mechanisms={self.mechanisms!r} is invalid: expected a non-empty tuple of names",
+    )
     for name in self.mechanisms:
       check_choice("mechanism", name, MECHANISMS)
 
 
-def make_grid(seeds: Sequence[int], lams: Sequence[float], cost_ranges: Sequence[tuple[float, float]],
-              dtype: Any = None) -> SweepConfigs:
+def make_grid(
+  seeds: Sequence[int], lams: Sequence[float], cost_ranges: Sequence[tuple[float, float]], dtype: Any = None
+) -> SweepConfigs:
   """The Cartesian product seeds x lams x cost_ranges as a flat SweepConfigs of G = product of sizes.
 
   Raises:
     ConfigError naming a bad seed, lam or cost range (the same rules as GameConfig).
   """
-  require(len(seeds) and len(lams) and len(cost_ranges),
-          f"seeds={seeds!r}, lams={lams!r}, cost_ranges={cost_ranges!r}: expected non-empty lists")
+  require(
+    len(seeds) and len(lams) and len(cost_ranges),
+    f"seeds={seeds!r}, lams={lams!r}, cost_ranges={cost_ranges!r}: expected non-empty lists",
+  )
   for lam in lams:
     GameConfig(lam=lam)
   for low, high in cost_ranges:
@@ -102,14 +109,22 @@ def make_grid(seeds: Sequence[int], lams: Sequence[float], cost_ranges: Sequence
     check_seed("seed", seed)
   rows = list(itertools.product(seeds, lams, cost_ranges))
   dtype = jnp.result_type(float) if dtype is None else dtype
-  return SweepConfigs(seed=jnp.asarray([r[0] for r in rows], jnp.uint32),
-                      lam=jnp.asarray([r[1] for r in rows], dtype),
-                      cost_low=jnp.asarray([r[2][0] for r in rows], dtype),
-                      cost_high=jnp.asarray([r[2][1] for r in rows], dtype))
+  return SweepConfigs(
+    seed=jnp.asarray([r[0] for r in rows], jnp.uint32),
+    lam=jnp.asarray([r[1] for r in rows], dtype),
+    cost_low=jnp.asarray([r[2][0] for r in rows], dtype),
+    cost_high=jnp.asarray([r[2][1] for r in rows], dtype),
+  )
 
 
-def draw_game(key: chex.PRNGKey, seed: chex.Array, cost_low: chex.Array, cost_high: chex.Array,
-              num_clients: int, weight_spread: float) -> tuple[chex.Array, chex.Array]:
+def draw_game(
+  key: chex.PRNGKey,
+  seed: chex.Array,
+  cost_low: chex.Array,
+  cost_high: chex.Array,
+  num_clients: int,
+  weight_spread: float,
+) -> tuple[chex.Array, chex.Array]:
   """One game (costs [N], weights [N]) drawn from ``fold_in(key, seed)``.
 
   c_i = cost_low + (cost_high - cost_low) U_i, d_i = 1 + (weight_spread - 1) V_i, w = d / mean(d),
@@ -122,8 +137,9 @@ def draw_game(key: chex.PRNGKey, seed: chex.Array, cost_low: chex.Array, cost_hi
   return costs, sizes / jnp.mean(sizes)
 
 
-def mechanism_at_lam(name: str, costs: chex.Array, weights: chex.Array, lam: chex.Numeric,
-                     game: GameConfig) -> Outcome:
+def mechanism_at_lam(
+  name: str, costs: chex.Array, weights: chex.Array, lam: chex.Numeric, game: GameConfig
+) -> Outcome:
   """The Outcome of mechanism ``name`` at a traced lam: lam x (the mechanism at costs / lam, lam = 1).
 
   Exact by the money homogeneity of every mechanism (module docstring); budgets and participants are
@@ -138,13 +154,17 @@ def _summary(outcome: Outcome) -> SweepMetrics:
   return SweepMetrics(**{f: getattr(outcome, f) for f in SweepMetrics._fields})
 
 
-def evaluate_config(key: chex.PRNGKey, config: SweepConfigs, settings: SweepSettings
-                    ) -> dict[str, SweepMetrics]:
+def evaluate_config(
+  key: chex.PRNGKey, config: SweepConfigs, settings: SweepSettings
+) -> dict[str, SweepMetrics]:
   """Every mechanism of ``settings`` on the game of one configuration (fields of ``config`` are [])."""
-  costs, weights = draw_game(key, config.seed, config.cost_low, config.cost_high, settings.num_clients,
-                             settings.weight_spread)
-  return {name: _summary(mechanism_at_lam(name, costs, weights, config.lam, settings.game))
-          for name in settings.mechanisms}
+  costs, weights = draw_game(
+    key, config.seed, config.cost_low, config.cost_high, settings.num_clients, settings.weight_spread
+  )
+  return {
+    name: _summary(mechanism_at_lam(name, costs, weights, config.lam, settings.game))
+    for name in settings.mechanisms
+  }
 
 
 def _sweep_local(key, configs, settings, chunk_size):
@@ -162,12 +182,18 @@ def _sweep(key, configs, settings, chunk_size, mesh):
   games = PartitionSpec(GAME_AXIS)
   # check_vma=False: the solver's while_loops start from constants that are not marked device-varying;
   # every game is independent, so there is nothing to check across devices.
-  return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), games), out_specs=games,
-                       check_vma=False)(key, configs)
+  return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), games), out_specs=games, check_vma=False)(
+    key, configs
+  )
 
 
-def run_sweep(key: chex.PRNGKey, configs: SweepConfigs, settings: SweepSettings, chunk_size: int = 0,
-              mesh: Mesh | None = None) -> dict[str, SweepMetrics]:
+def run_sweep(
+  key: chex.PRNGKey,
+  configs: SweepConfigs,
+  settings: SweepSettings,
+  chunk_size: int = 0,
+  mesh: Mesh | None = None,
+) -> dict[str, SweepMetrics]:
   """Every mechanism on every configuration: {mechanism: SweepMetrics of [G] arrays}, one jit program.
 
   Args:
@@ -184,8 +210,10 @@ def run_sweep(key: chex.PRNGKey, configs: SweepConfigs, settings: SweepSettings,
     ConfigError for a bad chunk_size or mesh.
   """
   check_int("chunk_size", chunk_size, minimum=0)
-  require(mesh is None or mesh.axis_names == (GAME_AXIS,),
-          f"mesh axes {None if mesh is None else mesh.axis_names} are invalid: expected ({GAME_AXIS!r},)")
+  require(
+    mesh is None or mesh.axis_names == (GAME_AXIS,),
+    f"mesh axes {None if mesh is None else mesh.axis_names} are invalid: expected ({GAME_AXIS!r},)",
+  )
   size = int(configs.lam.shape[0])
   devices = 1 if mesh is None else mesh.size
   per_device = -(-(chunk_size or size) // devices)
@@ -203,19 +231,33 @@ def game_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 def sweep_table(configs: SweepConfigs, results: dict[str, SweepMetrics]) -> list[dict[str, Any]]:
   """One row per (configuration, mechanism): the configuration values and the SweepMetrics fields."""
   config_columns = {f: np.asarray(v).tolist() for f, v in configs._asdict().items()}
-  metric_columns = {name: {f: np.asarray(v).tolist() for f, v in metrics._asdict().items()}
-                    for name, metrics in results.items()}
-  return [{**{f: column[g] for f, column in config_columns.items()}, "mechanism": name,
-           **{f: column[g] for f, column in columns.items()}}
-          for g in range(len(config_columns["seed"])) for name, columns in metric_columns.items()]
+  metric_columns = {
+    name: {f: np.asarray(v).tolist() for f, v in metrics._asdict().items()}
+    for name, metrics in results.items()
+  }
+  return [
+    {
+      **{f: column[g] for f, column in config_columns.items()},
+      "mechanism": name,
+      **{f: column[g] for f, column in columns.items()},
+    }
+    for g in range(len(config_columns["seed"]))
+    for name, columns in metric_columns.items()
+  ]
 
 
-def mean_by(rows: Sequence[dict[str, Any]], keys: Sequence[str], metrics: Sequence[str]
-            ) -> list[dict[str, Any]]:
+def mean_by(
+  rows: Sequence[dict[str, Any]], keys: Sequence[str], metrics: Sequence[str]
+) -> list[dict[str, Any]]:
   """Means of ``metrics`` over the rows of each distinct value of ``keys`` (in first-seen order)."""
   groups: dict[tuple, list[dict[str, Any]]] = {}
   for row in rows:
     groups.setdefault(tuple(row[k] for k in keys), []).append(row)
-  return [{**dict(zip(keys, values)), "games": len(members),
-           **{m: float(np.mean([r[m] for r in members])) for m in metrics}}
-          for values, members in groups.items()]
+  return [
+    {
+      **dict(zip(keys, values)),
+      "games": len(members),
+      **{m: float(np.mean([r[m] for r in members])) for m in metrics},
+    }
+    for values, members in groups.items()
+  ]
