@@ -266,11 +266,49 @@ def _step(exp: Experiment, state: SimState, key: chex.PRNGKey) -> tuple[SimState
 
 @dataclasses.dataclass
 class RunResult:
-  """The rounds' history rows and the final summary row of one experiment."""
+  """One experiment: the rounds' history rows, the final summary row, one privacy record per client
+  (:func:`client_rows`) and the final state."""
 
   history: list[dict[str, Any]]
   summary: dict[str, Any]
+  clients: list[dict[str, Any]]
   state: SimState
+
+
+class Comparison(NamedTuple):
+  """The tables of :func:`compare`: one summary row per mechanism, the per-round history rows, and one
+  privacy record per (mechanism, client) (what ``clients.csv`` holds)."""
+
+  summary: list[dict[str, Any]]
+  history: list[dict[str, Any]]
+  clients: list[dict[str, Any]]
+
+
+def client_rows(exp: Experiment, steps_done: np.ndarray, spent: np.ndarray) -> list[dict[str, Any]]:
+  """One record per client of what ran: enough to recompute its privacy claim without the simulator.
+
+  client: row of the (size-sorted) pool; num_examples n_i; cost c_i; budget_epsilon eps_i sold;
+  noise_multiplier z_i (inf = sat out); sampling_rate q_i; steps: DP-SGD steps taken; epsilon_spent: the
+  accountant's epsilon of those steps at ``delta`` (0 for clients that sat out).
+  """
+  cfg = exp.cfg
+  n = np.asarray(exp.data.pool.num_examples)
+  return [
+    {
+      "mechanism": cfg.game.mechanism,
+      "client": i,
+      "num_examples": int(n[i]),
+      "cost": float(exp.costs[i]),
+      "budget_epsilon": float(exp.outcome.budgets[i]),
+      "noise_multiplier": float(exp.noise_multipliers[i]),
+      "sampling_rate": float(exp.sampling_rates[i]),
+      "steps": int(steps_done[i]),
+      "delta": cfg.privacy.delta,
+      "accountant": cfg.privacy.accountant,
+      "epsilon_spent": float(spent[i]),
+    }
+    for i in range(len(n))
+  ]
 
 
 def summary_row(exp: Experiment, accuracy: float, wall_time: float, spent: np.ndarray) -> dict[str, Any]:
@@ -347,9 +385,15 @@ def run(
         ckpt.save(done, state, {"history": history})
       if stop_after is not None and done >= stop_after:
         break
-    spent = privacy_spent(exp, np.asarray(state.steps_done))
+    steps_done = np.asarray(state.steps_done)
+    spent = privacy_spent(exp, steps_done)
     accuracy = history[-1]["test_accuracy"] if history else float("nan")
-  return RunResult(history=history, summary=summary_row(exp, accuracy, timer.elapsed, spent), state=state)
+  return RunResult(
+    history=history,
+    summary=summary_row(exp, accuracy, timer.elapsed, spent),
+    clients=client_rows(exp, steps_done, spent),
+    state=state,
+  )
 
 
 def compare(
@@ -358,8 +402,8 @@ def compare(
   *,
   progress: bool = True,
   checkpoint_root: str | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-  """Runs ``cfg`` once per mechanism on the same clients and data; returns (summary rows, history rows).
+) -> Comparison:
+  """Runs ``cfg`` once per mechanism on the same clients and data: summary, history and client rows.
 
   Each summary row gains ``redundant_accuracy_loss`` = accuracy(social optimum budgets) - accuracy(row's
   budgets) (docs/model.md "Metrics"); the social optimum is run too when it is not among ``mechanisms``.
@@ -378,4 +422,5 @@ def compare(
     dict(runs[m].summary, redundant_accuracy_loss=best - runs[m].summary["test_accuracy"]) for m in mechanisms
   ]
   history = [row for m in mechanisms for row in runs[m].history]
-  return summary, history
+  clients = [row for m in mechanisms for row in runs[m].clients]
+  return Comparison(summary=summary, history=history, clients=clients)

@@ -42,7 +42,7 @@ def main(argv):
   )
   cfg = sim_flags.config_or_exit(lambda: sim_flags.simulation_config(FLAGS.mechanisms[0]))
   ckpt_root = os.path.join(FLAGS.out, "checkpoints") if FLAGS.checkpoint else None
-  summary, history = sim_flags.config_or_exit(
+  summary, history, clients = sim_flags.config_or_exit(
     lambda: simulation.compare(
       cfg, tuple(FLAGS.mechanisms), progress=FLAGS.progress, checkpoint_root=ckpt_root
     )
@@ -51,6 +51,7 @@ def main(argv):
   report.write_csv_atomic(os.path.join(FLAGS.out, "comparison.csv"), summary)
   report.write_json_atomic(os.path.join(FLAGS.out, "comparison.json"), summary)
   report.write_csv_atomic(os.path.join(FLAGS.out, "history.csv"), history)
+  report.write_csv_atomic(os.path.join(FLAGS.out, "clients.csv"), clients)
   report.write_text_atomic(
     os.path.join(FLAGS.out, "comparison.md"), report.markdown_table(summary, COLUMNS) + "\n"
   )
@@ -73,7 +74,7 @@ def main(argv):
     f"{cfg.federated.local_steps} local steps, batch {cfg.federated.batch_size}, model {cfg.model.name}"
   )
   print(report.format_table(summary, COLUMNS))
-  print(f"\nwrote {FLAGS.out}/comparison.{{csv,json,md}}, history.csv, *.png")
+  print(f"\nwrote {FLAGS.out}/comparison.{{csv,json,md}}, history.csv, clients.csv, *.png")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def main(argv):
   for value in values:
     setattr(FLAGS, FLAGS.sweep, value)
     cfg = sim_flags.config_or_exit(lambda: sim_flags.simulation_config(FLAGS.mechanisms[0]))
-    summary, _ = sim_flags.config_or_exit(
+    summary, _, _ = sim_flags.config_or_exit(
       lambda cfg=cfg: simulation.compare(cfg, tuple(FLAGS.mechanisms), progress=FLAGS.progress)
     )
     rows += [dict(row, **{FLAGS.sweep: value}) for row in summary]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import chex
+import dp_accounting
 import jax
 import numpy as np
 import pytest
@@ -99,3 +100,24 @@ def test_default_private_run_learns_well_above_chance():
   out = simulation.run(cfg, progress=False)
   assert out.summary["participants"] >= 2
   assert out.summary["test_accuracy"] > 0.3  # 10 digit classes: chance is 0.1
+
+
+def test_client_rows_let_anyone_recompute_the_privacy_claim(fed_data):
+  """Every participant's row alone, fed to dp-accounting directly, gives its epsilon_spent <= its budget."""
+  out = simulation.run(_cfg(), fed_data=fed_data, progress=False)
+  assert len(out.clients) == len(fed_data.pool.num_examples)
+  joined = [row for row in out.clients if np.isfinite(row["noise_multiplier"])]
+  assert joined and len(joined) < len(out.clients)
+  for row in joined:
+    event = dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(
+        row["sampling_rate"], dp_accounting.GaussianDpEvent(row["noise_multiplier"])
+      ),
+      row["steps"],
+    )
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(event)
+    eps = accountant.get_epsilon(row["delta"])
+    assert eps == pytest.approx(row["epsilon_spent"], rel=1e-9)
+    assert eps <= row["budget_epsilon"]
+  assert all(row["steps"] == 0 and row["epsilon_spent"] == 0 for row in out.clients if row not in joined)
