@@ -27,7 +27,10 @@ ACCOUNTANTS = ("rdp", "pld")
 CALIBRATIONS = ("surrogate", "exact")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 MECHANISMS = ("stackelberg", "contract", "three_party", "posted_price", "no_incentive", "social_optimum")
-QUALITIES = ("log", "dp")
+# How tables and plots name a mechanism: no_incentive is a mandate, not a market (it violates IR).
+MECHANISM_LABELS = {name: name for name in MECHANISMS} | {"no_incentive": "no_incentive (mandate)"}
+VALUATIONS = ("dp", "log")
+AGGREGATIONS = ("noise_aware", "fedavg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,11 +150,22 @@ class FederatedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GameConfig:
-  """The incentive mechanism and the clients' private costs (docs/model.md "The game", "Baselines").
+  """The incentive mechanism, the server's valuation and the clients' private costs (docs/model.md "The
+  game", "Stage I", "Aggregation", "Baselines").
 
   Per-unit privacy costs c_i ~ Uniform[cost_low, cost_high] (seeded); lam is the server's valuation of
-  model quality; budgets live in [0, eps_max]; eps_min is the self-protective budget of 'no_incentive'.
-  quality: 'log' (U_s = lam*log(1+X) - R) or 'dp' (U_s = lam*G(eps) - R, G = -sum a_i^2 v(eps_i)).
+  model quality; budgets live in [0, eps_max]; eps_min is the mandated budget of 'no_incentive' (1: the
+  usual reference of strong privacy, a self-protective demand rather than a strawman).
+  valuation: 'dp' (Q = -V, the noise variance of the aggregate the server forms; the default) or 'log'
+    (Q = log(1 + sum_i w_i eps_i), kept for verification against the closed forms).
+  aggregation: 'noise_aware' (weights a_i proportional to 1 / sigma_i^2, sigma_i^2 = v(eps_i) +
+    v(data_epsilon) / w_i; the default) or 'fedavg' (a_i proportional to the data size n_i). The
+    training round and the valuation read this one field.
+  data_epsilon: the budget whose DP noise equals the data term of a client of mean size (> 0): the
+    variance its limited data adds, v(data_epsilon) / w_i. Calibrated on the valuation study
+    (docs/model.md "Aggregation"); larger = data counts less.
+  num_types: contract theory's cost types K (quantile bins of the empirical cost distribution); 0 = one
+    type per client (K = N). num_aggregators: the three-party game's edge aggregators M (at most N // 2).
   """
 
   mechanism: str = "stackelberg"
@@ -159,10 +173,12 @@ class GameConfig:
   cost_low: float = 0.5
   cost_high: float = 2.0
   eps_max: float = 8.0
-  eps_min: float = 0.5
-  num_types: int = 4
+  eps_min: float = 1.0
+  num_types: int = 0
   num_aggregators: int = 4
-  quality: str = "log"
+  valuation: str = "dp"
+  aggregation: str = "noise_aware"
+  data_epsilon: float = 4.0
 
   def __post_init__(self):
     check_choice("mechanism", self.mechanism, MECHANISMS)
@@ -179,9 +195,11 @@ class GameConfig:
       self.eps_min <= self.eps_max,
       f"eps_min={self.eps_min!r} > eps_max={self.eps_max!r}: expected eps_min <= eps_max",
     )
-    check_int("num_types", self.num_types)
+    check_int("num_types", self.num_types, minimum=0)
     check_int("num_aggregators", self.num_aggregators)
-    check_choice("quality", self.quality, QUALITIES)
+    check_choice("valuation", self.valuation, VALUATIONS)
+    check_choice("aggregation", self.aggregation, AGGREGATIONS)
+    check_positive("data_epsilon", self.data_epsilon)
 
 
 @dataclasses.dataclass(frozen=True)
