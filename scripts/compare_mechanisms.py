@@ -14,6 +14,7 @@ from absl import app, flags
 
 from fcfn_jax import config as fc
 from fcfn_jax import plotting, report, simulation, validate
+from fcfn_jax.game import outcome
 
 import sim_flags
 
@@ -21,7 +22,8 @@ flags.DEFINE_list("mechanisms", list(fc.MECHANISMS), f"Mechanisms to compare, fr
 FLAGS = flags.FLAGS
 
 COLUMNS = (
-  "mechanism",
+  "label",
+  "quality",
   "server_utility",
   "mean_client_utility",
   "social_welfare",
@@ -29,6 +31,7 @@ COLUMNS = (
   "participants",
   "total_payment",
   "mean_epsilon",
+  "min_epsilon",
   "test_accuracy",
   "redundant_accuracy_loss",
   "wall_time_s",
@@ -53,12 +56,13 @@ def main(argv):
   report.write_csv_atomic(os.path.join(FLAGS.out, "history.csv"), history)
   report.write_csv_atomic(os.path.join(FLAGS.out, "clients.csv"), clients)
   report.write_text_atomic(
-    os.path.join(FLAGS.out, "comparison.md"), report.markdown_table(summary, COLUMNS) + "\n"
+    os.path.join(FLAGS.out, "comparison.md"),
+    report.markdown_table(summary, COLUMNS) + f"\n\n{outcome.AVERAGE_UTILITY}.\n",
   )
   plotting.accuracy_per_round(history, os.path.join(FLAGS.out, "accuracy_per_round.png"))
   plotting.bars(
     summary,
-    ("server_utility", "mean_client_utility", "social_welfare", "average_utility"),
+    ("quality", "server_utility", "social_welfare", "average_utility"),
     os.path.join(FLAGS.out, "utilities.png"),
     "Utilities per mechanism",
   )
@@ -74,6 +78,7 @@ def main(argv):
     f"{cfg.federated.local_steps} local steps, batch {cfg.federated.batch_size}, model {cfg.model.name}"
   )
   print(report.format_table(summary, COLUMNS))
+  print(f"{outcome.AVERAGE_UTILITY}; valuation {cfg.game.valuation!r}, aggregation {cfg.game.aggregation!r}")
   print(f"\nwrote {FLAGS.out}/comparison.{{csv,json,md}}, history.csv, clients.csv, *.png")
 
 

@@ -98,10 +98,27 @@ flags.DEFINE_float("lam", _GAME.lam, "Server's valuation lambda of model quality
 flags.DEFINE_float("cost_low", _GAME.cost_low, "Privacy costs c_i ~ Uniform[cost_low, cost_high] (> 0).")
 flags.DEFINE_float("cost_high", _GAME.cost_high, "Upper end of the privacy-cost distribution.")
 flags.DEFINE_float("eps_max", _GAME.eps_max, "Largest budget a client may sell (> 0).")
-flags.DEFINE_float("eps_min", _GAME.eps_min, "Self-protective budget of the no-incentive baseline.")
-flags.DEFINE_integer("num_types", _GAME.num_types, "Contract theory: number of cost types.")
+flags.DEFINE_float("eps_min", _GAME.eps_min, "Budget the no-incentive mandate imposes on every client.")
+flags.DEFINE_integer(
+  "num_types", _GAME.num_types, "Contract theory: number of cost types (0 = one per client)."
+)
 flags.DEFINE_integer(
   "num_aggregators", _GAME.num_aggregators, "Three-party game: number of edge aggregators."
+)
+flags.DEFINE_enum(
+  "valuation",
+  _GAME.valuation,
+  list(fc.VALUATIONS),
+  "dp: Q = -(noise variance of the aggregate); log: log(1+X).",
+)
+flags.DEFINE_enum(
+  "aggregation",
+  _GAME.aggregation,
+  list(fc.AGGREGATIONS),
+  "noise_aware: inverse-variance weights; fedavg: n_i.",
+)
+flags.DEFINE_float(
+  "data_epsilon", _GAME.data_epsilon, "Budget whose DP noise equals a mean-size client's data term (> 0)."
 )
 # Run.
 flags.DEFINE_integer("seed", _SIM.seed, "Seed of everything (costs, model init, sampling, noise).")
@@ -195,6 +212,9 @@ def simulation_config(mechanism: str, checkpoint_dir: str | None = None) -> fc.S
       eps_min=FLAGS.eps_min,
       num_types=FLAGS.num_types,
       num_aggregators=FLAGS.num_aggregators,
+      valuation=FLAGS.valuation,
+      aggregation=FLAGS.aggregation,
+      data_epsilon=FLAGS.data_epsilon,
     ),
     seed=FLAGS.seed,
     checkpoint_dir=checkpoint_dir,

@@ -1,10 +1,14 @@
-"""Trains every mechanism across values of one parameter: accuracy and utilities vs clients / lambda / cost.
+"""Trains every mechanism across values of one parameter: accuracy and utilities vs one flag.
 
-For each value of --sweep (a flag of scripts/sim_flags.py: num_clients, lam or cost_high), runs the
+For each value of --sweep (a flag of scripts/sim_flags.py: num_clients, lam, cost_high, eps_max,
+num_types for contract theory's types (0 = one per client) or num_aggregators for the three-party game),
+runs the
 mechanism comparison of scripts/compare_mechanisms.py and writes sweep.{csv,json} (one row per value x
 mechanism) and PNG plots of test accuracy, redundant accuracy loss and welfare vs the parameter. Example:
 
   python scripts/sweep_experiments.py --sweep=lam --values=10,50,200 --out=results/sweep_lam
+  python scripts/sweep_experiments.py --sweep=num_types --values=2,4,8,16,0 --mechanisms=contract
+  python scripts/sweep_experiments.py --sweep=num_aggregators --values=2,4,8 --mechanisms=three_party
 """
 
 from __future__ import annotations
@@ -15,10 +19,18 @@ from absl import app, flags
 
 from fcfn_jax import config as fc
 from fcfn_jax import plotting, report, simulation, validate
+from fcfn_jax.game import outcome
 
 import sim_flags
 
-_SWEEPABLE = {"num_clients": int, "lam": float, "cost_high": float}
+_SWEEPABLE = {
+  "num_clients": int,
+  "lam": float,
+  "cost_high": float,
+  "eps_max": float,
+  "num_types": int,
+  "num_aggregators": int,
+}
 flags.DEFINE_enum("sweep", "lam", list(_SWEEPABLE), "The parameter to sweep.")
 flags.DEFINE_list("values", ["10", "50", "200"], "Its values.")
 flags.DEFINE_list("mechanisms", list(fc.MECHANISMS), f"Mechanisms to compare, from {list(fc.MECHANISMS)}.")
@@ -50,7 +62,8 @@ def main(argv):
     plotting.metric_vs_parameter(
       rows, FLAGS.sweep, metric, os.path.join(FLAGS.out, f"{metric}_vs_{FLAGS.sweep}.png")
     )
-  print(report.format_table(rows, (FLAGS.sweep, "mechanism") + PLOTTED + ("participants",)))
+  print(report.format_table(rows, (FLAGS.sweep, "label", "quality") + PLOTTED + ("participants",)))
+  print(outcome.AVERAGE_UTILITY)
 
 
 def _parse_values(cast):

@@ -1,12 +1,14 @@
-"""Sweep many games x seeds x lambda values x cost ranges in one compiled program (``fcfn_jax.game.sweep``).
+"""Sweep many games x seeds x lambda values x cost ranges x caps in one compiled program
+(``fcfn_jax.game.sweep``).
 
-Every (seed, lam, cost range) draws one game of --num_clients clients and solves every --mechanisms
-mechanism on it, vmapped in chunks of --games_per_chunk games (optionally sharded across all devices
-with --shard). Outputs in --out: sweep.{csv,json} (one row per configuration and mechanism) and
-sweep_summary.{csv,json} (means per mechanism and lam, also printed). Example (seconds on a CPU):
+Every (seed, lam, cost range, eps_max) draws one game of --num_clients clients and solves every
+--mechanisms mechanism on it under --valuation and --aggregation, vmapped in chunks of --games_per_chunk
+games (optionally sharded across all devices with --shard). Outputs in --out: sweep.{csv,json} (one row
+per configuration and mechanism) and sweep_summary.{csv,json} (means per mechanism and lam, also
+printed). Example (about a minute on a CPU, most of it compiling):
 
   python scripts/sweep_games.py --num_seeds=16 --lams=5,20,50,200 --cost_ranges=0.5:2,1:1.5 \
-      --out=results/sweep
+      --eps_maxes=2,8 --out=results/sweep
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from absl import app, flags
 
 from fcfn_jax import config as fc
 from fcfn_jax import report, validate
-from fcfn_jax.game import sweep
+from fcfn_jax.game import outcome, sweep
 
 import sim_flags
 
@@ -27,6 +29,7 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_list("lams", ["5", "20", "50", "200"], "Server valuations lambda to sweep (> 0).")
 flags.DEFINE_list("cost_ranges", ["0.5:2", "1:1.5"], "Cost distributions Uniform[low, high] as low:high.")
+flags.DEFINE_list("eps_maxes", ["8"], "Budget caps eps_max to sweep (> 0).")
 flags.DEFINE_list("mechanisms", list(fc.MECHANISMS), f"Mechanisms to run, from {list(fc.MECHANISMS)}.")
 flags.DEFINE_float(
   "weight_spread", 4.0, "Data sizes d_i ~ Uniform[1, weight_spread] (>= 1), w = d / mean(d)."
@@ -56,19 +59,25 @@ def _grid_and_settings() -> tuple[sweep.SweepConfigs, sweep.SweepSettings]:
   for text in FLAGS.cost_ranges:
     validate.require(text.count(":") == 1, f"cost_ranges has {text!r}: expected low:high")
     ranges.append(tuple(_number("cost_ranges", v) for v in text.split(":")))
+  eps_maxes = [_number("eps_maxes", v) for v in FLAGS.eps_maxes]
   game = fc.GameConfig(
-    eps_max=FLAGS.eps_max,
-    eps_min=FLAGS.eps_min,
+    eps_min=min(FLAGS.eps_min, *eps_maxes),
     num_types=FLAGS.num_types,
     num_aggregators=FLAGS.num_aggregators,
+    valuation=FLAGS.valuation,
+    aggregation=FLAGS.aggregation,
+    data_epsilon=FLAGS.data_epsilon,
   )
   settings = sweep.SweepSettings(
     game=game,
     num_clients=FLAGS.num_clients,
     weight_spread=FLAGS.weight_spread,
+    batch_size=FLAGS.batch_size,
+    steps=FLAGS.rounds * FLAGS.local_steps,
+    delta=FLAGS.delta,
     mechanisms=tuple(FLAGS.mechanisms),
   )
-  return sweep.make_grid(range(FLAGS.num_seeds), lams, ranges), settings
+  return sweep.make_grid(range(FLAGS.num_seeds), lams, ranges, eps_maxes), settings
 
 
 def main(_):
@@ -81,7 +90,7 @@ def main(_):
     with report.Timer() as run:
       jax.block_until_ready(sweep.run_sweep(key, configs, settings, FLAGS.games_per_chunk, mesh))
   rows = sweep.sweep_table(configs, results)
-  summary = sweep.mean_by(rows, ["mechanism", "lam"], SUMMARY_METRICS)
+  summary = sweep.mean_by(rows, ["mechanism", "lam", "eps_max"], SUMMARY_METRICS)
   os.makedirs(FLAGS.out, exist_ok=True)
   for name, table in (("sweep", rows), ("sweep_summary", summary)):
     report.write_csv_atomic(os.path.join(FLAGS.out, f"{name}.csv"), table)
@@ -93,6 +102,7 @@ def main(_):
     f"run {run.elapsed:.3f} s"
   )
   print(report.format_table(summary))
+  print(f"\n{outcome.AVERAGE_UTILITY}")
 
 
 if __name__ == "__main__":

@@ -5,19 +5,18 @@ One game of --num_clients clients (costs ~ Uniform[--cost_low, --cost_high], dat
 split into equal groups; 1 = one uniform price, i.e. only the payment R is tuned). Adam on (log R,
 log pi) starts from --start_payment, or from the best point of a --grid_points log-grid over the uniform
 payment when it is 0. Also reported: the grid's best uniform payment, ``leader.solve_leader`` with the
-same groups and, for --quality=log, the closed form R* = max(0, lam - K_S / (|S|-1)).
+same groups and, for --valuation=log, the closed form R* = max(0, lam - K_S / (|S|-1)).
 
 Outputs in --out: trajectory.{csv,json} (one row per step), summary.json and trajectory.png (objective and
 parameters per step). Example (about a minute on a CPU):
 
-  python scripts/tune_pricing.py --quality=dp --price_groups=4 --lam=200 --eps_max=50 --out=results/tune
-  python scripts/tune_pricing.py --quality=log --price_groups=1 --lam=20 --eps_max=1000 --nosafeguard \
+  python scripts/tune_pricing.py --valuation=dp --price_groups=4 --lam=200 --eps_max=50 --out=results/tune
+  python scripts/tune_pricing.py --valuation=log --price_groups=1 --lam=20 --eps_max=1000 --nosafeguard \
       --learning_rate=0.2 --decay_steps=50 --steps=1000 --start_payment=1 --out=results/tune_log
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -29,13 +28,10 @@ from absl import app, flags
 from fcfn_jax import config as fc
 from fcfn_jax import plotting, report, validate
 from fcfn_jax.game import equilibrium, leader, sweep, tuning
-from fcfn_jax.privacy import accounting
+from fcfn_jax.game.spec import Game, GameSpec
 
 import sim_flags
 
-flags.DEFINE_enum(
-  "quality", "dp", list(fc.QUALITIES), "log: lam log(1 + X); dp: lam G(eps) (noise variance)."
-)
 flags.DEFINE_integer(
   "price_groups", 4, "Price groups by data-weight rank (1 = uniform price; num_clients = one per client)."
 )
@@ -47,9 +43,9 @@ flags.DEFINE_integer("grid_points", 200, "Points of the log-grid over the unifor
 flags.DEFINE_bool(
   "safeguard",
   True,
-  "Reject Adam steps that lower U_s: needed for --quality=dp (U_s "
-  "jumps down where a client enters); on the smooth log quality it slows the final "
-  "convergence (momentum overshoots get rejected), so use --nosafeguard there.",
+  "Reject Adam steps that lower U_s: needed where U_s has kinks (a cap starts to bind, "
+  "a client enters); on a smooth U_s it slows the final convergence (momentum "
+  "overshoots get rejected), so use --nosafeguard there.",
 )
 flags.DEFINE_float(
   "weight_spread", 4.0, "Data sizes d_i ~ Uniform[1, weight_spread] (>= 1), w = d / mean(d)."
@@ -61,8 +57,9 @@ FLAGS.set_default("lam", 200.0)
 FLAGS.set_default("eps_max", 50.0)
 
 
-def _problem() -> tuple[leader.LeaderProblem, jax.Array, fc.SimulationConfig]:
-  """The game, the price group of each client and the config; raises ConfigError naming a bad flag."""
+def _problem() -> tuple[Game, GameSpec, jax.Array, fc.SimulationConfig]:
+  """The game, its spec, the price group of each client and the config; raises ConfigError naming a bad
+  flag."""
   cfg = sim_flags.simulation_config("stackelberg")
   validate.check_int("price_groups", FLAGS.price_groups, maximum=FLAGS.num_clients)
   validate.check_int("steps", FLAGS.steps)
@@ -70,24 +67,22 @@ def _problem() -> tuple[leader.LeaderProblem, jax.Array, fc.SimulationConfig]:
   validate.check_int("decay_steps", FLAGS.decay_steps)
   validate.check_nonnegative("start_payment", FLAGS.start_payment)
   validate.check_int("grid_points", FLAGS.grid_points, minimum=2)
-  validate.require(
-    FLAGS.weight_spread >= 1, f"weight_spread={FLAGS.weight_spread!r} is invalid: expected >= 1"
+  game_cfg = cfg.game
+  settings = sweep.SweepSettings(
+    game=game_cfg,
+    num_clients=FLAGS.num_clients,
+    weight_spread=FLAGS.weight_spread,
+    batch_size=cfg.federated.batch_size,
+    steps=cfg.federated.rounds * cfg.federated.local_steps,
+    delta=cfg.privacy.delta,
   )
-  game = cfg.game
-  costs, weights = sweep.draw_game(
-    jax.random.PRNGKey(cfg.seed),
-    0,
-    jnp.asarray(game.cost_low, float),
-    jnp.asarray(game.cost_high, float),
-    FLAGS.num_clients,
-    FLAGS.weight_spread,
+  configs = sweep.make_grid(
+    [0], [game_cfg.lam], [(game_cfg.cost_low, game_cfg.cost_high)], [game_cfg.eps_max], jnp.float64
   )
-  rank = jnp.argsort(jnp.argsort(weights))
+  game = sweep.draw_game(jax.random.PRNGKey(cfg.seed), jax.tree.map(lambda a: a[0], configs), settings)
+  rank = jnp.argsort(jnp.argsort(game.weights))
   groups = rank * FLAGS.price_groups // FLAGS.num_clients
-  problem = leader.LeaderProblem(
-    costs, weights, jnp.asarray(game.eps_max, float), jnp.asarray(game.lam, float)
-  )
-  return problem, groups, cfg
+  return game, settings.spec("stackelberg"), groups, cfg
 
 
 def _plot(rows: list[dict], num_groups: int, path: str) -> str:
@@ -110,16 +105,8 @@ def _plot(rows: list[dict], num_groups: int, path: str) -> str:
 
 def main(_):
   with jax.enable_x64(True):
-    problem, groups, cfg = sim_flags.config_or_exit(_problem)
-    variance = functools.partial(
-      accounting.noise_variance,
-      delta=cfg.privacy.delta,
-      steps=cfg.federated.rounds * cfg.federated.local_steps,
-    )
-    quality = {"log": leader.log_quality, "dp": functools.partial(leader.dp_quality, variance_fn=variance)}[
-      FLAGS.quality
-    ]
-    grid_payments, grid_utilities = tuning.uniform_grid(problem, quality, FLAGS.grid_points)
+    game, spec, groups, cfg = sim_flags.config_or_exit(_problem)
+    grid_payments, grid_utilities = tuning.uniform_grid(game, spec, FLAGS.grid_points)
     best_grid = int(jnp.argmax(grid_utilities))
     start = FLAGS.start_payment or grid_payments[best_grid]
     optimizer = optax.adam(optax.exponential_decay(FLAGS.learning_rate, FLAGS.decay_steps, 0.5))
@@ -127,18 +114,18 @@ def main(_):
       best, trace = jax.block_until_ready(
         tuning.tune_pricing(
           tuning.initial_params(start, FLAGS.price_groups),
-          problem,
-          quality,
+          game,
+          spec,
           groups,
           optimizer,
           FLAGS.steps,
           safeguard=FLAGS.safeguard,
         )
       )
-    reference = leader.solve_leader(problem, quality, groups, FLAGS.price_groups)
+    reference = leader.solve_leader(game, spec, groups, FLAGS.price_groups)
     trace = jax.tree.map(np.asarray, trace)
     summary = {
-      "quality": FLAGS.quality,
+      "valuation": spec.valuation,
       "price_groups": FLAGS.price_groups,
       "steps": FLAGS.steps,
       "safeguard": FLAGS.safeguard,
@@ -152,11 +139,11 @@ def main(_):
       "solve_leader_payment": float(reference.payment),
       "solve_leader_utility": float(reference.utility),
     }
-    if FLAGS.quality == "log":
-      r_star = equilibrium.closed_form_payment(problem.lam, problem.costs, problem.weights)
+    if spec.valuation == "log":
+      r_star = equilibrium.closed_form_payment(game.lam, game.costs, game.weights)
       summary.update(
         closed_form_payment=float(r_star),
-        closed_form_utility=float(leader.server_utility(r_star, problem, quality)),
+        closed_form_utility=float(leader.server_utility(r_star, game, spec)),
         tuned_payment_relative_error=abs(summary["tuned_payment"] / float(r_star) - 1.0),
       )
   rows = [
