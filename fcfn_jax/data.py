@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from fcfn_jax.config import DataConfig
 from fcfn_jax.validate import check_int, check_open_unit, check_positive, fail, require, reraise
@@ -287,6 +286,21 @@ class _Npz:
     return arrays
 
 
+def read_npz(path: str | os.PathLike, keys: Sequence[str]) -> dict[str, np.ndarray]:
+  """The arrays ``keys`` of the .npz archive at ``path``, read with :func:`load_npz`'s checks (only these
+  keys, headers and sizes checked before allocating).
+
+  Raises:
+    ConfigError: a missing or corrupt file, a missing key, an object array, a truncated member, or arrays
+      beyond :func:`memory_limit`.
+  """
+  path = Path(path)
+  with _Npz(path) as npz:
+    missing = [key for key in keys if key not in npz.keys]
+    require(not missing, f"path={str(path)!r} lacks keys {missing} (has {npz.keys}): expected {list(keys)}")
+    return npz.read(keys)
+
+
 def _require_keys(path: Path, present: Sequence[str], keys: Sequence[str]) -> None:
   missing = [key for key in keys if key not in present]
   require(
@@ -389,6 +403,8 @@ def load_tfds(name: str, data_dir: str | None = None) -> Splits:
   Raises:
     ConfigError: ``name`` is unknown or not prepared under ``data_dir`` in a random-access format.
   """
+  import tensorflow_datasets as tfds  # here, not at the top: importing tfds costs every run a second or two
+
   build = f"`tfds build {name} --file_format=array_record --data_dir=...`"
   require(
     data_dir is None or os.path.isdir(data_dir),
