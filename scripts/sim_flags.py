@@ -227,7 +227,9 @@ class ConfigFlags:
       elif dataclasses.is_dataclass(hints[field.name]):
         kwargs[field.name] = self._build(hints[field.name], path + ".", overrides)
       elif path in self._flags:
-        kwargs[field.name] = FLAGS[self._flags[path]].value
+        value = FLAGS[self._flags[path]].value
+        # List flags give lists; tuple fields keep configs hashable (they key jit caches).
+        kwargs[field.name] = tuple(value) if isinstance(value, list) else value
         renamed[field.name] = self._flags[path]
     renamed = {k: v for k, v in renamed.items() if k != v}
     try:
