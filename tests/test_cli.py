@@ -7,6 +7,7 @@ run in tests/cli_worker.py processes (one per script, many command lines each).
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -316,8 +317,13 @@ def test_resume_through_the_command_line(tmp_path):
     again = worker(*run, f"--out={tmp_path / 'a'}")
     assert again.rc == 0, again
     assert sorted(os.listdir(ckpt)) == ["1", "2", "2.set-aside"]
-    columns = lambda text: [line.split(",")[:-2] for line in text.splitlines()]  # noqa: E731 (wall time out)
-    assert columns((tmp_path / "a" / "comparison.csv").read_text()) == columns(reference)
+
+    def results(text: str) -> list[dict]:  # every column but the wall time
+      return [
+        {k: v for k, v in row.items() if k != "wall_time_s"} for row in csv.DictReader(io.StringIO(text))
+      ]
+
+    assert results((tmp_path / "a" / "comparison.csv").read_text()) == results(reference)
     fresh = worker(*run, "--lam=5", "--restart_on_mismatch", f"--out={tmp_path / 'a'}")
     assert fresh.rc == 0, fresh
     assert (tmp_path / "a.checkpoints" / "stackelberg.other-run").is_dir()
@@ -370,3 +376,11 @@ def test_make_embedded_dataset_writes_atomically(tmp_path, monkeypatch):
   script.write_npz(asset, arrays)
   with zipfile.ZipFile(io.BytesIO(asset.read_bytes())) as archive:
     assert "train_image.npy" in archive.namelist()
+
+
+def test_checkpoint_with_checkpoint_every_is_accepted(workers, tmp_path):
+  """Was: --checkpoint --checkpoint_every=1 exited 2 ('needs checkpoint_dir')."""
+  worker = workers("compare_mechanisms.py")
+  result = worker(*TINY, "--checkpoint", "--checkpoint_every=1", f"--out={tmp_path / 'o'}", "--dry_run")
+  assert result.rc == 0, result
+  assert os.listdir(tmp_path) == []
