@@ -11,6 +11,12 @@ One experiment (docs/model.md "What it is"):
   4. T rounds of :func:`fcfn_jax.federated.federated_round`, evaluated on the test split; every K rounds the
      state (model, optimizer, round, key, per-client privacy ledger) is checkpointed atomically, and a run
      restarted with the same config resumes from the newest checkpoint with identical results.
+
+Resume (README "Resume, fingerprints and corrupt checkpoints"): every checkpoint carries the run's
+fingerprint (:func:`run_fingerprint`: every config field that can change results, the data's digest, the
+state layout version); a checkpoint with another fingerprint is refused, or moved aside with
+``restart_on_mismatch``, so a resumed run never mixes two configs, and its round counter, history and
+privacy ledger are checked to agree before it continues.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
+import os
 from typing import Any, NamedTuple
 
 import chex
@@ -26,18 +34,25 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from fcfn_jax import checkpoint, data, federated, models
+from fcfn_jax import checkpoint, data, federated, fingerprint, models
 from fcfn_jax.config import GameConfig, PrivacyConfig, SimulationConfig
 from fcfn_jax.game import baselines, misreport
 from fcfn_jax.game.outcome import Outcome
 from fcfn_jax.privacy import accounting
 from fcfn_jax.report import Timer
-from fcfn_jax.validate import require
+from fcfn_jax.validate import fail, require
 
 _COST_STREAM = 1  # fold_in tags of the run key's independent streams
 _INIT_STREAM = 2
 _TRAIN_STREAM = 3
 _EVAL_BATCH = 512
+# Bump when the meaning of SimState's leaves changes: older checkpoints then no longer match.
+STATE_LAYOUT_VERSION = 1
+# Config fields that never change results (where files go; the data's digest stands for its path).
+_NOT_FINGERPRINTED = ("checkpoint_dir", "checkpoint_every", "data.path")
+OTHER_RUN = ".other-run"  # suffix of a checkpoint folder moved aside by restart_on_mismatch
+
+logger = logging.getLogger(__name__)
 
 
 class SimState(NamedTuple):
@@ -334,6 +349,81 @@ def summary_row(exp: Experiment, accuracy: float, wall_time: float, spent: np.nd
   }
 
 
+def data_digest(fed_data: data.FederatedData) -> str:
+  """SHA-256 of everything a run reads from the data: the clients' pool, the test split, the geometry."""
+  pool, test = fed_data.pool, fed_data.test
+  shape = np.asarray(fed_data.input_shape + (fed_data.num_classes,))
+  return fingerprint.arrays_digest(pool.x, pool.y, pool.num_examples, test.x, test.y, shape)
+
+
+def run_fingerprint(
+  cfg: SimulationConfig, digest_of_data: str, cost_factors: np.ndarray | None = None
+) -> fingerprint.Fingerprint:
+  """What determines a run's results: every config field but where files go (by dotted path, so fields
+  added to any config are covered), the data's digest, the clients' cost factors and the state layout.
+
+  ``rounds`` is part of it: it changes every client's calibrated noise (T x S steps).
+  """
+  parts = fingerprint.config_fields(cfg, skip=_NOT_FINGERPRINTED)
+  parts["data_digest"] = digest_of_data
+  parts["cost_factors"] = (
+    None if cost_factors is None else fingerprint.arrays_digest(np.asarray(cost_factors))
+  )
+  parts["state_layout"] = STATE_LAYOUT_VERSION
+  return fingerprint.canonical(parts)
+
+
+def check_checkpoint(
+  cfg: SimulationConfig, parts: fingerprint.Fingerprint, *, restart_on_mismatch: bool = False
+) -> None:
+  """Makes ``cfg.checkpoint_dir`` safe to resume for the run with fingerprint ``parts``.
+
+  Its newest good step (corrupt ones are set aside, see :mod:`fcfn_jax.checkpoint`) must carry
+  ``parts``; a checkpoint of another run is refused, or with ``restart_on_mismatch`` renamed to
+  ``<checkpoint_dir>.other-run`` (``-2``, ...; kept) so the run starts fresh in an empty folder.
+
+  Raises:
+    ConfigError: the checkpoint holds another run (names the differing parts) and not restart_on_mismatch.
+  """
+  if not cfg.checkpoint_dir or not os.path.exists(cfg.checkpoint_dir):
+    return
+  with checkpoint.Checkpointer(cfg.checkpoint_dir) as ckpt:
+    newest = ckpt.restore_metadata()
+    directory = ckpt.directory
+  stored = None if newest is None else newest.metadata.get("fingerprint")
+  if newest is None or stored == parts:
+    return
+  what = fingerprint.differences(stored or {}, parts) if isinstance(stored, dict) else "no fingerprint"
+  if not restart_on_mismatch:
+    fail(
+      f"checkpoint {directory} holds another run ({what}): expected the same settings to resume; "
+      "restart_on_mismatch=True keeps it aside and starts fresh"
+    )
+  target, n = directory + OTHER_RUN, 1
+  while os.path.exists(target):
+    n += 1
+    target = f"{directory}{OTHER_RUN}-{n}"
+  os.rename(directory, target)
+  logger.warning("checkpoint %s holds another run (%s): moved to %s; starting fresh", directory, what, target)
+
+
+def _check_resumed(exp: Experiment, restored: checkpoint.Restored, history: list[dict[str, Any]]) -> None:
+  """The restored step number, round counter and history agree, and the ledger fits in the rounds run."""
+  step, rounds = restored.step, int(restored.state.server.round)
+  steps_done = np.asarray(restored.state.steps_done)
+  require(
+    step == rounds == len(history),
+    f"checkpoint step {step} is inconsistent: round counter {rounds} and {len(history)} history rows; "
+    "expected all three equal",
+  )
+  most = rounds * exp.cfg.federated.local_steps
+  require(
+    np.all((steps_done >= 0) & (steps_done <= most)),
+    f"checkpoint step {step} is inconsistent: its privacy ledger holds {int(steps_done.max())} steps for a "
+    f"client after {rounds} rounds; expected at most {most}",
+  )
+
+
 def run(
   cfg: SimulationConfig,
   *,
@@ -341,16 +431,28 @@ def run(
   progress: bool = True,
   stop_after: int | None = None,
   cost_factors: np.ndarray | None = None,
+  restart_on_mismatch: bool = False,
 ) -> RunResult:
-  """Runs (or resumes, when cfg.checkpoint_dir holds a checkpoint) one experiment to the last round.
+  """Runs (or resumes, when cfg.checkpoint_dir holds a checkpoint of this run) one experiment.
 
   Args:
     cfg: the experiment. fed_data: preloaded data (e.g. shared across mechanisms); None = load it.
     progress: show a progress bar over rounds.
     stop_after: stop after this round (a deliberate interruption, for resume tests); None = run all.
     cost_factors: clients' cost exaggeration factors [clients] (see :func:`prepare`); None = honest.
+    restart_on_mismatch: a checkpoint of another run in cfg.checkpoint_dir is moved aside (see
+      :func:`check_checkpoint`) instead of refused.
+
+  Raises:
+    ConfigError: cfg.checkpoint_dir holds another run (and not restart_on_mismatch), or an inconsistent
+      step; bad inputs.
   """
   with Timer() as timer, contextlib.ExitStack() as stack:
+    fed_data = data.load_federated(cfg.data) if fed_data is None else fed_data
+    parts = None
+    if cfg.checkpoint_dir:
+      parts = run_fingerprint(cfg, data_digest(fed_data), cost_factors)
+      check_checkpoint(cfg, parts, restart_on_mismatch=restart_on_mismatch)
     exp = prepare(cfg, fed_data, cost_factors=cost_factors)
     state = init_state(exp)
     history: list[dict[str, Any]] = []
@@ -359,6 +461,7 @@ def run(
       restored = ckpt.restore(state)
       if restored is not None:
         state, history = restored.state, list(restored.metadata.get("history", []))
+        _check_resumed(exp, restored, history)
     train_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _TRAIN_STREAM)
     test = exp.data.test
     start = int(state.server.round)
@@ -382,7 +485,7 @@ def run(
       done = t + 1
       periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
       if ckpt is not None and (periodic or done == cfg.federated.rounds):
-        ckpt.save(done, state, {"history": history})
+        ckpt.save(done, state, {"history": history, "round": done, "fingerprint": parts})
       if stop_after is not None and done >= stop_after:
         break
     steps_done = np.asarray(state.steps_done)
@@ -401,22 +504,31 @@ def compare(
   mechanisms: tuple[str, ...],
   *,
   progress: bool = True,
-  checkpoint_root: str | None = None,
+  fed_data: data.FederatedData | None = None,
+  restart_on_mismatch: bool = False,
 ) -> Comparison:
   """Runs ``cfg`` once per mechanism on the same clients and data: summary, history and client rows.
 
   Each summary row gains ``redundant_accuracy_loss`` = accuracy(social optimum budgets) - accuracy(row's
   budgets) (docs/model.md "Metrics"); the social optimum is run too when it is not among ``mechanisms``.
-  With ``checkpoint_root``, mechanism m checkpoints into ``<checkpoint_root>/<m>`` and resumes from it.
+  With ``cfg.checkpoint_dir`` = D, mechanism m checkpoints into ``D/<m>`` and resumes from it; every
+  mechanism's checkpoint is checked (:func:`check_checkpoint`) before any of them trains, so a refusal
+  comes before any work.
   """
-  fed_data = data.load_federated(cfg.data)
-  runs = {}
-  for mech in dict.fromkeys(mechanisms + ("social_optimum",)):
-    ckpt_dir = f"{checkpoint_root}/{mech}" if checkpoint_root else None
-    mech_cfg = dataclasses.replace(
-      cfg, game=dataclasses.replace(cfg.game, mechanism=mech), checkpoint_dir=ckpt_dir
+  fed_data = data.load_federated(cfg.data) if fed_data is None else fed_data
+  configs = {
+    mech: dataclasses.replace(
+      cfg,
+      game=dataclasses.replace(cfg.game, mechanism=mech),
+      checkpoint_dir=os.path.join(cfg.checkpoint_dir, mech) if cfg.checkpoint_dir else None,
     )
-    runs[mech] = run(mech_cfg, fed_data=fed_data, progress=progress)
+    for mech in dict.fromkeys(mechanisms + ("social_optimum",))
+  }
+  if cfg.checkpoint_dir:
+    digest = data_digest(fed_data)
+    for mech_cfg in configs.values():
+      check_checkpoint(mech_cfg, run_fingerprint(mech_cfg, digest), restart_on_mismatch=restart_on_mismatch)
+  runs = {mech: run(mech_cfg, fed_data=fed_data, progress=progress) for mech, mech_cfg in configs.items()}
   best = runs["social_optimum"].summary["test_accuracy"]
   summary = [
     dict(runs[m].summary, redundant_accuracy_loss=best - runs[m].summary["test_accuracy"]) for m in mechanisms

@@ -1,4 +1,5 @@
-"""Robustness: fuzzed configs, game inputs, budgets and data files, bad CLI flags, and a killed run.
+"""Robustness: fuzzed configs, game inputs, budgets and data files, and a killed run (bad command lines:
+tests/test_cli.py).
 
 Every bad input must end in a ConfigError (or, through a CLI, exit status 2 with one line) whose message
 names the value and what is allowed; nothing may crash with another exception or return NaN silently.
@@ -49,6 +50,7 @@ CONFIGS = (
   fc.FederatedConfig,
   fc.GameConfig,
   fc.SimulationConfig,
+  fc.RunConfig,
 )
 CHOICES = (
   fc.DATASETS
@@ -400,86 +402,6 @@ def test_data_directories_and_files_that_are_not_there(tmp_path):
     with pytest.raises(validate.ConfigError, match=match) as err:
       build()
     assert "\n" not in str(err.value), str(err.value)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command lines: exit status 2, one line naming the flag and value, no traceback, nothing in --out.
-# ----------------------------------------------------------------------------------------------------------
-
-_TINY = [
-  "--num_clients=4",
-  "--capacity=16",
-  "--test_examples=50",
-  "--rounds=1",
-  "--local_steps=1",
-  "--progress=false",
-]
-
-
-def _cli_cases(tmp_path, slow: bool) -> list[tuple[str, list[str], str]]:
-  """(script, flags, expected message) of bad command lines; slow=False gives one case of each kind."""
-  corrupt = tmp_path / "corrupt.npz"
-  corrupt.write_bytes(GOOD_NPZ[False][:300])
-  a_file = tmp_path / "a_file"
-  a_file.write_text("")
-  compare, misreporting = "compare_mechanisms.py", "misreporting.py"
-  if not slow:
-    return [
-      (compare, ["--rounds=0"], "rounds=0 is invalid: expected an integer >= 1"),  # config validation
-      (compare, ["--rounds=abc"], "flag --rounds=abc: invalid literal for int()"),  # flag parsing
-      (compare, ["--source=npz", f"--data_path={corrupt}"], "corrupt.npz' is not a readable .npz archive"),
-      (misreporting, ["--factors=1,0.5"], "factors has '0.5': expected finite numbers >= 1"),
-    ]
-  return [
-    (compare, ["--lam=nan"], "lam=nan is invalid: expected a finite number"),
-    (compare, ["--eps_max=-1"], "eps_max=-1.0 is invalid: expected a number > 0"),
-    (compare, ["--mechanisms=stackelberg,auction"], "mechanisms='auction' is invalid: expected one of"),
-    (compare, ["--model=mlp"], "flag --model=mlp: value should be one of <cnn|logreg>"),
-    (compare, ["--seed=-1"], "seed=-1 is invalid"),
-    (compare, ["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
-    (compare, [f"--out={a_file}"], f"flag --out={a_file}: expected a directory"),
-    (compare, ["--source=npz", f"--data_path={tmp_path / 'missing.npz'}"], "missing.npz' does not exist"),
-    (
-      compare,
-      ["--source=tfds", "--partition=iid", f"--data_path={tmp_path / 'nope'}"],
-      "nope' is not a directory: expected a tfds data_dir",
-    ),
-    (misreporting, ["--liar_fraction=0"], "liar_fraction=0.0 is invalid: expected a number in (0, 1]"),
-    (misreporting, ["--train", "--calibration=surrogate"], "calibration='surrogate' is invalid with --train"),
-    (misreporting, ["--mechanisms=auction"], "mechanisms='auction' is invalid"),
-  ]
-
-
-def _check_bad_command_lines(tmp_path, slow: bool) -> None:
-  """Runs the cases in parallel: each exits 2 with one line, no traceback, nothing in its --out."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  procs = []
-  for i, (script, flags, expected) in enumerate(_cli_cases(tmp_path, slow)):
-    out = tmp_path / f"out{i}"
-    args = [sys.executable, os.path.join(REPO, "scripts", script), *_TINY, f"--out={out}", *flags]
-    procs.append(
-      (
-        args,
-        out,
-        expected,
-        subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-      )
-    )
-  for args, out, expected, proc in procs:
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 2, (args, stderr[-2000:])
-    assert stderr.count("\n") == 1 and stderr.startswith("error: ") and expected in stderr, (args, stderr)
-    assert "Traceback" not in stdout + stderr
-    assert not out.exists() or not any(out.iterdir()), (args, list(out.iterdir()))
-
-
-def test_bad_command_lines_exit_2_with_one_line_and_write_nothing(tmp_path):
-  _check_bad_command_lines(tmp_path, slow=False)
-
-
-@pytest.mark.slow
-def test_more_bad_command_lines(tmp_path):
-  _check_bad_command_lines(tmp_path, slow=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
