@@ -24,7 +24,8 @@ SOURCES = ("embedded", "npz", "tfds")
 PARTITIONS = ("writer", "dirichlet", "iid")
 MODELS = ("cnn", "logreg")
 ACCOUNTANTS = ("rdp", "pld")
-CALIBRATIONS = ("surrogate", "exact")
+CALIBRATIONS = ("surrogate", "traced", "exact")
+SAMPLERS = ("poisson", "fixed")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 MECHANISMS = ("stackelberg", "contract", "three_party", "posted_price", "no_incentive", "social_optimum")
 QUALITIES = ("log", "dp")
@@ -100,14 +101,26 @@ class PrivacyConfig:
   """DP-SGD parameters (docs/model.md "From epsilon_i to noise").
 
   clip_norm: per-example L2 clipping bound C. delta: target delta of every client's (eps, delta)-DP.
+  sampling: how a local step picks its examples, and so what the epsilon certifies:
+    'poisson' (default): every example joins with probability q_i = min(1, B / n_i), the step has
+      ``batch_capacity`` slots and an overflowing draw keeps a uniform subset of them; add/remove-one
+      adjacency.
+    'fixed': exactly min(B, n_i) examples without replacement; replace-one adjacency (accounted by
+      'rdp' only: dp-accounting's PLD accountant has no sampling-without-replacement event).
+  batch_capacity: B_max >= B, the Poisson step's slots; 0 = automatic, the smallest keeping every step's
+    overflow probability <= 1e-12 (``accounting.default_capacity``: B = 32 -> 81; README "Privacy").
+    Ignored by 'fixed', which always has B slots.
   accountant: dp-accounting's 'rdp' or 'pld' for the exact host-side calibration and reports.
-  calibration: 'surrogate' (differentiable closed form inside the traced program; conservative) or
+  calibration: 'surrogate' (closed form inside the traced program; conservative), 'traced' (the tight
+    RDP accountant of the Poisson-subsampled Gaussian inside the traced program; 'poisson' only) or
     'exact' (host-side accountant inversion before each run).
   private: False turns DP off entirely (the non-private reference path).
   """
 
   clip_norm: float = 1.0
   delta: float = 1e-5
+  sampling: str = "poisson"
+  batch_capacity: int = 0
   accountant: str = "rdp"
   calibration: str = "exact"
   private: bool = True
@@ -115,9 +128,21 @@ class PrivacyConfig:
   def __post_init__(self):
     check_positive("clip_norm", self.clip_norm)
     check_open_unit("delta", self.delta)
+    check_choice("sampling", self.sampling, SAMPLERS)
+    check_int("batch_capacity", self.batch_capacity, minimum=0)
     check_choice("accountant", self.accountant, ACCOUNTANTS)
     check_choice("calibration", self.calibration, CALIBRATIONS)
     check_bool("private", self.private)
+    require(
+      not (self.sampling == "fixed" and self.accountant == "pld"),
+      "accountant='pld' is invalid with sampling='fixed': dp-accounting's PLD accountant has no "
+      "sampling-without-replacement event; use accountant='rdp'",
+    )
+    require(
+      not (self.sampling == "fixed" and self.calibration == "traced"),
+      "calibration='traced' is invalid with sampling='fixed': the traced accountant is the "
+      "Poisson-subsampled Gaussian's; use 'exact' or 'surrogate'",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +237,11 @@ class SimulationConfig:
     check_seed("seed", self.seed)
     check_path("checkpoint_dir", self.checkpoint_dir)
     check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+    require(
+      self.privacy.batch_capacity == 0 or self.privacy.batch_capacity >= self.federated.batch_size,
+      f"batch_capacity={self.privacy.batch_capacity} is invalid with batch_size="
+      f"{self.federated.batch_size}: expected 0 (automatic) or an integer >= batch_size",
+    )
     require(
       not (self.checkpoint_every and not self.checkpoint_dir),
       f"checkpoint_every={self.checkpoint_every} needs checkpoint_dir; got checkpoint_dir=None",

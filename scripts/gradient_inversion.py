@@ -115,8 +115,9 @@ def main(argv):
   key = jax.random.key(cfg.seed)
   params = models.init_params(model, jax.random.fold_in(key, 0), fd.input_shape)
   sampling_rate, steps = min(1.0, fed.batch_size / n0), fed.rounds * fed.local_steps
+  sampler = accounting.sampler_of(fed, privacy)
   noise = accounting.calibrate_noise_multipliers(
-    np.asarray(epsilons), sampling_rate, steps, privacy.delta, privacy.accountant
+    np.asarray(epsilons), n0, steps, privacy.delta, sampler, privacy.accountant
   )
   settings = [("no noise", math.inf, None)] + [(f"eps={e:g}", e, float(z)) for e, z in zip(epsilons, noise)]
   blank = inversion.psnr(jnp.zeros_like(originals), originals)
