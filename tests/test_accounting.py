@@ -17,6 +17,7 @@ from absl.testing import absltest, parameterized
 from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import stats
 
+from fcfn_jax import config as fc
 from fcfn_jax.privacy import accounting
 from fcfn_jax.validate import ConfigError
 
@@ -263,6 +264,22 @@ class EventTest(chex.TestCase):
     np.testing.assert_allclose(p[0], 1 - (1 - per_step) ** 7, rtol=1e-12)
     assert p[1] == 0.0  # B_max > n: the larger neighbour (n + 1 <= B_max examples) never overflows
     np.testing.assert_array_equal(accounting.overflow_probability([n], 7, fixed(batch)), 0.0)
+
+  def test_default_capacity_bounds_every_clients_overflow(self):
+    """B_max = default_capacity(B): P[some step overflows] <= CAPACITY_TAIL per step for EVERY dataset size
+    (the Poisson(B + 1) tail dominates each Bin(n + 1, B / n)), and it is the smallest such capacity."""
+    for batch in (1, 4, 32, 100):
+      capacity = accounting.default_capacity(batch)
+      n = np.arange(1, 20 * batch + 200)
+      per_step = accounting.overflow_probability(n, 1, poisson(batch, capacity))
+      assert per_step.max() <= accounting.CAPACITY_TAIL, (batch, per_step.max())
+      assert stats.poisson.sf(capacity - 1, batch + 1) > accounting.CAPACITY_TAIL
+    config = accounting.sampler_of(fc.FederatedConfig(batch_size=32), fc.PrivacyConfig(batch_capacity=0))
+    self.assertEqual(config, accounting.Sampler("poisson", 32, 81))
+    self.assertEqual(
+      accounting.sampler_of(fc.FederatedConfig(batch_size=32), fc.PrivacyConfig(sampling="fixed")),
+      accounting.Sampler("fixed", 32, 32),
+    )
 
   def test_truncation_charge_is_paid_from_delta(self):
     """The RDP ledger with a charge is the smallest eps with eps_rdp(delta - (1 + e^eps) p) <= eps, and it
