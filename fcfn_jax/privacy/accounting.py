@@ -514,7 +514,8 @@ def traced_noise_multiplier(
   delta in (0, 1), and the truncation's overflow probability p = :func:`overflow_probability` (0 when
   B_max > n_i). The search aims 5e-5 (relative) below the target and stops within 2.5e-5 of it, so the
   returned z is within ~1e-4 of the smallest admissible one and never above the target's epsilon (about
-  10 accountant evaluations per client). Gradients (w.r.t. every argument) by the implicit function theorem, not by unrolling the search.
+  10 accountant evaluations per client). Gradients (w.r.t. every argument) by the implicit function
+  theorem, not by unrolling the search.
 
   eps = 0 gives z = inf with gradient 0 (double-where), as does a budget the charge (1 + e^eps) p >= delta
   makes infeasible (no release is the only certificate left) or one that even z = 1e5 exceeds. Budgets so
