@@ -71,8 +71,8 @@ def _settings() -> tuple[list[float], fc.SimulationConfig]:
   )
   cfg = sim_flags.simulation_config(FLAGS.mechanisms[0])
   validate.require(
-    not (FLAGS.train and cfg.privacy.private and cfg.privacy.calibration == "surrogate"),
-    "calibration='surrogate' is invalid with --train: misreported budgets need "
+    not (FLAGS.train and cfg.privacy.private and cfg.privacy.calibration != "exact"),
+    f"calibration={cfg.privacy.calibration!r} is invalid with --train: misreported budgets need "
     "calibration='exact' (or private=False)",
   )
   return factors, cfg
@@ -128,9 +128,11 @@ def train_accuracy(
   rows: list[dict],
   budgets: list[np.ndarray],
   liars: np.ndarray,
-) -> None:
-  """Adds test_accuracy to every row: training with the row's budgets (equal budgets train once)."""
-  trained = {}
+) -> list[dict]:
+  """Adds test_accuracy to every row: training with the row's budgets (equal budgets train once).
+
+  Returns the trained runs' privacy records (``simulation.client_rows``), tagged with their factor."""
+  trained, clients = {}, []
   for row, eps in zip(rows, budgets):
     key = eps.tobytes()
     if key not in trained:
@@ -139,7 +141,9 @@ def train_accuracy(
         mech_cfg, fed_data=fed_data, progress=FLAGS.progress, cost_factors=np.where(liars, row["factor"], 1.0)
       )
       trained[key] = result.summary["test_accuracy"]
+      clients += [dict(client, factor=row["factor"]) for client in result.clients]
     row["test_accuracy"] = trained[key]
+  return clients
 
 
 def main(argv):
@@ -151,8 +155,10 @@ def main(argv):
   rows, budgets = game_rows(cfg, num_examples, FLAGS.mechanisms, factors, liars)
   columns = COLUMNS
   if FLAGS.train:
-    sim_flags.config_or_exit(lambda: train_accuracy(cfg, fed_data, rows, budgets, liars))
+    clients = sim_flags.config_or_exit(lambda: train_accuracy(cfg, fed_data, rows, budgets, liars))
     columns += ("test_accuracy",)
+    os.makedirs(FLAGS.out, exist_ok=True)
+    report.write_csv_atomic(os.path.join(FLAGS.out, "clients.csv"), clients)
 
   os.makedirs(FLAGS.out, exist_ok=True)
   setup = {
@@ -180,7 +186,9 @@ def main(argv):
     f"eps_max={cfg.game.eps_max:g}"
   )
   print(report.format_table(rows, columns))
-  print(f"\nwrote {FLAGS.out}/misreporting.{{csv,json,md}}, *_vs_factor.png")
+  print(
+    f"\nwrote {FLAGS.out}/misreporting.{{csv,json,md}}, *_vs_factor.png" + (", clients.csv" * FLAGS.train)
+  )
 
 
 if __name__ == "__main__":

@@ -34,18 +34,20 @@ def main(argv):
   )
   cast = _SWEEPABLE[FLAGS.sweep]
   values = sim_flags.config_or_exit(lambda: _parse_values(cast))
-  rows = []
+  rows, clients = [], []
   for value in values:
     setattr(FLAGS, FLAGS.sweep, value)
     cfg = sim_flags.config_or_exit(lambda: sim_flags.simulation_config(FLAGS.mechanisms[0]))
-    summary, _, _ = sim_flags.config_or_exit(
+    summary, _, client_rows = sim_flags.config_or_exit(
       lambda cfg=cfg: simulation.compare(cfg, tuple(FLAGS.mechanisms), progress=FLAGS.progress)
     )
     rows += [dict(row, **{FLAGS.sweep: value}) for row in summary]
+    clients += [dict(row, **{FLAGS.sweep: value}) for row in client_rows]
     print(f"{FLAGS.sweep}={value}: done", flush=True)
   os.makedirs(FLAGS.out, exist_ok=True)
   report.write_csv_atomic(os.path.join(FLAGS.out, "sweep.csv"), rows)
   report.write_json_atomic(os.path.join(FLAGS.out, "sweep.json"), rows)
+  report.write_csv_atomic(os.path.join(FLAGS.out, "clients.csv"), clients)  # every client's privacy record
   for metric in PLOTTED:
     plotting.metric_vs_parameter(
       rows, FLAGS.sweep, metric, os.path.join(FLAGS.out, f"{metric}_vs_{FLAGS.sweep}.png")
