@@ -400,9 +400,14 @@ def _verify_randomized(seed: int, clients: int, pld_clients: int) -> None:
     ("fixed", "rdp", pld_clients),
   ):
     batch = int(rng.integers(8, 48))
-    capacity = batch if kind == "fixed" else math.ceil(rng.choice([1.5, 2.0, 2.5]) * batch)
     steps, delta = int(rng.integers(10, 400)), float(10 ** rng.uniform(-7, -4))
     n = rng.integers(batch // 2, 20 * batch, count)
+    if kind == "fixed":
+      capacity = batch
+    elif accountant == "pld":  # PLD models any truncation: small capacities too
+      capacity = math.ceil(rng.choice([1.5, 2.0, 2.5]) * batch)
+    else:  # RDP pays (1 + e^eps) P[overflow] from delta: the default capacity, or one that never truncates
+      capacity = int(rng.choice([accounting.default_capacity(batch), int(n.max()) + 1]))
     eps = np.exp(rng.uniform(math.log(0.5), math.log(8), count))
     sampler = accounting.Sampler(kind, batch, int(capacity))
     z = accounting.calibrate_noise_multipliers(eps, n, steps, delta, sampler, accountant)
