@@ -29,7 +29,8 @@ SOURCES = ("embedded", "npz", "tfds")
 PARTITIONS = ("writer", "dirichlet", "iid")
 MODELS = ("cnn", "logreg")
 ACCOUNTANTS = ("rdp", "pld")
-CALIBRATIONS = ("surrogate", "exact")
+CALIBRATIONS = ("surrogate", "traced", "exact")
+SAMPLERS = ("poisson", "fixed")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 MECHANISMS = ("stackelberg", "contract", "three_party", "posted_price", "no_incentive", "social_optimum")
 QUALITIES = ("log", "dp")
@@ -120,15 +121,24 @@ class PrivacyConfig:
   Attributes:
     clip_norm: per-example L2 clipping bound C (> 0).
     delta: every client's target delta, in (0, 1).
+    sampling: how a local step picks its examples, and so what the epsilon certifies: poisson (default):
+      every example joins with probability q_i = min(1, B / n_i), the step has batch_capacity slots and an
+      overflowing draw keeps a uniform subset of them; add/remove-one adjacency. fixed: exactly min(B, n_i)
+      examples without replacement; replace-one adjacency (accounted by rdp only: dp-accounting's PLD
+      accountant has no sampling-without-replacement event).
+    batch_capacity: B_max >= B, the Poisson step's slots; 0 = automatic, the smallest keeping every step's
+      overflow probability <= 1e-12 (B = 32 -> 81; README "Privacy"). Ignored by fixed, which has B slots.
     accountant: dp-accounting's accountant (rdp or pld) for the exact calibration and the reports.
     calibration: exact: host-side accountant inversion of eps_i -> z_i (tight); surrogate: the
-      differentiable closed form, solved with the mechanism inside the jitted round (conservative: more
-      noise).
+      differentiable closed form inside the jitted round (conservative: more noise); traced: the tight RDP
+      accountant of the Poisson-subsampled Gaussian inside the jitted round (poisson only).
     private: False turns DP off entirely (no clipping, no noise: the non-private reference).
   """
 
   clip_norm: float = 1.0
   delta: float = 1e-5
+  sampling: str = "poisson"
+  batch_capacity: int = 0
   accountant: str = "rdp"
   calibration: str = "exact"
   private: bool = True
@@ -136,9 +146,21 @@ class PrivacyConfig:
   def __post_init__(self):
     check_positive("clip_norm", self.clip_norm)
     check_open_unit("delta", self.delta)
+    check_choice("sampling", self.sampling, SAMPLERS)
+    check_int("batch_capacity", self.batch_capacity, minimum=0)
     check_choice("accountant", self.accountant, ACCOUNTANTS)
     check_choice("calibration", self.calibration, CALIBRATIONS)
     check_bool("private", self.private)
+    require(
+      not (self.sampling == "fixed" and self.accountant == "pld"),
+      "accountant='pld' is invalid with sampling='fixed': dp-accounting's PLD accountant has no "
+      "sampling-without-replacement event; use accountant='rdp'",
+    )
+    require(
+      not (self.sampling == "fixed" and self.calibration == "traced"),
+      "calibration='traced' is invalid with sampling='fixed': the traced accountant is the "
+      "Poisson-subsampled Gaussian's; use 'exact' or 'surrogate'",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +275,11 @@ class SimulationConfig:
     check_seed("seed", self.seed)
     check_path("checkpoint_dir", self.checkpoint_dir)
     check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+    require(
+      self.privacy.batch_capacity == 0 or self.privacy.batch_capacity >= self.federated.batch_size,
+      f"batch_capacity={self.privacy.batch_capacity} is invalid with batch_size="
+      f"{self.federated.batch_size}: expected 0 (automatic) or an integer >= batch_size",
+    )
     require(
       not (self.checkpoint_every and not self.checkpoint_dir),
       f"checkpoint_every={self.checkpoint_every} needs checkpoint_dir; got checkpoint_dir=None",

@@ -4,10 +4,12 @@ One experiment (docs/model.md "What it is"):
   1. Clients are the data partition's clients; their quality weights are w_i = n_i / mean(n) and their
      private per-unit privacy costs c_i ~ Uniform[cost_low, cost_high] (seeded, fold_in of the run key).
   2. The mechanism (GameConfig.mechanism) sets every client's total budget eps_i and payment.
-  3. eps_i -> noise multiplier z_i for the whole run (T rounds x S local steps, sampling rate
-     q_i = min(1, B / n_i)): 'surrogate' calibration solves the mechanism and the closed-form surrogate
-     inside the same jitted program as the round; 'exact' inverts dp-accounting's accountant host-side
-     once. Clients with eps_i = 0 sit out: z_i = inf, weight 0, no payment.
+  3. eps_i -> noise multiplier z_i for the whole run (T rounds x S local steps of the configured sampler,
+     sampling rate q_i = min(1, B / n_i)): 'surrogate' and 'traced' calibration solve the mechanism and
+     the eps -> z map (closed-form surrogate, or the tight traced RDP accountant) inside the same jitted
+     program as the round; 'exact' inverts dp-accounting's accountant host-side once. Every map accounts
+     the sampler that runs (accounting.dp_event). Clients with eps_i = 0 sit out: z_i = inf, weight 0,
+     no payment.
   4. T rounds of :func:`fcfn_jax.federated.federated_round`, evaluated on the test split; every K rounds the
      state (model, optimizer, round, key, per-client privacy ledger) is checkpointed atomically, and a run
      restarted with the same config resumes from the newest checkpoint with identical results.
@@ -69,9 +71,11 @@ class Experiment(NamedTuple):
   """A prepared experiment (host side): data, model, the clients' game and their noise multipliers.
 
   costs, weights, sampling_rates: [clients]. outcome: the mechanism's Outcome (budgets eps_i [clients]).
+  sampler: the rounds' accounting.Sampler. overflow: p_i [clients], the probability that some step of
+    client i's run overflows B_max (0 for 'fixed'); the in-program maps pay (1 + e^eps_i) p_i from delta.
   noise_multipliers: z_i [clients] used for training (inf = sits out).
   train_pool: the clients that train, on device: all clients when the mechanism is solved inside the
-    round ('surrogate'), else only the participants (eps_i > 0), in client order.
+    round ('surrogate', 'traced'), else only the participants (eps_i > 0), in client order.
   """
 
   cfg: SimulationConfig
@@ -80,6 +84,8 @@ class Experiment(NamedTuple):
   costs: np.ndarray
   weights: np.ndarray
   sampling_rates: np.ndarray
+  sampler: accounting.Sampler
+  overflow: np.ndarray
   outcome: Outcome
   noise_multipliers: np.ndarray
   train_pool: data.ClientPool
@@ -111,9 +117,24 @@ def quality_weights(num_examples: np.ndarray) -> np.ndarray:
   return d / d.mean()
 
 
-def _surrogate_noise(budgets: chex.Array, steps: int, privacy: PrivacyConfig) -> chex.Array:
-  """z_i from the differentiable surrogate; inf for clients that stay out (eps_i = 0)."""
-  return jnp.where(budgets > 0, accounting.surrogate_noise_multiplier(budgets, steps, privacy.delta), jnp.inf)
+def _in_program(privacy: PrivacyConfig) -> bool:
+  """Whether the mechanism and eps -> z are solved inside the round's program ('surrogate', 'traced')."""
+  return privacy.calibration != "exact" and privacy.private
+
+
+def _program_noise(
+  budgets: chex.Array, sampling_rates: chex.Array, overflow: chex.Array, cfg: SimulationConfig
+) -> chex.Array:
+  """z_i of the in-program map ('surrogate' or 'traced') for the run's sampler; inf where eps_i = 0."""
+  return accounting.program_noise(
+    budgets,
+    sampling_rates,
+    overflow,
+    total_steps(cfg),
+    cfg.privacy.delta,
+    cfg.privacy.sampling,
+    cfg.privacy.calibration,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "cfg"))
@@ -122,22 +143,24 @@ def mechanism_round(
   pool: data.ClientPool,
   costs: chex.Array,
   weights: chex.Array,
+  overflow: chex.Array,
   key: chex.PRNGKey,
   *,
   apply_fn,
   cfg: SimulationConfig,
 ):
-  """ONE traced program: solve the mechanism, map eps -> z by the surrogate, run one DP FedAvg round.
+  """ONE traced program: solve the mechanism, map eps -> z ('surrogate' or 'traced'), run one DP round.
 
   Args:
     state: SimState at round t. pool: all clients' data. costs, weights: c_i, w_i [clients].
-    key: the run's training key. apply_fn, cfg: static.
+    overflow: p_i [clients] (``Experiment.overflow``). key: the run's training key. apply_fn, cfg: static.
 
   Returns:
     (SimState at t + 1, federated.RoundMetrics, Outcome).
   """
   outcome = baselines.solve_mechanism(cfg.game.mechanism, costs, weights, cfg.game)
-  z = _surrogate_noise(outcome.budgets, total_steps(cfg), cfg.privacy)
+  rates = accounting.sampling_rates(jnp.asarray(pool.num_examples), cfg.federated.batch_size)
+  z = _program_noise(outcome.budgets, rates, overflow, cfg)
   joined = jnp.isfinite(z)
   server, metrics = federated.federated_round(
     state.server,
@@ -187,18 +210,20 @@ def prepare(
   cost_factors: m_i >= 1 [clients] or None (honest). Client i reports the cost m_i c_i; the mechanism is
     solved on the reports and the outcome accounted with the true c_i (``misreport.misreported_outcome``).
   """
-  in_round = cfg.privacy.calibration == "surrogate" and cfg.privacy.private
+  in_round = _in_program(cfg.privacy)
   require(
     cost_factors is None or not in_round,
-    "cost_factors needs calibration='exact' or private=False: calibration='surrogate' re-solves the "
-    "mechanism on the true costs inside the round",
+    f"cost_factors needs calibration='exact' or private=False: calibration={cfg.privacy.calibration!r} "
+    "re-solves the mechanism on the true costs inside the round",
   )
   fed_data = data.load_federated(cfg.data) if fed_data is None else fed_data
   key = jax.random.PRNGKey(cfg.seed)
   n = np.asarray(fed_data.pool.num_examples)
   costs = client_costs(key, n.shape[0], cfg.game)
   weights = quality_weights(n)
-  sampling_rates = np.minimum(1.0, cfg.federated.batch_size / n)
+  sampling_rates = accounting.sampling_rates(n, cfg.federated.batch_size)
+  sampler = accounting.sampler_of(cfg.federated, cfg.privacy)
+  overflow = accounting.overflow_probability(n, total_steps(cfg), sampler)
   with jax.enable_x64(True):
     outcome = (
       baselines.solve_mechanism(cfg.game.mechanism, costs, weights, cfg.game)
@@ -213,11 +238,18 @@ def prepare(
     joined = eps > 0
     if joined.any():
       z[joined] = accounting.calibrate_noise_multipliers(
-        eps[joined], sampling_rates[joined], total_steps(cfg), cfg.privacy.delta, cfg.privacy.accountant
+        eps[joined], n[joined], total_steps(cfg), cfg.privacy.delta, sampler, cfg.privacy.accountant
       )
   else:
     with jax.enable_x64(True):
-      z = np.asarray(_surrogate_noise(jnp.asarray(eps), total_steps(cfg), cfg.privacy))
+      z = np.asarray(_program_noise(jnp.asarray(eps), sampling_rates, overflow, cfg))
+    bad = np.flatnonzero((eps > 0) & np.isinf(z))
+    require(
+      not bad.size,
+      f"eps[{bad[0] if bad.size else 0}]={float(eps[bad[0]]) if bad.size else 0.0!r} cannot be certified by "
+      f"calibration={cfg.privacy.calibration!r} at batch_capacity={sampler.capacity}: the truncation "
+      "charge (1 + e^eps) P[some step overflows] exceeds delta; raise batch_capacity",
+    )
   model = _model(cfg.model, fed_data.input_shape, fed_data.num_classes)
   rows = slice(None) if in_round else np.flatnonzero(np.isfinite(z))
   train_pool = jax.device_put(jax.tree.map(lambda a: a[rows], fed_data.pool))
@@ -228,6 +260,8 @@ def prepare(
     costs=costs,
     weights=weights,
     sampling_rates=sampling_rates,
+    sampler=sampler,
+    overflow=overflow,
     outcome=outcome,
     noise_multipliers=z,
     train_pool=train_pool,
@@ -255,9 +289,10 @@ def privacy_spent(exp: Experiment, steps_done: np.ndarray) -> np.ndarray:
   if joined.any() and cfg.privacy.private:
     spent[joined] = accounting.epsilon_spent(
       exp.noise_multipliers[joined],
-      exp.sampling_rates[joined],
+      np.asarray(exp.data.pool.num_examples)[joined],
       np.asarray(steps_done)[joined],
       cfg.privacy.delta,
+      exp.sampler,
       cfg.privacy.accountant,
     )
   return spent
@@ -265,12 +300,13 @@ def privacy_spent(exp: Experiment, steps_done: np.ndarray) -> np.ndarray:
 
 def _step(exp: Experiment, state: SimState, key: chex.PRNGKey) -> tuple[SimState, Any]:
   cfg = exp.cfg
-  if cfg.privacy.calibration == "surrogate" and cfg.privacy.private:
+  if _in_program(cfg.privacy):
     state, metrics, _ = mechanism_round(
       state,
       exp.train_pool,
       exp.costs.astype(np.float32),
       exp.weights.astype(np.float32),
+      exp.overflow.astype(np.float32),
       key,
       apply_fn=exp.apply_fn,
       cfg=cfg,
@@ -303,8 +339,10 @@ def client_rows(exp: Experiment, steps_done: np.ndarray, spent: np.ndarray) -> l
   """One record per client of what ran: enough to recompute its privacy claim without the simulator.
 
   client: row of the (size-sorted) pool; num_examples n_i; cost c_i; budget_epsilon eps_i sold;
-  noise_multiplier z_i (inf = sat out); sampling_rate q_i; steps: DP-SGD steps taken; epsilon_spent: the
-  accountant's epsilon of those steps at ``delta`` (0 for clients that sat out).
+  noise_multiplier z_i (inf = sat out); sampling_rate q_i = min(1, B / n_i); steps: DP-SGD steps taken;
+  sampler, batch_size B, batch_capacity B_max (the step's slots), delta and accountant: the rest of what
+  ``accounting.dp_event`` needs; epsilon_spent: the accountant's epsilon of those steps at ``delta``
+  (0 for clients that sat out). Adjacency: add/remove one example for 'poisson', replace one for 'fixed'.
   """
   cfg = exp.cfg
   n = np.asarray(exp.data.pool.num_examples)
@@ -318,6 +356,9 @@ def client_rows(exp: Experiment, steps_done: np.ndarray, spent: np.ndarray) -> l
       "noise_multiplier": float(exp.noise_multipliers[i]),
       "sampling_rate": float(exp.sampling_rates[i]),
       "steps": int(steps_done[i]),
+      "sampler": exp.sampler.kind,
+      "batch_size": exp.sampler.batch_size,
+      "batch_capacity": exp.sampler.capacity,
       "delta": cfg.privacy.delta,
       "accountant": cfg.privacy.accountant,
       "epsilon_spent": float(spent[i]),

@@ -86,7 +86,7 @@ def main(argv):
   sampling_rate, steps = min(1.0, fed.batch_size / n0), fed.rounds * fed.local_steps
   with validate.reraise(validate.ConfigError, lambda e: f"epsilons={epsilons} is invalid: {e}"):
     noise = accounting.calibrate_noise_multipliers(
-      np.asarray(epsilons), sampling_rate, steps, privacy.delta, privacy.accountant
+      np.asarray(epsilons), n0, steps, privacy.delta, accounting.sampler_of(fed, privacy), privacy.accountant
     )
   settings = [("no noise", math.inf, None)] + [(f"eps={e:g}", e, float(z)) for e, z in zip(epsilons, noise)]
   header = (

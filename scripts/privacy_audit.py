@@ -1,10 +1,12 @@
 """Empirical privacy audit of one client's DP-SGD round: claimed epsilon vs a 95% epsilon lower bound.
 
-For each claimed budget eps, the noise multiplier z is calibrated for one round of S = --local_steps
-full-batch steps (sampling rate 1: the audited client holds --batch_size - 1 examples, plus the canary);
-``fcfn_jax.attacks.audit.audit_client`` then runs --trials rounds without and with the canary and turns
-the best canary test into an epsilon lower bound. Two controls show the audit's power: no noise at all,
-and a client that adds 1/--under_noise_factor of the noise its smallest claim needs.
+For each claimed budget eps, the noise multiplier z is calibrated (accounting.dp_event: the configured
+sampler, Poisson by default) for one round of S = --local_steps steps of a client holding the first
+--client_examples examples of client 0, at sampling rate q = min(1, batch_size / client_examples);
+``fcfn_jax.attacks.audit.audit_client`` then runs --trials real rounds without and with the canary (added
+for Poisson, replacing an example for fixed-size batches) and turns the best canary test into an epsilon
+lower bound. Two controls show the audit's power: no noise at all, and a client that adds
+1/--under_noise_factor of the noise its smallest claim needs.
 
 Outputs in --out (written whole at the end): audit.{csv,json,md} and manifest.json. Example (offline, a
 couple of minutes on CPU):
@@ -40,6 +42,12 @@ flags.DEFINE_integer("canary_label", 0, "The canary's label.")
 flags.DEFINE_float("confidence", 0.95, "Confidence of the lower bound, in (0, 1).")
 flags.DEFINE_float("under_noise_factor", 8.0, "The under-noised control adds 1/factor of the noise (> 1).")
 flags.DEFINE_integer("trial_chunk", 64, "Rounds per vectorized chunk (memory/speed trade-off).")
+flags.DEFINE_integer(
+  "client_examples",
+  128,
+  "Examples n of the audited client (client 0's first n): q = min(1, batch_size / n); n < batch_size "
+  "audits full batches (q = 1).",
+)
 FLAGS = flags.FLAGS
 FLAGS.set_default("model", "logreg")
 FLAGS.set_default("out", "results/privacy_audit")
@@ -48,7 +56,7 @@ COLUMNS = (
   "run",
   "eps_claimed",
   "noise_multiplier",
-  "eps_pld",
+  "eps_accountant",
   "eps_lower",
   "tpr",
   "fpr",
@@ -71,9 +79,8 @@ def _settings() -> tuple[list[float], fc.SimulationConfig]:
   validate.check_int("trial_chunk", FLAGS.trial_chunk)
   validate.check_int("canary_pixels", FLAGS.canary_pixels)
   validate.check_int("canary_label", FLAGS.canary_label, minimum=0)
-  cfg = SIM.value()
-  validate.check_int("batch_size", cfg.federated.batch_size, minimum=2)  # the client holds B - 1 examples
-  return epsilons, cfg
+  validate.check_int("client_examples", FLAGS.client_examples, minimum=2)
+  return epsilons, SIM.value()
 
 
 def main(argv):
@@ -81,19 +88,19 @@ def main(argv):
   run_cfg = sim_flags.run_config(RUN)
   epsilons, cfg = _settings()
   fed, privacy = cfg.federated, cfg.privacy
-  steps, delta, n = fed.local_steps, privacy.delta, fed.batch_size - 1
+  steps, delta, n = fed.local_steps, privacy.delta, FLAGS.client_examples
   fd = data.load_federated(cfg.data)
   validate.require(
     fd.pool.num_examples[0] >= n,
-    f"batch_size={fed.batch_size} is invalid: client 0 has "
-    f"{fd.pool.num_examples[0]} examples, expected at least batch_size - 1",
+    f"client_examples={n} is invalid: client 0 has {fd.pool.num_examples[0]} examples",
   )
+  sampler = accounting.sampler_of(fed, privacy)
   validate.check_int("canary_label", FLAGS.canary_label, minimum=0, maximum=fd.num_classes - 1)
   x, y = fd.pool.x[0, :n], fd.pool.y[0, :n]
   canary = audit.make_canary(x, FLAGS.canary_label, FLAGS.canary_pixels)
   with validate.reraise(validate.ConfigError, lambda e: f"epsilons={epsilons} is invalid: {e}"):
     claimed_noise = accounting.calibrate_noise_multipliers(
-      np.asarray(epsilons), 1.0, steps, delta, privacy.accountant
+      np.asarray(epsilons), n, steps, delta, sampler, privacy.accountant
     )
   model = models.make_model(cfg.model, fd.input_shape, fd.num_classes)
   key = jax.random.key(cfg.seed)
@@ -111,8 +118,9 @@ def main(argv):
   setup = _setup(cfg, n)
   header = (
     f"{cfg.data.dataset} ({cfg.data.source}) client 0: {n} examples + canary, model {cfg.model.name}, "
-    f"{steps} full-batch DP-SGD steps, C={privacy.clip_norm:g}, delta={delta:g}; {FLAGS.confidence:.0%} "
-    f"lower bounds from {FLAGS.trials} rounds per side for claims {epsilons}"
+    f"{steps} DP-SGD steps ({sampler.kind}, q={min(1.0, fed.batch_size / n):.3g}, B_max={sampler.capacity}), "
+    f"C={privacy.clip_norm:g}, delta={delta:g}, eps_accountant by {_tightest(sampler)}; "
+    f"{FLAGS.confidence:.0%} lower bounds from {FLAGS.trials} rounds per side for claims {epsilons}"
   )
   with sim_flags.results(run_cfg, header, {"setup": setup, "config": dataclasses.asdict(cfg)}) as out:
     rows = _audit(runs, params, x, y, canary, model, key, cfg)
@@ -130,6 +138,10 @@ def _setup(cfg: fc.SimulationConfig, n: int) -> dict:
     "model": cfg.model.name,
     "client_examples": n,
     "batch_size": fed.batch_size,
+    "sampling_rate": float(accounting.sampling_rates(np.int64(n), fed.batch_size)),
+    "sampler": privacy.sampling,
+    "batch_capacity": accounting.sampler_of(fed, privacy).capacity,
+    "eps_accountant": _tightest(accounting.sampler_of(fed, privacy)),
     "local_steps": fed.local_steps,
     "client_lr": fed.client_lr,
     "clip_norm": privacy.clip_norm,
@@ -143,10 +155,17 @@ def _setup(cfg: fc.SimulationConfig, n: int) -> dict:
   }
 
 
+def _tightest(sampler: accounting.Sampler) -> str:
+  """The tightest accountant dp-accounting has for the sampler (PLD models Poisson truncation exactly)."""
+  return "pld" if sampler.kind == "poisson" else "rdp"
+
+
 def _audit(runs, params, x, y, canary, model, key, cfg) -> list[dict]:
-  """One row per (run, claimed eps, noise multiplier z): audit_client's lower bound and the PLD epsilon."""
+  """One row per (run, claimed eps, noise multiplier z): audit_client's lower bound and the epsilon of the
+  tightest accountant for the sampler."""
   fed, privacy = cfg.federated, cfg.privacy
-  steps, delta = fed.local_steps, privacy.delta
+  steps, delta, n = fed.local_steps, privacy.delta, x.shape[0]
+  sampler = accounting.sampler_of(fed, privacy)
   rows = []
   for i, (run, eps, z) in enumerate(runs):
     with report.Timer() as timer:
@@ -164,13 +183,14 @@ def _audit(runs, params, x, y, canary, model, key, cfg) -> list[dict]:
         confidence=FLAGS.confidence,
         chunk_size=FLAGS.trial_chunk,
       )
-    eps_pld = accounting.accountant_epsilon(z, 1.0, steps, delta, "pld") if z > 0 else math.inf
+    tight = _tightest(sampler)
+    eps_tight = accounting.accountant_epsilon(z, n, steps, delta, sampler, tight) if z > 0 else math.inf
     rows.append(
       {
         "run": run,
         "eps_claimed": eps,
         "noise_multiplier": z,
-        "eps_pld": eps_pld,
+        "eps_accountant": eps_tight,
         **{k: v for k, v in result._asdict().items() if k in COLUMNS},
         "wall_time_s": timer.elapsed,
       }

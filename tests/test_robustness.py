@@ -59,6 +59,7 @@ CHOICES = (
   + fc.MODELS
   + fc.ACCOUNTANTS
   + fc.CALIBRATIONS
+  + fc.SAMPLERS
   + fc.SERVER_OPTIMIZERS
   + fc.MECHANISMS
   + fc.QUALITIES
@@ -198,18 +199,21 @@ def test_game_input_errors(costs, weights, match):
     baselines.solve_mechanism("stackelberg", costs, weights, GAME)
 
 
+SAMPLER = accounting.Sampler("poisson", 2, 20)  # q = 2 / n for the fuzzed dataset sizes n
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_arrays(max_side=3), st.sampled_from([0.02, 1.0, 0.0, 1.5, math.nan]))
-def test_fuzzed_budgets_calibrate_or_raise_a_config_error(eps, sampling_rate):
+@given(_arrays(max_side=3), st.sampled_from([50, 1, 0, -3, 2.5, math.nan]))
+def test_fuzzed_budgets_calibrate_or_raise_a_config_error(eps, num_examples):
   try:
-    z = accounting.calibrate_noise_multipliers(eps, sampling_rate, 20, 1e-5, "rdp")
+    z = accounting.calibrate_noise_multipliers(eps, num_examples, 20, 1e-5, SAMPLER, "rdp")
   except validate.ConfigError as err:
     assert "\n" not in str(err), str(err)
   else:
     eps, z = np.atleast_1d(eps), np.atleast_1d(z)
     np.testing.assert_array_equal(np.isinf(z), eps == 0)
     assert np.all(z > 0)
-    spent = accounting.epsilon_spent(z[eps > 0], sampling_rate, 20, 1e-5, "rdp")
+    spent = accounting.epsilon_spent(z[eps > 0], num_examples, 20, 1e-5, SAMPLER, "rdp")
     assert np.all(spent <= eps[eps > 0] * (1 + 1e-9))
 
 
@@ -217,12 +221,15 @@ def test_fuzzed_budgets_calibrate_or_raise_a_config_error(eps, sampling_rate):
   "build, match",
   [
     (
-      lambda: accounting.calibrate_noise_multipliers(np.array([-1.0]), 0.1, 10, 1e-5),
+      lambda: accounting.calibrate_noise_multipliers(np.array([-1.0]), 10, 10, 1e-5, SAMPLER),
       r"eps\[0\]=-1.0 is invalid",
     ),
-    (lambda: accounting.calibrate_noise_multipliers(np.array(["1"]), 0.1, 10, 1e-5), r"eps has dtype <U1"),
     (
-      lambda: accounting.calibrate_noise_multipliers(np.array([1e300]), 0.1, 10, 1e-5),
+      lambda: accounting.calibrate_noise_multipliers(np.array(["1"]), 10, 10, 1e-5, SAMPLER),
+      r"eps has dtype <U1",
+    ),
+    (
+      lambda: accounting.calibrate_noise_multipliers(np.array([1e300]), 10, 10, 1e-5, SAMPLER),
       r"eps\[0\]=1e\+300 .* needs a noise multiplier outside",
     ),
     (lambda: accounting.surrogate_noise_multiplier(np.array([1.0, np.nan]), 10, 1e-5), r"eps\[1\]=nan"),
