@@ -121,7 +121,7 @@ def _values(flag: dict, files) -> st.SearchStrategy[str]:
 
 # Beside TINY, what makes each script's defaults a valid small run.
 _SMALL = {
-  "privacy_audit.py": ["--batch_size=8"],  # the audited client holds batch_size - 1 of its 16 examples
+  "privacy_audit.py": ["--client_examples=8"],  # the audited client holds 8 of its 16 examples
   "gradient_inversion.py": ["--epsilons=1,8"],  # 1000 needs z < 0.05 over TINY's single step
 }
 
@@ -214,11 +214,15 @@ _REPRODUCERS = [
     ["values[1]='1' is invalid for --sweep=num_clients: num_clients=1"],
   ),
   ("privacy_audit.py", ["--epsilons="], ["flag --epsilons=: epsilons is empty"]),
-  ("privacy_audit.py", ["--epsilons=1e9", "--batch_size=8"], ["eps[0]=1000000000.0", "noise multiplier"]),
-  ("privacy_audit.py", ["--trial_chunk=0", "--batch_size=8"], ["trial_chunk=0 is invalid"]),
   (
     "privacy_audit.py",
-    ["--canary_label=99", "--batch_size=8"],
+    ["--epsilons=1e9", "--client_examples=8"],
+    ["eps[0]=1000000000.0", "noise multiplier"],
+  ),
+  ("privacy_audit.py", ["--trial_chunk=0", "--client_examples=8"], ["trial_chunk=0 is invalid"]),
+  (
+    "privacy_audit.py",
+    ["--canary_label=99", "--client_examples=8"],
     ["canary_label=99 is invalid: expected", "9]"],
   ),
   ("gradient_inversion.py", ["--epsilons=1e9"], ["eps[0]=1000000000.0", "noise multiplier"]),
