@@ -19,6 +19,10 @@ Modes (--modes, a comma list):
             --loop_subset clients and is extrapolated linearly (the table says so); plus the same loop
             with empty calls (its dispatch floor), so loop - floor is the clients' own work; and the
             round's Gaussian noise draws alone (a floor for any vmapped DP round).
+  sampling  the DP round with Poisson sampling at several capacities B_max (--capacities, 0 = the
+            default) vs fixed-size batches of B, CNN and logistic regression on the same --clients
+            writers; each row also gives the epsilon of the largest writer at z = --noise_multiplier over
+            --accounting_rounds rounds (RDP with the truncation charge, PLD of the truncated event).
 
 Example:
   python benchmarks/bench_round.py --quick
@@ -39,11 +43,11 @@ from absl import app, flags
 
 from fcfn_jax import data, federated, models
 from fcfn_jax.config import DataConfig, FederatedConfig, PrivacyConfig
-from fcfn_jax.privacy import clipping
+from fcfn_jax.privacy import accounting, clipping
 
 from common import Case, flops_of, jit_case, machine, matmul_peak_case, measure, resampled_pool, write_tables
 
-MODES = ("methods", "overhead", "chunks", "loop")
+MODES = ("methods", "overhead", "chunks", "loop", "sampling")
 
 flags.DEFINE_list("modes", list(MODES), f"Which tables to measure, from {list(MODES)}.")
 flags.DEFINE_string("out", "results/bench_round", "Folder for bench_round.{json,md} and one CSV per table.")
@@ -70,6 +74,8 @@ flags.DEFINE_integer("logreg_chunk_size", 32, "Chunk size of the logistic-regres
 flags.DEFINE_integer("loop_subset", 256, "Clients the logistic-regression loop actually runs (extrapolated).")
 flags.DEFINE_float("clip_norm", 1.0, "Clipping bound C.")
 flags.DEFINE_float("noise_multiplier", 1.0, "Noise multiplier z of every client.")
+flags.DEFINE_list("capacities", ["40", "48", "64", "0", "96"], "B_max of the 'sampling' table (0 = default).")
+flags.DEFINE_integer("accounting_rounds", 10, "Rounds T of the 'sampling' table's epsilon columns.")
 FLAGS = flags.FLAGS
 
 CLIENT_LR = 0.1
@@ -110,13 +116,21 @@ def writer_setup(clients: int, steps: int, batch: int, chunk: int) -> Setup:
   )
 
 
+def fixed_batches(private: bool = True) -> PrivacyConfig:
+  """The privacy config of the methods/overhead/chunks/loop tables: fixed-size batches of B, so they
+  measure clipping and vectorization on exactly B examples per step as before issue 11; the 'sampling'
+  table gives the default Poisson sampler's cost relative to them."""
+  return PrivacyConfig(clip_norm=FLAGS.clip_norm, sampling="fixed", private=private)
+
+
 def round_case(
   name: str, setup: Setup, model: Any, privacy: PrivacyConfig, fed: FederatedConfig | None = None
 ) -> Case:
   """Case of one federated_round; flops = clients x local steps x one local step's cost analysis."""
   fed = fed or setup.fed
   state = federated.init_server_state(setup.params, fed)
-  flops = setup.pool.y.shape[0] * fed.local_steps * step_flops(setup, model.apply, privacy.private)
+  slots = accounting.sampler_of(fed, privacy).capacity
+  flops = setup.pool.y.shape[0] * fed.local_steps * step_flops(setup, model.apply, privacy.private, slots)
   return jit_case(
     name,
     functools.partial(federated.federated_round, apply_fn=model.apply, fed=fed, privacy=privacy),
@@ -130,8 +144,10 @@ def round_case(
 
 
 def sampled_batches(setup: Setup) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The examples round 0 samples: x [clients, S, B, H, W, C], y, mask [clients, S, B] (same keys)."""
+  """The examples round 0 samples with fixed-size batches: x [clients, S, B, H, W, C], y, mask [clients, S,
+  B] (the round's keys). Fixed-size, so every method's table sees exactly B examples per step."""
   round_key = jax.random.fold_in(setup.key, 0)
+  sampler = accounting.Sampler("fixed", setup.fed.batch_size, setup.fed.batch_size)
 
   def one(i):
     sample_key = jax.random.split(jax.random.fold_in(round_key, i))[0]
@@ -140,16 +156,18 @@ def sampled_batches(setup: Setup) -> tuple[jax.Array, jax.Array, jax.Array]:
       setup.pool.x[i],
       setup.pool.y[i],
       setup.pool.num_examples[i],
+      jnp.float32(1.0),
       setup.fed.local_steps,
-      setup.fed.batch_size,
+      sampler,
     )
 
   return jax.jit(jax.vmap(one))(jnp.arange(setup.pool.y.shape[0]))
 
 
-def step_flops(setup: Setup, apply_fn: Any, private: bool) -> float:
-  """Cost-analysis FLOPs of one client's local step (clipped sum + noise, or the mean gradient)."""
-  shape = (setup.fed.batch_size, *setup.input_shape)
+def step_flops(setup: Setup, apply_fn: Any, private: bool, slots: int | None = None) -> float:
+  """Cost-analysis FLOPs of one client's local step over ``slots`` (default B) slots (clipped sum + noise,
+  or the mean gradient)."""
+  shape = (slots or setup.fed.batch_size, *setup.input_shape)
   x, y, mask = jnp.zeros(shape), jnp.zeros(shape[0], jnp.int32), jnp.ones(shape[0], bool)
   loss_fn = models.make_loss_fn(apply_fn)
   if private:
@@ -163,6 +181,7 @@ def step_flops(setup: Setup, apply_fn: Any, private: bool) -> float:
         FLAGS.noise_multiplier,
         jax.random.key(0),
         FLAGS.clip_norm,
+        float(setup.fed.batch_size),
       ).grad
     )
   else:
@@ -327,8 +346,8 @@ def overhead_table(repeats: int) -> list[dict[str, Any]]:
   valid = masks.reshape(-1)
   x, y = xs.reshape(-1, *setup.input_shape)[valid], ys.reshape(-1)[valid]
   cases = [
-    round_case("DP round", setup, fast, PrivacyConfig(clip_norm=FLAGS.clip_norm)),
-    round_case("non-private round", setup, fast, PrivacyConfig(private=False)),
+    round_case("DP round", setup, fast, fixed_batches()),
+    round_case("non-private round", setup, fast, fixed_batches(private=False)),
   ]
   for model, label in ((fast, "batched grad, im2col CNN"), (flax_cnn, "batched grad, flax nn.Conv")):
     for micro in sorted({min(m, y.shape[0]) for m in (y.shape[0], 1024, 256, 64, 32)}, reverse=True):
@@ -357,8 +376,8 @@ def chunks_table(repeats: int) -> list[dict[str, Any]]:
   for chunk in map(int, FLAGS.chunk_sizes):
     fed = dataclasses.replace(setup.fed, chunk_size=chunk)
     for privacy, label in (
-      (PrivacyConfig(clip_norm=FLAGS.clip_norm), "DP"),
-      (PrivacyConfig(private=False), "non-private"),
+      (fixed_batches(), "DP"),
+      (fixed_batches(private=False), "non-private"),
     ):
       cases.append(round_case(f"{label} round, chunk {chunk or 'all'}", setup, fast, privacy, fed=fed))
   return measure(cases, repeats)[0]
@@ -464,7 +483,7 @@ def loop_table(repeats: int) -> list[dict[str, Any]]:
     cnn_setup.input_shape,
     models.init_params(logreg, jax.random.key(0), cnn_setup.input_shape),
   )
-  privacy = PrivacyConfig(clip_norm=FLAGS.clip_norm)
+  privacy = fixed_batches()
   for label, setup, model, subset in (
     (f"CNN, {FLAGS.clients} clients", cnn_setup, models.CNN(cnn_setup.num_classes), FLAGS.clients),
     (
@@ -502,6 +521,61 @@ def loop_table(repeats: int) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Table: Poisson sampling at several capacities vs fixed-size batches.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def sampling_table(repeats: int) -> list[dict[str, Any]]:
+  cnn_setup = writer_setup(FLAGS.clients, FLAGS.local_steps, FLAGS.batch_size, FLAGS.chunk_size)
+  models_ = (
+    ("CNN", models.CNN(cnn_setup.num_classes), cnn_setup),
+    (
+      "logreg",
+      models.LogisticRegression(cnn_setup.num_classes),
+      cnn_setup._replace(
+        params=models.init_params(
+          models.LogisticRegression(cnn_setup.num_classes), jax.random.key(0), cnn_setup.input_shape
+        ),
+        fed=dataclasses.replace(cnn_setup.fed, chunk_size=FLAGS.logreg_chunk_size),
+      ),
+    ),
+  )
+  batch, delta = FLAGS.batch_size, 1e-5
+  steps = FLAGS.accounting_rounds * FLAGS.local_steps
+  n = int(np.max(np.asarray(cnn_setup.pool.num_examples)))  # the largest writer overflows most
+  variants = [("fixed", batch, PrivacyConfig(clip_norm=FLAGS.clip_norm, sampling="fixed"))]
+  for capacity in map(int, FLAGS.capacities):
+    privacy = PrivacyConfig(clip_norm=FLAGS.clip_norm, batch_capacity=capacity)
+    variants.append(("poisson", accounting.sampler_of(cnn_setup.fed, privacy).capacity, privacy))
+  rows = []
+  for label, model, setup in models_:
+    cases = [
+      round_case(f"{label}: {kind}, {slots} slots", setup, model, privacy, fed=setup.fed)
+      for kind, slots, privacy in variants
+    ]
+    measured, _ = measure(cases, repeats)
+    for row, (kind, slots, privacy) in zip(measured, variants):
+      sampler = accounting.sampler_of(setup.fed, privacy)
+      row.update(
+        sampler=kind,
+        slots=slots,
+        slots_over_batch=slots / batch,
+        time_over_fixed=row["median_s"] / measured[0]["median_s"],
+        overflow_per_step=float(accounting.overflow_probability(n, 1, sampler)[0]),
+      )
+      for accountant in ("rdp", "pld") if kind == "poisson" else ("rdp",):
+        eps = accounting.accountant_epsilon(FLAGS.noise_multiplier, n, steps, delta, sampler, accountant)
+        row[f"eps_{accountant}"] = eps
+    rows += measured
+  print(
+    f"sampling: {FLAGS.clients} writers x {FLAGS.local_steps} steps, B = {batch}; epsilon of the largest "
+    f"writer (n = {n}, q = {min(1, batch / n):.3f}) at z = {FLAGS.noise_multiplier} over "
+    f"{steps} steps, delta = {delta} (fixed: replace-one, RDP; inf = the truncation charge exceeds delta)"
+  )
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str]) -> None:
@@ -512,11 +586,13 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.quick:
     FLAGS.repeats, FLAGS.clients, FLAGS.local_steps, FLAGS.batch_size = 2, 8, 2, 16
     FLAGS.method_clients, FLAGS.logreg_clients, FLAGS.loop_subset, FLAGS.chunk_sizes = 4, 256, 32, ["2", "0"]
+    FLAGS.capacities = ["24", "0"]
   builders = {
     "methods": methods_table,
     "overhead": overhead_table,
     "chunks": chunks_table,
     "loop": loop_table,
+    "sampling": sampling_table,
   }
   tables = {}
   for mode in FLAGS.modes:

@@ -62,6 +62,13 @@ flags.DEFINE_float("max_round_s", 400.0, "Skip sizes whose round is estimated to
 flags.DEFINE_string("out", "results/bench_scaling", "Folder for bench_scaling.{json,md} and scaling.csv.")
 flags.DEFINE_bool("quick", False, "Smoke run: 10 and 100 clients, 2 local steps, 1 repeat.")
 flags.DEFINE_string("single", None, "Internal: 'model:clients:chunk:repeats' = measure one size, print JSON.")
+flags.DEFINE_enum(
+  "sampling",
+  "fixed",
+  ["fixed", "poisson"],
+  "Sampler of the round: fixed-size batches of B (as the published tables), or Poisson with the default "
+  "B_max slots (bench_round.py --modes=sampling measures its cost).",
+)
 FLAGS = flags.FLAGS
 
 NOISE_MULTIPLIER = 1.0
@@ -76,7 +83,7 @@ def measure_one(model_name: str, clients: int, chunk: int, repeats: int) -> dict
   fed = FederatedConfig(local_steps=FLAGS.local_steps, batch_size=FLAGS.batch_size, chunk_size=chunk)
   state = federated.init_server_state(models.init_params(model, jax.random.key(0), shape), fed)
   round_fn = functools.partial(
-    federated.federated_round, apply_fn=model.apply, fed=fed, privacy=PrivacyConfig()
+    federated.federated_round, apply_fn=model.apply, fed=fed, privacy=PrivacyConfig(sampling=FLAGS.sampling)
   )
   args = (state, pool, jnp.full(clients, NOISE_MULTIPLIER), jnp.ones(clients), jax.random.key(1))
   with report.Timer() as t:
@@ -128,7 +135,8 @@ def run_sizes(model_name: str, chunk: int, sizes: Sequence[int]) -> list[dict[st
       continue
     repeats = FLAGS.repeats if estimate < 10 else 1
     flags_passed = [
-      f"--{name}={FLAGS[name].value}" for name in ("local_steps", "batch_size", "capacity", "dataset")
+      f"--{name}={FLAGS[name].value}"
+      for name in ("local_steps", "batch_size", "capacity", "dataset", "sampling")
     ]
     flags_passed += [f"--data_path={FLAGS.data_path}"] if FLAGS.data_path else []
     command = [sys.executable, __file__, f"--single={model_name}:{clients}:{chunk}:{repeats}", *flags_passed]

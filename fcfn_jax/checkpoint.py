@@ -1,4 +1,4 @@
-"""Atomic orbax checkpoints of a simulation state pytree plus a small JSON metadata dict.
+"""Atomic, checksummed orbax checkpoints of a simulation state pytree plus a small JSON metadata dict.
 
 Each step is one orbax directory ``<directory>/<step>`` holding two items: ``state`` (any pytree of jax /
 numpy arrays and Python scalars: model params, optax state, round counter, raw uint32 or typed PRNG keys,
@@ -10,12 +10,20 @@ only once every file has landed, so a crash mid-save leaves the previous steps i
 visible; leftover temporary directories are removed when the next :class:`Checkpointer` opens the
 directory. Saves are synchronous: when :meth:`Checkpointer.save` returns, the step is committed.
 
+Integrity is ours: once orbax has committed a step, ``<step>/checksums.json`` records the SHA-256 of
+every file in it (written atomically, last). A step whose files do not match it (a flipped byte, a
+truncated or deleted file) or that lacks it (a save cut short between orbax's commit and the seal) is
+never restored: it is set aside as ``<step>.set-aside`` (kept for inspection; orbax ignores the name) and
+the next older step is tried, so the run resumes from the last good step and later saves the set-aside
+step numbers again cleanly.
+
 Which rounds to save (every K, the last one) is the caller's decision; orbax keeps the newest
 ``max_to_keep`` steps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +36,9 @@ from fcfn_jax.validate import ConfigError, check_int, require, reraise
 
 _STATE = "state"
 _METADATA = "metadata"
+CHECKSUMS = "checksums.json"
+SET_ASIDE = ".set-aside"  # suffix of a step directory that failed its checks
+_CHUNK = 1 << 20
 _MAX_LISTED = 5  # mismatching leaves named in a template error
 _MAX_ERROR_CHARS = 300  # tensorstore errors embed whole specs; the full one stays chained
 
@@ -44,6 +55,39 @@ class Restored(NamedTuple):
 
 class _UnreadableStep(ConfigError):
   """A committed step whose files cannot be read (corrupt or partial)."""
+
+
+def _file_digests(directory: str) -> dict[str, str]:
+  """SHA-256 of every file under ``directory`` (but the checksum file), by relative path."""
+  digests = {}
+  for root, dirs, files in os.walk(directory):
+    dirs.sort()
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      relative = os.path.relpath(path, directory)
+      if relative == CHECKSUMS:
+        continue
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+          digest.update(block)
+      digests[relative] = digest.hexdigest()
+  return digests
+
+
+def _write_json_durably(path: str, obj: Any) -> None:
+  """Writes JSON to ``path`` through a temporary file renamed over it (fsynced), so it is whole or absent."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _summary(error: BaseException) -> str:
+  """'Type: first line' of an error, cut to a readable length."""
+  return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:_MAX_ERROR_CHARS]}"
 
 
 def _leaf_spec(leaf: Any) -> tuple[tuple[int, ...], str] | None:
@@ -91,6 +135,10 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike[str], max_to_keep: int = 3):
     check_int("max_to_keep", max_to_keep, minimum=1)
     self.directory = os.path.abspath(os.fspath(directory))
+    require(
+      not os.path.exists(self.directory) or os.path.isdir(self.directory),
+      f"checkpoint directory {self.directory!r} is a file: expected a folder (or a path to create)",
+    )
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
@@ -139,6 +187,72 @@ class Checkpointer:
       ),
     )
     self._manager.wait_until_finished()
+    _write_json_durably(os.path.join(self.step_path(step), CHECKSUMS), _file_digests(self.step_path(step)))
+
+  def check_step(self, step: int) -> str | None:
+    """None if every file of ``step`` matches its checksums, else what is wrong (one line)."""
+    path = self.step_path(step)
+    try:
+      with open(os.path.join(path, CHECKSUMS), encoding="utf-8") as f:
+        expected = json.load(f)
+    except FileNotFoundError:
+      return f"checkpoint {path} has no {CHECKSUMS} (its save was cut short)"
+    except (OSError, ValueError) as e:
+      return f"checkpoint {path} has an unreadable {CHECKSUMS} ({type(e).__name__}: {e})"
+    if not isinstance(expected, dict):
+      return f"checkpoint {path} has an unreadable {CHECKSUMS} (not a JSON object)"
+    actual = _file_digests(path)
+    missing = sorted(expected.keys() - actual.keys())
+    changed = sorted(k for k in expected.keys() & actual.keys() if expected[k] != actual[k])
+    extra = sorted(actual.keys() - expected.keys())
+    if missing or changed or extra:
+      parts = [
+        f"{what} {names[:3]}"
+        for what, names in (("missing", missing), ("changed", changed), ("unexpected", extra))
+        if names
+      ]
+      return f"checkpoint {path} fails its checksums: " + "; ".join(parts)
+    return None
+
+  def set_aside(self, step: int, reason: str) -> str:
+    """Renames ``step`` to ``<step>.set-aside`` (``-2``, ... if taken) and logs why; returns the new path."""
+    path = self.step_path(step)
+    target, n = path + SET_ASIDE, 1
+    while os.path.exists(target):
+      n += 1
+      target = f"{path}{SET_ASIDE}-{n}"
+    os.rename(path, target)
+    self._manager.reload()
+    logger.warning("%s: set aside as %s", reason, target)
+    return target
+
+  def _newest_good(self, read: Any) -> Any:
+    """read(step) for the newest step that passes its checksums and reads; bad steps are set aside."""
+    for candidate in reversed(self.all_steps()):
+      problem = self.check_step(candidate)
+      if problem is None:
+        try:
+          return read(candidate)
+        except _UnreadableStep as e:
+          problem = str(e)
+      self.set_aside(candidate, problem)
+    return None
+
+  def restore_metadata(self) -> Restored | None:
+    """The newest good step's metadata as ``Restored(step, None, metadata)`` (its state is not read).
+
+    Steps that fail their checksums or cannot be read are set aside as in :meth:`restore`. None when no
+    good step is left.
+    """
+    return self._newest_good(lambda step: Restored(step, None, self._read_metadata(step)))
+
+  def _read_metadata(self, step: int) -> dict[str, Any]:
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()}))[
+        _METADATA
+      ]
+    except Exception as e:  # orbax raises many types on damaged files
+      raise _UnreadableStep(f"checkpoint {self.step_path(step)} is unreadable: {_summary(e)}") from e
 
   def restore(self, template: Any, step: int | None = None) -> Restored | None:
     """Restores a step into the pytree structure of ``template`` (NamedTuple types come back).
@@ -146,33 +260,28 @@ class Checkpointer:
     ``template`` is a state of the right structure: concrete arrays or ``jax.ShapeDtypeStruct``s (e.g.
     ``jax.eval_shape(init, key)``); leaf shapes and dtypes must match the checkpoint's.
 
-    With ``step=None`` the newest step is restored; a step that cannot be read (corrupt or partial files)
-    is skipped with a logged warning in favour of the next older one.
+    With ``step=None`` the newest good step is restored: a step whose files fail their checksums, lack
+    them, or cannot be read is set aside (renamed ``<step>.set-aside``, logged) and the next older one is
+    tried. An explicit ``step`` is checked the same way but raises instead of being set aside.
 
     Returns:
-      ``Restored(step, state, metadata)``, or None when the directory holds no committed step (missing or
-      empty directory, or only temporary directories of crashed saves).
+      ``Restored(step, state, metadata)``, or None when the directory holds no good step (missing or
+      empty directory, only temporary directories of crashed saves, or every step set aside).
 
     Raises:
       ConfigError: ``template`` does not match the checkpoint (names the mismatching leaves); ``step``
-        does not exist or cannot be read; or every step is unreadable (names their paths).
+        does not exist, fails its checksums or cannot be read.
     """
-    steps = self.all_steps()
     if step is not None:
+      steps = self.all_steps()
       require(
         step in steps,
         f"step={step!r} is invalid: expected one of the saved steps {steps} in {self.directory}",
       )
+      problem = self.check_step(step)
+      require(problem is None, str(problem))
       return self._restore_step(step, template)
-    failures = []
-    for candidate in reversed(steps):
-      try:
-        return self._restore_step(candidate, template)
-      except _UnreadableStep as e:
-        logger.warning("%s; falling back to the previous step", e)
-        failures.append(str(e))
-    require(not failures, "no readable checkpoint: " + "; ".join(failures))
-    return None
+    return self._newest_good(lambda candidate: self._restore_step(candidate, template))
 
   def _restore_step(self, step: int, template: Any) -> Restored:
     path = self.step_path(step)
@@ -187,8 +296,7 @@ class Checkpointer:
     except ConfigError:
       raise
     except Exception as e:  # orbax and tensorstore raise many types on damaged files
-      summary = (str(e).strip().splitlines() or [""])[0][:_MAX_ERROR_CHARS]
-      raise _UnreadableStep(f"checkpoint {path} is unreadable: {type(e).__name__}: {summary}") from e
+      raise _UnreadableStep(f"checkpoint {path} is unreadable: {_summary(e)}") from e
     return Restored(step, restored[_STATE], restored[_METADATA])
 
   def close(self) -> None:

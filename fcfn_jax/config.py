@@ -2,6 +2,11 @@
 
 Every config validates itself in ``__post_init__`` with the checks of :mod:`fcfn_jax.validate`, which
 raise :class:`~fcfn_jax.validate.ConfigError` naming the offending field, its value and what is allowed.
+
+The scripts' flags are generated from these classes (``scripts/sim_flags.py``), so a field is written
+once: its type and default here, its help text as its entry in the class docstring's ``Attributes:``
+section, and, for a string with a fixed set of values, the module's tuple named after it in capitals and
+plural (``dataset`` -> ``DATASETS``, ``valuation`` -> ``VALUATIONS``), which makes it an enum flag.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ SOURCES = ("embedded", "npz", "tfds")
 PARTITIONS = ("writer", "dirichlet", "iid")
 MODELS = ("cnn", "logreg")
 ACCOUNTANTS = ("rdp", "pld")
-CALIBRATIONS = ("surrogate", "exact")
+CALIBRATIONS = ("surrogate", "traced", "exact")
+SAMPLERS = ("poisson", "fixed")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 MECHANISMS = ("stackelberg", "contract", "three_party", "posted_price", "no_incentive", "social_optimum")
 # How tables and plots name a mechanism: no_incentive is a mandate, not a market (it violates IR).
@@ -37,15 +43,24 @@ AGGREGATIONS = ("noise_aware", "fedavg")
 class DataConfig:
   """Which data, from where, and how it is split into clients (docs/model.md "Data").
 
-  dataset: 'femnist' (EMNIST by writer), 'emnist' (alias of femnist for tfds' emnist builder) or 'cifar10'.
-  source: 'embedded' (the small copy shipped in the package), 'npz' (``path``) or 'tfds' (``path`` =
-    data_dir).
-  partition: 'writer' (natural clients; femnist/emnist only), 'dirichlet' (label-skew, ``dirichlet_alpha``)
-    or 'iid'. ``num_clients`` caps the writer partition and sets the size of the synthetic ones.
-  digits_only: keep only EMNIST digits (labels 0-9; tfds loads its 'emnist/digits' config).
-  capacity: slots per client row of the packed pool; 0 = the largest client's size (larger clients
-    keep a seeded subsample).
-  test_examples: size of a seeded subsample of the test split; 0 = the whole split.
+  Attributes:
+    dataset: femnist: EMNIST by writer; emnist: tfds' EMNIST (no writers); cifar10: CIFAR-10.
+    source: embedded: the FEMNIST-digits copy inside the package (offline); npz: path is a .npz file (or,
+      for cifar10, a folder with cifar10_train_batch1.npz and cifar10_test.npz); tfds: path is a tfds
+      data_dir with the dataset prepared as array_record.
+    path: the .npz file or folder (source=npz) or the tfds data_dir (source=tfds; default: tfds' own).
+    partition: writer: one client per writer (femnist only); dirichlet: label skew Dir(dirichlet_alpha);
+      iid.
+    dirichlet_alpha: Dirichlet concentration of partition=dirichlet (> 0; small = strong label skew).
+    num_clients: number of clients (writers are sampled down to this many; more than the data has is an
+      error).
+    min_examples_per_client: writers with fewer examples are not clients.
+    test_fraction: share of a writer's examples sent to test where the data has no split of its own.
+    seed: seed of the partition, the writers' sample and the test subsample.
+    digits_only: femnist/emnist: keep only the 10 digit classes.
+    capacity: slots per client in the padded pool (0 = the largest client; larger clients keep a seeded
+      subsample).
+    test_examples: evaluate on a seeded subsample of this many test examples (0 = the whole test split).
   """
 
   dataset: str = "femnist"
@@ -90,7 +105,11 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Model family: 'cnn' (flax CNN for the dataset's image shape) or 'logreg' (multinomial logistic)."""
+  """Model family.
+
+  Attributes:
+    name: cnn: a small flax CNN for the dataset's image shape; logreg: multinomial logistic regression.
+  """
 
   name: str = "logreg"
 
@@ -102,15 +121,27 @@ class ModelConfig:
 class PrivacyConfig:
   """DP-SGD parameters (docs/model.md "From epsilon_i to noise").
 
-  clip_norm: per-example L2 clipping bound C. delta: target delta of every client's (eps, delta)-DP.
-  accountant: dp-accounting's 'rdp' or 'pld' for the exact host-side calibration and reports.
-  calibration: 'surrogate' (differentiable closed form inside the traced program; conservative) or
-    'exact' (host-side accountant inversion before each run).
-  private: False turns DP off entirely (the non-private reference path).
+  Attributes:
+    clip_norm: per-example L2 clipping bound C (> 0).
+    delta: every client's target delta, in (0, 1).
+    sampling: how a local step picks its examples, and so what the epsilon certifies: poisson (default):
+      every example joins with probability q_i = min(1, B / n_i), the step has batch_capacity slots and an
+      overflowing draw keeps a uniform subset of them; add/remove-one adjacency. fixed: exactly min(B, n_i)
+      examples without replacement; replace-one adjacency (accounted by rdp only: dp-accounting's PLD
+      accountant has no sampling-without-replacement event).
+    batch_capacity: B_max >= B, the Poisson step's slots; 0 = automatic, the smallest keeping every step's
+      overflow probability <= 1e-12 (B = 32 -> 81; README "Privacy"). Ignored by fixed, which has B slots.
+    accountant: dp-accounting's accountant (rdp or pld) for the exact calibration and the reports.
+    calibration: exact: host-side accountant inversion of eps_i -> z_i (tight); surrogate: the
+      differentiable closed form inside the jitted round (conservative: more noise); traced: the tight RDP
+      accountant of the Poisson-subsampled Gaussian inside the jitted round (poisson only).
+    private: False turns DP off entirely (no clipping, no noise: the non-private reference).
   """
 
   clip_norm: float = 1.0
   delta: float = 1e-5
+  sampling: str = "poisson"
+  batch_capacity: int = 0
   accountant: str = "rdp"
   calibration: str = "exact"
   private: bool = True
@@ -118,16 +149,35 @@ class PrivacyConfig:
   def __post_init__(self):
     check_positive("clip_norm", self.clip_norm)
     check_open_unit("delta", self.delta)
+    check_choice("sampling", self.sampling, SAMPLERS)
+    check_int("batch_capacity", self.batch_capacity, minimum=0)
     check_choice("accountant", self.accountant, ACCOUNTANTS)
     check_choice("calibration", self.calibration, CALIBRATIONS)
     check_bool("private", self.private)
+    require(
+      not (self.sampling == "fixed" and self.accountant == "pld"),
+      "accountant='pld' is invalid with sampling='fixed': dp-accounting's PLD accountant has no "
+      "sampling-without-replacement event; use accountant='rdp'",
+    )
+    require(
+      not (self.sampling == "fixed" and self.calibration == "traced"),
+      "calibration='traced' is invalid with sampling='fixed': the traced accountant is the "
+      "Poisson-subsampled Gaussian's; use 'exact' or 'surrogate'",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class FederatedConfig:
   """Federated training: T rounds, S local DP-SGD steps of batch B per client per round, FedAvg server.
 
-  chunk_size: clients per vmapped chunk (``lax.map`` over chunks bounds memory); 0 = all clients at once.
+  Attributes:
+    rounds: federated rounds T (part of every client's noise calibration: T x S steps).
+    local_steps: local DP-SGD steps S per round.
+    batch_size: local batch size B (sampling rate q_i = B / n_i).
+    client_lr: client SGD learning rate.
+    server_lr: server learning rate on the FedAvg pseudo-gradient.
+    server_optimizer: the server's optax optimizer.
+    chunk_size: clients per vmapped chunk (0 = all at once); bounds memory.
   """
 
   rounds: int = 10
@@ -153,19 +203,23 @@ class GameConfig:
   """The incentive mechanism, the server's valuation and the clients' private costs (docs/model.md "The
   game", "Stage I", "Aggregation", "Baselines").
 
-  Per-unit privacy costs c_i ~ Uniform[cost_low, cost_high] (seeded); lam is the server's valuation of
-  model quality; budgets live in [0, eps_max]; eps_min is the mandated budget of 'no_incentive' (1: the
-  usual reference of strong privacy, a self-protective demand rather than a strawman).
-  valuation: 'dp' (Q = -V, the noise variance of the aggregate the server forms; the default) or 'log'
-    (Q = log(1 + sum_i w_i eps_i), kept for verification against the closed forms).
-  aggregation: 'noise_aware' (weights a_i proportional to 1 / sigma_i^2, sigma_i^2 = v(eps_i) +
-    v(data_epsilon) / w_i; the default) or 'fedavg' (a_i proportional to the data size n_i). The
-    training round and the valuation read this one field.
-  data_epsilon: the budget whose DP noise equals the data term of a client of mean size (> 0): the
-    variance its limited data adds, v(data_epsilon) / w_i. Calibrated on the valuation study
-    (docs/model.md "Aggregation"); larger = data counts less.
-  num_types: contract theory's cost types K (quantile bins of the empirical cost distribution); 0 = one
-    type per client (K = N). num_aggregators: the three-party game's edge aggregators M (at most N // 2).
+  Attributes:
+    mechanism: the incentive mechanism that sets the budgets.
+    lam: the server's valuation lambda of model quality (> 0).
+    cost_low: per-unit privacy costs c_i ~ Uniform[cost_low, cost_high] (seeded; > 0).
+    cost_high: upper end of the privacy-cost distribution.
+    eps_max: largest budget a client may sell (> 0); budgets live in [0, eps_max].
+    eps_min: the mandated budget of 'no_incentive' (1: the usual reference of strong privacy).
+    num_types: contract theory's cost types K (quantile bins of the empirical cost distribution);
+      0 = one type per client (K = N).
+    num_aggregators: the three-party game's edge aggregators M (at most N // 2).
+    valuation: dp (Q = -V, the noise variance of the aggregate the server forms; the default) or log
+      (Q = log(1 + sum_i w_i eps_i), kept for verification against the closed forms).
+    aggregation: noise_aware (weights a_i proportional to 1 / sigma_i^2, sigma_i^2 = v(eps_i) +
+      v(data_epsilon) / w_i; the default) or fedavg (a_i proportional to the data size n_i). The training
+      round and the valuation read this one field.
+    data_epsilon: the budget whose DP noise equals the data term of a client of mean size (> 0): the
+      variance its limited data adds, v(data_epsilon) / w_i (docs/model.md "Aggregation").
   """
 
   mechanism: str = "stackelberg"
@@ -204,7 +258,13 @@ class GameConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SimulationConfig:
-  """One experiment: data x model x privacy x federated schedule x mechanism, plus I/O settings."""
+  """One experiment: data x model x privacy x federated schedule x mechanism, plus I/O settings.
+
+  Attributes:
+    seed: seed of everything (costs, model init, sampling, noise).
+    checkpoint_dir: folder of the run's checkpoints (None = no checkpoints).
+    checkpoint_every: checkpoint every K rounds (0 = only the last round); needs a checkpoint folder.
+  """
 
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -231,6 +291,44 @@ class SimulationConfig:
     check_path("checkpoint_dir", self.checkpoint_dir)
     check_int("checkpoint_every", self.checkpoint_every, minimum=0)
     require(
+      self.privacy.batch_capacity == 0 or self.privacy.batch_capacity >= self.federated.batch_size,
+      f"batch_capacity={self.privacy.batch_capacity} is invalid with batch_size="
+      f"{self.federated.batch_size}: expected 0 (automatic) or an integer >= batch_size",
+    )
+    require(
       not (self.checkpoint_every and not self.checkpoint_dir),
       f"checkpoint_every={self.checkpoint_every} needs checkpoint_dir; got checkpoint_dir=None",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """How a script runs and where it writes (never part of a run's fingerprint; README "Outputs").
+
+  Attributes:
+    out: results folder: written whole at the end of the run (a staging folder renamed into place); a
+      folder an earlier run wrote is replaced whole, any other non-empty folder is refused.
+    progress: show progress bars.
+    dry_run: check every flag, the data and the output folder, print the header line, write nothing.
+    checkpoint: checkpoint every mechanism into <out>.checkpoints/<mechanism> and resume from it.
+    restart_on_mismatch: a checkpoint of another run (other settings or data) is moved aside to
+      <folder>.other-run and this run starts fresh; without it such a checkpoint is refused.
+  """
+
+  out: str = "results"
+  progress: bool = True
+  dry_run: bool = False
+  checkpoint: bool = False
+  restart_on_mismatch: bool = False
+
+  def __post_init__(self):
+    require(
+      isinstance(self.out, str) and self.out != "",
+      f"out={self.out!r} is invalid: expected a folder path (a non-empty string)",
+    )
+    for name in ("progress", "dry_run", "checkpoint", "restart_on_mismatch"):
+      check_bool(name, getattr(self, name))
+    require(
+      self.checkpoint or not self.restart_on_mismatch,
+      "restart_on_mismatch=True needs checkpoint=True: without checkpoints there is nothing to restart",
     )

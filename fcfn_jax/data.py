@@ -9,6 +9,7 @@ equal seeds give equal outputs.
 
 from __future__ import annotations
 
+import math
 import os
 import tokenize
 import zipfile
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from fcfn_jax.config import DataConfig
 from fcfn_jax.validate import check_int, check_open_unit, check_positive, fail, require, reraise
@@ -42,6 +42,7 @@ _NO_WRITERS = (
   "partition='dirichlet' or 'iid', or FEMNIST from source='embedded' or 'npz'"
 )
 _DIRICHLET_TRIES = 100
+MAX_CLASSES = 2**16  # far above EMNIST's 62 or CIFAR-100; the model's output layer grows with it
 
 
 class Dataset(NamedTuple):
@@ -129,7 +130,7 @@ def make_dataset(x: Any, y: Any, num_classes: int, groups: Any = None, name: str
   if x.ndim == 3:
     x = x[..., None]
   require(x.ndim == 4 and len(x) > 0, f"{name} images have shape {x.shape}: expected [n >= 1, H, W, C]")
-  check_int(f"{name} num_classes", num_classes, minimum=2)
+  check_int(f"{name} num_classes", num_classes, minimum=2, maximum=MAX_CLASSES)
   y = _int_vector(f"{name} labels", y, len(x), num_classes)
   if groups is not None:
     groups = _int_vector(f"{name} writer ids", groups, len(x), np.iinfo(np.int32).max)
@@ -160,42 +161,151 @@ def subsample(dataset: Dataset, num: int, seed: int = 0) -> Dataset:
   return _subset(dataset, rows, "subsample")
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-  """All arrays of an .npz archive; ConfigError if it is missing, corrupt or a single .npy array."""
+# Corruption surfaces in many types: a damaged .npy header fails numpy's parser (SyntaxError,
+# tokenize.TokenError); damaged zip flags claim an unsupported compression (NotImplementedError) or
+# encryption (RuntimeError).
+_NPZ_ERRORS = (
+  OSError,
+  ValueError,
+  EOFError,
+  SyntaxError,
+  tokenize.TokenError,
+  NotImplementedError,
+  RuntimeError,
+  zipfile.BadZipFile,
+  zlib.error,
+)
+
+
+def memory_limit() -> int:
+  """Bytes one load may allocate: half of this machine's physical memory."""
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def _bytes(n: int) -> str:
+  """n bytes in readable binary units, e.g. '1.5 GiB'."""
+  power = 0
+  while n >= 1000 * 1024**power and power < 5:  # 1000, not 1024: no '1.02e+03 GiB'
+    power += 1
+  return f"{n} B" if power == 0 else f"{n / 1024**power:.3g} {'KMGTP'[power - 1]}iB"
+
+
+def _check_memory(what: str, nbytes: int) -> None:
+  """ConfigError unless allocating ``nbytes`` for ``what`` stays within :func:`memory_limit`."""
+  limit = memory_limit()
   require(
-    path.is_file(),
-    f"path={str(path)!r} does not exist: expected an .npz file, or a directory "
-    f"holding {' and '.join(CIFAR10_FILES)}",
+    nbytes <= limit,
+    f"{what} would take {_bytes(nbytes)}: expected at most {_bytes(limit)} (half of this machine's memory)",
   )
-  # Corruption surfaces in many types: a damaged .npy header fails numpy's parser (SyntaxError,
-  # tokenize.TokenError); damaged zip flags claim an unsupported compression (NotImplementedError) or
-  # encryption (RuntimeError).
-  with (
-    reraise(
-      (
-        OSError,
-        ValueError,
-        EOFError,
-        SyntaxError,
-        tokenize.TokenError,
-        NotImplementedError,
-        RuntimeError,
-        zipfile.BadZipFile,
-        zlib.error,
-      ),
-      lambda error: f"path={str(path)!r} is not a readable .npz archive ({type(error).__name__}: {error})",
-    ),
-    path.open("rb") as file,
-  ):
-    archive = np.load(file, allow_pickle=False)
-    arrays = dict(archive.items()) if isinstance(archive, np.lib.npyio.NpzFile) else None
-  require(arrays is not None, f"path={str(path)!r} holds a single .npy array: expected an .npz archive")
-  return arrays
 
 
-def _require_keys(path: Path, arrays: Mapping[str, np.ndarray], keys: Sequence[str]) -> None:
-  missing = [key for key in keys if key not in arrays]
-  require(not missing, f"path={str(path)!r} lacks keys {missing} (has {sorted(arrays)}): expected {_LAYOUTS}")
+class _Member(NamedTuple):
+  """One array of an .npz archive as its .npy header declares it."""
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  info: zipfile.ZipInfo
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.shape) * self.dtype.itemsize
+
+
+class _Npz:
+  """An .npz archive read lazily: member names on opening, each needed array's .npy header checked
+  (dtype, declared size against the archive and the memory limit) before its data is allocated."""
+
+  def __init__(self, path: Path):
+    require(
+      path.is_file(),
+      f"path={str(path)!r} does not exist: expected an .npz file, or a directory "
+      f"holding {' and '.join(CIFAR10_FILES)}",
+    )
+    self.path = path
+    with path.open("rb") as file:
+      single = file.read(6) == b"\x93NUMPY"
+    require(not single, f"path={str(path)!r} holds a single .npy array: expected an .npz archive")
+    with self._errors():
+      self._zip = zipfile.ZipFile(path)
+    self._members = {
+      info.filename[: -len(".npy")]: info for info in self._zip.infolist() if info.filename.endswith(".npy")
+    }
+
+  def __enter__(self) -> _Npz:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._zip.close()
+
+  def _errors(self):
+    return reraise(
+      _NPZ_ERRORS,
+      lambda e: f"path={str(self.path)!r} is not a readable .npz archive ({type(e).__name__}: {e})",
+    )
+
+  @property
+  def keys(self) -> list[str]:
+    return sorted(self._members)
+
+  def member(self, key: str) -> _Member:
+    """The declared shape and dtype of ``key``; ConfigError for object arrays or a truncated member."""
+    info = self._members[key]
+    with self._errors(), self._zip.open(info) as stream:
+      version = np.lib.format.read_magic(stream)
+      read_header = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+      }.get(version)
+      require(
+        read_header is not None,
+        f"path={str(self.path)!r} has {key} in .npy format {version}: expected format 1.0 or 2.0",
+      )
+      shape, _, dtype = read_header(stream)
+      header_end = stream.tell()
+    require(
+      not dtype.hasobject and dtype.itemsize > 0,
+      f"path={str(self.path)!r} has {key} of dtype {dtype}: expected numbers (object arrays need pickle)",
+    )
+    member = _Member(tuple(int(n) for n in shape), dtype, info)
+    require(
+      info.file_size >= header_end + member.nbytes,
+      f"path={str(self.path)!r} has {key} declaring shape {member.shape} {dtype} ({_bytes(member.nbytes)}) "
+      f"but holding {_bytes(max(0, info.file_size - header_end))}: expected a complete array",
+    )
+    return member
+
+  def read(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (present ones only), after checking their total size against memory_limit()."""
+    members = {key: self.member(key) for key in keys if key in self._members}
+    listing = ", ".join(f"{k} {m.shape} {m.dtype}" for k, m in members.items())
+    _check_memory(f"path={str(self.path)!r}: its arrays {listing}", sum(m.nbytes for m in members.values()))
+    arrays = {}
+    for key, member in members.items():
+      with self._errors(), self._zip.open(member.info) as stream:
+        arrays[key] = np.lib.format.read_array(stream, allow_pickle=False)
+    return arrays
+
+
+def read_npz(path: str | os.PathLike, keys: Sequence[str]) -> dict[str, np.ndarray]:
+  """The arrays ``keys`` of the .npz archive at ``path``, read with :func:`load_npz`'s checks (only these
+  keys, headers and sizes checked before allocating).
+
+  Raises:
+    ConfigError: a missing or corrupt file, a missing key, an object array, a truncated member, or arrays
+      beyond :func:`memory_limit`.
+  """
+  path = Path(path)
+  with _Npz(path) as npz:
+    missing = [key for key in keys if key not in npz.keys]
+    require(not missing, f"path={str(path)!r} lacks keys {missing} (has {npz.keys}): expected {list(keys)}")
+    return npz.read(keys)
+
+
+def _require_keys(path: Path, present: Sequence[str], keys: Sequence[str]) -> None:
+  missing = [key for key in keys if key not in present]
+  require(
+    not missing, f"path={str(path)!r} lacks keys {missing} (has {sorted(present)}): expected {_LAYOUTS}"
+  )
 
 
 def _leaf_test_mask(
@@ -207,6 +317,8 @@ def _leaf_test_mask(
   round(test_fraction * n_w) of writer w's n_w samples to test.
   """
   n = len(writer)
+  # Dense 0..W-1 ids, so the per-writer counts below take O(W) memory whatever the ids' values.
+  writer = np.unique(writer, return_inverse=True)[1].reshape(-1)
   has_train = np.bincount(writer[leaf_split == 0], minlength=writer.max() + 1) > 0
   order = np.lexsort((np.random.default_rng(seed).random(n), writer))
   sorted_writer = writer[order]
@@ -229,21 +341,34 @@ def load_npz(path: str | os.PathLike, *, test_fraction: float = 0.2, seed: int =
   - A directory with the shared CIFAR-10 copies: cifar10_train_batch1.npz (train) and cifar10_test.npz
     (test), keys ``x`` uint8 [n, 32, 32, 3] and ``y``; 10 classes, no groups.
 
+  Only the layout's keys are read (other keys cost nothing), each after its .npy header's shape and dtype
+  are checked: no object arrays, no member shorter than its declared size, and all needed arrays within
+  :func:`memory_limit` before any is allocated. Writer ids may be any non-negative int32 values (they are
+  compacted where counted); num_classes is at most ``MAX_CLASSES``.
+
   Raises:
-    ConfigError: a missing path, a corrupt archive, an unknown layout, missing keys or bad arrays.
+    ConfigError: a missing path, a corrupt archive, an unknown layout, missing keys, bad arrays, or
+      arrays too large for this machine.
   """
   check_open_unit("test_fraction", test_fraction)
   path = Path(path)
   if path.is_dir():
     splits = []
     for file in CIFAR10_FILES:
-      arrays = _read_npz(path / file)
-      _require_keys(path / file, arrays, ("x", "y"))
+      with _Npz(path / file) as npz:
+        _require_keys(path / file, npz.keys, ("x", "y"))
+        arrays = npz.read(("x", "y"))
       splits.append(make_dataset(arrays["x"], arrays["y"], _CIFAR10_NUM_CLASSES, name=str(path / file)))
     return Splits(*splits)
-  arrays = _read_npz(path)
+  with _Npz(path) as npz:
+    if "train_image" in npz.keys:
+      _require_keys(path, npz.keys, _PROJECT_KEYS)
+      arrays = npz.read(_PROJECT_KEYS + ("train_writer", "test_writer"))
+    else:
+      require("x" in npz.keys, f"path={str(path)!r} has keys {npz.keys}: expected {_LAYOUTS}")
+      _require_keys(path, npz.keys, _LEAF_KEYS)
+      arrays = npz.read(_LEAF_KEYS)
   if "train_image" in arrays:
-    _require_keys(path, arrays, _PROJECT_KEYS)
     num_classes = arrays["num_classes"]
     require(
       num_classes.shape == () and np.issubdtype(num_classes.dtype, np.integer),
@@ -261,8 +386,6 @@ def load_npz(path: str | os.PathLike, *, test_fraction: float = 0.2, seed: int =
         for split in ("train", "test")
       )
     )
-  require("x" in arrays, f"path={str(path)!r} has keys {sorted(arrays)}: expected {_LAYOUTS}")
-  _require_keys(path, arrays, _LEAF_KEYS)
   full = make_dataset(arrays["x"], arrays["y"], _LEAF_NUM_CLASSES, arrays["writer"], name=str(path))
   full = full._replace(x=255 - full.x)
   leaf_split = _int_vector(f"{path} leaf_split", arrays["leaf_split"], len(full.y), 2)
@@ -280,6 +403,8 @@ def load_tfds(name: str, data_dir: str | None = None) -> Splits:
   Raises:
     ConfigError: ``name`` is unknown or not prepared under ``data_dir`` in a random-access format.
   """
+  import tensorflow_datasets as tfds  # here, not at the top: importing tfds costs every run a second or two
+
   build = f"`tfds build {name} --file_format=array_record --data_dir=...`"
   require(
     data_dir is None or os.path.isdir(data_dir),
@@ -295,7 +420,8 @@ def load_tfds(name: str, data_dir: str | None = None) -> Splits:
       f"{cause})"
     )
 
-  with reraise((NotImplementedError, ValueError, FileNotFoundError, AssertionError), unavailable):
+  # KeyError: tfds finds the builder but no prepared split under data_dir.
+  with reraise((NotImplementedError, ValueError, FileNotFoundError, AssertionError, KeyError), unavailable):
     sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
   return Splits(*(_from_source(source, name, split) for source, split in zip(sources, ("train", "test"))))
 
@@ -372,7 +498,8 @@ def partition_by_group(
   """
   check_int("num_clients", num_clients)
   check_int("min_examples", min_examples)
-  groups = np.asarray(groups)
+  # Dense 0..W-1 ids in the order of the writer ids, so the counts take O(W) memory whatever the ids.
+  groups = np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
   counts = np.bincount(groups)
   eligible = np.flatnonzero(counts >= min_examples)
   require(
@@ -503,9 +630,25 @@ def load_federated(cfg: DataConfig) -> FederatedData:
 
   The pool's clients are sorted by size (``pack_clients``); capacity = cfg.capacity or the largest
   client; the test split is a seeded subsample of cfg.test_examples examples when that is > 0.
+
+  Raises:
+    ConfigError: the data cannot be read, has fewer writers with enough examples than cfg.num_clients,
+      or the pool would not fit in :func:`memory_limit`.
   """
   require(not (cfg.source == "tfds" and cfg.partition == "writer"), _NO_WRITERS)
   splits = load_splits(cfg)
-  pool = pack_clients(splits.train, partition_clients(splits.train, cfg), cfg.capacity or None, cfg.seed)
+  clients = partition_clients(splits.train, cfg)
+  require(
+    len(clients) == cfg.num_clients,
+    f"num_clients={cfg.num_clients} is invalid: source={cfg.source!r} has {len(clients)} writers with "
+    f">= {cfg.min_examples_per_client} examples (min_examples_per_client); expected num_clients <= "
+    f"{len(clients)}",
+  )
+  capacity = cfg.capacity or max(len(c) for c in clients)
+  _check_memory(
+    f"the client pool ({len(clients)} clients x {capacity} examples of shape {splits.train.x.shape[1:]})",
+    len(clients) * capacity * (splits.train.x[0].nbytes + 4),
+  )
+  pool = pack_clients(splits.train, clients, capacity, cfg.seed)
   test = subsample(splits.test, cfg.test_examples, cfg.seed) if cfg.test_examples else splits.test
   return FederatedData(pool, test, splits.train.num_classes, IMAGE_SHAPES[cfg.dataset])

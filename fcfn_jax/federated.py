@@ -1,7 +1,8 @@
 """Federated training: one client's DP-SGD update, vmapped once into a FedAvg round, and evaluation.
 
 A round (docs/model.md "From epsilon_i to noise"): every client i runs S local steps of DP-SGD (or plain SGD
-on the non-private path) from the server model theta, batch B drawn from its own n_i examples, noise
+on the non-private path) from the server model theta, each on a batch its sampler draws from its own n_i
+examples (Poisson at rate q_i = min(1, B / n_i) into B_max slots, or B without replacement), noise
 multiplier z_i; it returns Delta_i = theta_i^S - theta. The server forms the FedAvg pseudo-gradient
 
   g = -(sum_i a_i Delta_i) / (sum_i a_i),   a_i = weight_i * n_i * [z_i < inf]
@@ -24,6 +25,7 @@ import optax
 from fcfn_jax.config import FederatedConfig, PrivacyConfig
 from fcfn_jax.data import ClientPool
 from fcfn_jax.models import ApplyFn, LossFn, cross_entropy, make_loss_fn, normalize_pixels
+from fcfn_jax.privacy import accounting
 from fcfn_jax.privacy.clipping import dp_gradient, make_clipped_sum_fn
 from fcfn_jax.validate import check_int, require
 
@@ -74,35 +76,55 @@ def init_server_state(params: chex.ArrayTree, fed: FederatedConfig) -> ServerSta
 
 
 def sample_client_indices(
-  key: chex.PRNGKey, num_examples: chex.Array, capacity: int, steps: int, batch: int
+  key: chex.PRNGKey,
+  num_examples: chex.Array,
+  sampling_rate: chex.Array,
+  capacity: int,
+  steps: int,
+  sampler: accounting.Sampler,
 ) -> tuple[chex.Array, chex.Array]:
-  """Slots of S batches of B examples of ONE client, uniform without replacement within each step.
+  """Slots of S batches of ONE client (docs/model.md "From epsilon_i to noise"): index, mask [S, slots].
+
+  'poisson': every valid slot joins a step independently with probability q (u < q for a uniform score u);
+  the step holds slots = sampler.capacity (B_max) of them, and an overflowing draw keeps the B_max with the
+  smallest scores, a uniform subset (given which examples joined, their scores are i.i.d. U(0, q)).
+  'fixed': slots = B, holding min(B, n) distinct valid slots uniform without replacement, then masked
+  ones. Either way the joined slots come first and every shape is static.
 
   Args:
     key: PRNG key of this client and round.
     num_examples: int32 scalar n, the number of valid slots; slots >= n of the client's row are padding.
-    capacity, steps, batch: static row length, S and B.
+    sampling_rate: float scalar q in (0, 1] ('poisson'; ignored by 'fixed').
+    capacity, steps: static row length and S. sampler: static accounting.Sampler.
 
   Returns:
-    index int32 [S, B] into the client's row and mask bool [S, B]; each step holds min(B, n) distinct
-    valid slots first, then masked ones.
+    index int32 [S, slots] into the client's row and mask bool [S, slots].
   """
-  num_valid = jnp.minimum(num_examples, capacity)
-  # The smallest of uniform scores are a uniform random subset; padding slots score 2 > 1 and come last.
-  # (top_k rather than argsort: 3x faster on XLA:CPU.)
-  scores = jnp.where(jnp.arange(capacity) < num_valid, jax.random.uniform(key, (steps, capacity)), 2.0)
-  index = jax.lax.top_k(-scores, min(batch, capacity))[1]
-  index = jnp.pad(index, ((0, 0), (0, batch - index.shape[1])))
-  mask = jnp.broadcast_to(jnp.arange(batch) < num_valid, (steps, batch))
-  return index, mask
+  slots = sampler.capacity
+  valid = jnp.arange(capacity) < jnp.minimum(num_examples, capacity)
+  u = jax.random.uniform(key, (steps, capacity))
+  joined = valid & (u < sampling_rate) if sampler.kind == "poisson" else valid
+  # The smallest scores of the joined slots; the rest score 2 > 1 and come last. (top_k rather than
+  # argsort: 3x faster on XLA:CPU.)
+  scores = jnp.where(joined, u, 2.0)
+  index = jax.lax.top_k(-scores, min(slots, capacity))[1]
+  mask = jnp.take_along_axis(scores, index, axis=1) < 2.0
+  pad = ((0, 0), (0, slots - index.shape[1]))
+  return jnp.pad(index, pad), jnp.pad(mask, pad)
 
 
 def sample_client_batches(
-  key: chex.PRNGKey, x: chex.Array, y: chex.Array, num_examples: chex.Array, steps: int, batch: int
+  key: chex.PRNGKey,
+  x: chex.Array,
+  y: chex.Array,
+  num_examples: chex.Array,
+  sampling_rate: chex.Array,
+  steps: int,
+  sampler: accounting.Sampler,
 ) -> tuple[chex.Array, chex.Array, chex.Array]:
-  """The examples of :func:`sample_client_indices`: x float32 [S, B, H, W, C] in [0, 1], y int32 [S, B],
-  mask bool [S, B], from one client's row x uint8 [capacity, H, W, C], y int32 [capacity]."""
-  index, mask = sample_client_indices(key, num_examples, x.shape[0], steps, batch)
+  """The examples of :func:`sample_client_indices`: x float32 [S, slots, H, W, C] in [0, 1], y int32
+  [S, slots], mask bool [S, slots], from one client's row x uint8 [capacity, H, W, C], y int32 [capacity]."""
+  index, mask = sample_client_indices(key, num_examples, sampling_rate, x.shape[0], steps, sampler)
   return normalize_pixels(x[index]), y[index], mask
 
 
@@ -126,6 +148,7 @@ def client_update(
   num_examples: chex.Array,
   noise_multiplier: chex.Numeric,
   key: chex.PRNGKey,
+  dataset_size: chex.Array | None = None,
   *,
   apply_fn: ApplyFn,
   fed: FederatedConfig,
@@ -133,21 +156,32 @@ def client_update(
 ) -> ClientResult:
   """ONE client's round: S local steps theta <- theta - client_lr * g~ from the server model.
 
-  g~ is the DP-SGD gradient of :func:`fcfn_jax.privacy.clipping.dp_gradient` with multiplier z, or the
-  plain mean gradient over valid examples when ``privacy.private`` is False (static). z = inf means the
-  client sits out (epsilon_i = 0): its delta is exactly zero and nothing is NaN.
+  Each step samples with :func:`sample_client_indices` (the sampler of ``privacy``) at q = min(1, B / n);
+  g~ is the DP-SGD gradient of :func:`fcfn_jax.privacy.clipping.dp_gradient` with multiplier z divided by
+  the expected batch size q n = min(B, n), or the plain mean gradient over the step's examples when
+  ``privacy.private`` is False (static). z = inf means the client sits out (epsilon_i = 0): its delta is
+  exactly zero and nothing is NaN.
+
+  n is the public ``dataset_size`` (default: num_examples): q and the divisor are constants of the
+  mechanism, so a neighbouring dataset (one example added or replaced, as in an audit) runs with the
+  same ones.
 
   Args:
     params: server model. x: uint8 [capacity, H, W, C], y: int32 [capacity], num_examples: int32 scalar
       (one row of a ClientPool). noise_multiplier: scalar z. key: this client's key for this round.
+    dataset_size: int32 scalar n >= 1, or None (= num_examples).
     apply_fn, fed, privacy: static model apply function and configs.
   """
   x, y = jnp.asarray(x), jnp.asarray(y)
+  sampler = accounting.sampler_of(fed, privacy)
+  size = jnp.maximum(jnp.asarray(num_examples if dataset_size is None else dataset_size), 1)
+  sampling_rate = accounting.sampling_rates(size, fed.batch_size)
+  expected_batch = jnp.minimum(size, fed.batch_size).astype(jnp.float32)  # q n, exactly
   sample_key, noise_key = jax.random.split(key)
   # Indices up front, examples gathered inside each step: under vmap a pre-gathered [clients, S, B, ...]
   # stack is transposed to the scan's [S, clients, ...] layout (a full copy, 25% of a logreg round).
   indices, masks = sample_client_indices(
-    sample_key, num_examples, x.shape[0], fed.local_steps, fed.batch_size
+    sample_key, num_examples, sampling_rate, x.shape[0], fed.local_steps, sampler
   )
   skip = ~jnp.isfinite(noise_multiplier)
   noise_multiplier = jnp.where(skip, 0.0, noise_multiplier)
@@ -158,7 +192,9 @@ def client_update(
     index, mb, step_key = inputs
     xb, yb = normalize_pixels(x[index]), y[index]
     if privacy.private:
-      out = dp_gradient(clipped_sum_fn, p, xb, yb, mb, noise_multiplier, step_key, privacy.clip_norm)
+      out = dp_gradient(
+        clipped_sum_fn, p, xb, yb, mb, noise_multiplier, step_key, privacy.clip_norm, expected_batch
+      )
       grad, losses, clipped = out.grad, out.losses, out.norms > privacy.clip_norm
     else:
       grad, losses = _mean_gradient(loss_fn, p, xb, yb, mb)

@@ -1,19 +1,28 @@
-"""PNG plots of experiment results (matplotlib, headless Agg backend); inputs are result rows (dicts)."""
+"""PNG plots of experiment results (matplotlib, headless Agg backend): every figure the scripts draw.
+
+Inputs are result rows (dicts) or arrays; each function writes one PNG to ``path`` atomically and
+returns the path.
+"""
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 from fcfn_jax.config import MECHANISM_LABELS
+from fcfn_jax.report import write_bytes_atomic
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 Row = dict[str, Any]
+UTILITIES = ("server_utility", "mean_client_utility", "social_welfare", "average_utility")
+PARTICIPATION = ("participants", "total_payment", "mean_epsilon", "test_accuracy")
 
 
 def _label(mechanism: str) -> str:
@@ -22,13 +31,15 @@ def _label(mechanism: str) -> str:
 
 
 def _save(fig, path: str | os.PathLike[str]) -> str:
-  """Writes the figure to a temporary file and renames it, so a crash leaves no half-written PNG."""
+  """Renders the figure in memory, then writes it atomically: a crash leaves no partial or temporary file."""
   path = os.fspath(path)
-  tmp = f"{path}.tmp.png"
-  fig.tight_layout()
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  try:
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+  finally:
+    plt.close(fig)
+  write_bytes_atomic(path, buffer.getvalue())
   return path
 
 
@@ -68,4 +79,71 @@ def metric_vs_parameter(
   ax.set(xlabel=parameter, ylabel=metric, title=f"{metric} vs {parameter}")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def comparison(
+  summary: Sequence[Row], history: Sequence[Row], directory: str | os.PathLike[str]
+) -> list[str]:
+  """The comparison's figures in ``directory``: accuracy_per_round.png, utilities.png, participation.png."""
+  return [
+    accuracy_per_round(history, os.path.join(directory, "accuracy_per_round.png")),
+    bars(summary, UTILITIES, os.path.join(directory, "utilities.png"), "Utilities per mechanism"),
+    bars(
+      summary,
+      PARTICIPATION,
+      os.path.join(directory, "participation.png"),
+      "Participation, payments, accuracy",
+    ),
+  ]
+
+
+def tuning_trajectory(rows: Sequence[Row], num_groups: int, path: str | os.PathLike[str]) -> str:
+  """Adam on (log R, log pi): the objective U_s (top) and the payment and group prices (bottom) per step.
+
+  rows: one per step with ``step``, ``objective``, ``payment`` and ``price_<g>`` for g < num_groups.
+  """
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+  steps = [r["step"] for r in rows]
+  top.plot(steps, [r["objective"] for r in rows])
+  top.set(ylabel="server utility U_s", title="Adam on (log R, log pi)")
+  bottom.plot(steps, [r["payment"] for r in rows], label="payment R")
+  for g in range(num_groups if num_groups > 1 else 0):
+    bottom.plot(steps, [r[f"price_{g}"] for r in rows], label=f"price group {g}", lw=0.8)
+  bottom.set(xlabel="step", ylabel="value", yscale="log")
+  bottom.legend(fontsize=7)
+  for ax in (top, bottom):
+    ax.grid(alpha=0.3)
+  return _save(fig, path)
+
+
+def reconstructions(
+  originals: np.ndarray,
+  settings: Mapping[str, tuple[np.ndarray, np.ndarray]],
+  path: str | os.PathLike[str],
+  title: str = "Gradient inversion of single-example updates (PSNR vs original)",
+) -> str:
+  """One row of images per setting (originals first), one column per image, PSNR under each.
+
+  originals: [images, H, W, C] in [0, 1]; settings: name -> (reconstructions like originals, PSNR
+  [images] in dB).
+  """
+  rows = {"original": (originals, None), **settings}
+  cols = originals.shape[0]
+  fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols + 1.2, 1.45 * len(rows)), squeeze=False)
+  for r, (name, (images, quality)) in enumerate(rows.items()):
+    for c in range(cols):
+      ax = axes[r, c]
+      ax.imshow(
+        np.squeeze(images[c], axis=-1) if images.shape[-1] == 1 else images[c],
+        cmap="gray",
+        vmin=0.0,
+        vmax=1.0,
+      )
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if quality is not None:
+        ax.set_xlabel(f"{float(quality[c]):.1f} dB", fontsize=7)
+    axes[r, 0].set_ylabel(name, fontsize=8)
+  fig.suptitle(title, fontsize=9)
   return _save(fig, path)

@@ -5,16 +5,24 @@ One experiment (docs/model.md "What it is"):
      private per-unit privacy costs c_i ~ Uniform[cost_low, cost_high] (seeded, fold_in of the run key).
   2. The mechanism (GameConfig.mechanism) sets every client's total budget eps_i and payment, on the game
      :func:`game_of` builds from the config (the valuation sees the run's steps, delta and sampling rates).
-  3. eps_i -> noise multiplier z_i for the whole run (T rounds x S local steps, sampling rate
-     q_i = min(1, B / n_i)): 'surrogate' calibration solves the mechanism and the closed-form surrogate
-     inside the same jitted program as the round; 'exact' inverts dp-accounting's accountant host-side
-     once. Clients with eps_i = 0 sit out: z_i = inf, weight 0, no payment.
+  3. eps_i -> noise multiplier z_i for the whole run (T rounds x S local steps of the configured sampler,
+     sampling rate q_i = min(1, B / n_i)): 'surrogate' and 'traced' calibration solve the mechanism and
+     the eps -> z map (closed-form surrogate, or the tight traced RDP accountant) inside the same jitted
+     program as the round; 'exact' inverts dp-accounting's accountant host-side once. Every map accounts
+     the sampler that runs (accounting.dp_event). Clients with eps_i = 0 sit out: z_i = inf, weight 0,
+     no payment.
   4. The server aggregates with the game's weights a_i (``valuation.aggregation_weights``: noise-aware by
      default, docs/model.md "Aggregation"), so the model trained is the one the valuation Q values; they
      reach the round as its per-client ``weights`` a_i / n_i (the round weighs client i by weight_i n_i).
   5. T rounds of :func:`fcfn_jax.federated.federated_round`, evaluated on the test split; every K rounds the
      state (model, optimizer, round, key, per-client privacy ledger) is checkpointed atomically, and a run
      restarted with the same config resumes from the newest checkpoint with identical results.
+
+Resume (README "Resume, fingerprints and corrupt checkpoints"): every checkpoint carries the run's
+fingerprint (:func:`run_fingerprint`: every config field that can change results, the data's digest, the
+state layout version); a checkpoint with another fingerprint is refused, or moved aside with
+``restart_on_mismatch``, so a resumed run never mixes two configs, and its round counter, history and
+privacy ledger are checked to agree before it continues.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
+import os
 from typing import Any, NamedTuple
 
 import chex
@@ -30,19 +40,26 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from fcfn_jax import checkpoint, data, federated, models
+from fcfn_jax import checkpoint, data, federated, fingerprint, models
 from fcfn_jax.config import MECHANISM_LABELS, GameConfig, PrivacyConfig, SimulationConfig
 from fcfn_jax.game import baselines, misreport, valuation
 from fcfn_jax.game.outcome import Outcome
 from fcfn_jax.game.spec import Game, GameSpec, make_game, spec_from_config
 from fcfn_jax.privacy import accounting
 from fcfn_jax.report import Timer
-from fcfn_jax.validate import require
+from fcfn_jax.validate import fail, require
 
 _COST_STREAM = 1  # fold_in tags of the run key's independent streams
 _INIT_STREAM = 2
 _TRAIN_STREAM = 3
 _EVAL_BATCH = 512
+# Bump when the meaning of SimState's leaves changes: older checkpoints then no longer match.
+STATE_LAYOUT_VERSION = 1
+# Config fields that never change results (where files go; the data's digest stands for its path).
+_NOT_FINGERPRINTED = ("checkpoint_dir", "checkpoint_every", "data.path")
+OTHER_RUN = ".other-run"  # suffix of a checkpoint folder moved aside by restart_on_mismatch
+
+logger = logging.getLogger(__name__)
 
 
 class SimState(NamedTuple):
@@ -59,10 +76,12 @@ class Experiment(NamedTuple):
   """A prepared experiment (host side): data, model, the clients' game and their noise multipliers.
 
   costs, weights, sampling_rates: [clients]. outcome: the mechanism's Outcome (budgets eps_i [clients]).
+  sampler: the rounds' accounting.Sampler. overflow: p_i [clients], the probability that some step of
+    client i's run overflows B_max (0 for 'fixed'); the in-program maps pay (1 + e^eps_i) p_i from delta.
   noise_multipliers: z_i [clients] used for training (inf = sits out).
   aggregation_weights: a_i [clients], the server's weights of the clients' updates (0 = sits out).
   train_pool: the clients that train, on device: all clients when the mechanism is solved inside the
-    round ('surrogate'), else only the participants (eps_i > 0), in client order.
+    round ('surrogate', 'traced'), else only the participants (eps_i > 0), in client order.
   """
 
   cfg: SimulationConfig
@@ -71,6 +90,8 @@ class Experiment(NamedTuple):
   costs: np.ndarray
   weights: np.ndarray
   sampling_rates: np.ndarray
+  sampler: accounting.Sampler
+  overflow: np.ndarray
   outcome: Outcome
   noise_multipliers: np.ndarray
   aggregation_weights: np.ndarray
@@ -103,17 +124,13 @@ def quality_weights(num_examples: np.ndarray) -> np.ndarray:
   return d / d.mean()
 
 
-def sampling_rates(cfg: SimulationConfig, num_examples: chex.Array) -> chex.Array:
-  """q_i = min(1, B / n_i): [clients], each client's DP-SGD sampling rate."""
-  return jnp.minimum(1.0, cfg.federated.batch_size / num_examples)
-
-
 def game_of(
   cfg: SimulationConfig, costs: chex.Array, weights: chex.Array, num_examples: chex.Array, dtype=None
 ) -> tuple[Game, GameSpec]:
   """The game the run plays (docs/model.md "The game"): the clients' costs, quality weights and sampling
   rates with the GameConfig's scalars, and the spec with the run's DP-SGD steps and delta."""
-  game = make_game(costs, weights, sampling_rates(cfg, jnp.asarray(num_examples)), cfg.game, dtype)
+  rates = accounting.sampling_rates(jnp.asarray(num_examples), cfg.federated.batch_size)
+  game = make_game(costs, weights, rates, cfg.game, dtype)
   return game, spec_from_config(cfg.game, total_steps(cfg), cfg.privacy.delta)
 
 
@@ -122,9 +139,24 @@ def round_weights(aggregation: chex.Array, num_examples: chex.Array) -> chex.Arr
   return aggregation / num_examples
 
 
-def _surrogate_noise(budgets: chex.Array, steps: int, privacy: PrivacyConfig) -> chex.Array:
-  """z_i from the differentiable surrogate; inf for clients that stay out (eps_i = 0)."""
-  return jnp.where(budgets > 0, accounting.surrogate_noise_multiplier(budgets, steps, privacy.delta), jnp.inf)
+def _in_program(privacy: PrivacyConfig) -> bool:
+  """Whether the mechanism and eps -> z are solved inside the round's program ('surrogate', 'traced')."""
+  return privacy.calibration != "exact" and privacy.private
+
+
+def _program_noise(
+  budgets: chex.Array, sampling_rates: chex.Array, overflow: chex.Array, cfg: SimulationConfig
+) -> chex.Array:
+  """z_i of the in-program map ('surrogate' or 'traced') for the run's sampler; inf where eps_i = 0."""
+  return accounting.program_noise(
+    budgets,
+    sampling_rates,
+    overflow,
+    total_steps(cfg),
+    cfg.privacy.delta,
+    cfg.privacy.sampling,
+    cfg.privacy.calibration,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "cfg"))
@@ -133,17 +165,18 @@ def mechanism_round(
   pool: data.ClientPool,
   costs: chex.Array,
   weights: chex.Array,
+  overflow: chex.Array,
   key: chex.PRNGKey,
   *,
   apply_fn,
   cfg: SimulationConfig,
 ):
-  """ONE traced program: solve the mechanism, map eps -> z by the surrogate, run one DP round aggregated
-  with the game's weights a_i.
+  """ONE traced program: solve the mechanism, map eps -> z ('surrogate' or 'traced'), run one DP round
+  aggregated with the game's weights a_i.
 
   Args:
     state: SimState at round t. pool: all clients' data. costs, weights: c_i, w_i [clients].
-    key: the run's training key. apply_fn, cfg: static.
+    overflow: p_i [clients] (``Experiment.overflow``). key: the run's training key. apply_fn, cfg: static.
 
   Returns:
     (SimState at t + 1, federated.RoundMetrics, Outcome).
@@ -151,7 +184,7 @@ def mechanism_round(
   num_examples = jnp.asarray(pool.num_examples, costs.dtype)
   game, spec = game_of(cfg, costs, weights, num_examples, costs.dtype)
   outcome = baselines.solve(game, spec)
-  z = _surrogate_noise(outcome.budgets, total_steps(cfg), cfg.privacy)
+  z = _program_noise(outcome.budgets, game.sampling_rates, overflow, cfg)
   joined = jnp.isfinite(z)
   aggregation = valuation.aggregation_weights(outcome.budgets, game, spec)
   server, metrics = federated.federated_round(
@@ -203,17 +236,19 @@ def prepare(
   cost_factors: m_i >= 1 [clients] or None (honest). Client i reports the cost m_i c_i; the mechanism is
     solved on the reports and the outcome accounted with the true c_i (``misreport.misreported_outcome``).
   """
-  in_round = cfg.privacy.calibration == "surrogate" and cfg.privacy.private
+  in_round = _in_program(cfg.privacy)
   require(
     cost_factors is None or not in_round,
-    "cost_factors needs calibration='exact' or private=False: calibration='surrogate' re-solves the "
-    "mechanism on the true costs inside the round",
+    f"cost_factors needs calibration='exact' or private=False: calibration={cfg.privacy.calibration!r} "
+    "re-solves the mechanism on the true costs inside the round",
   )
   fed_data = data.load_federated(cfg.data) if fed_data is None else fed_data
   key = jax.random.PRNGKey(cfg.seed)
   n = np.asarray(fed_data.pool.num_examples)
   costs = client_costs(key, n.shape[0], cfg.game)
   weights = quality_weights(n)
+  sampler = accounting.sampler_of(cfg.federated, cfg.privacy)
+  overflow = accounting.overflow_probability(n, total_steps(cfg), sampler)
   with jax.enable_x64(True):
     game, spec = game_of(cfg, costs, weights, n)
     rates = np.asarray(game.sampling_rates)
@@ -235,11 +270,18 @@ def prepare(
     aggregation = np.where(joined, aggregation, 0.0) / max(aggregation[joined].sum(), 1e-300)
     if joined.any():
       z[joined] = accounting.calibrate_noise_multipliers(
-        eps[joined], rates[joined], total_steps(cfg), cfg.privacy.delta, cfg.privacy.accountant
+        eps[joined], n[joined], total_steps(cfg), cfg.privacy.delta, sampler, cfg.privacy.accountant
       )
   else:
     with jax.enable_x64(True):
-      z = np.asarray(_surrogate_noise(jnp.asarray(eps), total_steps(cfg), cfg.privacy))
+      z = np.asarray(_program_noise(jnp.asarray(eps), rates, overflow, cfg))
+    bad = np.flatnonzero((eps > 0) & np.isinf(z))
+    require(
+      not bad.size,
+      f"eps[{bad[0] if bad.size else 0}]={float(eps[bad[0]]) if bad.size else 0.0!r} cannot be certified by "
+      f"calibration={cfg.privacy.calibration!r} at batch_capacity={sampler.capacity}: the truncation "
+      "charge (1 + e^eps) P[some step overflows] exceeds delta; raise batch_capacity",
+    )
   model = _model(cfg.model, fed_data.input_shape, fed_data.num_classes)
   rows = slice(None) if in_round else np.flatnonzero(np.isfinite(z))
   train_pool = jax.device_put(jax.tree.map(lambda a: a[rows], fed_data.pool))
@@ -250,6 +292,8 @@ def prepare(
     costs=costs,
     weights=weights,
     sampling_rates=rates,
+    sampler=sampler,
+    overflow=overflow,
     outcome=outcome,
     noise_multipliers=z,
     aggregation_weights=aggregation,
@@ -278,9 +322,10 @@ def privacy_spent(exp: Experiment, steps_done: np.ndarray) -> np.ndarray:
   if joined.any() and cfg.privacy.private:
     spent[joined] = accounting.epsilon_spent(
       exp.noise_multipliers[joined],
-      exp.sampling_rates[joined],
+      np.asarray(exp.data.pool.num_examples)[joined],
       np.asarray(steps_done)[joined],
       cfg.privacy.delta,
+      exp.sampler,
       cfg.privacy.accountant,
     )
   return spent
@@ -288,12 +333,13 @@ def privacy_spent(exp: Experiment, steps_done: np.ndarray) -> np.ndarray:
 
 def _step(exp: Experiment, state: SimState, key: chex.PRNGKey) -> tuple[SimState, Any]:
   cfg = exp.cfg
-  if cfg.privacy.calibration == "surrogate" and cfg.privacy.private:
+  if _in_program(cfg.privacy):
     state, metrics, _ = mechanism_round(
       state,
       exp.train_pool,
       exp.costs.astype(np.float32),
       exp.weights.astype(np.float32),
+      exp.overflow.astype(np.float32),
       key,
       apply_fn=exp.apply_fn,
       cfg=cfg,
@@ -326,8 +372,10 @@ def client_rows(exp: Experiment, steps_done: np.ndarray, spent: np.ndarray) -> l
   """One record per client of what ran: enough to recompute its privacy claim without the simulator.
 
   client: row of the (size-sorted) pool; num_examples n_i; cost c_i; budget_epsilon eps_i sold;
-  noise_multiplier z_i (inf = sat out); sampling_rate q_i; steps: DP-SGD steps taken; epsilon_spent: the
-  accountant's epsilon of those steps at ``delta`` (0 for clients that sat out).
+  noise_multiplier z_i (inf = sat out); sampling_rate q_i = min(1, B / n_i); steps: DP-SGD steps taken;
+  sampler, batch_size B, batch_capacity B_max (the step's slots), delta and accountant: the rest of what
+  ``accounting.dp_event`` needs; epsilon_spent: the accountant's epsilon of those steps at ``delta``
+  (0 for clients that sat out). Adjacency: add/remove one example for 'poisson', replace one for 'fixed'.
   """
   cfg = exp.cfg
   n = np.asarray(exp.data.pool.num_examples)
@@ -341,6 +389,9 @@ def client_rows(exp: Experiment, steps_done: np.ndarray, spent: np.ndarray) -> l
       "noise_multiplier": float(exp.noise_multipliers[i]),
       "sampling_rate": float(exp.sampling_rates[i]),
       "steps": int(steps_done[i]),
+      "sampler": exp.sampler.kind,
+      "batch_size": exp.sampler.batch_size,
+      "batch_capacity": exp.sampler.capacity,
       "delta": cfg.privacy.delta,
       "accountant": cfg.privacy.accountant,
       "epsilon_spent": float(spent[i]),
@@ -376,6 +427,81 @@ def summary_row(exp: Experiment, accuracy: float, wall_time: float, spent: np.nd
   }
 
 
+def data_digest(fed_data: data.FederatedData) -> str:
+  """SHA-256 of everything a run reads from the data: the clients' pool, the test split, the geometry."""
+  pool, test = fed_data.pool, fed_data.test
+  shape = np.asarray(fed_data.input_shape + (fed_data.num_classes,))
+  return fingerprint.arrays_digest(pool.x, pool.y, pool.num_examples, test.x, test.y, shape)
+
+
+def run_fingerprint(
+  cfg: SimulationConfig, digest_of_data: str, cost_factors: np.ndarray | None = None
+) -> fingerprint.Fingerprint:
+  """What determines a run's results: every config field but where files go (by dotted path, so fields
+  added to any config are covered), the data's digest, the clients' cost factors and the state layout.
+
+  ``rounds`` is part of it: it changes every client's calibrated noise (T x S steps).
+  """
+  parts = fingerprint.config_fields(cfg, skip=_NOT_FINGERPRINTED)
+  parts["data_digest"] = digest_of_data
+  parts["cost_factors"] = (
+    None if cost_factors is None else fingerprint.arrays_digest(np.asarray(cost_factors))
+  )
+  parts["state_layout"] = STATE_LAYOUT_VERSION
+  return fingerprint.canonical(parts)
+
+
+def check_checkpoint(
+  cfg: SimulationConfig, parts: fingerprint.Fingerprint, *, restart_on_mismatch: bool = False
+) -> None:
+  """Makes ``cfg.checkpoint_dir`` safe to resume for the run with fingerprint ``parts``.
+
+  Its newest good step (corrupt ones are set aside, see :mod:`fcfn_jax.checkpoint`) must carry
+  ``parts``; a checkpoint of another run is refused, or with ``restart_on_mismatch`` renamed to
+  ``<checkpoint_dir>.other-run`` (``-2``, ...; kept) so the run starts fresh in an empty folder.
+
+  Raises:
+    ConfigError: the checkpoint holds another run (names the differing parts) and not restart_on_mismatch.
+  """
+  if not cfg.checkpoint_dir or not os.path.exists(cfg.checkpoint_dir):
+    return
+  with checkpoint.Checkpointer(cfg.checkpoint_dir) as ckpt:
+    newest = ckpt.restore_metadata()
+    directory = ckpt.directory
+  stored = None if newest is None else newest.metadata.get("fingerprint")
+  if newest is None or stored == parts:
+    return
+  what = fingerprint.differences(stored or {}, parts) if isinstance(stored, dict) else "no fingerprint"
+  if not restart_on_mismatch:
+    fail(
+      f"checkpoint {directory} holds another run ({what}): expected the same settings to resume; "
+      "restart_on_mismatch=True keeps it aside and starts fresh"
+    )
+  target, n = directory + OTHER_RUN, 1
+  while os.path.exists(target):
+    n += 1
+    target = f"{directory}{OTHER_RUN}-{n}"
+  os.rename(directory, target)
+  logger.warning("checkpoint %s holds another run (%s): moved to %s; starting fresh", directory, what, target)
+
+
+def _check_resumed(exp: Experiment, restored: checkpoint.Restored, history: list[dict[str, Any]]) -> None:
+  """The restored step number, round counter and history agree, and the ledger fits in the rounds run."""
+  step, rounds = restored.step, int(restored.state.server.round)
+  steps_done = np.asarray(restored.state.steps_done)
+  require(
+    step == rounds == len(history),
+    f"checkpoint step {step} is inconsistent: round counter {rounds} and {len(history)} history rows; "
+    "expected all three equal",
+  )
+  most = rounds * exp.cfg.federated.local_steps
+  require(
+    np.all((steps_done >= 0) & (steps_done <= most)),
+    f"checkpoint step {step} is inconsistent: its privacy ledger holds {int(steps_done.max())} steps for a "
+    f"client after {rounds} rounds; expected at most {most}",
+  )
+
+
 def run(
   cfg: SimulationConfig,
   *,
@@ -383,16 +509,28 @@ def run(
   progress: bool = True,
   stop_after: int | None = None,
   cost_factors: np.ndarray | None = None,
+  restart_on_mismatch: bool = False,
 ) -> RunResult:
-  """Runs (or resumes, when cfg.checkpoint_dir holds a checkpoint) one experiment to the last round.
+  """Runs (or resumes, when cfg.checkpoint_dir holds a checkpoint of this run) one experiment.
 
   Args:
     cfg: the experiment. fed_data: preloaded data (e.g. shared across mechanisms); None = load it.
     progress: show a progress bar over rounds.
     stop_after: stop after this round (a deliberate interruption, for resume tests); None = run all.
     cost_factors: clients' cost exaggeration factors [clients] (see :func:`prepare`); None = honest.
+    restart_on_mismatch: a checkpoint of another run in cfg.checkpoint_dir is moved aside (see
+      :func:`check_checkpoint`) instead of refused.
+
+  Raises:
+    ConfigError: cfg.checkpoint_dir holds another run (and not restart_on_mismatch), or an inconsistent
+      step; bad inputs.
   """
   with Timer() as timer, contextlib.ExitStack() as stack:
+    fed_data = data.load_federated(cfg.data) if fed_data is None else fed_data
+    parts = None
+    if cfg.checkpoint_dir:
+      parts = run_fingerprint(cfg, data_digest(fed_data), cost_factors)
+      check_checkpoint(cfg, parts, restart_on_mismatch=restart_on_mismatch)
     exp = prepare(cfg, fed_data, cost_factors=cost_factors)
     state = init_state(exp)
     history: list[dict[str, Any]] = []
@@ -401,6 +539,7 @@ def run(
       restored = ckpt.restore(state)
       if restored is not None:
         state, history = restored.state, list(restored.metadata.get("history", []))
+        _check_resumed(exp, restored, history)
     train_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _TRAIN_STREAM)
     test = exp.data.test
     start = int(state.server.round)
@@ -424,7 +563,7 @@ def run(
       done = t + 1
       periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
       if ckpt is not None and (periodic or done == cfg.federated.rounds):
-        ckpt.save(done, state, {"history": history})
+        ckpt.save(done, state, {"history": history, "round": done, "fingerprint": parts})
       if stop_after is not None and done >= stop_after:
         break
     steps_done = np.asarray(state.steps_done)
@@ -443,22 +582,31 @@ def compare(
   mechanisms: tuple[str, ...],
   *,
   progress: bool = True,
-  checkpoint_root: str | None = None,
+  fed_data: data.FederatedData | None = None,
+  restart_on_mismatch: bool = False,
 ) -> Comparison:
   """Runs ``cfg`` once per mechanism on the same clients and data: summary, history and client rows.
 
   Each summary row gains ``redundant_accuracy_loss`` = accuracy(social optimum budgets) - accuracy(row's
   budgets) (docs/model.md "Metrics"); the social optimum is run too when it is not among ``mechanisms``.
-  With ``checkpoint_root``, mechanism m checkpoints into ``<checkpoint_root>/<m>`` and resumes from it.
+  With ``cfg.checkpoint_dir`` = D, mechanism m checkpoints into ``D/<m>`` and resumes from it; every
+  mechanism's checkpoint is checked (:func:`check_checkpoint`) before any of them trains, so a refusal
+  comes before any work.
   """
-  fed_data = data.load_federated(cfg.data)
-  runs = {}
-  for mech in dict.fromkeys(mechanisms + ("social_optimum",)):
-    ckpt_dir = f"{checkpoint_root}/{mech}" if checkpoint_root else None
-    mech_cfg = dataclasses.replace(
-      cfg, game=dataclasses.replace(cfg.game, mechanism=mech), checkpoint_dir=ckpt_dir
+  fed_data = data.load_federated(cfg.data) if fed_data is None else fed_data
+  configs = {
+    mech: dataclasses.replace(
+      cfg,
+      game=dataclasses.replace(cfg.game, mechanism=mech),
+      checkpoint_dir=os.path.join(cfg.checkpoint_dir, mech) if cfg.checkpoint_dir else None,
     )
-    runs[mech] = run(mech_cfg, fed_data=fed_data, progress=progress)
+    for mech in dict.fromkeys(mechanisms + ("social_optimum",))
+  }
+  if cfg.checkpoint_dir:
+    digest = data_digest(fed_data)
+    for mech_cfg in configs.values():
+      check_checkpoint(mech_cfg, run_fingerprint(mech_cfg, digest), restart_on_mismatch=restart_on_mismatch)
+  runs = {mech: run(mech_cfg, fed_data=fed_data, progress=progress) for mech, mech_cfg in configs.items()}
   best = runs["social_optimum"].summary["test_accuracy"]
   summary = [
     dict(runs[m].summary, redundant_accuracy_loss=best - runs[m].summary["test_accuracy"]) for m in mechanisms

@@ -1,25 +1,30 @@
 """Runs every incentive mechanism on the same clients and data and writes the comparison.
 
-Outputs in --out: comparison.{csv,json,md} (one row per mechanism: utilities, accuracy, redundant
-accuracy loss, wall time), history.csv (per-round accuracy) and PNG plots. Example (offline):
+Outputs in --out (written whole at the end; an earlier run's folder is replaced): comparison.{csv,json,md}
+(one row per mechanism: utilities, accuracy, redundant accuracy loss, wall time), history.csv (per-round
+accuracy), clients.csv (one privacy record per mechanism and client), PNG plots and manifest.json. With
+--checkpoint every mechanism checkpoints into <out>.checkpoints/<mechanism> and a rerun resumes from there
+(README "Resume, fingerprints and corrupt checkpoints"). Example (offline):
 
   python scripts/compare_mechanisms.py --rounds=10 --out=results/femnist
 """
 
 from __future__ import annotations
 
-import os
-
-from absl import app, flags
+import dataclasses
 
 from fcfn_jax import config as fc
-from fcfn_jax import plotting, report, simulation, validate
+from fcfn_jax import data, plotting, report, simulation
 from fcfn_jax.game import outcome
 
 import sim_flags
 
-flags.DEFINE_list("mechanisms", list(fc.MECHANISMS), f"Mechanisms to compare, from {list(fc.MECHANISMS)}.")
-FLAGS = flags.FLAGS
+SIM = sim_flags.ConfigFlags(fc.SimulationConfig, skip=("game.mechanism", "checkpoint_dir"))
+RUN = sim_flags.ConfigFlags(fc.RunConfig)
+MECHANISMS = sim_flags.define_list(
+  "mechanisms", fc.MECHANISMS, sim_flags.choice(fc.MECHANISMS), "Mechanisms to compare."
+)
+sim_flags.FLAGS.set_default("out", "results/compare")
 
 COLUMNS = (
   "label",
@@ -38,49 +43,31 @@ COLUMNS = (
 )
 
 
+def _note(cfg: fc.SimulationConfig) -> str:
+  """What the table's averages mean and which valuation/aggregation produced it."""
+  return f"{outcome.AVERAGE_UTILITY}; valuation {cfg.game.valuation!r}, aggregation {cfg.game.aggregation!r}."
+
+
 def main(argv):
   del argv
-  sim_flags.config_or_exit(
-    lambda: [validate.check_choice("mechanisms", mech, fc.MECHANISMS) for mech in FLAGS.mechanisms]
-  )
-  cfg = sim_flags.config_or_exit(lambda: sim_flags.simulation_config(FLAGS.mechanisms[0]))
-  ckpt_root = os.path.join(FLAGS.out, "checkpoints") if FLAGS.checkpoint else None
-  summary, history, clients = sim_flags.config_or_exit(
-    lambda: simulation.compare(
-      cfg, tuple(FLAGS.mechanisms), progress=FLAGS.progress, checkpoint_root=ckpt_root
+  run = sim_flags.run_config(RUN)
+  cfg = SIM.value({"game.mechanism": MECHANISMS.value[0], "checkpoint_dir": sim_flags.checkpoint_dir(run)})
+  fed_data = data.load_federated(cfg.data)
+  header = f"{sim_flags.describe(cfg, fed_data)}; mechanisms {','.join(MECHANISMS.value)}"
+  with sim_flags.results(run, header, dataclasses.asdict(cfg)) as out:
+    comparison = simulation.compare(
+      cfg,
+      tuple(MECHANISMS.value),
+      progress=run.progress,
+      fed_data=fed_data,
+      restart_on_mismatch=run.restart_on_mismatch,
     )
-  )
-  os.makedirs(FLAGS.out, exist_ok=True)
-  report.write_csv_atomic(os.path.join(FLAGS.out, "comparison.csv"), summary)
-  report.write_json_atomic(os.path.join(FLAGS.out, "comparison.json"), summary)
-  report.write_csv_atomic(os.path.join(FLAGS.out, "history.csv"), history)
-  report.write_csv_atomic(os.path.join(FLAGS.out, "clients.csv"), clients)
-  report.write_text_atomic(
-    os.path.join(FLAGS.out, "comparison.md"),
-    report.markdown_table(summary, COLUMNS) + f"\n\n{outcome.AVERAGE_UTILITY}.\n",
-  )
-  plotting.accuracy_per_round(history, os.path.join(FLAGS.out, "accuracy_per_round.png"))
-  plotting.bars(
-    summary,
-    ("quality", "server_utility", "social_welfare", "average_utility"),
-    os.path.join(FLAGS.out, "utilities.png"),
-    "Utilities per mechanism",
-  )
-  plotting.bars(
-    summary,
-    ("participants", "total_payment", "mean_epsilon", "test_accuracy"),
-    os.path.join(FLAGS.out, "participation.png"),
-    "Participation, payments, accuracy",
-  )
-  n = cfg.data.num_clients
-  print(
-    f"\n{cfg.data.dataset} ({cfg.data.source}), {n} clients, {cfg.federated.rounds} rounds x "
-    f"{cfg.federated.local_steps} local steps, batch {cfg.federated.batch_size}, model {cfg.model.name}"
-  )
-  print(report.format_table(summary, COLUMNS))
-  print(f"{outcome.AVERAGE_UTILITY}; valuation {cfg.game.valuation!r}, aggregation {cfg.game.aggregation!r}")
-  print(f"\nwrote {FLAGS.out}/comparison.{{csv,json,md}}, history.csv, clients.csv, *.png")
+    out.comparison(comparison, COLUMNS, note=_note(cfg))
+    plotting.comparison(comparison.summary, comparison.history, out.folder)
+  print(report.format_table(comparison.summary, COLUMNS))
+  print(_note(cfg))
+  print(f"\nwrote {run.out}/: comparison.{{csv,json,md}}, history.csv, clients.csv, *.png, manifest.json")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=sim_flags.parse_flags)
+  sim_flags.run(main)

@@ -7,34 +7,36 @@ server infers the label from the output bias gradient and optimizes a dummy imag
 For logistic regression the closed-form inversion is reported too, and so is the PSNR of a blank image,
 the score of an attacker who learned nothing.
 
-Outputs in --out: inversion.{csv,json,md} and inversion.png (originals and reconstructions). Example:
+Outputs in --out (written whole at the end): inversion.{csv,json,md}, inversion.png (originals and
+reconstructions) and manifest.json. Example:
 
   python scripts/gradient_inversion.py --epsilons=1,8,64,1000 --num_images=6 --out=results/inversion
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from fcfn_jax import config as fc
-from fcfn_jax import data, models, report, validate
+from fcfn_jax import data, models, plotting, report, validate
 from fcfn_jax.attacks import inversion
 from fcfn_jax.privacy import accounting
 
 import sim_flags
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
-flags.DEFINE_list(
-  "epsilons", ["1", "8", "64", "1000"], "Client budgets whose DP-SGD noise is attacked (> 0)."
+SIM = sim_flags.ConfigFlags(fc.SimulationConfig, skip=("game", "checkpoint_dir", "checkpoint_every"))
+RUN = sim_flags.ConfigFlags(fc.RunConfig, skip=sim_flags.CHECKPOINT_FLAGS)
+EPSILONS = sim_flags.define_list(
+  "epsilons",
+  [1, 8, 64, 1000],
+  sim_flags.number(validate.check_positive),
+  "Client budgets whose DP-SGD noise is attacked (> 0).",
 )
 flags.DEFINE_integer("num_images", 6, "Examples of client 0 to reconstruct, one single-example step each.")
 flags.DEFINE_integer("attack_steps", 500, "Adam iterations of the gradient-matching attack.")
@@ -63,62 +65,74 @@ COLUMNS = (
 
 def _settings() -> tuple[list[float], fc.SimulationConfig]:
   """The budgets and the config the flags describe; raises ConfigError naming a bad flag."""
-  epsilons = sim_flags.positive_floats("epsilons", FLAGS.epsilons)
+  epsilons = EPSILONS.value
   validate.check_int("num_images", FLAGS.num_images)
   validate.check_int("attack_steps", FLAGS.attack_steps)
   validate.check_positive("attack_lr", FLAGS.attack_lr)
   validate.check_nonnegative("tv_weight", FLAGS.tv_weight)
-  # Any mechanism: only the data, model, privacy and schedule parts of the config are used.
-  return epsilons, sim_flags.simulation_config("stackelberg")
-
-
-def _figure(originals: np.ndarray, reconstructions: dict[str, np.ndarray], path: str) -> None:
-  """One row per setting (originals first), one column per image; PSNR under each reconstruction."""
-  rows = {"original": (originals, None)}
-  rows.update({name: (x, inversion.psnr(x, originals)) for name, x in reconstructions.items()})
-  cols = originals.shape[0]
-  fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols + 1.2, 1.45 * len(rows)), squeeze=False)
-  for r, (name, (images, quality)) in enumerate(rows.items()):
-    for c in range(cols):
-      ax = axes[r, c]
-      ax.imshow(
-        np.squeeze(images[c], axis=-1) if images.shape[-1] == 1 else images[c],
-        cmap="gray",
-        vmin=0.0,
-        vmax=1.0,
-      )
-      ax.set_xticks([])
-      ax.set_yticks([])
-      if quality is not None:
-        ax.set_xlabel(f"{float(quality[c]):.1f} dB", fontsize=7)
-    axes[r, 0].set_ylabel(name, fontsize=8)
-  fig.suptitle("Gradient inversion of single-example updates (PSNR vs original)", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return epsilons, SIM.value()
 
 
 def main(argv):
   del argv
-  epsilons, cfg = sim_flags.config_or_exit(_settings)
+  run = sim_flags.run_config(RUN)
+  epsilons, cfg = _settings()
   fed, privacy = cfg.federated, cfg.privacy
-  fd = sim_flags.config_or_exit(lambda: data.load_federated(cfg.data))
+  fd = data.load_federated(cfg.data)
   n0 = int(fd.pool.num_examples[0])
-  sim_flags.config_or_exit(
-    lambda: validate.require(
-      FLAGS.num_images <= n0, f"num_images={FLAGS.num_images} is invalid: client 0 has {n0} examples"
-    )
+  validate.require(
+    FLAGS.num_images <= n0, f"num_images={FLAGS.num_images} is invalid: client 0 has {n0} examples"
   )
+  sampling_rate, steps = min(1.0, fed.batch_size / n0), fed.rounds * fed.local_steps
+  with validate.reraise(validate.ConfigError, lambda e: f"epsilons={epsilons} is invalid: {e}"):
+    noise = accounting.calibrate_noise_multipliers(
+      np.asarray(epsilons), n0, steps, privacy.delta, accounting.sampler_of(fed, privacy), privacy.accountant
+    )
+  settings = [("no noise", math.inf, None)] + [(f"eps={e:g}", e, float(z)) for e, z in zip(epsilons, noise)]
+  header = (
+    f"{cfg.data.dataset} ({cfg.data.source}) client 0 ({n0} examples), {FLAGS.num_images} images, model "
+    f"{cfg.model.name}; noise for eps {epsilons} over {steps} steps at q={sampling_rate:.3g}, "
+    f"C={privacy.clip_norm:g}, delta={privacy.delta:g}"
+  )
+  with sim_flags.results(run, header, dataclasses.asdict(cfg)) as out:
+    rows, originals, images, per_image = _attack(cfg, fd, settings)
+    setup = _setup(cfg, fd, sampling_rate, steps)
+    out.table("inversion", rows, COLUMNS, {"setup": setup, "psnr_per_image": per_image})
+    plotting.reconstructions(originals, images, out.file("inversion.png"))
+  print(report.format_table(rows, COLUMNS))
+  print(f"\nwrote {run.out}/: inversion.{{csv,json,md,png}}, manifest.json")
+
+
+def _setup(cfg: fc.SimulationConfig, fd: data.FederatedData, sampling_rate: float, steps: int) -> dict:
+  """What the inversion table's JSON records about the run."""
+  return {
+    "dataset": cfg.data.dataset,
+    "source": cfg.data.source,
+    "model": cfg.model.name,
+    "num_images": FLAGS.num_images,
+    "labels": fd.pool.y[0, : FLAGS.num_images],
+    "sampling_rate": sampling_rate,
+    "steps": steps,
+    "clip_norm": cfg.privacy.clip_norm,
+    "delta": cfg.privacy.delta,
+    "accountant": cfg.privacy.accountant,
+    "attack_steps": FLAGS.attack_steps,
+    "attack_lr": FLAGS.attack_lr,
+    "distance": FLAGS.distance,
+    "tv_weight": FLAGS.tv_weight,
+    "oracle_labels": FLAGS.oracle_labels,
+    "seed": cfg.seed,
+  }
+
+
+def _attack(cfg: fc.SimulationConfig, fd: data.FederatedData, settings: list) -> tuple:
+  """Runs the attack for every (name, eps, z) setting: rows, originals, {name: (images, PSNR)}, PSNRs."""
+  privacy = cfg.privacy
   x, y = fd.pool.x[0, : FLAGS.num_images], fd.pool.y[0, : FLAGS.num_images]
   originals = np.asarray(models.normalize_pixels(x))
   model = models.make_model(cfg.model, fd.input_shape, fd.num_classes)
   key = jax.random.key(cfg.seed)
   params = models.init_params(model, jax.random.fold_in(key, 0), fd.input_shape)
-  sampling_rate, steps = min(1.0, fed.batch_size / n0), fed.rounds * fed.local_steps
-  noise = accounting.calibrate_noise_multipliers(
-    np.asarray(epsilons), sampling_rate, steps, privacy.delta, privacy.accountant
-  )
-  settings = [("no noise", math.inf, None)] + [(f"eps={e:g}", e, float(z)) for e, z in zip(epsilons, noise)]
   blank = inversion.psnr(jnp.zeros_like(originals), originals)
   attack_keys = jax.random.split(jax.random.fold_in(key, 1), FLAGS.num_images)
 
@@ -163,7 +177,7 @@ def main(argv):
     with report.Timer() as timer:
       x_hat, labels, closed_form = jax.block_until_ready(jax.vmap(attack)(x, y, image_keys, attack_keys))
     quality = np.asarray(inversion.psnr(x_hat, originals))
-    images[name], per_image[name] = np.asarray(x_hat), quality.tolist()
+    images[name], per_image[name] = (np.asarray(x_hat), quality), quality.tolist()
     rows.append(
       {
         "setting": name,
@@ -183,35 +197,8 @@ def main(argv):
     )
     print(f"{name}: z={rows[-1]['noise_multiplier']:.4g} PSNR {quality.mean():.1f} dB ({timer.elapsed:.1f}s)")
 
-  os.makedirs(FLAGS.out, exist_ok=True)
-  setup = {
-    "dataset": cfg.data.dataset,
-    "source": cfg.data.source,
-    "model": cfg.model.name,
-    "num_images": FLAGS.num_images,
-    "labels": y,
-    "sampling_rate": sampling_rate,
-    "steps": steps,
-    "clip_norm": privacy.clip_norm,
-    "delta": privacy.delta,
-    "accountant": privacy.accountant,
-    "attack_steps": FLAGS.attack_steps,
-    "attack_lr": FLAGS.attack_lr,
-    "distance": FLAGS.distance,
-    "tv_weight": FLAGS.tv_weight,
-    "oracle_labels": FLAGS.oracle_labels,
-    "seed": cfg.seed,
-  }
-  report.write_results(FLAGS.out, "inversion", rows, COLUMNS, {"setup": setup, "psnr_per_image": per_image})
-  _figure(originals, images, os.path.join(FLAGS.out, "inversion.png"))
-  print(
-    f"\n{cfg.data.dataset} ({cfg.data.source}) client 0 ({n0} examples), model {cfg.model.name}; "
-    f"noise for eps over {steps} steps at q={sampling_rate:.3g}, C={privacy.clip_norm:g}, "
-    f"delta={privacy.delta:g}"
-  )
-  print(report.format_table(rows, COLUMNS))
-  print(f"\nwrote {FLAGS.out}/inversion.{{csv,json,md,png}}")
+  return rows, originals, images, per_image
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=sim_flags.parse_flags)
+  sim_flags.run(main)

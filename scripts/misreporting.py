@@ -6,8 +6,9 @@ costs (``fcfn_jax.game.misreport``). With --train each (mechanism, factor) also 
 mechanism picked on the reports (``simulation.run(..., cost_factors=...)``; runs with equal budgets train
 once).
 
-Outputs in --out: misreporting.{csv,json,md} (one row per mechanism and factor) and PNGs of each metric vs
-the factor. Example (offline, seconds without --train):
+Outputs in --out (written whole at the end): misreporting.{csv,json,md} (one row per mechanism and factor),
+PNGs of each metric vs the factor, manifest.json and, with --train, history.csv and clients.csv of the
+runs. Example (offline, seconds without --train):
 
   python scripts/misreporting.py --factors=1,1.5,2,3 --liar_fraction=0.5 --out=results/misreporting
 """
@@ -16,12 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from fcfn_jax import config as fc
 from fcfn_jax import data, plotting, report, simulation, validate
@@ -29,8 +29,22 @@ from fcfn_jax.game import misreport
 
 import sim_flags
 
-flags.DEFINE_list("mechanisms", list(fc.MECHANISMS), f"Mechanisms to run, from {list(fc.MECHANISMS)}.")
-flags.DEFINE_list("factors", ["1", "1.5", "2", "3"], "Cost exaggeration factors m >= 1 of the liars.")
+
+def _factor(name: str, value: float) -> None:
+  validate.check_finite(name, value)
+  validate.require(value >= 1, f"{name}={value!r} is invalid: expected a number >= 1 (liars exaggerate)")
+
+
+SIM = sim_flags.ConfigFlags(
+  fc.SimulationConfig, skip=("game.mechanism", "checkpoint_dir", "checkpoint_every")
+)
+RUN = sim_flags.ConfigFlags(fc.RunConfig, skip=sim_flags.CHECKPOINT_FLAGS)
+MECHANISMS = sim_flags.define_list(
+  "mechanisms", fc.MECHANISMS, sim_flags.choice(fc.MECHANISMS), "Mechanisms."
+)
+FACTORS = sim_flags.define_list(
+  "factors", [1, 1.5, 2, 3], sim_flags.number(_factor), "Cost exaggeration factors m >= 1 of the liars."
+)
 flags.DEFINE_float("liar_fraction", 0.5, "Fraction of the clients that lie, in (0, 1] (seeded choice).")
 flags.DEFINE_bool("train", False, "Also train with each outcome's budgets and report the test accuracy.")
 FLAGS = flags.FLAGS
@@ -51,31 +65,19 @@ COLUMNS = (
 PLOTTED = ("server_utility", "liars_mean_utility", "honest_mean_utility", "social_welfare", "participants")
 
 
-def _settings() -> tuple[list[float], fc.SimulationConfig]:
-  """The factors and the config the flags describe; raises ConfigError naming a bad flag."""
-  for mech in FLAGS.mechanisms:
-    validate.check_choice("mechanisms", mech, fc.MECHANISMS)
-  factors = []
-  for value in FLAGS.factors:
-    try:
-      factors.append(float(value))
-    except ValueError:
-      validate.require(False, f"factors has {value!r}: expected numbers >= 1")
-    validate.require(
-      math.isfinite(factors[-1]) and factors[-1] >= 1,
-      f"factors has {value!r}: expected finite numbers >= 1 (liars exaggerate their cost)",
-    )
+def _settings() -> fc.SimulationConfig:
+  """The config the flags describe; raises ConfigError naming a bad flag."""
   validate.require(
     0 < FLAGS.liar_fraction <= 1,
     f"liar_fraction={FLAGS.liar_fraction!r} is invalid: expected a number in (0, 1]",
   )
-  cfg = sim_flags.simulation_config(FLAGS.mechanisms[0])
+  cfg = SIM.value({"game.mechanism": MECHANISMS.value[0]})
   validate.require(
     not (FLAGS.train and cfg.privacy.private and cfg.privacy.calibration == "surrogate"),
     "calibration='surrogate' is invalid with --train: misreported budgets need "
     "calibration='exact' (or private=False)",
   )
-  return factors, cfg
+  return cfg
 
 
 def _mean(values: np.ndarray) -> float:
@@ -130,9 +132,12 @@ def train_accuracy(
   rows: list[dict],
   budgets: list[np.ndarray],
   liars: np.ndarray,
-) -> None:
-  """Adds test_accuracy to every row: training with the row's budgets (equal budgets train once)."""
-  trained = {}
+) -> simulation.Comparison:
+  """Adds test_accuracy to every row: training with the row's budgets (equal budgets train once).
+
+  Returns the trained runs' tables (summary, history and clients rows, each with its factor).
+  """
+  trained, runs = {}, simulation.Comparison([], [], [])
   for row, eps in zip(rows, budgets):
     key = eps.tobytes()
     if key not in trained:
@@ -141,49 +146,40 @@ def train_accuracy(
         mech_cfg, fed_data=fed_data, progress=FLAGS.progress, cost_factors=np.where(liars, row["factor"], 1.0)
       )
       trained[key] = result.summary["test_accuracy"]
+      runs.summary.append({"factor": row["factor"], **result.summary})
+      runs.history.extend({"factor": row["factor"], **r} for r in result.history)
+      runs.clients.extend({"factor": row["factor"], **r} for r in result.clients)
     row["test_accuracy"] = trained[key]
+  return runs
 
 
 def main(argv):
   del argv
-  factors, cfg = sim_flags.config_or_exit(_settings)
-  fed_data = sim_flags.config_or_exit(lambda: data.load_federated(cfg.data))
+  run = sim_flags.run_config(RUN)
+  cfg = _settings()
+  fed_data = data.load_federated(cfg.data)
   num_examples = np.asarray(fed_data.pool.num_examples)
   liars = misreport.choose_liars(len(num_examples), FLAGS.liar_fraction, cfg.seed)
-  rows, budgets = game_rows(cfg, num_examples, FLAGS.mechanisms, factors, liars)
-  columns = COLUMNS
-  if FLAGS.train:
-    sim_flags.config_or_exit(lambda: train_accuracy(cfg, fed_data, rows, budgets, liars))
-    columns += ("test_accuracy",)
-
-  os.makedirs(FLAGS.out, exist_ok=True)
-  setup = {
-    "dataset": cfg.data.dataset,
-    "source": cfg.data.source,
-    "clients": len(num_examples),
-    "liars": int(liars.sum()),
-    "liar_fraction": FLAGS.liar_fraction,
-    "lam": cfg.game.lam,
-    "cost_low": cfg.game.cost_low,
-    "cost_high": cfg.game.cost_high,
-    "eps_max": cfg.game.eps_max,
-    "seed": cfg.seed,
-    "trained": FLAGS.train,
-  }
-  if FLAGS.train:
-    setup.update(model=cfg.model.name, rounds=cfg.federated.rounds, local_steps=cfg.federated.local_steps)
-  report.write_results(FLAGS.out, "misreporting", rows, columns, {"setup": setup})
-  plotted = PLOTTED + (("test_accuracy",) if FLAGS.train else ())
-  for metric in plotted:
-    plotting.metric_vs_parameter(rows, "factor", metric, os.path.join(FLAGS.out, f"{metric}_vs_factor.png"))
-  print(
-    f"\n{cfg.data.dataset} ({cfg.data.source}), {len(num_examples)} clients, {int(liars.sum())} liars "
-    f"(seed {cfg.seed}); lam={cfg.game.lam:g}, c ~ U[{cfg.game.cost_low:g}, {cfg.game.cost_high:g}], "
-    f"eps_max={cfg.game.eps_max:g}"
+  header = (
+    f"{int(liars.sum())} of {len(num_examples)} clients lie by factors {FACTORS.value}; game: "
+    f"{sim_flags.fields(cfg.game, skip=('mechanism',))}"
+    + (f"; trained: {sim_flags.describe(cfg, fed_data)}" if FLAGS.train else "")
   )
+  setup = {"clients": len(num_examples), "liars": int(liars.sum()), "liar_fraction": FLAGS.liar_fraction}
+  setup.update(trained=FLAGS.train, config=dataclasses.asdict(cfg))
+  with sim_flags.results(run, header, setup) as out:
+    rows, budgets = game_rows(cfg, num_examples, MECHANISMS.value, FACTORS.value, liars)
+    columns = COLUMNS + (("test_accuracy",) if FLAGS.train else ())
+    if FLAGS.train:
+      runs = train_accuracy(cfg, fed_data, rows, budgets, liars)
+      out.csv("history", runs.history)
+      out.csv("clients", runs.clients)
+    out.table("misreporting", rows, columns, {"setup": setup})
+    for metric in PLOTTED + (("test_accuracy",) if FLAGS.train else ()):
+      plotting.metric_vs_parameter(rows, "factor", metric, out.file(f"{metric}_vs_factor.png"))
   print(report.format_table(rows, columns))
-  print(f"\nwrote {FLAGS.out}/misreporting.{{csv,json,md}}, *_vs_factor.png")
+  print(f"\nwrote {run.out}/: misreporting.{{csv,json,md}}, *_vs_factor.png, manifest.json")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=sim_flags.parse_flags)
+  sim_flags.run(main)

@@ -1,222 +1,323 @@
-"""absl flags shared by the experiment scripts: every SimulationConfig field, and the config they build.
+"""The experiment scripts' plumbing: flags generated from the config dataclasses, one list parser, one way
+to start a run (quiet logs, misuse = exit status 2 with one line) and one results writer.
 
-A bad value ends the program with exit status 2 and one line naming the flag, the value and what is
-allowed (no traceback): unparsable flags through :func:`parse_flags` (run scripts with
-``app.run(main, flags_parser=sim_flags.parse_flags)``), bad configs through :func:`config_or_exit`.
+Flags (after fedjax's ``training/structured_flags.py``, but generated): ``ConfigFlags(cls)`` defines one
+absl flag per scalar field of ``cls`` and of the dataclasses nested in it, named after the field
+(``RENAMED`` keeps three older names), typed by its annotation (bool, int, float, str, ``X | None``,
+``tuple[X, ...]`` as a list), defaulting to the dataclass default, with the field's entry in the class
+docstring's ``Attributes:`` as help; a str field whose module defines the tuple of allowed values named
+after it in capitals and plural (``dataset`` -> ``DATASETS``) becomes an enum flag. A field added to a
+config gets its flag with no code here. ``ConfigFlags(...).value()`` builds the config from the flags;
+its ConfigError names the flag.
+
+Lists: :func:`define_list` is the one list parser: a comma-separated flag whose every element is parsed
+and checked while the flags are parsed (``epsilons[2]='x' is invalid: expected a number``); empty is an
+error.
+
+Running: :func:`run` wraps ``app.run``: unparsable flags and every ConfigError end the program with
+``error: <one line>`` on stderr and exit status 2 (no traceback), and INFO logs (absl, jax's backend
+probing, orbax) stay hidden unless ``--verbosity`` asks for them. :func:`results` prints the one header
+line of what runs and opens the run's :class:`fcfn_jax.report.ResultsFolder` (or, with ``--dry_run``,
+stops there having written nothing).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import logging
 import os
+import re
 import sys
-from collections.abc import Callable
-from typing import TypeVar
+import types
+import typing
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
-from absl import flags
+from absl import app, flags
+from absl import logging as absl_logging
 
 from fcfn_jax import config as fc
-from fcfn_jax import validate
+from fcfn_jax import report, validate
 
-_T = TypeVar("_T")
 FLAGS = flags.FLAGS
-# Flag defaults are the configs' own defaults, so the CLI and the library agree.
-_DATA, _MODEL, _PRIVACY = fc.DataConfig(), fc.ModelConfig(), fc.PrivacyConfig()
-_FED, _GAME, _SIM = fc.FederatedConfig(), fc.GameConfig(), fc.SimulationConfig()
-
-# Data.
-flags.DEFINE_enum(
-  "dataset",
-  _DATA.dataset,
-  list(fc.DATASETS),
-  "femnist: EMNIST by writer; emnist: tfds EMNIST (no writers); cifar10: CIFAR-10.",
-)
-flags.DEFINE_enum(
-  "source",
-  _DATA.source,
-  list(fc.SOURCES),
-  "embedded: the FEMNIST-digits copy inside the package (offline); npz: --data_path is a "
-  ".npz file (or, for cifar10, a folder with cifar10_train_batch1.npz and cifar10_test.npz); "
-  "tfds: --data_path is a tfds data_dir with the dataset prepared as array_record.",
-)
-flags.DEFINE_string("data_path", None, "The .npz file / folder (source=npz) or tfds data_dir (source=tfds).")
-flags.DEFINE_enum(
-  "partition",
-  _DATA.partition,
-  list(fc.PARTITIONS),
-  "writer: one client per writer; dirichlet: label skew Dir(--dirichlet_alpha); iid.",
-)
-flags.DEFINE_float(
-  "dirichlet_alpha", _DATA.dirichlet_alpha, "Dirichlet concentration for partition=dirichlet (> 0)."
-)
-flags.DEFINE_integer(
-  "num_clients", _DATA.num_clients, "Number of clients (writers are sampled down to this many)."
-)
-flags.DEFINE_integer(
-  "min_examples", _DATA.min_examples_per_client, "Writers with fewer examples are not clients."
-)
-flags.DEFINE_bool("digits_only", _DATA.digits_only, "femnist/emnist: keep only the 10 digit classes.")
-flags.DEFINE_integer(
-  "capacity", _DATA.capacity, "Per-client slots in the padded pool (0 = the largest client)."
-)
-flags.DEFINE_integer(
-  "test_examples",
-  _DATA.test_examples,
-  "Evaluate on a seeded subsample of this many test examples (0 = the whole test split).",
-)
-# Model and privacy.
-flags.DEFINE_enum("model", _MODEL.name, list(fc.MODELS), "cnn: small flax CNN; logreg: logistic regression.")
-flags.DEFINE_float("clip_norm", _PRIVACY.clip_norm, "Per-example L2 clipping bound C (> 0).")
-flags.DEFINE_float("delta", _PRIVACY.delta, "Every client's target delta, in (0, 1).")
-flags.DEFINE_enum(
-  "accountant", _PRIVACY.accountant, list(fc.ACCOUNTANTS), "dp-accounting accountant for exact numbers."
-)
-flags.DEFINE_enum(
-  "calibration",
-  _PRIVACY.calibration,
-  list(fc.CALIBRATIONS),
-  "exact: host-side accountant inversion of eps_i -> z_i (tight); surrogate: the "
-  "differentiable closed form, solved with the mechanism inside the jitted round "
-  "(conservative: more noise).",
-)
-flags.DEFINE_bool(
-  "private", _PRIVACY.private, "False = no clipping and no noise (the non-private reference)."
-)
-# Federated schedule.
-flags.DEFINE_integer("rounds", _FED.rounds, "Federated rounds T.")
-flags.DEFINE_integer("local_steps", _FED.local_steps, "Local DP-SGD steps S per round.")
-flags.DEFINE_integer("batch_size", _FED.batch_size, "Local batch size B (sampling rate q_i = B / n_i).")
-flags.DEFINE_float("client_lr", _FED.client_lr, "Client SGD learning rate.")
-flags.DEFINE_float("server_lr", _FED.server_lr, "Server learning rate on the FedAvg pseudo-gradient.")
-flags.DEFINE_enum(
-  "server_optimizer", _FED.server_optimizer, list(fc.SERVER_OPTIMIZERS), "Server optax optimizer."
-)
-flags.DEFINE_integer(
-  "chunk_size", _FED.chunk_size, "Clients per vmapped chunk (0 = all at once); bounds memory."
-)
-# Game.
-flags.DEFINE_float("lam", _GAME.lam, "Server's valuation lambda of model quality (> 0).")
-flags.DEFINE_float("cost_low", _GAME.cost_low, "Privacy costs c_i ~ Uniform[cost_low, cost_high] (> 0).")
-flags.DEFINE_float("cost_high", _GAME.cost_high, "Upper end of the privacy-cost distribution.")
-flags.DEFINE_float("eps_max", _GAME.eps_max, "Largest budget a client may sell (> 0).")
-flags.DEFINE_float("eps_min", _GAME.eps_min, "Budget the no-incentive mandate imposes on every client.")
-flags.DEFINE_integer(
-  "num_types", _GAME.num_types, "Contract theory: number of cost types (0 = one per client)."
-)
-flags.DEFINE_integer(
-  "num_aggregators", _GAME.num_aggregators, "Three-party game: number of edge aggregators."
-)
-flags.DEFINE_enum(
-  "valuation",
-  _GAME.valuation,
-  list(fc.VALUATIONS),
-  "dp: Q = -(noise variance of the aggregate); log: log(1+X).",
-)
-flags.DEFINE_enum(
-  "aggregation",
-  _GAME.aggregation,
-  list(fc.AGGREGATIONS),
-  "noise_aware: inverse-variance weights; fedavg: n_i.",
-)
-flags.DEFINE_float(
-  "data_epsilon", _GAME.data_epsilon, "Budget whose DP noise equals a mean-size client's data term (> 0)."
-)
-# Run.
-flags.DEFINE_integer("seed", _SIM.seed, "Seed of everything (costs, model init, sampling, noise).")
-flags.DEFINE_string("out", "results", "Output folder for CSV/JSON/PNG files.")
-flags.DEFINE_integer(
-  "checkpoint_every", _SIM.checkpoint_every, "Checkpoint every K rounds (0 = only the last round)."
-)
-flags.DEFINE_bool("checkpoint", False, "Checkpoint into <out>/checkpoints/<mechanism> and resume from it.")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
-
-# Checked while parsing, so a run never computes for minutes only to find it cannot write its results.
-flags.register_validator(
-  "out",
-  lambda path: not os.path.exists(path) or os.path.isdir(path),
-  "expected a directory (it is created if missing), not an existing file",
-)
+# Field -> flag names that differ from the field's name (kept from the hand-written flags).
+RENAMED = {
+  "DataConfig.path": "data_path",
+  "DataConfig.min_examples_per_client": "min_examples",
+  "ModelConfig.name": "model",
+}
+_GENERATED: dict[str, tuple[Any, Any]] = {}  # flag -> (annotation, default), so shared fields share a flag
 
 
-def _exit_with(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
+# ----------------------------------------------------------------------------------------------------------
+# Lists: one parser, every element checked.
+# ----------------------------------------------------------------------------------------------------------
+
+Element = Callable[[str, str], Any]  # (name[i], text) -> value, or ConfigError naming name[i]
+
+
+def number(check: Callable[[str, Any], None] = validate.check_finite) -> Element:
+  """Elements that are numbers passing ``check(name[i], value)`` (a ``validate.check_*``)."""
+
+  def parse(name: str, text: str) -> float:
+    with validate.reraise(ValueError, lambda _: f"{name}={text!r} is invalid: expected a number"):
+      value = float(text)
+    check(name, value)
+    return value
+
+  return parse
+
+
+def integer(minimum: int = 1) -> Element:
+  """Elements that are integers >= ``minimum``."""
+
+  def parse(name: str, text: str) -> int:
+    with validate.reraise(ValueError, lambda _: f"{name}={text!r} is invalid: expected an integer"):
+      value = int(text)
+    validate.check_int(name, value, minimum=minimum)
+    return value
+
+  return parse
+
+
+def choice(options: Collection[str]) -> Element:
+  """Elements from ``options``."""
+
+  def parse(name: str, text: str) -> str:
+    validate.check_choice(name, text, options)
+    return text
+
+  return parse
+
+
+class _ListParser(flags.ArgumentParser):
+  """A comma-separated list; each element through ``element``; empty refused."""
+
+  syntactic_help = "a comma-separated list"
+
+  def __init__(self, name: str, element: Element):
+    self.name, self.element = name, element
+
+  def parse(self, argument: Any) -> list[Any]:
+    if isinstance(argument, (list, tuple)):
+      texts = [str(a).strip() for a in argument]
+    else:
+      texts = [t.strip() for t in str(argument).split(",")] if str(argument).strip() else []
+    validate.require(texts, f"{self.name} is empty: expected at least one value")
+    return [self.element(f"{self.name}[{i}]", text) for i, text in enumerate(texts)]
+
+  def flag_type(self) -> str:
+    return "list"
+
+
+def define_list(name: str, default: Collection[Any], element: Element, help: str) -> flags.FlagHolder:
+  """A list flag checked element by element while the flags are parsed (absl reports the flag)."""
+  return flags.DEFINE(
+    _ListParser(name, element), name, [str(v) for v in default], help, serializer=flags.CsvListSerializer(",")
+  )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags generated from config dataclasses.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _attribute_help(cls: type) -> dict[str, str]:
+  """Field -> help: the entries of the class docstring's ``Attributes:`` section (Google style)."""
+  lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+  entries, current = {}, None
+  for line in lines[lines.index("Attributes:") + 1 :] if "Attributes:" in lines else []:
+    if line and not line.startswith(" "):
+      break
+    if entry := re.match(r"^  (\w+): (.*)$", line):
+      current = entry[1]
+      entries[current] = entry[2]
+    elif current and line.strip():
+      entries[current] += " " + line.strip()
+  return entries
+
+
+def _choices(cls: type, flag: str) -> tuple[str, ...] | None:
+  """The module's tuple of allowed values named after ``flag`` (dataset -> DATASETS), if any."""
+  plural = flag.upper()[:-1] + "IES" if flag.endswith("y") else flag.upper() + "S"
+  options = getattr(sys.modules[cls.__module__], plural, None)
+  return options if isinstance(options, tuple) and all(isinstance(o, str) for o in options) else None
+
+
+def _define(flag: str, annotation: Any, default: Any, help: str, options: tuple[str, ...] | None) -> None:
+  """One absl flag for a field of type ``annotation`` (shared with an earlier field of equal type/default)."""
+  if flag in _GENERATED:
+    if _GENERATED[flag] != (annotation, default):
+      raise TypeError(f"--{flag} is generated twice with different types or defaults: {_GENERATED[flag]}")
+    return
+  _GENERATED[flag] = (annotation, default)
+  optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+  base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
+  if base is bool:
+    flags.DEFINE_bool(flag, default, help)
+  elif base is int:
+    flags.DEFINE_integer(flag, default, help)
+  elif base is float:
+    flags.DEFINE_float(flag, default, help)
+  elif base is str and options and not optional:
+    flags.DEFINE_enum(flag, default, options, help)
+  elif base is str:
+    flags.DEFINE_string(flag, default, help)
+  elif typing.get_origin(base) is tuple and typing.get_args(base)[-1] is Ellipsis:
+    item = typing.get_args(base)[0]
+    element = {int: integer(minimum=-sys.maxsize), float: number(), str: choice(options) if options else None}
+    validate.require(item in element, f"--{flag}: tuples of {item} have no list parser")
+    define_list(flag, default, element[item] or (lambda name, text: text), help)
+  else:
+    raise TypeError(f"--{flag}: no flag type for a field annotated {annotation!r}")
+
+
+class ConfigFlags:
+  """The flags of a config dataclass and the dataclasses nested in it, and the config they describe.
+
+  skip: dotted field paths (``"game.mechanism"``) or whole sub-configs (``"data"``) without flags; they
+  keep their defaults unless :meth:`value` sets them.
+  """
+
+  def __init__(self, cls: type, *, skip: Collection[str] = ()):
+    self.cls = cls
+    self._skip = tuple(skip)
+    self._flags: dict[str, str] = {}  # dotted path -> flag name
+    self._define(cls, "")
+
+  def _skipped(self, path: str) -> bool:
+    return any(path == s or path.startswith(s + ".") for s in self._skip)
+
+  def _define(self, cls: type, prefix: str) -> None:
+    hints, helps = typing.get_type_hints(cls), _attribute_help(cls)
+    for field in dataclasses.fields(cls):
+      path = prefix + field.name
+      if self._skipped(path):
+        continue
+      if dataclasses.is_dataclass(hints[field.name]):
+        self._define(hints[field.name], path + ".")
+        continue
+      flag = RENAMED.get(f"{cls.__name__}.{field.name}", field.name)
+      default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+      help = helps.get(field.name, f"{cls.__name__}.{field.name} (undocumented).")
+      _define(flag, hints[field.name], default, help, _choices(cls, flag))
+      self._flags[path] = flag
+
+  @property
+  def flag_names(self) -> dict[str, str]:
+    """Dotted field path -> flag name of every generated flag."""
+    return dict(self._flags)
+
+  def value(self, overrides: Mapping[str, Any] | None = None) -> Any:
+    """The config the flags describe, with ``overrides`` (dotted path -> value) taking precedence.
+
+    Raises:
+      ConfigError from the config's validation, with renamed fields called by their flag names.
+    """
+    return self._build(self.cls, "", dict(overrides or {}))
+
+  def _build(self, cls: type, prefix: str, overrides: dict[str, Any]) -> Any:
+    hints, kwargs, renamed = typing.get_type_hints(cls), {}, {}
+    for field in dataclasses.fields(cls):
+      path = prefix + field.name
+      if path in overrides:
+        kwargs[field.name] = overrides[path]
+      elif dataclasses.is_dataclass(hints[field.name]):
+        kwargs[field.name] = self._build(hints[field.name], path + ".", overrides)
+      elif path in self._flags:
+        value = FLAGS[self._flags[path]].value
+        # List flags give lists; tuple fields keep configs hashable (they key jit caches).
+        kwargs[field.name] = tuple(value) if isinstance(value, list) else value
+        renamed[field.name] = self._flags[path]
+    renamed = {k: v for k, v in renamed.items() if k != v}
+    try:
+      return cls(**kwargs)
+    except validate.ConfigError as err:
+      message = str(err)
+      for field_name, flag in renamed.items():
+        message = re.sub(rf"(?<![\w.]){field_name}=", f"{flag}=", message)
+      validate.fail(message)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running a script.
+# ----------------------------------------------------------------------------------------------------------
+
+RUN_FLAGS = ("out", "progress", "dry_run")  # the RunConfig fields every script has
+CHECKPOINT_FLAGS = ("checkpoint", "restart_on_mismatch")
+
+
+def _exit_with(message: str) -> typing.NoReturn:
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
   sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """FLAGS(argv), or exit(2) with absl's one-line message naming the flag and value (no usage text)."""
+  """FLAGS(argv), or exit(2) with absl's one-line message naming the flag and value (no usage text).
+
+  Also quiets the logs: INFO lines (absl's default, which shows jax probing for a TPU on every CPU run,
+  and orbax's progress) are hidden unless --verbosity is given; warnings read ``WARNING: ...``.
+  """
   try:
-    return FLAGS(argv)
+    remaining = FLAGS(argv)
   except flags.Error as err:
-    _exit_with(" ".join(str(err).split()))
+    _exit_with(str(err))
+  if not FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  absl_logging.get_absl_handler().setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+  return remaining
 
 
-def positive_floats(name: str, values: list[str]) -> list[float]:
-  """The list flag ``name`` as numbers > 0; raises ConfigError naming the bad entry."""
-  numbers = []
-  for value in values:
-    try:
-      numbers.append(float(value))
-    except ValueError:
-      validate.require(False, f"{name} has {value!r}: expected numbers > 0")
-    validate.check_positive(name, numbers[-1])
-  return numbers
-
-
-def config_or_exit(build: Callable[[], _T]) -> _T:
-  """build(), or exit(2) with the ConfigError's one-line message (no traceback)."""
+def call(main: Callable[[list[str]], None], argv: list[str]) -> None:
+  """``main(argv)`` after the flags are parsed; a ConfigError exits with status 2 and one line."""
   try:
-    return build()
+    main(argv)
   except validate.ConfigError as err:
     _exit_with(str(err))
 
 
-def simulation_config(mechanism: str, checkpoint_dir: str | None = None) -> fc.SimulationConfig:
-  """The SimulationConfig the flags describe, for one mechanism."""
-  return fc.SimulationConfig(
-    data=fc.DataConfig(
-      dataset=FLAGS.dataset,
-      source=FLAGS.source,
-      path=FLAGS.data_path,
-      partition=FLAGS.partition,
-      dirichlet_alpha=FLAGS.dirichlet_alpha,
-      num_clients=FLAGS.num_clients,
-      min_examples_per_client=FLAGS.min_examples,
-      digits_only=FLAGS.digits_only,
-      capacity=FLAGS.capacity,
-      test_examples=FLAGS.test_examples,
-      seed=FLAGS.seed,
-    ),
-    model=fc.ModelConfig(name=FLAGS.model),
-    privacy=fc.PrivacyConfig(
-      clip_norm=FLAGS.clip_norm,
-      delta=FLAGS.delta,
-      accountant=FLAGS.accountant,
-      calibration=FLAGS.calibration,
-      private=FLAGS.private,
-    ),
-    federated=fc.FederatedConfig(
-      rounds=FLAGS.rounds,
-      local_steps=FLAGS.local_steps,
-      batch_size=FLAGS.batch_size,
-      client_lr=FLAGS.client_lr,
-      server_lr=FLAGS.server_lr,
-      server_optimizer=FLAGS.server_optimizer,
-      chunk_size=FLAGS.chunk_size,
-    ),
-    game=fc.GameConfig(
-      mechanism=mechanism,
-      lam=FLAGS.lam,
-      cost_low=FLAGS.cost_low,
-      cost_high=FLAGS.cost_high,
-      eps_max=FLAGS.eps_max,
-      eps_min=FLAGS.eps_min,
-      num_types=FLAGS.num_types,
-      num_aggregators=FLAGS.num_aggregators,
-      valuation=FLAGS.valuation,
-      aggregation=FLAGS.aggregation,
-      data_epsilon=FLAGS.data_epsilon,
-    ),
-    seed=FLAGS.seed,
-    checkpoint_dir=checkpoint_dir,
-    checkpoint_every=FLAGS.checkpoint_every,
+def run(main: Callable[[list[str]], None]) -> None:
+  """``app.run(main)``: misuse (bad flags, any ConfigError) exits with status 2 and one line on stderr."""
+  app.run(functools.partial(call, main), flags_parser=parse_flags)
+
+
+def run_config(run_flags: ConfigFlags) -> fc.RunConfig:
+  """The RunConfig the flags describe, its output folder checked (writes nothing)."""
+  run_cfg = run_flags.value()
+  report.check_output_folder(run_cfg.out)
+  return run_cfg
+
+
+def checkpoint_dir(run_cfg: fc.RunConfig) -> str | None:
+  """Where --checkpoint keeps a run's checkpoints: ``<out>.checkpoints``, beside the results folder (which
+  each run replaces whole), or None."""
+  return os.path.abspath(run_cfg.out).rstrip(os.sep) + ".checkpoints" if run_cfg.checkpoint else None
+
+
+def fields(cfg: Any, skip: Collection[str] = ()) -> str:
+  """``name=value`` of every field of a config dataclass, e.g. for the header line."""
+  return " ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name not in skip)
+
+
+def describe(cfg: fc.SimulationConfig, fed_data: Any) -> str:
+  """What a simulation actually runs: the real client count, the data, model, schedule and privacy."""
+  n = fed_data.pool.num_examples
+  return (
+    f"{len(n)} clients ({int(n.sum())} examples; {cfg.data.dataset}/{cfg.data.source}, "
+    f"{cfg.data.partition}), {len(fed_data.test.y)} test examples, model {cfg.model.name}, "
+    f"{cfg.federated.rounds} rounds x {cfg.federated.local_steps} local steps x batch "
+    f"{cfg.federated.batch_size}, privacy: {fields(cfg.privacy)}, seed {cfg.seed}"
   )
+
+
+def results(run_cfg: fc.RunConfig, header: str, setup: Mapping[str, Any]) -> report.ResultsFolder:
+  """Prints the header line, then: with --dry_run exits 0 (nothing written); else the run's output folder
+  (a ``with`` block: written whole at its end, nothing left on failure)."""
+  script = os.path.basename(sys.argv[0])
+  print(f"{script}: {header} -> {run_cfg.out}", flush=True)
+  if run_cfg.dry_run:
+    print("dry run: the flags, the data and the output folder are valid; nothing was written", flush=True)
+    sys.exit(0)
+  return report.ResultsFolder(run_cfg.out, manifest={"script": script, "setup": setup})

@@ -7,8 +7,8 @@ log pi) starts from --start_payment, or from the best point of a --grid_points l
 payment when it is 0. Also reported: the grid's best uniform payment, ``leader.solve_leader`` with the
 same groups and, for --valuation=log, the closed form R* = max(0, lam - K_S / (|S|-1)).
 
-Outputs in --out: trajectory.{csv,json} (one row per step), summary.json and trajectory.png (objective and
-parameters per step). Example (about a minute on a CPU):
+Outputs in --out (written whole at the end): trajectory.{csv,json,md} (one row per step), summary.json,
+trajectory.png (objective and parameters per step) and manifest.json. Example (about a minute on a CPU):
 
   python scripts/tune_pricing.py --valuation=dp --price_groups=4 --lam=200 --eps_max=50 --out=results/tune
   python scripts/tune_pricing.py --valuation=log --price_groups=1 --lam=20 --eps_max=1000 --nosafeguard \
@@ -17,13 +17,13 @@ parameters per step). Example (about a minute on a CPU):
 
 from __future__ import annotations
 
-import os
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 
 from fcfn_jax import config as fc
 from fcfn_jax import plotting, report, validate
@@ -32,6 +32,12 @@ from fcfn_jax.game.spec import Game, GameSpec
 
 import sim_flags
 
+# One game, no data or model: the quality's noise variance needs delta and the steps T x S.
+SIM = sim_flags.ConfigFlags(
+  fc.SimulationConfig, skip=("data", "model", "game.mechanism", "checkpoint_dir", "checkpoint_every")
+)
+RUN = sim_flags.ConfigFlags(fc.RunConfig, skip=sim_flags.CHECKPOINT_FLAGS)
+flags.DEFINE_integer("num_clients", 12, "Clients in the game.")
 flags.DEFINE_integer(
   "price_groups", 4, "Price groups by data-weight rank (1 = uniform price; num_clients = one per client)."
 )
@@ -48,25 +54,32 @@ flags.DEFINE_bool(
   "overshoots get rejected), so use --nosafeguard there.",
 )
 flags.DEFINE_float(
-  "weight_spread", 4.0, "Data sizes d_i ~ Uniform[1, weight_spread] (>= 1), w = d / mean(d)."
+  "weight_spread", 4.0, "Data sizes d_i ~ Uniform[1, weight_spread] (finite, >= 1), w = d / mean(d)."
 )
 FLAGS = flags.FLAGS
 FLAGS.set_default("out", "results/tune")
-FLAGS.set_default("num_clients", 12)
 FLAGS.set_default("lam", 200.0)
 FLAGS.set_default("eps_max", 50.0)
+_MAX = 10**6
 
 
 def _problem() -> tuple[Game, GameSpec, jax.Array, fc.SimulationConfig]:
   """The game, its spec, the price group of each client and the config; raises ConfigError naming a bad
   flag."""
-  cfg = sim_flags.simulation_config("stackelberg")
+  cfg = SIM.value({"game.mechanism": "stackelberg"})
+  # Caps far above any useful run keep a typo from allocating the machine away (the grid solves
+  # grid_points games of num_clients clients; the trajectory keeps steps x price_groups values).
+  validate.check_int("num_clients", FLAGS.num_clients, minimum=2, maximum=_MAX)
   validate.check_int("price_groups", FLAGS.price_groups, maximum=FLAGS.num_clients)
-  validate.check_int("steps", FLAGS.steps)
+  validate.check_int("steps", FLAGS.steps, maximum=_MAX)
   validate.check_positive("learning_rate", FLAGS.learning_rate)
   validate.check_int("decay_steps", FLAGS.decay_steps)
   validate.check_nonnegative("start_payment", FLAGS.start_payment)
-  validate.check_int("grid_points", FLAGS.grid_points, minimum=2)
+  validate.check_int("grid_points", FLAGS.grid_points, minimum=2, maximum=_MAX)
+  validate.check_finite("weight_spread", FLAGS.weight_spread)  # inf would surface as weights[0]=nan
+  validate.require(
+    FLAGS.weight_spread >= 1, f"weight_spread={FLAGS.weight_spread!r} is invalid: expected a number >= 1"
+  )
   game_cfg = cfg.game
   settings = sweep.SweepSettings(
     game=game_cfg,
@@ -85,27 +98,9 @@ def _problem() -> tuple[Game, GameSpec, jax.Array, fc.SimulationConfig]:
   return game, settings.spec("stackelberg"), groups, cfg
 
 
-def _plot(rows: list[dict], num_groups: int, path: str) -> str:
-  fig, (top, bottom) = plotting.plt.subplots(2, 1, figsize=(6, 6), sharex=True)
-  steps = [r["step"] for r in rows]
-  top.plot(steps, [r["objective"] for r in rows])
-  top.set(ylabel="server utility U_s", title="Adam on (log R, log pi)")
-  bottom.plot(steps, [r["payment"] for r in rows], label="payment R")
-  for g in range(num_groups if num_groups > 1 else 0):
-    bottom.plot(steps, [r[f"price_{g}"] for r in rows], label=f"price group {g}", lw=0.8)
-  bottom.set(xlabel="step", ylabel="value", yscale="log")
-  bottom.legend(fontsize=7)
-  for ax in (top, bottom):
-    ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plotting.plt.close(fig)
-  return path
-
-
-def main(_):
+def _tune(game: Game, spec: GameSpec, groups: jax.Array) -> tuple[dict, list]:
+  """Grid, Adam and solve_leader on the game: the summary dict and one trajectory row per Adam step."""
   with jax.enable_x64(True):
-    game, spec, groups, cfg = sim_flags.config_or_exit(_problem)
     grid_payments, grid_utilities = tuning.uniform_grid(game, spec, FLAGS.grid_points)
     best_grid = int(jnp.argmax(grid_utilities))
     start = FLAGS.start_payment or grid_payments[best_grid]
@@ -156,11 +151,23 @@ def main(_):
     }
     for t in range(FLAGS.steps + 1)
   ]
-  os.makedirs(FLAGS.out, exist_ok=True)
-  report.write_csv_atomic(os.path.join(FLAGS.out, "trajectory.csv"), rows)
-  report.write_json_atomic(os.path.join(FLAGS.out, "trajectory.json"), rows)
-  report.write_json_atomic(os.path.join(FLAGS.out, "summary.json"), summary)
-  _plot(rows, FLAGS.price_groups, os.path.join(FLAGS.out, "trajectory.png"))
+  return summary, rows
+
+
+def main(_):
+  run = sim_flags.run_config(RUN)
+  with jax.enable_x64(True):
+    game, spec, groups, cfg = _problem()
+  header = (
+    f"one game of {FLAGS.num_clients} clients, {FLAGS.price_groups} price groups, {FLAGS.steps} Adam steps"
+    f"; game: {sim_flags.fields(cfg.game, skip=('mechanism',))}; delta {cfg.privacy.delta}, "
+    f"{cfg.federated.rounds} x {cfg.federated.local_steps} steps, seed {cfg.seed}"
+  )
+  with sim_flags.results(run, header, dataclasses.asdict(cfg)) as out:
+    summary, rows = _tune(game, spec, groups)
+    out.table("trajectory", rows)
+    out.json("summary", summary)
+    plotting.tuning_trajectory(rows, FLAGS.price_groups, out.file("trajectory.png"))
   print(
     report.format_table(
       [{"quantity": k, "value": v} for k, v in summary.items() if k != "tuned_prices"], floatfmt=".8g"
@@ -170,4 +177,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=sim_flags.parse_flags)
+  sim_flags.run(main)

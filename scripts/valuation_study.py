@@ -6,35 +6,47 @@ each (mechanism, seed) gives the valuation Q of the outcome (docs/model.md "Stag
 test accuracy. Reported: Spearman's rank correlation of Q and accuracy over all pairs, over all pairs
 but no_incentive's (a mandate at one fixed budget: the easy ranks), and within each seed (over the
 mechanisms), averaged. Outputs in --out: valuation_study.{csv,json,md} (one row per mechanism and seed)
-and valuation_study_summary.{csv,json,md}. Example (about a minute per seed on a 2-core CPU):
+and valuation_study_summary.{csv,json,md}, written whole at the end, and manifest.json. Example (about a
+minute per seed on a 2-core CPU):
 
   python scripts/valuation_study.py --seeds=0,1,2,3,4,5,6,7,8,9 --out=results/valuation_study
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
-from absl import app, flags
-from scipy import stats
 
 from fcfn_jax import config as fc
-from fcfn_jax import report, simulation, validate
+from fcfn_jax import data, report, simulation, stats
 
 import sim_flags
 
-flags.DEFINE_list("seeds", [str(s) for s in range(10)], "Seeds (>= 0): one client pool and cost draw each.")
-flags.DEFINE_list("mechanisms", list(fc.MECHANISMS), f"Mechanisms to train, from {list(fc.MECHANISMS)}.")
-FLAGS = flags.FLAGS
-FLAGS.set_default("out", "results/valuation_study")
+SIM = sim_flags.ConfigFlags(
+  fc.SimulationConfig, skip=("game.mechanism", "checkpoint_dir", "checkpoint_every")
+)
+RUN = sim_flags.ConfigFlags(fc.RunConfig, skip=sim_flags.CHECKPOINT_FLAGS)
+SEEDS = sim_flags.define_list(
+  "seeds", range(10), sim_flags.integer(minimum=0), "Seeds: a client pool, cost draw and training noise each."
+)
+MECHANISMS = sim_flags.define_list(
+  "mechanisms", fc.MECHANISMS, sim_flags.choice(fc.MECHANISMS), "Mechanisms to train."
+)
+sim_flags.FLAGS.set_default("out", "results/valuation_study")
 
 COLUMNS = ("seed", "label", "quality", "participants", "mean_epsilon", "min_epsilon", "test_accuracy")
 
 
 def spearman(rows: list[dict]) -> float:
-  """Spearman's rho of quality and test accuracy over ``rows`` (NaN for fewer than 3 rows)."""
+  """Spearman's rho of quality and test accuracy over ``rows`` (NaN for fewer than 3 rows); Q = -inf
+  (nobody participates: no model) ranks below every finite Q."""
   if len(rows) < 3:
     return float("nan")
-  return float(stats.spearmanr([r["quality"] for r in rows], [r["test_accuracy"] for r in rows])[0])
+  quality = np.asarray([r["quality"] for r in rows], np.float64)
+  finite = np.isfinite(quality)
+  floor = quality[finite].min(initial=0.0) - 1.0
+  return stats.spearman(np.where(finite, quality, floor), [r["test_accuracy"] for r in rows])
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -48,36 +60,37 @@ def summarize(rows: list[dict]) -> list[dict]:
   ]
 
 
-def _seeds() -> list[int]:
-  seeds = []
-  for text in FLAGS.seeds:
-    validate.require(text.strip().isdigit(), f"seeds has {text!r}: expected integers >= 0")
-    seeds.append(int(text))
-  for mech in FLAGS.mechanisms:
-    validate.check_choice("mechanisms", mech, fc.MECHANISMS)
-  return seeds
-
-
 def main(argv):
   del argv
-  seeds = sim_flags.config_or_exit(_seeds)
-  rows = []
-  for seed in seeds:
-    FLAGS.seed = seed
-    cfg = sim_flags.config_or_exit(lambda: sim_flags.simulation_config(FLAGS.mechanisms[0]))
-    summary = simulation.compare(cfg, tuple(FLAGS.mechanisms), progress=FLAGS.progress).summary
-    rows += [dict(row, seed=seed) for row in summary]
-    print(
-      f"seed {seed}: " + ", ".join(f"{r['mechanism']} {r['test_accuracy']:.3f}" for r in summary), flush=True
-    )
-  correlations = summarize(rows)
-  setup = {"seeds": seeds, "valuation": cfg.game.valuation, "aggregation": cfg.game.aggregation}
-  report.write_results(FLAGS.out, "valuation_study", rows, None, setup)
-  report.write_results(FLAGS.out, "valuation_study_summary", correlations, None, setup)
+  run = sim_flags.run_config(RUN)
+  # --seed is replaced by each --seeds entry (data partition, costs and training noise).
+  first = MECHANISMS.value[0]
+  configs = [SIM.value({"seed": s, "data.seed": s, "game.mechanism": first}) for s in SEEDS.value]
+  datasets = {cfg.data: data.load_federated(cfg.data) for cfg in configs}
+  cfg0 = configs[0]
+  header = (
+    f"seeds {SEEDS.value}; at seed {cfg0.seed}: {sim_flags.describe(cfg0, datasets[cfg0.data])}; mechanisms "
+    f"{','.join(MECHANISMS.value)}; valuation {cfg0.game.valuation}, aggregation {cfg0.game.aggregation}"
+  )
+  setup = {"seeds": SEEDS.value, "config": dataclasses.asdict(cfg0)}
+  with sim_flags.results(run, header, setup) as out:
+    rows = []
+    for cfg in configs:
+      summary = simulation.compare(
+        cfg, tuple(MECHANISMS.value), progress=run.progress, fed_data=datasets[cfg.data]
+      ).summary
+      rows += [dict(row, seed=cfg.seed) for row in summary]
+      print(
+        f"seed {cfg.seed}: " + ", ".join(f"{r['mechanism']} {r['test_accuracy']:.3f}" for r in summary),
+        flush=True,
+      )
+    correlations = summarize(rows)
+    out.table("valuation_study", rows, COLUMNS)
+    out.table("valuation_study_summary", correlations)
   print(report.format_table(rows, COLUMNS))
   print(report.format_table(correlations))
-  print(f"\nwrote {FLAGS.out}/valuation_study{{,_summary}}.{{csv,json,md}}")
+  print(f"\nwrote {run.out}/valuation_study{{,_summary}}.{{csv,json,md}}, manifest.json")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=sim_flags.parse_flags)
+  sim_flags.run(main)

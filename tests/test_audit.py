@@ -22,7 +22,14 @@ CLASSES = 3
 N = 7  # the client's own examples; with the canary, B = N + 1 puts every example in every step (q = 1).
 STEPS = 4
 FED = FederatedConfig(local_steps=STEPS, batch_size=N + 1, client_lr=0.1)
-PRIVACY = PrivacyConfig(clip_norm=1.0, delta=DELTA)
+# B_max = N + 2 > N: the canary's neighbour (N + 1 examples) never overflows, so no truncation to account.
+PRIVACY = PrivacyConfig(clip_norm=1.0, delta=DELTA, batch_capacity=N + 2)
+# Subsampled audits: q = 2 / N for both samplers.
+SUBSAMPLED = FederatedConfig(local_steps=STEPS, batch_size=2, client_lr=0.1)
+SAMPLERS = {
+  "poisson": PrivacyConfig(clip_norm=1.0, delta=DELTA, batch_capacity=N + 1),
+  "fixed": PrivacyConfig(clip_norm=1.0, delta=DELTA, sampling="fixed"),
+}
 TRIALS = 4000
 CHUNK = 64  # passed explicitly everywhere so that every call shares one compiled program
 MODEL = models.LogisticRegression(CLASSES)
@@ -39,7 +46,9 @@ def _client():
   return params, x, y, audit.make_canary(x, label=1, num_pixels=SHAPE[1])
 
 
-def _audit(noise_multiplier: float, seed: int = 1) -> audit.AuditResult:
+def _audit(
+  noise_multiplier: float, seed: int = 1, fed: FederatedConfig = FED, privacy: PrivacyConfig = PRIVACY
+) -> audit.AuditResult:
   params, x, y, canary = _client()
   return audit.audit_client(
     params,
@@ -49,8 +58,8 @@ def _audit(noise_multiplier: float, seed: int = 1) -> audit.AuditResult:
     noise_multiplier,
     jax.random.key(seed),
     apply_fn=MODEL.apply,
-    fed=FED,
-    privacy=PRIVACY,
+    fed=fed,
+    privacy=privacy,
     num_trials=TRIALS,
     chunk_size=CHUNK,
   )
@@ -74,9 +83,16 @@ def _scores(noise_multiplier: float, seed: int) -> np.ndarray:
   return np.asarray(scores)
 
 
-def _claimed_noise(eps: float) -> float:
-  """z whose RDP epsilon over the client's STEPS full-batch steps is eps (the claim under audit)."""
-  return float(accounting.calibrate_noise_multipliers(eps, 1.0, STEPS, DELTA)[0])
+def _claimed_noise(eps: float, fed: FederatedConfig = FED, privacy: PrivacyConfig = PRIVACY) -> float:
+  """z whose RDP epsilon over the client's STEPS steps of the configured sampler is eps (the claim)."""
+  sampler = accounting.sampler_of(fed, privacy)
+  return float(accounting.calibrate_noise_multipliers(eps, N, STEPS, DELTA, sampler)[0])
+
+
+def _claim(z: float, fed: FederatedConfig = FED, privacy: PrivacyConfig = PRIVACY) -> float:
+  """The tightest accountant's epsilon of the audited client: PLD where supported, else RDP."""
+  accountant = "rdp" if privacy.sampling == "fixed" else "pld"
+  return accounting.accountant_epsilon(z, N, STEPS, DELTA, accounting.sampler_of(fed, privacy), accountant)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,7 +142,7 @@ def test_epsilon_bound_uses_the_better_of_both_tails():
 def test_gaussian_scores_bound_is_valid_and_powerful():
   """N(mu, 1) vs N(0, 1) is one Gaussian-mechanism step with z = 1/mu; its exact epsilon bounds the audit."""
   mu, n = 1.5, 20_000
-  exact = accounting.accountant_epsilon(1 / mu, 1.0, 1, DELTA, "pld")
+  exact = accounting.accountant_epsilon(1 / mu, 1, 1, DELTA, accounting.Sampler("poisson", 1, 2), "pld")
   for seed in range(3):
     rng = np.random.default_rng(seed)
     result = audit.audit_scores(rng.normal(size=n), rng.normal(mu, 1.0, size=n), DELTA)
@@ -187,7 +203,7 @@ def test_scores_follow_the_gaussian_mechanism():
 def test_audit_stays_below_the_claimed_epsilon(eps):
   z = _claimed_noise(eps)
   result = _audit(z)
-  assert result.eps_lower <= accounting.accountant_epsilon(z, 1.0, STEPS, DELTA, "pld") <= eps
+  assert result.eps_lower <= _claim(z) <= eps
   assert result.trials == TRIALS // 2
 
 
@@ -201,6 +217,49 @@ def test_audit_refutes_an_under_noised_claim():
   """A client claiming eps = 1 but adding 1/8 of the calibrated noise is caught."""
   result = _audit(_claimed_noise(1.0) / 8)
   assert result.eps_lower > 1.0
+
+
+@pytest.mark.parametrize("kind", ["poisson", "fixed"])
+def test_subsampled_audit_stays_below_the_claim_and_catches_an_eighth_of_the_noise(kind):
+  """The real round at q = 2/7: the canary is present or absent (Poisson, add/remove) or replaces an
+  example (fixed, replace-one); the lower bound stays below the claim, and a client adding 1/8 of the
+  claimed noise is caught (its lower bound exceeds the claimed epsilon)."""
+  privacy = SAMPLERS[kind]
+  eps = 2.0
+  z = _claimed_noise(eps, SUBSAMPLED, privacy)
+  honest = _audit(z, seed=3, fed=SUBSAMPLED, privacy=privacy)
+  assert honest.eps_lower <= _claim(z, SUBSAMPLED, privacy) <= eps
+  cheat = _audit(z / 8, seed=4, fed=SUBSAMPLED, privacy=privacy)
+  assert cheat.eps_lower > eps, cheat
+
+
+def test_subsampled_scores_are_the_poisson_mixture():
+  """At q = 2/7 without noise, each step adds the canary's ~1 with probability q: the mean score gap is
+  about S q (the canary joins Bin(S, q) steps), and some trials never see it."""
+  params, x, y, canary = _client()
+  privacy = SAMPLERS["poisson"]
+  scores = np.asarray(
+    audit.canary_scores(
+      params,
+      x,
+      y,
+      canary,
+      jnp.float32(0.0),
+      jax.random.key(5),
+      apply_fn=MODEL.apply,
+      fed=SUBSAMPLED,
+      privacy=privacy,
+      num_trials=TRIALS,
+      chunk_size=CHUNK,
+    )
+  )
+  gap = scores[1] - scores[0].mean()
+  q = 2 / N
+  assert STEPS * q * 0.85 < gap.mean() < STEPS * q * 1.05
+  # Trials whose canary joined no step: gap ~ 0, about (1 - q)^S of them (binomial 99.9% interval).
+  missed = np.sum(np.abs(gap) < 0.5)
+  low, high = stats.binom.interval(0.999, TRIALS, (1 - q) ** STEPS)
+  assert low <= missed <= high, (missed, low, high)
 
 
 def test_non_private_path_is_rejected():

@@ -1,8 +1,9 @@
-"""Checkpointer: exact round trips, retention, crash safety, corruption fallback, template errors."""
+"""Checkpointer: round trips, retention, crash safety, checksums, corrupt steps set aside, template errors."""
 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import pathlib
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
+from fcfn_jax import checkpoint
 from fcfn_jax.checkpoint import Checkpointer
 from fcfn_jax.validate import ConfigError
 
@@ -234,37 +236,115 @@ def test_crash_mid_save_keeps_previous_step(ckpt_dir, crash_point):
     assert ckpt.restore(make_state(0)).step == 2
 
 
+def _flip_one_byte(step_dir):
+  """Flips the middle byte of the largest array file: the damage a checksum must catch."""
+  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  path = max(files, key=os.path.getsize)
+  blob = bytearray(pathlib.Path(path).read_bytes())
+  blob[len(blob) // 2] ^= 0x01
+  pathlib.Path(path).write_bytes(bytes(blob))
+
+
 _CORRUPTIONS = {
   "truncated_array_data": lambda step_dir: [
     open(f, "w").close() for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
   ],
+  "one_flipped_byte": _flip_one_byte,
   "garbled_metadata_json": lambda step_dir: pathlib.Path(step_dir, "metadata", "metadata").write_text(
     '{"round": 2, "hist'
   ),
+  "deleted_metadata_folder": lambda step_dir: shutil.rmtree(os.path.join(step_dir, "metadata")),
   "missing_tree_metadata": lambda step_dir: os.remove(os.path.join(step_dir, "state", "_METADATA")),
   "empty_step_dir": lambda step_dir: (shutil.rmtree(step_dir), os.mkdir(step_dir)),
+  "no_checksums": lambda step_dir: os.remove(os.path.join(step_dir, checkpoint.CHECKSUMS)),
+  "garbled_checksums": lambda step_dir: pathlib.Path(step_dir, checkpoint.CHECKSUMS).write_text("[1"),
 }
+
+
+def _reseal(step_dir):
+  """Rewrites a step's checksums over its current files: damage the checksums cannot see (orbax must)."""
+  digests = checkpoint._file_digests(step_dir)
+  pathlib.Path(step_dir, checkpoint.CHECKSUMS).write_text(json.dumps(digests))
+
+
+# Resealed: the checksums match the damaged files, so orbax's own read must fail (not for the flipped byte,
+# which then is valid data, nor for damage to the checksums themselves).
+_UNSEALABLE = ("one_flipped_byte", "no_checksums", "garbled_checksums")
+_CASES = [(name, False) for name in _CORRUPTIONS] + [(n, True) for n in _CORRUPTIONS if n not in _UNSEALABLE]
 
 
 # After a failed read orbax can leave a callback aimed at its already closed asyncio loop.
 @pytest.mark.filterwarnings("ignore:(?s).*Event loop is closed:pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("corrupt", list(_CORRUPTIONS.values()), ids=list(_CORRUPTIONS))
-def test_corrupt_latest_step_falls_back_to_previous(ckpt_dir, corrupt, caplog):
+@pytest.mark.parametrize("name, resealed", _CASES, ids=[f"{n}{'_resealed' * r}" for n, r in _CASES])
+def test_corrupt_newest_step_is_set_aside_and_the_run_saves_over_it(ckpt_dir, name, resealed, caplog):
   with Checkpointer(ckpt_dir) as ckpt:
     ckpt.save(1, make_state(1), metadata(1))
     ckpt.save(2, make_state(2), metadata(2))
-    corrupt(ckpt.step_path(2))
+    _CORRUPTIONS[name](ckpt.step_path(2))
+    if resealed:
+      _reseal(ckpt.step_path(2))
   with Checkpointer(ckpt_dir) as ckpt:
+    if not resealed:  # an explicit step is refused, not set aside
+      with pytest.raises(ConfigError, match=re.escape(f"checkpoint {ckpt.step_path(2)} ")):
+        ckpt.restore(make_state(0), step=2)
     with caplog.at_level(logging.WARNING, logger="fcfn_jax.checkpoint"):
       step, state, meta = ckpt.restore(make_state(0))
     assert step == 1 and meta == metadata(1)
     assert_same_state(state, make_state(1))
-    assert f"checkpoint {ckpt.step_path(2)} is unreadable" in caplog.text
-    with pytest.raises(ConfigError, match=re.escape(f"checkpoint {ckpt.step_path(2)} is unreadable")):
-      ckpt.restore(make_state(0), step=2)
-    corrupt(ckpt.step_path(1))
-    with pytest.raises(ConfigError, match=r"no readable checkpoint: .*ckpt/2 is unreadable.*ckpt/1 is un"):
-      ckpt.restore(make_state(0))
+    assert f"checkpoint {ckpt.step_path(2)} " in caplog.text and "set aside as" in caplog.text
+    assert ckpt.all_steps() == [1]
+    ckpt.save(2, make_state(5), metadata(2))  # the resumed run saves step 2 again, cleanly
+    assert ckpt.restore(make_state(0)).step == 2
+  assert sorted(os.listdir(ckpt_dir)) == ["1", "2", "2.set-aside"]  # the bad step is kept for inspection
+  with Checkpointer(ckpt_dir) as ckpt:
+    step, state, _ = ckpt.restore(make_state(0))
+    assert step == 2
+    assert_same_state(state, make_state(5))
+
+
+@pytest.mark.filterwarnings("ignore:(?s).*Event loop is closed:pytest.PytestUnraisableExceptionWarning")
+def test_every_step_corrupt_means_a_fresh_start_with_all_kept(ckpt_dir):
+  with Checkpointer(ckpt_dir) as ckpt:
+    ckpt.save(1, make_state(1), metadata(1))
+    ckpt.save(2, make_state(2), metadata(2))
+    _flip_one_byte(ckpt.step_path(1))
+    _flip_one_byte(ckpt.step_path(2))
+  with Checkpointer(ckpt_dir) as ckpt:
+    assert ckpt.restore_metadata() is None
+    assert ckpt.restore(make_state(0)) is None
+    ckpt.save(1, make_state(1), metadata(1))
+  assert sorted(os.listdir(ckpt_dir)) == ["1", "1.set-aside", "2.set-aside"]
+
+
+def test_restore_metadata_reads_the_newest_good_step_without_its_state(ckpt_dir):
+  with Checkpointer(ckpt_dir) as ckpt:
+    assert ckpt.restore_metadata() is None
+    ckpt.save(1, make_state(1), metadata(1))
+    ckpt.save(2, make_state(2), metadata(2))
+    _flip_one_byte(ckpt.step_path(2))
+    restored = ckpt.restore_metadata()
+  assert restored.step == 1 and restored.state is None and restored.metadata == metadata(1)
+
+
+def test_checksums_cover_every_file_and_survive_later_saves(ckpt_dir):
+  with Checkpointer(ckpt_dir, max_to_keep=2) as ckpt:
+    ckpt.save(1, make_state(1), metadata(1))
+    sealed = json.loads(pathlib.Path(ckpt.step_path(1), checkpoint.CHECKSUMS).read_text())
+    on_disk = {
+      os.path.relpath(os.path.join(root, f), ckpt.step_path(1))
+      for root, _, files in os.walk(ckpt.step_path(1))
+      for f in files
+    }
+    assert set(sealed) == on_disk - {checkpoint.CHECKSUMS}
+    ckpt.save(2, make_state(2), metadata(2))
+    ckpt.restore(make_state(0), step=1)  # reading a step must not change its files
+    assert ckpt.check_step(1) is None and ckpt.check_step(2) is None
+
+
+def test_a_checkpoint_directory_that_is_a_file(tmp_path):
+  (tmp_path / "f").write_text("")
+  with pytest.raises(ConfigError, match=r"checkpoint directory .*/f' is a file: expected a folder"):
+    Checkpointer(tmp_path / "f")
 
 
 def test_bad_max_to_keep():

@@ -71,7 +71,9 @@ class ClippingTest(chex.TestCase):
     garbage_y = jnp.where(mask, y, 2 - y)
     clipped_sum_fn = clipping.vmap_clipped_sum(clipping.per_example_value_and_grad(loss_fn))
     dp = self.variant(
-      lambda xx, yy: clipping.dp_gradient(clipped_sum_fn, params, xx, yy, mask, 1.5, jax.random.key(3), CLIP)
+      lambda xx, yy: clipping.dp_gradient(
+        clipped_sum_fn, params, xx, yy, mask, 1.5, jax.random.key(3), CLIP, float(BATCH)
+      )
     )
     clean, dirty = dp(x, y), dp(garbage_x, garbage_y)
     chex.assert_trees_all_equal(clean, dirty)
@@ -79,27 +81,27 @@ class ClippingTest(chex.TestCase):
     np.testing.assert_array_equal(np.asarray(dirty.norms)[~np.asarray(mask)], 0.0)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_noise_free_gradient_is_clipped_sum_over_fixed_batch(self):
+  def test_noise_free_gradient_is_clipped_sum_over_the_expected_batch(self):
     loss_fn, params, x, y = _setup()
     mask = jnp.array([True, True, True, False, False, False])
     per_example_fn = clipping.per_example_value_and_grad(loss_fn)
     clipped_sum_fn = clipping.vmap_clipped_sum(per_example_fn)
     out = self.variant(clipping.dp_gradient, static_argnums=0)(
-      clipped_sum_fn, params, x, y, mask, 0.0, jax.random.key(0), CLIP
+      clipped_sum_fn, params, x, y, mask, 0.0, jax.random.key(0), CLIP, 4.5
     )
     summed, _ = clipping.clip_and_sum(per_example_fn(params, x, y)[1], mask, CLIP)
-    # Divided by the fixed batch B = 6, not by the 3 valid examples.
-    chex.assert_trees_all_close(out.grad, jax.tree.map(lambda s: s / BATCH, summed), atol=1e-7)
+    # Divided by the expected batch size q n = 4.5, neither by the 3 valid examples nor by the 6 slots.
+    chex.assert_trees_all_close(out.grad, jax.tree.map(lambda s: s / 4.5, summed), atol=1e-7)
 
   def test_noise_std_is_z_times_c_per_client(self):
-    """Zero-signal batches: B * g~ is pure noise with std z C; z is a vmapped per-client array."""
+    """Zero-signal batches: b * g~ is pure noise with std z C; z and b are vmapped per-client arrays."""
     params = {"w": jnp.zeros((100, 50)), "b": jnp.zeros((50,))}
 
     def zero_grads(p, x, y):
       del y
       return jnp.zeros(x.shape[0]), jax.tree.map(lambda q: jnp.zeros((x.shape[0], *q.shape)), p)
 
-    def noisy_grad(z, key):
+    def noisy_grad(z, key, expected):
       return clipping.dp_gradient(
         clipping.vmap_clipped_sum(zero_grads),
         params,
@@ -109,12 +111,13 @@ class ClippingTest(chex.TestCase):
         z,
         key,
         2.0,
+        expected,
       ).grad
 
-    multipliers = jnp.array([0.5, 1.0, 3.0])
-    grads = jax.jit(jax.vmap(noisy_grad))(multipliers, jax.random.split(jax.random.key(7), 3))
+    multipliers, expected = jnp.array([0.5, 1.0, 3.0]), jnp.array([6.0, 2.5, 40.0])
+    grads = jax.jit(jax.vmap(noisy_grad))(multipliers, jax.random.split(jax.random.key(7), 3), expected)
     for c, z in enumerate(multipliers):
-      noise = np.concatenate([np.ravel(leaf[c]) * BATCH for leaf in jax.tree.leaves(grads)])
+      noise = np.concatenate([np.ravel(leaf[c]) * float(expected[c]) for leaf in jax.tree.leaves(grads)])
       # 5050 coordinates: the sample std has relative standard error ~1 %; allow 5 %.
       np.testing.assert_allclose(noise.std(), float(z) * 2.0, rtol=0.05)
       self.assertLess(abs(noise.mean()), 0.1 * float(z) * 2.0)

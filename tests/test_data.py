@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import json
+import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,8 @@ import tensorflow_datasets as tfds
 from fcfn_jax import data
 from fcfn_jax.config import DataConfig
 from fcfn_jax.validate import ConfigError
+
+from .cli import import_script
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -144,11 +150,7 @@ def test_embedded_default_loads_offline():
 
 @needs_shared
 def test_embedded_asset_regenerates_exactly(tmp_path):
-  spec = importlib.util.spec_from_file_location(
-    "make_embedded_dataset", REPO / "scripts" / "make_embedded_dataset.py"
-  )
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = import_script("make_embedded_dataset.py")
   digest = hashlib.sha256(LEAF_FILE.read_bytes()).hexdigest()
   with np.load(LEAF_FILE) as leaf:
     arrays = script.build_arrays({key: leaf[key] for key in leaf.files}, digest)
@@ -422,3 +424,137 @@ def test_load_federated_capacity_and_test_subsample():
   again = data.load_federated(DataConfig(capacity=50, test_examples=100, seed=2))
   np.testing.assert_array_equal(fed.pool.x, again.pool.x)
   np.testing.assert_array_equal(fed.test.y, again.test.y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bounded loading: tiny files must not make the loader allocate gigabytes (issue 12 reproducers).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _npy_member(archive: zipfile.ZipFile, key: str, shape: tuple, dtype: str, data: bytes = b"", repeat=0):
+  """Writes ``key.npy`` with a header declaring ``shape``/``dtype``, then ``data`` and ``repeat`` MiB of
+  zeros (streamed, so a large member never exists in memory)."""
+  with archive.open(f"{key}.npy", "w", force_zip64=True) as f:
+    np.lib.format.write_array_header_1_0(f, {"descr": dtype, "fortran_order": False, "shape": shape})
+    f.write(data)
+    for _ in range(repeat):
+      f.write(bytes(1 << 20))
+
+
+def _bounded_loading_files(tmp_path: Path) -> dict[str, Path]:
+  arrays = _project_arrays(n_train=24, n_test=8)
+  files = {}
+  files["huge_writer_ids"] = _save(
+    tmp_path, dict(arrays, train_writer=np.array([0, 2**31 - 2] * 12, np.int32)), "ids.npz"
+  )
+  files["huge_num_classes"] = _save(tmp_path, dict(arrays, num_classes=np.array(2**31 - 1)), "classes.npz")
+  files["unused_key"] = tmp_path / "unused.npz"
+  with zipfile.ZipFile(files["unused_key"], "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+    for key, value in arrays.items():
+      with archive.open(f"{key}.npy", "w") as f:
+        np.lib.format.write_array(f, value)
+    _npy_member(archive, "unused", (300 << 20,), "|u1", repeat=300)
+  files["one_tib_key"] = tmp_path / "tib.npz"
+  with zipfile.ZipFile(files["one_tib_key"], "w") as archive:
+    for key, value in arrays.items():
+      if key != "train_image":
+        with archive.open(f"{key}.npy", "w") as f:
+          np.lib.format.write_array(f, value)
+    _npy_member(archive, "train_image", (2**40 // 784, 28, 28, 1), "|u1", data=bytes(100))
+  leaf = {
+    "x": np.zeros((20, 28, 28), np.uint8),
+    "y": np.arange(20) % 10,
+    "writer": np.repeat(np.array([3, 2**31 - 2]), 10),
+    "leaf_split": np.tile([0, 0, 0, 1, 1], 4).astype(np.uint8),
+  }
+  files["leaf_huge_writer_ids"] = _save(tmp_path, leaf, "leaf.npz")
+  return files
+
+
+_MEMORY_PROBE = """
+import json, resource, sys
+from fcfn_jax import config, data, validate
+
+def peak():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+start, results = peak(), {}
+for name, path in json.loads(sys.argv[1]).items():
+  cfg = config.DataConfig(source="npz", path=path, num_clients=2, min_examples_per_client=1)
+  try:
+    fed = data.load_federated(cfg)
+    results[name] = ["ok", fed.pool.x.shape[0]]
+  except validate.ConfigError as err:
+    results[name] = ["error", str(err)]
+print(json.dumps({"grew": peak() - start, "results": results}))
+"""
+
+
+def test_tiny_npz_files_load_in_bounded_memory(tmp_path):
+  """Writer ids near 2^31, num_classes 2^31 - 1, an unused 300 MiB key, a key declaring 1 TiB: each loads
+  or fails with one clear line, and the loading process's peak memory grows by far less than any of them."""
+  files = _bounded_loading_files(tmp_path)
+  assert max(path.stat().st_size for path in files.values()) < 2_000_000
+  proc = subprocess.run(
+    [sys.executable, "-c", _MEMORY_PROBE, json.dumps({k: str(v) for k, v in files.items()})],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  results = report["results"]
+  assert results["huge_writer_ids"] == ["ok", 2]
+  assert results["unused_key"][0] == "ok"
+  assert results["leaf_huge_writer_ids"] == ["ok", 2]
+  assert results["huge_num_classes"][0] == "error"
+  assert (
+    "num_classes=2147483647 is invalid: expected an integer in [2, 65536]" in results["huge_num_classes"][1]
+  )
+  assert results["one_tib_key"][0] == "error"
+  assert "has train_image declaring shape (1402438300, 28, 28, 1) uint8 (1 TiB)" in results["one_tib_key"][1]
+  assert report["grew"] < 150 << 20, report  # the unused key alone is 300 MiB
+
+
+def test_declared_sizes_are_checked_against_the_memory_limit(tmp_path, monkeypatch):
+  path = _save(tmp_path, _project_arrays(n_train=30))
+  monkeypatch.setattr(data, "memory_limit", lambda: 20_000)
+  with pytest.raises(
+    ConfigError,
+    match=r"its arrays train_image \(30, 28, 28, 1\) uint8.* would take 31.3 KiB: expected at most 19.5 KiB",
+  ):
+    data.load_npz(path)
+  monkeypatch.setattr(data, "memory_limit", lambda: 40_000)
+  with pytest.raises(
+    ConfigError, match=r"the client pool \(5 clients x \d+ examples .* expected at most 39.1 KiB"
+  ):
+    data.load_federated(
+      DataConfig(source="npz", path=str(path), num_clients=5, min_examples_per_client=1, capacity=20)
+    )
+
+
+def test_object_arrays_and_single_npy_files_are_refused(tmp_path):
+  arrays = dict(_project_arrays(), train_label=np.array([None] * 30, dtype=object))
+  path = tmp_path / "object.npz"
+  np.savez(path, **{k: v for k, v in arrays.items() if k != "train_label"})
+  with zipfile.ZipFile(path, "a") as archive, archive.open("train_label.npy", "w") as f:
+    np.lib.format.write_array(f, arrays["train_label"], allow_pickle=True)
+  with pytest.raises(ConfigError, match=r"has train_label of dtype object: expected numbers"):
+    data.load_npz(path)
+  np.save(tmp_path / "single.npy", np.zeros(3))
+  with pytest.raises(ConfigError, match="holds a single .npy array: expected an .npz archive"):
+    data.load_npz(tmp_path / "single.npy")
+
+
+def test_more_clients_than_the_data_has_is_an_error_naming_the_real_count():
+  with pytest.raises(ConfigError, match=r"num_clients=100000 is invalid: source='embedded' has 285 writers"):
+    data.load_federated(DataConfig(num_clients=100_000))
+
+
+def test_tfds_without_a_prepared_dataset_is_a_config_error(tmp_path, monkeypatch):
+  """--source=tfds without --data_path: tfds' default data_dir has no prepared split (was a KeyError)."""
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  with pytest.raises(ConfigError, match=r"tfds dataset 'cifar10' is not available under data_dir=None"):
+    data.load_federated(DataConfig(dataset="cifar10", source="tfds", partition="iid"))

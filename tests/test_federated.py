@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scipy import stats
 
 from fcfn_jax import federated, models
 from fcfn_jax.config import FederatedConfig, PrivacyConfig
 from fcfn_jax.data import ClientPool
+from fcfn_jax.privacy import accounting, clipping
 from fcfn_jax.validate import ConfigError
 
 SHAPE = (8, 8, 1)
@@ -53,36 +55,100 @@ def _round(state, pool, z, w, key, model=LOGREG, fed=FED, privacy=PRIVATE):
 # Sampling.
 # ----------------------------------------------------------------------------------------------------------
 
-_sample = jax.jit(federated.sample_client_batches, static_argnames=("steps", "batch"))
+_sample = jax.jit(federated.sample_client_batches, static_argnames=("steps", "sampler"))
 
 
-@pytest.mark.parametrize("capacity,n", [(12, 12), (12, 5), (12, 3), (12, 1), (12, 0), (3, 3), (3, 2)])
-def test_sampling_masks_distinct_valid_slots(capacity, n):
-  steps, batch = 20, 4
-  # Slot s holds pixel value s, so the sampled pixels reveal the sampled slots.
+def _drawn_slots(capacity, n, steps, sampler, q=1.0, seed=0):
+  """(slot drawn [steps, slots], mask [steps, slots]) read back from pixels: slot s holds pixel value s."""
   slots = np.arange(capacity, dtype=np.uint8)
   x = np.broadcast_to(slots[:, None, None, None], (capacity, 2, 2, 1))
   xs, ys, mask = _sample(
-    jax.random.key(n), x, slots.astype(np.int32) + 100, jnp.int32(n), steps=steps, batch=batch
+    jax.random.key(seed), x, slots.astype(np.int32) + 100, jnp.int32(n), jnp.float32(q), steps, sampler
   )
-  chex.assert_shape([xs, ys, mask], [(steps, batch, 2, 2, 1), (steps, batch), (steps, batch)])
+  slots = sampler.capacity
+  chex.assert_shape([xs, ys, mask], [(steps, slots, 2, 2, 1), (steps, slots), (steps, slots)])
   assert xs.dtype == jnp.float32 and ys.dtype == jnp.int32 and mask.dtype == jnp.bool_
-  np.testing.assert_array_equal(mask.sum(axis=1), min(batch, n))
   drawn = np.rint(np.asarray(xs[..., 0, 0, 0]) * 255).astype(int)
   np.testing.assert_array_equal(np.asarray(ys)[np.asarray(mask)], drawn[np.asarray(mask)] + 100)
-  for step in range(steps):
-    valid = drawn[step][np.asarray(mask[step])]
+  return drawn, np.asarray(mask)
+
+
+@pytest.mark.parametrize("kind", ["fixed", "poisson"])
+@pytest.mark.parametrize("capacity,n", [(12, 12), (12, 5), (12, 3), (12, 1), (12, 0), (3, 3), (3, 2)])
+def test_sampling_masks_distinct_valid_slots(kind, capacity, n):
+  sampler = accounting.Sampler(kind, 4, 4 if kind == "fixed" else 7)
+  drawn, mask = _drawn_slots(capacity, n, 20, sampler, q=0.6)
+  if kind == "fixed":
+    np.testing.assert_array_equal(mask.sum(axis=1), min(4, n))
+  for step in range(20):
+    valid = drawn[step][mask[step]]
     assert len(set(valid)) == len(valid), f"duplicate slot in step {step}: {valid}"
     assert np.all(valid < n), f"padding slot drawn in step {step}: {valid}"
+    assert np.all(mask[step][: mask[step].sum()]), "joined slots come first"
 
 
-def test_sampling_is_uniform_over_valid_slots():
-  n, steps, batch = 6, 3000, 2
-  x = np.broadcast_to(np.arange(10, dtype=np.uint8)[:, None, None, None], (10, 1, 1, 1))
-  xs, _, _ = _sample(jax.random.key(0), x, np.zeros(10, np.int32), jnp.int32(n), steps=steps, batch=batch)
-  counts = np.bincount(np.rint(np.asarray(xs).ravel() * 255).astype(int), minlength=10)
-  np.testing.assert_allclose(counts[:n] / (steps * batch), 1 / n, atol=0.02)
+def test_fixed_sampling_is_uniform_over_valid_slots():
+  n, steps = 6, 3000
+  drawn, mask = _drawn_slots(10, n, steps, accounting.Sampler("fixed", 2, 2))
+  counts = np.bincount(drawn[mask], minlength=10)
+  np.testing.assert_allclose(counts[:n] / (steps * 2), 1 / n, atol=0.02)
   np.testing.assert_array_equal(counts[n:], 0)
+
+
+def test_poisson_inclusion_frequency_is_q_for_every_example():
+  """Each example joins each step independently with probability q: its count over the steps is
+  Bin(steps, q), inside the two-sided interval of level 1 - 0.001 / n (so all n are, with prob >= 0.999)."""
+  n, steps, q = 20, 4000, 0.3
+  drawn, mask = _drawn_slots(24, n, steps, accounting.Sampler("poisson", 6, 24), q=q)  # no truncation
+  counts = np.bincount(drawn[mask], minlength=24)
+  low, high = stats.binom.interval(1 - 0.001 / n, steps, q)
+  assert np.all((low <= counts[:n]) & (counts[:n] <= high)), (counts[:n], low, high)
+  np.testing.assert_array_equal(counts[n:], 0)
+
+
+def test_poisson_batch_sizes_follow_the_truncated_binomial():
+  """Step sizes are min(Bin(n, q), B_max) (chi-square goodness of fit), and a truncated step keeps a
+  uniform subset: every example's inclusion rate is E[min(X, B_max)] / n."""
+  n, steps, q, cap = 30, 6000, 0.4, 13
+  drawn, mask = _drawn_slots(32, n, steps, accounting.Sampler("poisson", 12, cap), q=q)
+  sizes = mask.sum(axis=1)
+  pmf = stats.binom.pmf(np.arange(cap + 1), n, q)
+  pmf[cap] += stats.binom.sf(cap, n, q)  # the truncated mass piles up at B_max
+  observed = np.bincount(sizes, minlength=cap + 1)
+  expected = steps * pmf
+  keep = expected >= 5  # pool the thin tail cells into one
+  f_obs = np.append(observed[keep], observed[~keep].sum())
+  f_exp = np.append(expected[keep], expected[~keep].sum())
+  assert stats.chisquare(f_obs, f_exp).pvalue > 1e-3
+  assert pmf[cap] > 0.2  # truncation does happen in this test
+  rate = np.sum(np.arange(cap + 1) * pmf) / n
+  counts = np.bincount(drawn[mask], minlength=n)
+  low, high = stats.binom.interval(1 - 0.001 / n, steps, rate)
+  assert np.all((low <= counts) & (counts <= high)), (counts, low, high, rate)
+
+
+def test_masked_out_slots_contribute_exactly_nothing():
+  """A Poisson step's unjoined and padding slots: NaN or huge pixels there leave the DP gradient, its
+  losses and norms bitwise unchanged."""
+  sampler = accounting.Sampler("poisson", 4, 10)
+  pool, params = _pool(), _state().params
+  xs, ys, mask = _sample(jax.random.key(3), pool.x[0], pool.y[0], jnp.int32(12), jnp.float32(0.3), 5, sampler)
+  assert 0 < int(mask.sum()) < mask.size
+  fill = jnp.where(jnp.arange(10) % 2 == 0, jnp.nan, 1e6).reshape(1, -1, 1, 1, 1)
+  dirty_x = jnp.where(mask[..., None, None, None], xs, fill)
+  dirty_y = jnp.where(mask, ys, CLASSES + 7)
+  clipped_sum_fn = clipping.make_clipped_sum_fn(LOGREG.apply)
+
+  @jax.jit
+  def gradients(x, y):
+    def one(x, y, m, key):
+      return clipping.dp_gradient(clipped_sum_fn, params, x, y, m, 0.7, key, 0.5, 4.0)
+
+    return jax.vmap(one)(x, y, mask, jax.random.split(jax.random.key(4), 5))
+
+  clean, dirty = gradients(xs, ys), gradients(dirty_x, dirty_y)
+  chex.assert_trees_all_equal(clean, dirty)
+  chex.assert_tree_all_finite(dirty)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,20 +252,31 @@ def test_sit_out_client_update_is_zero_and_finite():
   chex.assert_tree_all_finite(result)
 
 
-def test_client_noise_is_independent_per_step_with_std_zc():
-  """A client with no examples has clipped sums 0, so Delta = -lr z C / B sum_s xi_s: N(0, S) per coordinate
-  after scaling (std sqrt(S), not S: the steps' noise is independent)."""
+@pytest.mark.parametrize("dataset_size", [3, 12])  # q n = min(B, n): 3 (q = 1) and B = 4 (q = 1/3)
+def test_client_noise_is_independent_per_step_with_std_zc_over_qn(dataset_size):
+  """A client holding no examples at public size n has clipped sums 0, so Delta = -lr z C / (q n) sum_s xi_s:
+  N(0, S) per coordinate after scaling (std sqrt(S), not S: the steps' noise is independent)."""
   pool, state, z = _pool(), _state(), 1.5
   assert NUM_EXAMPLES[2] == 0
 
   def scaled_delta(key):
     result = federated.client_update(
-      state.params, pool.x[2], pool.y[2], 0, z, key, apply_fn=LOGREG.apply, fed=FED, privacy=PRIVATE
+      state.params,
+      pool.x[2],
+      pool.y[2],
+      0,
+      z,
+      key,
+      dataset_size,
+      apply_fn=LOGREG.apply,
+      fed=FED,
+      privacy=PRIVATE,
     )
     return jnp.concatenate([d.ravel() for d in jax.tree.leaves(result.delta)])
 
   draws = np.asarray(jax.jit(jax.vmap(scaled_delta))(jax.random.split(jax.random.key(3), 40)))
-  draws = draws / (-FED.client_lr * z * PRIVATE.clip_norm / FED.batch_size)
+  q_n = min(FED.batch_size, dataset_size)
+  draws = draws / (-FED.client_lr * z * PRIVATE.clip_norm / q_n)
   # 40 x 195 draws: the sample std has relative standard error ~1 %; allow 5 %.
   np.testing.assert_allclose(draws.std(), np.sqrt(FED.local_steps), rtol=0.05)
   assert abs(draws.mean()) < 0.1

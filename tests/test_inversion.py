@@ -131,7 +131,9 @@ def test_dp_noise_defeats_the_attack():
   target = models.normalize_pixels(x[:1])
   blank = float(inversion.psnr(jnp.zeros_like(target), target)[0])
   # eps = 8 over 25 steps at sampling rate 1/8, as a client of a short federated run would spend it.
-  z_eps8 = float(accounting.calibrate_noise_multipliers(8.0, 1 / 8, 25, 1e-5)[0])
+  z_eps8 = float(
+    accounting.calibrate_noise_multipliers(8.0, 256, 25, 1e-5, accounting.Sampler("poisson", 32, 81))[0]
+  )
   clean = float(inversion.psnr(_attack(_gradient(x[:1], y[:1])).x, target)[0])
   quality = {}
   for z in (0.005, 0.05, z_eps8):

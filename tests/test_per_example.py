@@ -169,7 +169,9 @@ def test_vmapped_over_clients_with_noise():
   z, keys = jnp.array([0.5, 1.0, 2.0]), jax.random.split(jax.random.key(3), clients)
 
   def per_client(clipped_sum_fn):
-    return jax.vmap(lambda *a: clipping.dp_gradient(clipped_sum_fn, params, *a, 1.0))(x, y, masks, z, keys)
+    return jax.vmap(lambda *a: clipping.dp_gradient(clipped_sum_fn, params, *a, 1.0, 3.0))(
+      x, y, masks, z, keys
+    )
 
   fast, reference = jax.jit(
     lambda: (per_client(clipping.make_clipped_sum_fn(model.apply)), per_client(_reference(model.apply)))

@@ -6,19 +6,25 @@ import csv
 import json
 import os
 import stat
+import subprocess
 import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fcfn_jax import plotting
 from fcfn_jax.report import (
+  MANIFEST,
+  ResultsFolder,
   Timer,
+  check_output_folder,
   format_table,
   markdown_table,
   write_csv_atomic,
   write_json_atomic,
   write_results,
+  write_text_atomic,
 )
 from fcfn_jax.validate import ConfigError
 
@@ -169,3 +175,88 @@ def test_timer():
   assert timer.elapsed == done  # frozen once the block exits
   with pytest.raises(ConfigError, match="the timer was never entered"):
     _ = Timer().elapsed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ResultsFolder: a run's outputs all-or-nothing; a used folder replaced whole; foreign folders refused.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_results_folder_is_written_whole_and_replaces_an_earlier_run(tmp_path):
+  out = tmp_path / "runs" / "a"
+  with ResultsFolder(out, manifest={"script": "x.py", "setup": {"lam": 5}}) as folder:
+    folder.table("comparison", [{"mechanism": "m", "u": 1.0, "extra": 2}], ["mechanism", "u"])
+    folder.csv("history", [{"round": 1}])
+    write_text_atomic(folder.file("notes.txt"), "hi")
+    assert not out.exists()  # nothing visible until the run ends
+  assert sorted(os.listdir(out)) == sorted(
+    ["comparison.csv", "comparison.json", "comparison.md", "history.csv", "notes.txt", MANIFEST]
+  )
+  assert (out / "comparison.csv").read_text().splitlines()[0] == "mechanism,u,extra"  # md columns first
+  manifest = json.loads((out / MANIFEST).read_text())
+  assert manifest["setup"] == {"lam": 5} and manifest["script"] == "x.py"
+  assert manifest["files"]["notes.txt"]["bytes"] == 2
+  with ResultsFolder(out) as folder:  # a second run into the same folder, writing other files
+    folder.json("summary", {"ok": True})
+  assert sorted(os.listdir(out)) == ["manifest.json", "summary.json"]  # no file of the first run outlives it
+  assert sorted(os.listdir(tmp_path / "runs")) == ["a"]  # no staging or replaced folder left
+
+
+def test_a_failed_run_leaves_nothing_not_even_the_folders_it_created(tmp_path):
+  out = tmp_path / "new" / "deeper" / "out"
+  with pytest.raises(RuntimeError), ResultsFolder(out) as folder:
+    folder.csv("history", [{"round": 1}])
+    raise RuntimeError("the run failed after writing")
+  assert os.listdir(tmp_path) == []
+  earlier = tmp_path / "earlier"
+  with ResultsFolder(earlier) as folder:
+    folder.csv("history", [{"round": 1}])
+  with pytest.raises(RuntimeError), ResultsFolder(earlier) as folder:
+    folder.csv("other", [{"round": 2}])
+    raise RuntimeError("fails")
+  assert sorted(os.listdir(earlier)) == ["history.csv", MANIFEST]  # the earlier run's folder is intact
+  assert os.listdir(tmp_path) == ["earlier"]
+
+
+def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  stale = tmp_path / f".out.partial-{dead.pid}-abc"
+  stale.mkdir()
+  (stale / "comparison.csv").write_text("half")
+  live = tmp_path / f".out.partial-{os.getpid()}-xyz"  # a run still going: left alone
+  live.mkdir()
+  with ResultsFolder(tmp_path / "out") as folder:
+    folder.csv("history", [{"round": 1}])
+  assert sorted(os.listdir(tmp_path)) == [live.name, "out"]
+
+
+@pytest.mark.parametrize(
+  "make, message",
+  [
+    (lambda p: "", r"out='' is invalid: expected a path"),
+    (lambda p: (p / "f").write_text("") or p / "f", r"out='.*/f' is a file: expected a folder"),
+    (lambda p: (p / "f").write_text("") or p / "f" / "sub", r"'.*/f' is a file, expected a folder"),
+    (
+      lambda p: (p / "mine").mkdir() or (p / "mine" / "thesis.tex").write_text("") or p / "mine",
+      r"out='.*/mine' is a non-empty folder that no run wrote \(no manifest.json\)",
+    ),
+    (lambda p: "/proc/out", r"out='/proc/out' is not writable: cannot create folders in '/proc'"),
+  ],
+  ids=["empty", "a_file", "under_a_file", "foreign_folder", "unwritable"],
+)
+def test_output_folders_a_run_may_not_write(tmp_path, make, message):
+  out = make(tmp_path)
+  before = sorted(os.listdir(tmp_path))
+  with pytest.raises(ConfigError, match=message):
+    check_output_folder(out)
+  assert sorted(os.listdir(tmp_path)) == before  # checking writes nothing
+
+
+def test_plots_leave_no_temporary_file_when_drawing_fails(tmp_path, monkeypatch):
+  plotting.bars([{"mechanism": "m", "u": 1.0}], ["u"], tmp_path / "ok.png", "t")
+  assert os.listdir(tmp_path) == ["ok.png"]
+  monkeypatch.setattr(plotting.plt.Figure, "savefig", lambda *a, **k: (_ for _ in ()).throw(OSError("disk")))
+  with pytest.raises(OSError):
+    plotting.bars([{"mechanism": "m", "u": 1.0}], ["u"], tmp_path / "bad.png", "t")
+  assert os.listdir(tmp_path) == ["ok.png"]  # was: bad.png.tmp.png left behind

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
+import re
 
 import chex
 import dp_accounting
 import jax
 import numpy as np
 import pytest
+from scipy import stats
 
+from fcfn_jax import checkpoint, data, fingerprint, simulation, validate
 from fcfn_jax import config as fc
-from fcfn_jax import data, simulation, validate
 
 
 def _cfg(tmp_path=None, **game) -> fc.SimulationConfig:
@@ -61,8 +65,9 @@ def test_non_participants_are_paid_nothing_and_spend_no_privacy(fed_data):
   assert np.all(spent[stayed_out] == 0)
 
 
-def test_surrogate_path_solves_the_game_inside_the_round(fed_data):
-  cfg = dataclasses.replace(_cfg(), privacy=fc.PrivacyConfig(calibration="surrogate"))
+@pytest.mark.parametrize("calibration", ["surrogate", "traced"])
+def test_in_program_calibration_solves_the_game_inside_the_round(fed_data, calibration):
+  cfg = dataclasses.replace(_cfg(), privacy=fc.PrivacyConfig(calibration=calibration))
   exp = simulation.prepare(cfg, fed_data)
   state = simulation.init_state(exp)
   state, metrics, outcome = simulation.mechanism_round(
@@ -70,6 +75,7 @@ def test_surrogate_path_solves_the_game_inside_the_round(fed_data):
     exp.train_pool,
     exp.costs.astype(np.float32),
     exp.weights.astype(np.float32),
+    exp.overflow.astype(np.float32),
     jax.random.PRNGKey(0),
     apply_fn=exp.apply_fn,
     cfg=cfg,
@@ -105,24 +111,56 @@ def test_default_private_run_learns_well_above_chance():
   assert out.summary["test_accuracy"] > 0.3  # 10 digit classes: chance is 0.1
 
 
-def test_client_rows_let_anyone_recompute_the_privacy_claim(fed_data):
-  """Every participant's row alone, fed to dp-accounting directly, gives its epsilon_spent <= its budget."""
-  out = simulation.run(_cfg(), fed_data=fed_data, progress=False)
+def _recomputed_epsilon(row: dict) -> float:
+  """dp-accounting called directly on one clients.csv row, for the sampler that ran (README "Privacy")."""
+  n, q, z, steps = row["num_examples"], row["sampling_rate"], row["noise_multiplier"], row["steps"]
+  relation = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+  charge = 0.0
+  if row["sampler"] == "fixed":  # replace-one: the clipped sum moves by up to 2C
+    step = dp_accounting.SampledWithoutReplacementDpEvent(
+      n, min(row["batch_size"], n), dp_accounting.GaussianDpEvent(z / 2)
+    )
+    relation = dp_accounting.NeighboringRelation.REPLACE_ONE
+  elif row["accountant"] == "pld" and row["batch_capacity"] <= n:
+    step = dp_accounting.TruncatedSubsampledGaussianDpEvent(n + 1, q, row["batch_capacity"], z)
+  else:
+    step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+    if row["batch_capacity"] <= n:  # RDP: the truncation's coupling charge is paid from delta
+      overflow = -np.expm1(steps * np.log1p(-stats.binom.sf(row["batch_capacity"], n + 1, q)))
+      charge = (1 + np.exp(row["epsilon_spent"])) * overflow
+  if row["accountant"] == "pld":
+    accountant = dp_accounting.pld.PLDAccountant(relation, value_discretization_interval=1e-3)
+  else:
+    accountant = dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
+  accountant.compose(dp_accounting.SelfComposedDpEvent(step, steps))
+  return accountant.get_epsilon(row["delta"] - charge)
+
+
+@pytest.mark.parametrize(
+  "privacy",
+  [
+    fc.PrivacyConfig(),
+    fc.PrivacyConfig(batch_capacity=28),  # a truncation charge of up to 40% of delta
+    fc.PrivacyConfig(sampling="fixed"),
+    pytest.param(fc.PrivacyConfig(accountant="pld", batch_capacity=12), marks=pytest.mark.slow),
+    pytest.param(fc.PrivacyConfig(calibration="traced"), marks=pytest.mark.slow),
+  ],
+  ids=["poisson", "poisson-truncating", "fixed", "pld-truncating", "traced"],
+)
+def test_client_rows_let_anyone_recompute_the_privacy_claim(fed_data, privacy):
+  """Every participant's row alone, fed to dp-accounting directly for the sampler that ran, gives its
+  epsilon_spent, and that is <= its budget (within 1% of it for the exact calibration)."""
+  cfg = dataclasses.replace(_cfg(), privacy=privacy)
+  out = simulation.run(cfg, fed_data=fed_data, progress=False)
   assert len(out.clients) == len(fed_data.pool.num_examples)
   joined = [row for row in out.clients if np.isfinite(row["noise_multiplier"])]
   assert joined and len(joined) < len(out.clients)
   for row in joined:
-    event = dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(
-        row["sampling_rate"], dp_accounting.GaussianDpEvent(row["noise_multiplier"])
-      ),
-      row["steps"],
-    )
-    accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(event)
-    eps = accountant.get_epsilon(row["delta"])
+    assert row["sampler"] == privacy.sampling and row["steps"] == simulation.total_steps(cfg)
+    eps = _recomputed_epsilon(row)
     assert eps == pytest.approx(row["epsilon_spent"], rel=1e-9)
     assert eps <= row["budget_epsilon"]
+    assert eps >= row["budget_epsilon"] * (0.99 if privacy.calibration == "exact" else 0.9)
   assert all(row["steps"] == 0 and row["epsilon_spent"] == 0 for row in out.clients if row not in joined)
 
 
@@ -136,3 +174,110 @@ def test_no_mechanism_with_two_participants_collapses_on_the_cli_seeds(seed):
   summary = simulation.compare(cfg, fc.MECHANISMS, progress=False).summary
   for row in summary:
     assert row["participants"] < 2 or row["test_accuracy"] >= 0.4, row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resume safety (issue 12): a checkpoint of another run is refused or moved aside; corrupt steps recover.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_resume_with_another_config_is_refused_before_any_work(fed_data, tmp_path):
+  """The reproducers: rerun with lam 50 -> 5 reused the lam = 50 models; rounds 2 -> 6 mixed two noise
+  calibrations and under-reported the epsilon spent."""
+  cfg = _cfg(tmp_path, lam=50.0)
+  simulation.run(cfg, fed_data=fed_data, progress=False, stop_after=2)
+  steps_before = sorted(os.listdir(cfg.checkpoint_dir))
+  for changed, what in [
+    (_cfg(tmp_path, lam=5.0), "game.lam 50.0 -> 5.0"),
+    (
+      dataclasses.replace(cfg, federated=dataclasses.replace(cfg.federated, rounds=6)),
+      "federated.rounds 4 -> 6",
+    ),
+    (dataclasses.replace(cfg, seed=1), "seed 0 -> 1"),
+  ]:
+    with pytest.raises(validate.ConfigError, match=re.escape(f"holds another run ({what}")) as err:
+      simulation.run(changed, fed_data=fed_data, progress=False)
+    assert "restart_on_mismatch=True keeps it aside" in str(err.value) and "\n" not in str(err.value)
+  assert sorted(os.listdir(cfg.checkpoint_dir)) == steps_before  # nothing trained, nothing saved
+
+
+def test_restart_on_mismatch_keeps_the_old_checkpoint_and_matches_a_fresh_run(fed_data, tmp_path):
+  simulation.run(_cfg(tmp_path, lam=50.0), fed_data=fed_data, progress=False, stop_after=2)
+  changed = _cfg(tmp_path, lam=5.0)
+  restarted = simulation.run(changed, fed_data=fed_data, progress=False, restart_on_mismatch=True)
+  fresh = simulation.run(_cfg(lam=5.0), fed_data=fed_data, progress=False)
+  assert restarted.history == fresh.history
+  chex.assert_trees_all_equal(restarted.state, fresh.state)
+  aside = changed.checkpoint_dir + simulation.OTHER_RUN
+  assert sorted(os.listdir(aside)) == ["1", "2"]  # the lam = 50 run, kept for inspection
+  resumed = simulation.run(changed, fed_data=fed_data, progress=False)  # now its own checkpoint: resumes
+  assert resumed.history == fresh.history
+
+
+def test_a_flipped_byte_in_the_newest_step_resumes_from_the_last_good_one(fed_data, tmp_path):
+  full = simulation.run(_cfg(), fed_data=fed_data, progress=False)
+  cfg = _cfg(tmp_path)
+  simulation.run(cfg, fed_data=fed_data, progress=False, stop_after=3)
+  step3 = os.path.join(cfg.checkpoint_dir, "3")
+  files = [
+    os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step3, "state")) for f in fs if "/d/" in r + "/"
+  ]
+  target = max(files, key=os.path.getsize)
+  blob = bytearray(pathlib.Path(target).read_bytes())
+  blob[len(blob) // 2] ^= 0x01
+  pathlib.Path(target).write_bytes(bytes(blob))
+  resumed = simulation.run(cfg, fed_data=fed_data, progress=False)  # from step 2, saving 3 and 4 again
+  assert resumed.history == full.history
+  chex.assert_trees_all_equal(resumed.state, full.state)
+  assert sorted(os.listdir(cfg.checkpoint_dir)) == ["2", "3", "3.set-aside", "4"]
+
+
+def test_a_step_whose_history_disagrees_with_its_round_counter_is_refused(fed_data, tmp_path):
+  cfg = _cfg(tmp_path)
+  simulation.run(cfg, fed_data=fed_data, progress=False, stop_after=1)
+  with checkpoint.Checkpointer(cfg.checkpoint_dir) as ckpt:
+    exp = simulation.prepare(cfg, fed_data)
+    restored = ckpt.restore(simulation.init_state(exp))
+    ckpt.save(2, restored.state, dict(restored.metadata, round=2))  # round counter 1, history 1 row
+  with pytest.raises(validate.ConfigError, match=r"checkpoint step 2 is inconsistent: round counter 1"):
+    simulation.run(cfg, fed_data=fed_data, progress=False)
+
+
+def test_the_fingerprint_covers_every_config_field_but_where_files_go(fed_data):
+  parts = simulation.run_fingerprint(_cfg(), simulation.data_digest(fed_data))
+
+  def dotted(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+      sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+      yield from dotted(sub, f"{prefix}{f.name}.") if dataclasses.is_dataclass(sub) else [prefix + f.name]
+
+  assert set(parts) == set(dotted(fc.SimulationConfig())) - {
+    "checkpoint_dir",
+    "checkpoint_every",
+    "data.path",
+  } | {"data_digest", "cost_factors", "state_layout"}
+  # A field added to any nested config is covered without code: fingerprints are generic over dataclasses.
+  Extra = dataclasses.make_dataclass("Extra", [("sampler", str, dataclasses.field(default="poisson"))])
+  Outer = dataclasses.make_dataclass("Outer", [("privacy", Extra, dataclasses.field(default_factory=Extra))])
+  assert fingerprint.config_fields(Outer()) == {"privacy.sampler": "poisson"}
+  assert fingerprint.digest(fingerprint.config_fields(Outer())) != fingerprint.digest(
+    fingerprint.config_fields(Outer(Extra("shuffle")))
+  )
+  other = data.FederatedData(
+    fed_data.pool._replace(y=fed_data.pool.y[::-1]), fed_data.test, fed_data.num_classes, fed_data.input_shape
+  )
+  assert simulation.data_digest(other) != simulation.data_digest(fed_data)
+
+
+def test_compare_checks_every_checkpoint_before_training_any_mechanism(fed_data, tmp_path):
+  cfg = dataclasses.replace(_cfg(), checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2)
+  first = simulation.compare(cfg, ("stackelberg",), progress=False, fed_data=fed_data)
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["social_optimum", "stackelberg"]
+  again = simulation.compare(cfg, ("stackelberg",), progress=False, fed_data=fed_data)  # resumes at the end
+  assert (
+    again.history == first.history and again.summary[0]["test_accuracy"] == first.summary[0]["test_accuracy"]
+  )
+  changed = dataclasses.replace(cfg, game=dataclasses.replace(cfg.game, lam=5.0))
+  with pytest.raises(validate.ConfigError, match=r"stackelberg holds another run \(game.lam 50.0 -> 5.0"):
+    simulation.compare(changed, ("posted_price", "stackelberg"), progress=False, fed_data=fed_data)
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["social_optimum", "stackelberg"]  # posted_price never ran

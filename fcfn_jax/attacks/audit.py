@@ -1,10 +1,12 @@
 """Empirical privacy audit of one client's DP-SGD: a canary membership test -> an epsilon lower bound.
 
 The audited mechanism M is :func:`fcfn_jax.federated.client_update` itself (S local DP-SGD steps, clip
-C, noise multiplier z, learning rate eta, batch B), released as its model delta Delta. The neighbouring
-datasets are the client's n examples D and D' = D + one canary example (Jagielski, Ullman and Oprea,
-"Auditing differentially private machine learning", 2020; Nasr et al., "Tight auditing of differentially
-private machine learning", 2023).
+C, noise multiplier z, learning rate eta, the configured sampler), released as its model delta Delta. The
+neighbouring datasets are the client's n examples D and D', which adds one canary example (add/remove
+adjacency, the Poisson sampler's) or puts it in place of the client's last example (replace-one, the
+fixed-size sampler's) (Jagielski, Ullman and Oprea, "Auditing differentially private machine learning",
+2020; Nasr et al., "Tight auditing of differentially private machine learning", 2023). Both runs use the
+public n for the sampling rate q = min(1, B / n) and the divisor q n, as the accountant assumes.
 
 Test. For a score s(Delta) and threshold t, guess "canary in" when s > t, and let
 TPR = P[s(M(D')) > t], FPR = P[s(M(D)) > t]. (eps, delta)-DP for both orders of the neighbours gives
@@ -20,14 +22,16 @@ split of the trials disjoint from the evaluation split, so the evaluation counts
 
 Score. v = grad_theta loss(theta; canary) / ||.||_2, the unit direction the canary pushes the model, and
 
-  s = -<Delta, v> B / (eta C) = sum_t [ <sum_j clip_C(g_jt), v> + <xi_t, v> ] / C,  xi_t ~ N(0, (z C)^2 I).
+  s = -<Delta, v> q n / (eta C) = sum_t [ <sum_{j in batch_t} clip_C(g_jt), v> + <xi_t, v> ] / C,
+  xi_t ~ N(0, (z C)^2 I).
 
-With every example in every batch (B >= n + 1, sampling rate 1) and a canary whose clipped gradient lies
-along v where the client's own examples have no gradient (a logistic regression canary lighting pixels
-the client never uses), s ~ N(S, S z^2) under D' and N(0, S z^2) under D: the S-fold Gaussian mechanism's
-worst case, so the audit can approach the exact epsilon of that composition (dp-accounting's PLD
-accountant at q = 1). Anything else (other models, overlapping gradients) only lowers the audit's power,
-never its validity.
+With a canary whose clipped gradient lies along v where the client's own examples have no gradient (a
+logistic regression canary lighting pixels the client never uses), s ~ sum_t (b_t + N(0, z^2)) under D'
+with b_t ~ Bernoulli(q) the canary's inclusions, and N(0, S z^2) under D: the Poisson-subsampled Gaussian
+mechanism's worst case. At q = 1 (B >= n + 1) it is the S-fold Gaussian mechanism, and the audit can
+approach the exact epsilon of that composition; at q < 1 the test sees the mixture the accountant
+analyses. Anything else (other models, overlapping gradients) only lowers the audit's power, never its
+validity.
 """
 
 from __future__ import annotations
@@ -242,13 +246,15 @@ def canary_scores(
   num_trials: int,
   chunk_size: int = 64,
 ) -> chex.Array:
-  """Scores s = -<Delta, v> B / (eta C) of independent runs of ``client_update`` without and with the canary.
+  """Scores s = -<Delta, v> q n / (eta C) of independent ``client_update`` runs without and with the canary.
 
-  The client's row holds its n examples then the canary; D is num_examples = n (the canary slot is
-  padding, which contributes exactly nothing), D' is n + 1. Trial i of membership m uses the key
-  fold_in(fold_in(key, m), i). Runs are vectorized in chunks of ``chunk_size`` (``lax.map``): this bounds
-  memory, and on CPU chunks of tens of runs, whose per-example gradients stay in cache, are several times
-  faster than hundreds. For sampling rate 1 (the usual audit setting) use fed.batch_size >= n + 1.
+  D is the client's n examples (num_examples = n; the canary's slot is padding, which contributes exactly
+  nothing). D' is n + 1 examples with the canary last for the Poisson sampler (add/remove), and the first
+  n - 1 examples plus the canary for the fixed one (replace-one). Both run at the public size n
+  (``client_update``'s dataset_size). Trial i of membership m uses the key fold_in(fold_in(key, m), i).
+  Runs are vectorized in chunks of ``chunk_size`` (``lax.map``): this bounds memory, and on CPU chunks of
+  tens of runs, whose per-example gradients stay in cache, are several times faster than hundreds. The
+  sampling rate is q = min(1, B / n): B >= n + 1 puts every example in every step (q = 1).
 
   Args:
     params: the server model theta the round starts from.
@@ -268,16 +274,28 @@ def canary_scores(
   check_int("num_trials", num_trials)
   check_int("chunk_size", chunk_size)
   n = x.shape[0]
-  x_row = jnp.concatenate([jnp.asarray(x, jnp.uint8), jnp.asarray(canary.x, jnp.uint8)[None]])
-  y_row = jnp.concatenate([jnp.asarray(y, jnp.int32), jnp.asarray(canary.y, jnp.int32)[None]])
+  check_int("x.shape[0]", n, minimum=2 if privacy.sampling == "fixed" else 1)
+  canary_x, canary_y = jnp.asarray(canary.x, jnp.uint8)[None], jnp.asarray(canary.y, jnp.int32)[None]
+  x, y = jnp.asarray(x, jnp.uint8), jnp.asarray(y, jnp.int32)
+  rows_out = (jnp.concatenate([x, canary_x]), jnp.concatenate([y, canary_y]))
+  if privacy.sampling == "fixed":  # the canary replaces the last example, which becomes padding
+    rows_in = (
+      jnp.concatenate([x[:-1], canary_x, x[-1:]]),
+      jnp.concatenate([y[:-1], canary_y, y[-1:]]),
+    )
+    sizes = (n, n)
+  else:
+    rows_in, sizes = rows_out, (n, n + 1)
   direction = canary_direction(params, canary, apply_fn)
-  scale = fed.batch_size / (fed.client_lr * privacy.clip_norm)
+  scale = min(fed.batch_size, n) / (fed.client_lr * privacy.clip_norm)
 
   def trial(inputs):
     member, index = inputs
     run_key = jax.random.fold_in(jax.random.fold_in(key, member), index)
+    x_row, y_row = jax.tree.map(lambda a, b: jnp.where(member == 1, b, a), rows_out, rows_in)
+    size = jnp.where(member == 1, sizes[1], sizes[0])
     result = client_update(
-      params, x_row, y_row, n + member, noise_multiplier, run_key, apply_fn=apply_fn, fed=fed, privacy=privacy
+      params, x_row, y_row, size, noise_multiplier, run_key, n, apply_fn=apply_fn, fed=fed, privacy=privacy
     )
     return -scale * optax.tree_utils.tree_vdot(result.delta, direction)
 

@@ -4,10 +4,13 @@ For a batch of B slots x_1..x_B with validity mask m (padding slots have m_j = 0
 g_j = grad_theta loss(theta; x_j, y_j), clipping bound C and a noise multiplier z (Abadi et al., 2016):
 
   clip_C(g) = g * min(1, C / ||g||_2)                    (||.||_2 over the whole parameter pytree)
-  g~        = (1 / B) [ sum_j m_j clip_C(g_j) + N(0, (z C)^2 I) ]
+  g~        = (1 / b) [ sum_j m_j clip_C(g_j) + N(0, (z C)^2 I) ]
 
-B is the fixed (expected) batch size, not the number of valid slots, as in DP-SGD: the sum's sensitivity
-is C whatever the mask, so dividing by a data-dependent count would leak. Pure functions in optax's style;
+b = q n is the EXPECTED batch size of the sampler (min(B, n)), a public constant, not the number of
+valid slots: adding one example moves the clipped sum by at most C (Poisson; 2C when it displaces another
+from a full batch, or under replace-one), the noise is calibrated to that sum, and dividing both by a
+constant is post-processing, whereas dividing by the data-dependent count would leak it. The gradient's
+noise std is z C / b. Pure functions in optax's style;
 ``z`` is an array argument, so one traced program serves a vmapped per-client vector of multipliers.
 
 The single swappable piece is a :data:`ClippedSumFn` (params, x, y, mask, C) -> (sum_j m_j clip_C(g_j),
@@ -280,12 +283,15 @@ def dp_gradient(
   noise_multiplier: chex.Numeric,
   key: chex.PRNGKey,
   clip_norm: chex.Numeric,
+  expected_batch: chex.Numeric,
 ) -> PrivateGradient:
-  """g~ = (sum_j m_j clip_C(g_j) + N(0, (z C)^2 I)) / B for x [B, H, W, C], y [B], mask bool [B].
+  """g~ = (sum_j m_j clip_C(g_j) + N(0, (z C)^2 I)) / b for x [slots, H, W, C], y [slots], mask bool [slots].
 
-  ``clipped_sum_fn`` is any :data:`ClippedSumFn` (e.g. :func:`make_clipped_sum_fn` of the model).
+  ``clipped_sum_fn`` is any :data:`ClippedSumFn` (e.g. :func:`make_clipped_sum_fn` of the model);
+  ``expected_batch`` is b = q n > 0 (module docstring), a scalar that may be traced.
   """
   out = clipped_sum_fn(params, x, y, mask, clip_norm)
   noisy = add_gaussian_noise(out.summed, key, noise_multiplier * clip_norm)
-  batch = x.shape[0]
-  return PrivateGradient(grad=jax.tree.map(lambda g: g / batch, noisy), losses=out.losses, norms=out.norms)
+  return PrivateGradient(
+    grad=jax.tree.map(lambda g: g / expected_batch, noisy), losses=out.losses, norms=out.norms
+  )
