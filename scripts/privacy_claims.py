@@ -4,11 +4,12 @@ For each participant row of --clients_csv (written by compare_mechanisms.py), th
 multiplier spends over its steps, for the sampler recorded in the row (``accounting.dp_event``): by RDP
 (the run's ledger, truncation charge included), by PLD where dp-accounting supports the sampler (Poisson:
 the truncated event itself), and, for contrast, what the same noise would spend under fixed-size batches
-(replace-one adjacency, the sampler the project used before issue 11). Outputs in --out:
-privacy_claims.{csv,json,md} (one row per client) and privacy_summary.{csv,json,md} (one per mechanism).
+(replace-one adjacency, the sampler the project used before issue 11). Outputs in --out (written whole at
+the end): privacy_claims.{csv,json,md} (one row per client), privacy_summary.{csv,json,md} (one per
+mechanism) and manifest.json.
 
   python scripts/compare_mechanisms.py --out=results/default
-  python scripts/privacy_claims.py --clients_csv=results/default/clients.csv --out=results/default
+  python scripts/privacy_claims.py --clients_csv=results/default/clients.csv --out=results/claims
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ import math
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from fcfn_jax import config as fc
 from fcfn_jax import report, validate
 from fcfn_jax.privacy import accounting
 
 import sim_flags
 
-flags.DEFINE_string("clients_csv", None, "A clients.csv written by compare_mechanisms.py.")
-FLAGS = flags.FLAGS
-FLAGS.set_default("out", "results/privacy_claims")
+RUN = sim_flags.ConfigFlags(fc.RunConfig, skip=sim_flags.CHECKPOINT_FLAGS)
+CLIENTS_CSV = flags.DEFINE_string("clients_csv", None, "A clients.csv written by compare_mechanisms.py.")
+sim_flags.FLAGS.set_default("out", "results/privacy_claims")
 
 CLIENT_COLUMNS = (
   "mechanism",
@@ -56,12 +58,26 @@ SUMMARY_COLUMNS = (
 )
 
 
-def _read(path: str) -> list[dict[str, str]]:
+_NEEDED = (*CLIENT_COLUMNS[:10], "delta", "batch_size")
+
+
+def _read(path: str | None) -> list[dict[str, str]]:
+  """The rows of a clients.csv; ConfigError naming the file when it is missing or lacks columns/values."""
   validate.require(path and os.path.isfile(path), f"clients_csv={path!r} is invalid: expected a clients.csv")
-  with open(path, newline="") as f:
+  with (
+    validate.reraise((OSError, UnicodeDecodeError, csv.Error), lambda e: f"clients_csv={path!r}: {e}"),
+    open(path, newline="") as f,
+  ):
     rows = list(csv.DictReader(f))
-  missing = set(CLIENT_COLUMNS[:10]) - set(rows[0] if rows else ())
+  missing = set(_NEEDED) - set(rows[0] if rows else ())
   validate.require(rows and not missing, f"clients_csv={path!r} lacks the columns {sorted(missing)}")
+  for i, row in enumerate(rows):
+    with validate.reraise((TypeError, ValueError), lambda e, i=i: f"clients_csv={path!r} row {i + 1}: {e}"):
+      for name in ("num_examples", "steps", "batch_size", "batch_capacity"):
+        validate.check_int(f"row {i + 1} {name}", int(row[name]), minimum=0)
+      for name in ("noise_multiplier", "delta", "budget_epsilon", "epsilon_spent"):
+        float(row[name])
+      validate.check_choice(f"row {i + 1} sampler", row["sampler"], ("poisson", "fixed"))
   return rows
 
 
@@ -114,15 +130,18 @@ def summarize(rows: list[dict[str, object]]) -> list[dict[str, object]]:
 
 def main(argv):
   del argv
-  rows = sim_flags.config_or_exit(lambda: _read(FLAGS.clients_csv))
-  joined = [recompute(r) for r in rows if math.isfinite(float(r["noise_multiplier"])) and int(r["steps"]) > 0]
-  summary = summarize(joined)
-  os.makedirs(FLAGS.out, exist_ok=True)
-  report.write_results(FLAGS.out, "privacy_claims", joined, CLIENT_COLUMNS, {"source": FLAGS.clients_csv})
-  report.write_results(FLAGS.out, "privacy_summary", summary, SUMMARY_COLUMNS, {"source": FLAGS.clients_csv})
+  run = sim_flags.run_config(RUN)
+  rows = _read(CLIENTS_CSV.value)
+  participants = [r for r in rows if math.isfinite(float(r["noise_multiplier"])) and int(r["steps"]) > 0]
+  header = f"{len(participants)} participants of {len(rows)} client rows in {CLIENTS_CSV.value}"
+  with sim_flags.results(run, header, {"source": CLIENTS_CSV.value}) as out:
+    joined = [recompute(r) for r in participants]
+    summary = summarize(joined)
+    out.table("privacy_claims", joined, CLIENT_COLUMNS, {"source": CLIENTS_CSV.value})
+    out.table("privacy_summary", summary, SUMMARY_COLUMNS, {"source": CLIENTS_CSV.value})
   print(report.format_table(summary, SUMMARY_COLUMNS))
-  print(f"\nwrote {FLAGS.out}/privacy_claims.{{csv,json,md}} and privacy_summary.{{csv,json,md}}")
+  print(f"\nwrote {run.out}/privacy_claims.{{csv,json,md}}, privacy_summary.{{csv,json,md}}, manifest.json")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=sim_flags.parse_flags)
+  sim_flags.run(main)

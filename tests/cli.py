@@ -23,6 +23,8 @@ SCRIPTS = (
   "privacy_audit.py",
   "gradient_inversion.py",
   "make_embedded_dataset.py",
+  "valuation_study.py",
+  "privacy_claims.py",
 )
 # Small runs: a few clients, one round.
 TINY = [

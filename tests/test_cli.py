@@ -64,6 +64,12 @@ def files(tmp_path_factory):
   (root / "foreign" / "notes.txt").write_text("a folder no run wrote")
   (root / "corrupt.npz").write_bytes(b"PK\x03\x04 broken")
   _leaf_source(root / "leaf.npz")
+  (root / "clients.csv").write_text(  # what privacy_claims.py reads: a participant and a client left out
+    "mechanism,client,num_examples,sampling_rate,noise_multiplier,steps,sampler,batch_capacity,"
+    "budget_epsilon,epsilon_spent,delta,batch_size\n"
+    "stackelberg,0,64,0.5,1.5,3,poisson,81,2.0,1.9,1e-05,32\n"
+    "stackelberg,1,64,0.5,inf,0,poisson,81,0.0,0.0,1e-05,32\n"
+  )
   return root
 
 
@@ -123,6 +129,7 @@ def _values(flag: dict, files) -> st.SearchStrategy[str]:
 _SMALL = {
   "privacy_audit.py": ["--client_examples=8"],  # the audited client holds 8 of its 16 examples
   "gradient_inversion.py": ["--epsilons=1,8"],  # 1000 needs z < 0.05 over TINY's single step
+  "valuation_study.py": ["--seeds=0,1"],
 }
 
 
@@ -133,6 +140,8 @@ def _base(worker: ScriptWorker, files) -> list[str]:
     base.append(f"--out={files / 'new' / 'out'}")
   if "output" in worker.flags:
     base += [f"--source={files / 'leaf.npz'}", f"--output={files / 'new.npz'}"]
+  if "clients_csv" in worker.flags:
+    base.append(f"--clients_csv={files / 'clients.csv'}")
   return base
 
 

@@ -120,14 +120,15 @@ def _mechanism(
     require(isinstance(spec, GameSpec), f"spec={spec!r} is invalid: expected a GameSpec")
     validate_game(game)
     spec = _canonical(spec, game.costs.shape[-1], uses)
-    dtype = jnp.result_type(float, *jax.tree.leaves(game))
-    game = jax.tree.map(lambda a: jnp.asarray(a, dtype), game)
+    # Field by field: a leaf given as a Python list is one array, not a pytree of scalars.
+    dtype = jnp.result_type(float, *(jnp.asarray(value) for value in game))
+    game = Game(*(jnp.asarray(value, dtype) for value in game))
     result = jitted(game, spec)
     if any(is_traced(leaf) for leaf in jax.tree.leaves(game)) or _check_outcome(result):
       return result
     if dtype != jnp.float64:
       with jax.enable_x64(True):
-        wide = jitted(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), game), spec)
+        wide = jitted(Game(*(jnp.asarray(value, jnp.float64) for value in game)), spec)
         if _check_outcome(wide):
           return jax.tree.map(
             lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, wide
