@@ -36,11 +36,12 @@ def require(condition: Any, message: str) -> None:
 def reraise(
   errors: type[BaseException] | tuple[type[BaseException], ...], describe: Callable[[BaseException], str]
 ) -> Iterator[None]:
-  """Turns the listed exceptions raised inside the block into ConfigError(describe(error)), chained."""
+  """Turns the listed exceptions raised inside the block into ConfigError(describe(error)), chained; the
+  message is one line (a library's multi-line message has its whitespace collapsed)."""
   try:
     yield
   except errors as error:
-    raise ConfigError(describe(error)) from error
+    raise ConfigError(" ".join(describe(error).split())) from error
 
 
 def is_traced(value: Any) -> bool:

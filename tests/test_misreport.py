@@ -129,6 +129,7 @@ def _stackelberg_gain_slope(lam, k_liar, k_other):
   return (lam - total) * (k_liar - k_other) - k_other * total
 
 
+@pytest.mark.slow  # many capped leader solves; the two-participant counterpart stays in CI
 def test_stackelberg_single_liar_never_gains_with_three_or_more_participants():
   """Measured and proved: with |S| >= 3 (no cap binding) u_i falls in the report k'_i.
 
@@ -266,6 +267,7 @@ def test_prepare_trains_with_the_misreported_budgets():
   np.testing.assert_array_equal(exp.costs, simulation.client_costs(jax.random.PRNGKey(cfg.seed), 8, cfg.game))
 
 
+@pytest.mark.slow  # trains; the script's flags are fuzzed in tests/test_cli.py
 def test_misreporting_script_writes_the_table(tmp_path):
   out = tmp_path / "out"
   flags = [

@@ -95,7 +95,9 @@ def test_accounting_identities_hold_for_every_mechanism(name, valuation_name):
   assert np.all(eps >= 0) and np.all(eps <= 8.0)
 
 
-@pytest.mark.parametrize("name", MECHANISMS)
+@pytest.mark.parametrize(
+  "name", [pytest.param(m, marks=pytest.mark.slow) if m == "three_party" else m for m in MECHANISMS]
+)
 def test_mechanisms_run_in_float32(name):
   costs, weights = costs_and_weights(seed=2, games=1, clients=8)
   with jax.enable_x64(False):

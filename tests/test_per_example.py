@@ -102,7 +102,9 @@ def test_fully_tapped_models():
 # choice and 12x12 ones (T = 36) the materialized per-example kernel gradient; dense layers always take
 # the ghost norm.
 CASES = [
-  pytest.param(models.CNN(5, features=(4, 8), hidden=16), (4, 4, 1), id="cnn-ghost-conv"),
+  pytest.param(
+    models.CNN(5, features=(4, 8), hidden=16), (4, 4, 1), id="cnn-ghost-conv", marks=pytest.mark.slow
+  ),
   pytest.param(models.CNN(5, features=(4, 8), hidden=16), (12, 12, 3), id="cnn-materialized-conv"),
   pytest.param(models.LogisticRegression(10), (28, 28, 1), id="logreg"),
 ]

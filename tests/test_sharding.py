@@ -54,7 +54,8 @@ def _state(model=LOGREG):
   return federated.init_server_state(models.init_params(model, jax.random.key(0), SHAPE), FED)
 
 
-@pytest.mark.parametrize("clients", [8, 11])  # 11: not a multiple of 4 devices, padded
+# 11: not a multiple of 4 devices, padded
+@pytest.mark.parametrize("clients", [pytest.param(8, marks=pytest.mark.slow), 11])
 def test_sharded_round_equals_single_device_round(clients):
   pool, z, w = _inputs(clients)
   state = _state()

@@ -65,7 +65,7 @@ def test_non_participants_are_paid_nothing_and_spend_no_privacy(fed_data):
   assert np.all(spent[stayed_out] == 0)
 
 
-@pytest.mark.parametrize("calibration", ["surrogate", "traced"])
+@pytest.mark.parametrize("calibration", [pytest.param("surrogate", marks=pytest.mark.slow), "traced"])
 def test_in_program_calibration_solves_the_game_inside_the_round(fed_data, calibration):
   cfg = dataclasses.replace(_cfg(), privacy=fc.PrivacyConfig(calibration=calibration))
   exp = simulation.prepare(cfg, fed_data)
@@ -102,6 +102,7 @@ def test_bad_config_names_the_value():
     fc.GameConfig(mechanism="auction")
 
 
+@pytest.mark.slow  # the whole default run; test_non_private_training_beats_chance stays in CI
 def test_default_private_run_learns_well_above_chance():
   """The README's default experiment (Stackelberg, DP-SGD at the equilibrium budgets), cut to 4 rounds."""
   default = fc.SimulationConfig()
@@ -141,7 +142,7 @@ def _recomputed_epsilon(row: dict) -> float:
   [
     fc.PrivacyConfig(),
     fc.PrivacyConfig(batch_capacity=28),  # a truncation charge of up to 40% of delta
-    fc.PrivacyConfig(sampling="fixed"),
+    pytest.param(fc.PrivacyConfig(sampling="fixed"), marks=pytest.mark.slow),
     pytest.param(fc.PrivacyConfig(accountant="pld", batch_capacity=12), marks=pytest.mark.slow),
     pytest.param(fc.PrivacyConfig(calibration="traced"), marks=pytest.mark.slow),
   ],

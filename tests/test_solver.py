@@ -48,7 +48,10 @@ def assert_no_profitable_deviation(payment, costs, weights, eps, eps_max):
   assert np.all(gains <= 1e-6 * np.maximum(np.abs(utility), 1e-9 * payment[:, None])), gains.max()
 
 
-@pytest.mark.parametrize("clients", [2, 7, 64])
+# CI keeps one size (each size compiles the solver anew); the others run with -m slow.
+@pytest.mark.parametrize(
+  "clients", [pytest.param(2, marks=pytest.mark.slow), 7, pytest.param(64, marks=pytest.mark.slow)]
+)
 def test_matches_closed_form_on_many_games(clients):
   payment, costs, weights, _ = random_games(clients, 128, clients)
   closed = np.asarray(batched_closed_form(payment, costs, weights))
@@ -129,7 +132,9 @@ jvp_jit = jax.jit(lambda inputs, direction: jax.jvp(solve_inputs, (inputs,), (di
 vjp_jit = jax.jit(lambda inputs, cotangent: jax.grad(lambda i: jnp.dot(cotangent, solve_inputs(i)))(inputs))
 
 
-@pytest.mark.parametrize("cap", [100.0, 0.6], ids=["no_caps", "caps_bind"])
+@pytest.mark.parametrize(
+  "cap", [pytest.param(100.0, marks=pytest.mark.slow), 0.6], ids=["no_caps", "caps_bind"]
+)
 def test_implicit_derivatives_match_finite_differences(cap):
   payment, costs, weights, prices = (a[0] for a in random_games(7, 1, 8))
   eps_max = cap * float(equilibrium.closed_form_budgets(payment, costs, weights).max())
@@ -280,7 +285,7 @@ def _extreme_games(seed: int, games: int, clients: int):
   return tuple(np.asarray(a, F32) for a in (payment, costs, weights, eps_max))
 
 
-@pytest.mark.parametrize("clients", [2, 7])
+@pytest.mark.parametrize("clients", [2, pytest.param(7, marks=pytest.mark.slow)])
 def test_float32_is_right_to_1e4_or_flagged_over_cost_ratios_up_to_1e8(clients):
   payment, costs, weights, eps_max = _extreme_games(20 + clients, 200, clients)
   reference = np.asarray(

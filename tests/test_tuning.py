@@ -70,6 +70,7 @@ def test_small_steps_improve_the_objective_monotonically():
   assert trace.objective[-1] > trace.objective[0] + 1.0
 
 
+@pytest.mark.slow
 def test_per_client_prices_beat_the_best_uniform_payment_on_a_grid():
   g = problem(eps_max=50.0, lam=200.0)  # DP valuation: no closed form
   payments, utilities = tuning.uniform_grid(g, SPECS["dp"], 100)
