@@ -15,13 +15,16 @@ fold_in(fold_in(key, t), i).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from fcfn_jax import distributed
 from fcfn_jax.config import FederatedConfig, PrivacyConfig
 from fcfn_jax.data import ClientPool
 from fcfn_jax.models import ApplyFn, LossFn, cross_entropy, make_loss_fn, normalize_pixels
@@ -314,6 +317,42 @@ def client_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
 
 
+def pad_clients(
+  pool: ClientPool, noise_multipliers: chex.Array, weights: chex.Array, pad: int, xp=jnp
+) -> tuple[ClientPool, chex.Array, chex.Array]:
+  """The round's per-client inputs with ``pad`` clients appended that sit out: no examples, z = inf,
+  weight 0 (they change no total). ``xp``: ``jnp`` inside a program, ``np`` on the host."""
+
+  def pad_rows(a, value=0):
+    return xp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), constant_values=value)
+
+  return jax.tree.map(pad_rows, pool), pad_rows(noise_multipliers, np.inf), pad_rows(weights)
+
+
+def shard_clients(
+  mesh: jax.sharding.Mesh,
+  num_clients: int,
+  load: Callable[[slice], tuple[ClientPool, chex.Array, chex.Array]],
+) -> tuple[ClientPool, chex.Array, chex.Array]:
+  """The round's per-client inputs (pool, noise multipliers, weights) as global arrays on
+  :func:`client_sharding` of ``mesh``, which may span processes (docs/model.md "Multi-host").
+
+  Each process calls ``load(rows)`` for its own block of clients only (host arrays [rows, ...]; ``rows``
+  may be empty) and ``jax.make_array_from_process_local_data`` joins the blocks, so no process reads
+  another's clients. The client axis is padded to a multiple of ``mesh.size`` with clients that sit out
+  (:func:`pad_clients`), so client i keeps id i and its key in :func:`federated_round`.
+  """
+  check_int("num_clients", num_clients)
+  padded = -(-num_clients // mesh.size) * mesh.size
+
+  def load_block(rows: slice):
+    real = slice(min(rows.start, num_clients), min(rows.stop, num_clients))
+    pool, z, w = jax.tree.map(np.asarray, load(real))
+    return pad_clients(pool, z, w, (rows.stop - rows.start) - (real.stop - real.start), xp=np)
+
+  return distributed.global_rows(client_sharding(mesh), padded, load_block)
+
+
 def _sharded_totals(
   params: chex.ArrayTree,
   pool: ClientPool,
@@ -331,13 +370,8 @@ def _sharded_totals(
   """
   axes = tuple(mesh.axis_names)
   pad = -pool.y.shape[0] % mesh.size
-
-  def pad_rows(a, value=0):
-    return jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), constant_values=value)
-
   if pad:
-    pool = jax.tree.map(pad_rows, pool)
-    noise_multipliers, weights = pad_rows(noise_multipliers, jnp.inf), pad_rows(weights)
+    pool, noise_multipliers, weights = pad_clients(pool, noise_multipliers, weights, pad)
   sharding = client_sharding(mesh)
   # Explicit mesh axes (jax.make_mesh's default) need reshard; Auto ones a sharding constraint.
   if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from fcfn_jax import checkpoint, data, federated, fingerprint, models
+from fcfn_jax import checkpoint, data, distributed, federated, fingerprint, models
 from fcfn_jax.config import MECHANISM_LABELS, GameConfig, PrivacyConfig, SimulationConfig
 from fcfn_jax.game import baselines, misreport, valuation
 from fcfn_jax.game.outcome import Outcome
@@ -463,6 +463,14 @@ def check_checkpoint(
   Raises:
     ConfigError: the checkpoint holds another run (names the differing parts) and not restart_on_mismatch.
   """
+  # Several processes: process 0 inspects and renames; the others share its verdict (docs/model.md
+  # "Multi-host").
+  distributed.run_on_coordinator(lambda: _check_checkpoint(cfg, parts, restart_on_mismatch))
+
+
+def _check_checkpoint(
+  cfg: SimulationConfig, parts: fingerprint.Fingerprint, restart_on_mismatch: bool
+) -> None:
   if not cfg.checkpoint_dir or not os.path.exists(cfg.checkpoint_dir):
     return
   with checkpoint.Checkpointer(cfg.checkpoint_dir) as ckpt:
