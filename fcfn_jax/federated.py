@@ -317,38 +317,49 @@ def client_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
 
 
+def client_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh ``("clients",)`` over every device of every process, grouped by process, so that each
+  process's share of the client axis is one contiguous block (:func:`shard_clients`)."""
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return jax.sharding.Mesh(np.asarray(devices), ("clients",))
+
+
+def pad_sit_outs(
+  noise_multipliers: chex.Array, weights: chex.Array, clients: int, xp=jnp
+) -> tuple[chex.Array, chex.Array]:
+  """z [n] and weights [n] padded to [clients] with clients that sit out (z = inf, weight 0: they change
+  no total). ``xp``: ``jnp`` inside a program, ``np`` on the host."""
+  pad = clients - noise_multipliers.shape[0]
+  return xp.pad(noise_multipliers, (0, pad), constant_values=np.inf), xp.pad(weights, (0, pad))
+
+
 def pad_clients(
   pool: ClientPool, noise_multipliers: chex.Array, weights: chex.Array, pad: int, xp=jnp
 ) -> tuple[ClientPool, chex.Array, chex.Array]:
-  """The round's per-client inputs with ``pad`` clients appended that sit out: no examples, z = inf,
-  weight 0 (they change no total). ``xp``: ``jnp`` inside a program, ``np`` on the host."""
-
-  def pad_rows(a, value=0):
-    return xp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), constant_values=value)
-
-  return jax.tree.map(pad_rows, pool), pad_rows(noise_multipliers, np.inf), pad_rows(weights)
+  """The round's per-client inputs with ``pad`` clients appended that have no examples and sit out."""
+  pool = jax.tree.map(lambda a: xp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)), pool)
+  return pool, *pad_sit_outs(noise_multipliers, weights, pool.y.shape[0], xp)
 
 
 def shard_clients(
-  mesh: jax.sharding.Mesh,
-  num_clients: int,
-  load: Callable[[slice], tuple[ClientPool, chex.Array, chex.Array]],
-) -> tuple[ClientPool, chex.Array, chex.Array]:
-  """The round's per-client inputs (pool, noise multipliers, weights) as global arrays on
-  :func:`client_sharding` of ``mesh``, which may span processes (docs/model.md "Multi-host").
+  mesh: jax.sharding.Mesh, num_clients: int, load: Callable[[slice], ClientPool]
+) -> ClientPool:
+  """A ClientPool of ``num_clients`` clients as global arrays on :func:`client_sharding` of ``mesh``, which
+  may span processes (docs/model.md "Multi-host").
 
-  Each process calls ``load(rows)`` for its own block of clients only (host arrays [rows, ...]; ``rows``
-  may be empty) and ``jax.make_array_from_process_local_data`` joins the blocks, so no process reads
-  another's clients. The client axis is padded to a multiple of ``mesh.size`` with clients that sit out
-  (:func:`pad_clients`), so client i keeps id i and its key in :func:`federated_round`.
+  Each process calls ``load(rows)`` for its own block of clients only (a ClientPool of host arrays
+  [rows, ...]; ``rows`` may be empty) and ``jax.make_array_from_process_local_data`` joins the blocks,
+  so no process reads another's clients. The client axis is padded to a multiple of ``mesh.size`` with
+  clients that have no examples; give the round z and weights padded to match (:func:`pad_sit_outs`),
+  so that client i keeps id i and its key in :func:`federated_round`.
   """
   check_int("num_clients", num_clients)
   padded = -(-num_clients // mesh.size) * mesh.size
 
-  def load_block(rows: slice):
-    real = slice(min(rows.start, num_clients), min(rows.stop, num_clients))
-    pool, z, w = jax.tree.map(np.asarray, load(real))
-    return pad_clients(pool, z, w, (rows.stop - rows.start) - (real.stop - real.start), xp=np)
+  def load_block(rows: slice) -> ClientPool:
+    pool = jax.tree.map(np.asarray, load(slice(min(rows.start, num_clients), min(rows.stop, num_clients))))
+    pad = (rows.stop - rows.start) - pool.y.shape[0]
+    return jax.tree.map(lambda a: np.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)), pool)
 
   return distributed.global_rows(client_sharding(mesh), padded, load_block)
 
