@@ -11,6 +11,16 @@ Where the process layout comes from:
 - A cluster (SLURM, Cloud TPU pods, ...): nothing to pass; ``jax.distributed.initialize()`` detects the
   layout from the scheduler's environment. :func:`initialize` does that when ``FCFN_DISTRIBUTED=auto``.
 - Neither: a single process, and :func:`initialize` does nothing.
+
+Coordination (docs/model.md "Multi-host"; every helper is a plain call in a single process):
+:func:`run_on_coordinator` runs a side effect once, in process 0, and gives every process its result or
+its ConfigError (checkpoint I/O uses it); :func:`broadcast_json` / :func:`broadcast_arrays` send process
+0's values; :func:`gather` brings arrays split over processes whole into every process; :func:`global_rows`
+builds an array split over processes from each process's own rows (:func:`process_rows`).
+
+Failure: :func:`fail_fast` ends a failing process at once. :func:`launch_local` then stops the others; on a
+cluster their next collective fails on the closed connection (or gloo's 30 s set-up timeout), and JAX's
+coordination service ends every process once the dead one misses its heartbeats (100 s by default).
 """
 
 from __future__ import annotations
@@ -164,7 +174,10 @@ def barrier(name: str) -> None:
 
 def gather(tree: Any) -> Any:
   """Every global array of ``tree`` that spans processes, as its full value (numpy) in every process
-  (one all-gather per leaf); other leaves unchanged. Every process must call it (a collective)."""
+  (one all-gather per leaf); other leaves unchanged. Every process must call it (a collective). A single
+  process returns ``tree`` unchanged."""
+  if not is_multiprocess():
+    return tree
 
   def full(leaf):
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:

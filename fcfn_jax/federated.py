@@ -437,7 +437,10 @@ def federated_round(
     noise_multipliers: float [clients] z_i (inf = sits out). weights: float [clients] participation
       weights >= 0 (0 = sits out). key: the run's key; round t uses fold_in(key, t).
     apply_fn, fed, privacy: static (hashable) model apply function and configs.
-    mesh: static ``jax.sharding.Mesh`` to split the clients over, or None (one device).
+    mesh: static ``jax.sharding.Mesh`` to split the clients over, or None (one device). It may span
+      processes (docs/model.md "Multi-host"): then give the pool as global arrays built by
+      :func:`shard_clients` over :func:`client_mesh` (each process loads only its own clients) and z,
+      weights padded to match (:func:`pad_sit_outs`); the state comes back replicated in every process.
 
   Returns:
     (state at round t + 1, RoundMetrics).

@@ -65,7 +65,8 @@ def main(argv):
       )
       np.savez(out.file("round.npz"), **_flat(state, "state"), **_flat(history, "metrics"))
     if "sweep" in CHECKS.value:
-      np.savez(out.file("sweep.npz"), **_flat(cases.run_sweep(sweep.game_mesh()), ""))
+      mesh = sweep.game_mesh() if jax.device_count() > 1 else None
+      np.savez(out.file("sweep.npz"), **_flat(cases.run_sweep(mesh), ""))
     if "checkpoint" in CHECKS.value:
       template = {"w": np.zeros(3, np.float32), "n": np.zeros((), np.int32)}
       with checkpoint.Checkpointer(run.out + ".checkpoints") as ckpt:

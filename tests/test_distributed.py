@@ -7,10 +7,13 @@ import sys
 import textwrap
 import time
 
+import jax
+import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fcfn_jax import distributed
-from fcfn_jax.validate import ConfigError
+from fcfn_jax.validate import ConfigError, fail
 
 _PROGRAM = textwrap.dedent(
   """
@@ -75,6 +78,31 @@ def test_timeout_stops_every_process(tmp_path):
   assert time.monotonic() - start < 30
   assert result.timed_out and not result.ok and result.returncodes == [None, None]
   assert "timed out after 1 s" in distributed.describe_failure(result, 1.0)
+
+
+def test_in_one_process_the_coordination_helpers_are_plain_calls():
+  """Without the runtime every helper is the identity (or a direct call): scripts pay nothing."""
+  assert distributed.is_coordinator() and not distributed.is_multiprocess()
+  assert distributed.broadcast_json({"a": [1, 2]}) == {"a": [1, 2]}
+  tree = {"w": np.arange(3.0)}
+  assert distributed.broadcast_arrays(tree) is tree and distributed.gather(tree) is tree
+  assert distributed.run_on_coordinator(lambda: 5) == 5
+  with pytest.raises(ConfigError, match="bad value"):
+    distributed.run_on_coordinator(lambda: fail("bad value"))
+  distributed.barrier("nothing to wait for")
+
+
+def test_process_rows_and_global_rows_on_this_process_devices():
+  mesh = Mesh(np.array(jax.devices()), ("clients",))
+  sharding = NamedSharding(mesh, PartitionSpec("clients"))
+  n = 2 * len(jax.devices())
+  assert distributed.process_rows(n, sharding) == slice(0, n)  # every device is this process's
+  asked = []
+  rows = np.arange(n * 3).reshape(n, 3)
+  arr = distributed.global_rows(sharding, n, lambda block: asked.append(block) or {"r": rows[block]})
+  assert asked == [slice(0, n)]
+  assert arr["r"].sharding == sharding
+  np.testing.assert_array_equal(np.asarray(arr["r"]), rows)
 
 
 def test_bad_launch_arguments_are_named(tmp_path):
