@@ -51,14 +51,16 @@ def _flat(tree, prefix: str) -> dict[str, np.ndarray]:
   return {prefix + jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(tree)}
 
 
-def _assert_close(saved: str, expected: dict[str, np.ndarray], exact: bool = False) -> None:
+def _assert_close(
+  saved: str, expected: dict[str, np.ndarray], exact: bool = False, atol: float = 1e-6
+) -> None:
   with np.load(saved) as got:
     assert sorted(got.files) == sorted(expected)
     for name, value in expected.items():
       if exact:
         np.testing.assert_array_equal(got[name], value, err_msg=name)
       else:
-        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=atol, err_msg=name)
 
 
 def test_two_processes_split_the_round_write_once_and_share_checkpoints(tmp_path):
@@ -127,12 +129,13 @@ def test_checkpointed_run_resumed_in_two_processes_equals_one_uninterrupted_run(
   for got, want in zip(resumed["history"], full.history):
     assert got.keys() == want.keys()
     for key, value in want.items():
-      assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+      assert got[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-4, abs=1e-5)), key
   # The privacy ledger (steps per client) and the accounted epsilons are the same, client by client.
   assert [r["steps"] for r in resumed["clients"]] == [r["steps"] for r in full.clients]
   for got, want in zip(resumed["clients"], full.clients):
     assert got["epsilon_spent"] == pytest.approx(want["epsilon_spent"], rel=1e-9)
-  _assert_close(os.path.join(folder, "simulate.npz"), _flat(full.state, "state"))
+  # Three rounds of training carry the sums' rounding (2e-5 measured for 'traced', 3e-8 for 'exact').
+  _assert_close(os.path.join(folder, "simulate.npz"), _flat(full.state, "state"), atol=1e-4)
 
 
 @pytest.mark.slow
