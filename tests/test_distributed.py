@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -112,3 +113,14 @@ def test_bad_launch_arguments_are_named(tmp_path):
     distributed.launch_local(["true"], 0, tmp_path)
   with pytest.raises(ConfigError, match="timeout_s=-1"):
     distributed.launch_local(["true"], 1, tmp_path, timeout_s=-1)
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [([], "the command is missing"), (["--num_processes=0", "--", "true"], "num_processes=0 is invalid")],
+)
+def test_launch_script_misuse_exits_2_with_one_line(args, message):
+  launcher = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "launch.py")
+  done = subprocess.run([sys.executable, launcher, *args], capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  assert done.stderr.startswith("error: " + message) and done.stderr.count("\n") == 1
