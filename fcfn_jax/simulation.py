@@ -299,11 +299,12 @@ def prepare(
       "charge (1 + e^eps) P[some step overflows] exceeds delta; raise batch_capacity",
     )
   model = _model(cfg.model, fed_data.input_shape, fed_data.num_classes)
-  rows = np.arange(len(n)) if in_round else np.flatnonzero(np.isfinite(z))
   mesh = federated.client_mesh() if distributed.is_multiprocess() else None
   if mesh is None:
+    rows = slice(None) if in_round else np.flatnonzero(np.isfinite(z))
     train_pool = jax.device_put(jax.tree.map(lambda a: a[rows], fed_data.pool))
   else:  # each process puts only its own block of the training clients on its devices
+    rows = np.arange(len(n)) if in_round else np.flatnonzero(np.isfinite(z))
     train_pool = federated.shard_clients(
       mesh, max(len(rows), 1), lambda block: jax.tree.map(lambda a: a[rows[block]], fed_data.pool)
     )
