@@ -19,6 +19,16 @@ step numbers again cleanly.
 
 Which rounds to save (every K, the last one) is the caller's decision; orbax keeps the newest
 ``max_to_keep`` steps.
+
+Several processes (docs/model.md "Multi-host"): every process constructs the Checkpointer and calls the
+same methods in the same order, but only process 0 touches the directory; what it reads (steps, restored
+state and metadata) and the ConfigErrors it raises are broadcast, so every process resumes from the same
+step. This is correct because a run's state is replicated: every process holds the same server model and
+privacy ledger (each round ends in the same all-reduce), so one copy is the whole state. Orbax's own
+multi-process save writes each process's shards of *global* arrays; with replicated state it would only
+add barriers, and its host-local arrays it refuses. One writer also means no two processes race on
+orbax's temporary directories, the checksums or the set-aside renames, and the processes' file systems
+need not be shared (only process 0's disk holds the checkpoints).
 """
 
 from __future__ import annotations
@@ -30,8 +40,10 @@ import os
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from fcfn_jax import distributed
 from fcfn_jax.validate import ConfigError, check_int, require, reraise
 
 _STATE = "state"
@@ -121,8 +133,23 @@ def _check_template(path: str, stored: Any, template: Any) -> None:
   )
 
 
+def _host_arrays(tree: Any) -> Any:
+  """Array leaves as numpy (typed PRNG keys kept): orbax refuses host-local jax arrays when several
+  processes run, and process 0 writes only its own (replicated) copy."""
+
+  def host(leaf):
+    if hasattr(leaf, "dtype") and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return np.asarray(leaf)
+    return leaf
+
+  return jax.tree.map(host, tree)
+
+
 class Checkpointer:
   """Saves and restores ``(step, state, metadata)`` in ``directory``; a context manager that closes.
+
+  With several processes every process calls every method (see the module docstring): process 0 does
+  the I/O and every process gets its results.
 
   Usage::
 
@@ -135,25 +162,41 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike[str], max_to_keep: int = 3):
     check_int("max_to_keep", max_to_keep, minimum=1)
     self.directory = os.path.abspath(os.fspath(directory))
+    self._manager: ocp.CheckpointManager | None = None
+    distributed.run_on_coordinator(lambda: self._open(max_to_keep))
+
+  def _open(self, max_to_keep: int) -> None:
     require(
       not os.path.exists(self.directory) or os.path.isdir(self.directory),
       f"checkpoint directory {self.directory!r} is a file: expected a folder (or a path to create)",
     )
+    # With several processes orbax would wait for all of them at its barriers: only process 0 calls it.
+    multiprocessing = (
+      {"multiprocessing_options": ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})}
+      if distributed.is_multiprocess()
+      else {}
+    )
+    if multiprocessing:
+      os.makedirs(self.directory, exist_ok=True)  # orbax refuses create=True with active_processes
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=False, cleanup_tmp_directories=True
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,
+        create=not multiprocessing,
+        **multiprocessing,
       ),
       item_handlers={_STATE: ocp.StandardCheckpointHandler(), _METADATA: ocp.JsonCheckpointHandler()},
     )
 
   def all_steps(self) -> list[int]:
     """Committed steps, ascending (temporary directories of crashed saves are never listed)."""
-    return sorted(self._manager.all_steps())
+    return distributed.run_on_coordinator(lambda: sorted(self._manager.all_steps()))
 
   def latest_step(self) -> int | None:
     """The newest committed step, or None if there is none."""
-    return self._manager.latest_step()
+    return distributed.run_on_coordinator(lambda: self._manager.latest_step())
 
   def step_path(self, step: int) -> str:
     """The directory of ``step``."""
@@ -167,18 +210,23 @@ class Checkpointer:
         JSON-serializable dict (checked before anything is written).
     """
     check_int("step", step, minimum=0)
-    latest = self.latest_step()
-    require(
-      latest is None or step > latest,
-      f"step={step} is invalid: {self.directory} already holds steps up to {latest}; expected a "
-      "step > latest_step() (resume from the latest step, or use a fresh directory)",
-    )
     metadata = {} if metadata is None else metadata
     require(isinstance(metadata, dict), f"metadata={metadata!r} is invalid: expected a dict")
     with reraise(
       (TypeError, ValueError), lambda e: f"metadata is invalid: expected JSON-serializable values ({e})"
     ):
       json.dumps(metadata)
+    if distributed.is_multiprocess():
+      state = _host_arrays(state)
+    distributed.run_on_coordinator(lambda: self._save(step, state, metadata))
+
+  def _save(self, step: int, state: Any, metadata: dict[str, Any]) -> None:
+    latest = self.latest_step()
+    require(
+      latest is None or step > latest,
+      f"step={step} is invalid: {self.directory} already holds steps up to {latest}; expected a "
+      "step > latest_step() (resume from the latest step, or use a fresh directory)",
+    )
     self._manager.save(
       step,
       force=True,
@@ -191,6 +239,9 @@ class Checkpointer:
 
   def check_step(self, step: int) -> str | None:
     """None if every file of ``step`` matches its checksums, else what is wrong (one line)."""
+    return distributed.run_on_coordinator(lambda: self._check_step(step))
+
+  def _check_step(self, step: int) -> str | None:
     path = self.step_path(step)
     try:
       with open(os.path.join(path, CHECKSUMS), encoding="utf-8") as f:
@@ -216,6 +267,9 @@ class Checkpointer:
 
   def set_aside(self, step: int, reason: str) -> str:
     """Renames ``step`` to ``<step>.set-aside`` (``-2``, ... if taken) and logs why; returns the new path."""
+    return distributed.run_on_coordinator(lambda: self._set_aside(step, reason))
+
+  def _set_aside(self, step: int, reason: str) -> str:
     path = self.step_path(step)
     target, n = path + SET_ASIDE, 1
     while os.path.exists(target):
@@ -244,7 +298,10 @@ class Checkpointer:
     Steps that fail their checksums or cannot be read are set aside as in :meth:`restore`. None when no
     good step is left.
     """
-    return self._newest_good(lambda step: Restored(step, None, self._read_metadata(step)))
+    newest = distributed.run_on_coordinator(
+      lambda: self._newest_good(lambda step: (step, self._read_metadata(step)))
+    )
+    return None if newest is None else Restored(newest[0], None, newest[1])
 
   def _read_metadata(self, step: int) -> dict[str, Any]:
     try:
@@ -272,6 +329,24 @@ class Checkpointer:
       ConfigError: ``template`` does not match the checkpoint (names the mismatching leaves); ``step``
         does not exist, fails its checksums or cannot be read.
     """
+    if not distributed.is_multiprocess():
+      return self._restore(template, step)
+    # Process 0 restores into host arrays (orbax refuses host-local jax arrays when several processes
+    # run), then sends the step, metadata and state to the others.
+    zeros = jax.tree.map(lambda leaf: np.zeros(*_leaf_spec(leaf)) if _leaf_spec(leaf) else leaf, template)
+    restored: list[Restored | None] = [None]
+
+    def restore_here():
+      restored[0] = self._restore(zeros, step)
+      return None if restored[0] is None else (restored[0].step, restored[0].metadata)
+
+    head = distributed.run_on_coordinator(restore_here)
+    if head is None:
+      return None
+    state = distributed.broadcast_arrays(restored[0].state if restored[0] is not None else zeros)
+    return Restored(head[0], state, head[1])
+
+  def _restore(self, template: Any, step: int | None) -> Restored | None:
     if step is not None:
       steps = self.all_steps()
       require(
@@ -301,7 +376,8 @@ class Checkpointer:
 
   def close(self) -> None:
     """Waits for pending writes and releases orbax's resources."""
-    self._manager.close()
+    if self._manager is not None:
+      self._manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self

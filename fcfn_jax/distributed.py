@@ -11,24 +11,37 @@ Where the process layout comes from:
 - A cluster (SLURM, Cloud TPU pods, ...): nothing to pass; ``jax.distributed.initialize()`` detects the
   layout from the scheduler's environment. :func:`initialize` does that when ``FCFN_DISTRIBUTED=auto``.
 - Neither: a single process, and :func:`initialize` does nothing.
+
+Coordination (docs/model.md "Multi-host"; every helper is a plain call in a single process):
+:func:`run_on_coordinator` runs a side effect once, in process 0, and gives every process its result or
+its ConfigError (checkpoint I/O uses it); :func:`broadcast_json` / :func:`broadcast_arrays` send process
+0's values; :func:`gather` brings arrays split over processes whole into every process; :func:`global_rows`
+builds an array split over processes from each process's own rows (:func:`process_rows`).
+
+Failure: :func:`fail_fast` ends a failing process at once. :func:`launch_local` then stops the others; on a
+cluster their next collective fails on the closed connection (or gloo's 30 s set-up timeout), and JAX's
+coordination service ends every process once the dead one misses its heartbeats (100 s by default).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
-from fcfn_jax.validate import check_int, check_positive, require
+from fcfn_jax.validate import ConfigError, check_int, check_positive, fail, require
 
 COORDINATOR_ENV = "FCFN_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "FCFN_NUM_PROCESSES"
@@ -37,6 +50,9 @@ AUTO_ENV = "FCFN_DISTRIBUTED"
 
 _POLL_S = 0.05
 _TAIL_LINES = 15
+
+T = TypeVar("T")
+_coordinator_depth = 0  # > 0 while process 0 runs a block of run_on_coordinator (nested blocks run inline)
 
 
 def initialize() -> None:
@@ -90,8 +106,118 @@ def fail_fast() -> Iterator[None]:
 
 
 def is_coordinator() -> bool:
-  """True in process 0, the one that writes results."""
-  return jax.process_index() == 0
+  """True in process 0, the one that writes results (and in a single process)."""
+  return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def is_multiprocess() -> bool:
+  """True when this program spans several processes (JAX's distributed runtime joined, N > 1)."""
+  return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def broadcast_json(value: Any) -> Any:
+  """Process 0's JSON-serializable ``value``, in every process (the others' ``value`` is ignored).
+
+  Two broadcasts: the length of the JSON text, then its bytes (every process must pass arrays of equal
+  shape). A single process returns ``value`` unchanged.
+  """
+  if not is_multiprocess():
+    return value
+  text = json.dumps(value).encode() if is_coordinator() else b""
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(text))))
+  data = np.frombuffer(text, np.uint8) if is_coordinator() else np.zeros(size, np.uint8)
+  return json.loads(bytes(multihost_utils.broadcast_one_to_all(data)).decode())
+
+
+def broadcast_arrays(tree: Any) -> Any:
+  """Process 0's pytree of arrays, as numpy arrays in every process (the others pass a tree of the same
+  structure, shapes and dtypes, e.g. a template). A single process returns ``tree`` unchanged."""
+  if not is_multiprocess():
+    return tree
+  return multihost_utils.broadcast_one_to_all(tree)
+
+
+def run_on_coordinator(fn: Callable[[], T]) -> T:
+  """``fn()`` run in process 0 only; its JSON-serializable result, or its ConfigError, in every process.
+
+  For side effects that must happen once (renaming, deleting, writing a checkpoint) and decisions every
+  process must share even when their file systems differ (only process 0's disk may hold the files).
+  Every process must call it at the same point (it is a collective); nested calls in process 0 run
+  inline. A single process just calls ``fn()``.
+
+  Raises:
+    ConfigError: ``fn`` raised one in process 0 (with the same message in every process).
+  """
+  global _coordinator_depth
+  if not is_multiprocess() or _coordinator_depth:
+    return fn()
+  outcome: dict[str, Any] = {}
+  if is_coordinator():
+    _coordinator_depth += 1
+    try:
+      outcome = {"value": fn()}
+    except ConfigError as error:
+      outcome = {"error": str(error)}
+    finally:
+      _coordinator_depth -= 1
+  outcome = broadcast_json(outcome)
+  if "error" in outcome:
+    fail(outcome["error"])
+  return outcome["value"]
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier ``name`` (nothing in a single process)."""
+  if is_multiprocess():
+    multihost_utils.sync_global_devices(name)
+
+
+def gather(tree: Any) -> Any:
+  """Every global array of ``tree`` that spans processes, as its full value (numpy) in every process
+  (one all-gather per leaf); other leaves unchanged. Every process must call it (a collective). A single
+  process returns ``tree`` unchanged."""
+  if not is_multiprocess():
+    return tree
+
+  def full(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return multihost_utils.process_allgather(leaf, tiled=True)
+    return leaf
+
+  return jax.tree.map(full, tree)
+
+
+def process_rows(num_rows: int, sharding: jax.sharding.Sharding) -> slice:
+  """The rows [start, stop) of a ``[num_rows, ...]`` array that this process's devices hold under
+  ``sharding`` (one contiguous block per process for a 1-D mesh over ``jax.devices()``).
+
+  Raises:
+    ConfigError: this process's rows are not one contiguous block (a mesh whose device order
+      interleaves processes).
+  """
+  blocks = sorted(
+    (index[0].start or 0, num_rows if index[0].stop is None else index[0].stop)
+    for index in sharding.addressable_devices_indices_map((num_rows,)).values()
+  )
+  start, stop = blocks[0][0], blocks[-1][1]
+  require(
+    all(a[1] == b[0] or a == b for a, b in zip(blocks, blocks[1:])),
+    f"sharding {sharding} gives process {jax.process_index()} the rows {blocks}: expected one contiguous "
+    "block (a mesh over jax.devices() in their order)",
+  )
+  return slice(start, stop)
+
+
+def global_rows(sharding: jax.sharding.Sharding, num_rows: int, load: Callable[[slice], Any]) -> Any:
+  """A global array (pytree) of ``num_rows`` rows split by ``sharding``, each process loading only its
+  own rows: ``load(rows)`` returns the pytree of ``[rows, ...]`` arrays of this process's block
+  (:func:`process_rows`); ``jax.make_array_from_process_local_data`` joins the blocks without copying
+  data between processes."""
+  rows = process_rows(num_rows, sharding)
+  return jax.tree.map(
+    lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a), (num_rows,) + np.shape(a)[1:]),
+    load(rows),
+  )
 
 
 def free_port() -> int:

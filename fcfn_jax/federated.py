@@ -15,13 +15,16 @@ fold_in(fold_in(key, t), i).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from fcfn_jax import distributed
 from fcfn_jax.config import FederatedConfig, PrivacyConfig
 from fcfn_jax.data import ClientPool
 from fcfn_jax.models import ApplyFn, LossFn, cross_entropy, make_loss_fn, normalize_pixels
@@ -314,6 +317,53 @@ def client_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
 
 
+def client_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh ``("clients",)`` over every device of every process, grouped by process, so that each
+  process's share of the client axis is one contiguous block (:func:`shard_clients`)."""
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return jax.sharding.Mesh(np.asarray(devices), ("clients",))
+
+
+def pad_sit_outs(
+  noise_multipliers: chex.Array, weights: chex.Array, clients: int, xp=jnp
+) -> tuple[chex.Array, chex.Array]:
+  """z [n] and weights [n] padded to [clients] with clients that sit out (z = inf, weight 0: they change
+  no total). ``xp``: ``jnp`` inside a program, ``np`` on the host."""
+  pad = clients - noise_multipliers.shape[0]
+  return xp.pad(noise_multipliers, (0, pad), constant_values=np.inf), xp.pad(weights, (0, pad))
+
+
+def pad_clients(
+  pool: ClientPool, noise_multipliers: chex.Array, weights: chex.Array, pad: int, xp=jnp
+) -> tuple[ClientPool, chex.Array, chex.Array]:
+  """The round's per-client inputs with ``pad`` clients appended that have no examples and sit out."""
+  pool = jax.tree.map(lambda a: xp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)), pool)
+  return pool, *pad_sit_outs(noise_multipliers, weights, pool.y.shape[0], xp)
+
+
+def shard_clients(
+  mesh: jax.sharding.Mesh, num_clients: int, load: Callable[[slice], ClientPool]
+) -> ClientPool:
+  """A ClientPool of ``num_clients`` clients as global arrays on :func:`client_sharding` of ``mesh``, which
+  may span processes (docs/model.md "Multi-host").
+
+  Each process calls ``load(rows)`` for its own block of clients only (a ClientPool of host arrays
+  [rows, ...]; ``rows`` may be empty) and ``jax.make_array_from_process_local_data`` joins the blocks,
+  so no process reads another's clients. The client axis is padded to a multiple of ``mesh.size`` with
+  clients that have no examples; give the round z and weights padded to match (:func:`pad_sit_outs`),
+  so that client i keeps id i and its key in :func:`federated_round`.
+  """
+  check_int("num_clients", num_clients)
+  padded = -(-num_clients // mesh.size) * mesh.size
+
+  def load_block(rows: slice) -> ClientPool:
+    pool = jax.tree.map(np.asarray, load(slice(min(rows.start, num_clients), min(rows.stop, num_clients))))
+    pad = (rows.stop - rows.start) - pool.y.shape[0]
+    return jax.tree.map(lambda a: np.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)), pool)
+
+  return distributed.global_rows(client_sharding(mesh), padded, load_block)
+
+
 def _sharded_totals(
   params: chex.ArrayTree,
   pool: ClientPool,
@@ -331,13 +381,8 @@ def _sharded_totals(
   """
   axes = tuple(mesh.axis_names)
   pad = -pool.y.shape[0] % mesh.size
-
-  def pad_rows(a, value=0):
-    return jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), constant_values=value)
-
   if pad:
-    pool = jax.tree.map(pad_rows, pool)
-    noise_multipliers, weights = pad_rows(noise_multipliers, jnp.inf), pad_rows(weights)
+    pool, noise_multipliers, weights = pad_clients(pool, noise_multipliers, weights, pad)
   sharding = client_sharding(mesh)
   # Explicit mesh axes (jax.make_mesh's default) need reshard; Auto ones a sharding constraint.
   if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
@@ -392,7 +437,10 @@ def federated_round(
     noise_multipliers: float [clients] z_i (inf = sits out). weights: float [clients] participation
       weights >= 0 (0 = sits out). key: the run's key; round t uses fold_in(key, t).
     apply_fn, fed, privacy: static (hashable) model apply function and configs.
-    mesh: static ``jax.sharding.Mesh`` to split the clients over, or None (one device).
+    mesh: static ``jax.sharding.Mesh`` to split the clients over, or None (one device). It may span
+      processes (docs/model.md "Multi-host"): then give the pool as global arrays built by
+      :func:`shard_clients` over :func:`client_mesh` (each process loads only its own clients) and z,
+      weights padded to match (:func:`pad_sit_outs`); the state comes back replicated in every process.
 
   Returns:
     (state at round t + 1, RoundMetrics).

@@ -277,16 +277,25 @@ class ResultsFolder(contextlib.AbstractContextManager):
   ``manifest.json`` (the manifest dict plus every file's size and SHA-256, the command line and the time)
   and swaps the staging folder in for ``out``: an earlier run's folder is replaced whole, so no old file
   outlives it. Leaving with an exception removes the staging folder and any parent folders it created.
+
+  ``commit=False`` (the processes other than 0 of a multi-process run, which compute the same results):
+  the files are written into a private temporary folder that leaving removes; ``out`` is never touched.
   """
 
-  def __init__(self, out: str | os.PathLike[str], manifest: Mapping[str, Any] | None = None):
+  def __init__(
+    self, out: str | os.PathLike[str], manifest: Mapping[str, Any] | None = None, commit: bool = True
+  ):
     self.out = os.fspath(out)
     self.path = check_output_folder(out)
     self._manifest = dict(manifest or {})
+    self._commit = commit
     self._staging: str | None = None
     self._created: list[str] = []
 
   def __enter__(self) -> ResultsFolder:
+    if not self._commit:
+      self._staging = tempfile.mkdtemp(prefix="fcfn-uncommitted-results-")
+      return self
     self.path = check_output_folder(self.out)  # again: the folder may have changed since construction
     parent, name = os.path.split(self.path)
     missing = parent
@@ -353,6 +362,9 @@ class ResultsFolder(contextlib.AbstractContextManager):
 
   def __exit__(self, exc_type, exc, tb) -> None:
     staging, self._staging = self._staging, None
+    if not self._commit:
+      shutil.rmtree(staging, ignore_errors=True)
+      return
     if exc_type is not None:
       shutil.rmtree(staging, ignore_errors=True)
       for folder in self._created:  # innermost first; only the empty ones this run made

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from fcfn_jax import checkpoint, data, federated, fingerprint, models
+from fcfn_jax import checkpoint, data, distributed, federated, fingerprint, models
 from fcfn_jax.config import MECHANISM_LABELS, GameConfig, PrivacyConfig, SimulationConfig
 from fcfn_jax.game import baselines, misreport, valuation
 from fcfn_jax.game.outcome import Outcome
@@ -82,6 +82,9 @@ class Experiment(NamedTuple):
   aggregation_weights: a_i [clients], the server's weights of the clients' updates (0 = sits out).
   train_pool: the clients that train, on device: all clients when the mechanism is solved inside the
     round ('surrogate', 'traced'), else only the participants (eps_i > 0), in client order.
+  mesh: None in a single process; with several processes (docs/model.md "Multi-host") the client mesh
+    over every process's devices: train_pool is then split over it (each process holds only its own
+    block, padded with clients that have no examples) and every round meets in one all-reduce.
   """
 
   cfg: SimulationConfig
@@ -96,6 +99,7 @@ class Experiment(NamedTuple):
   noise_multipliers: np.ndarray
   aggregation_weights: np.ndarray
   train_pool: data.ClientPool
+  mesh: jax.sharding.Mesh | None = None
 
 
 @functools.cache
@@ -159,7 +163,7 @@ def _program_noise(
   )
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "cfg"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "cfg", "mesh"))
 def mechanism_round(
   state: SimState,
   pool: data.ClientPool,
@@ -170,32 +174,39 @@ def mechanism_round(
   *,
   apply_fn,
   cfg: SimulationConfig,
+  mesh: jax.sharding.Mesh | None = None,
 ):
   """ONE traced program: solve the mechanism, map eps -> z ('surrogate' or 'traced'), run one DP round
   aggregated with the game's weights a_i.
 
   Args:
-    state: SimState at round t. pool: all clients' data. costs, weights: c_i, w_i [clients].
-    overflow: p_i [clients] (``Experiment.overflow``). key: the run's training key. apply_fn, cfg: static.
+    state: SimState at round t. pool: all clients' data (with ``mesh``: [padded clients] split over it,
+      ``Experiment.train_pool``). costs, weights: c_i, w_i [clients]. overflow: p_i [clients]
+      (``Experiment.overflow``). key: the run's training key. apply_fn, cfg: static.
+    mesh: static client mesh of the round (``Experiment.mesh``), or None.
 
   Returns:
     (SimState at t + 1, federated.RoundMetrics, Outcome).
   """
-  num_examples = jnp.asarray(pool.num_examples, costs.dtype)
+  num_examples = jnp.asarray(pool.num_examples[: costs.shape[0]], costs.dtype)  # without mesh padding
   game, spec = game_of(cfg, costs, weights, num_examples, costs.dtype)
   outcome = baselines.solve(game, spec)
   z = _program_noise(outcome.budgets, game.sampling_rates, overflow, cfg)
   joined = jnp.isfinite(z)
   aggregation = valuation.aggregation_weights(outcome.budgets, game, spec)
+  round_z, round_w = z, round_weights(aggregation, num_examples).astype(jnp.float32)
+  if pool.y.shape[0] > costs.shape[0]:
+    round_z, round_w = federated.pad_sit_outs(round_z, round_w, pool.y.shape[0])
   server, metrics = federated.federated_round(
     state.server,
     pool,
-    z,
-    round_weights(aggregation, num_examples).astype(jnp.float32),
+    round_z,
+    round_w,
     key,
     apply_fn=apply_fn,
     fed=cfg.federated,
     privacy=cfg.privacy,
+    mesh=mesh,
   )
   steps_done = state.steps_done + jnp.where(joined, cfg.federated.local_steps, 0).astype(jnp.int32)
   return SimState(server=server, steps_done=steps_done), metrics, outcome
@@ -214,15 +225,20 @@ def _participants_round(exp: Experiment, state: SimState, key: chex.PRNGKey):
     server = state.server._replace(round=state.server.round + 1)
     return state._replace(server=server), federated.RoundMetrics(jnp.nan, jnp.nan, jnp.zeros((), jnp.int32))
   n = np.asarray(exp.data.pool.num_examples, np.float64)
+  z = exp.noise_multipliers[joined].astype(np.float32)
+  w = round_weights(exp.aggregation_weights[joined], n[joined]).astype(np.float32)
+  if exp.mesh is not None:
+    z, w = federated.pad_sit_outs(z, w, exp.train_pool.y.shape[0], xp=np)
   server, metrics = federated.federated_round(
     state.server,
     exp.train_pool,
-    jnp.asarray(exp.noise_multipliers[joined], jnp.float32),
-    jnp.asarray(round_weights(exp.aggregation_weights[joined], n[joined]), jnp.float32),
+    jnp.asarray(z),
+    jnp.asarray(w),
     key,
     apply_fn=exp.apply_fn,
     fed=cfg.federated,
     privacy=cfg.privacy,
+    mesh=exp.mesh,
   )
   steps_done = state.steps_done + jnp.asarray(np.where(joined, cfg.federated.local_steps, 0), jnp.int32)
   return SimState(server=server, steps_done=steps_done), metrics
@@ -283,8 +299,15 @@ def prepare(
       "charge (1 + e^eps) P[some step overflows] exceeds delta; raise batch_capacity",
     )
   model = _model(cfg.model, fed_data.input_shape, fed_data.num_classes)
-  rows = slice(None) if in_round else np.flatnonzero(np.isfinite(z))
-  train_pool = jax.device_put(jax.tree.map(lambda a: a[rows], fed_data.pool))
+  mesh = federated.client_mesh() if distributed.is_multiprocess() else None
+  if mesh is None:
+    rows = slice(None) if in_round else np.flatnonzero(np.isfinite(z))
+    train_pool = jax.device_put(jax.tree.map(lambda a: a[rows], fed_data.pool))
+  else:  # each process puts only its own block of the training clients on its devices
+    rows = np.arange(len(n)) if in_round else np.flatnonzero(np.isfinite(z))
+    train_pool = federated.shard_clients(
+      mesh, max(len(rows), 1), lambda block: jax.tree.map(lambda a: a[rows[block]], fed_data.pool)
+    )
   return Experiment(
     cfg=cfg,
     data=fed_data,
@@ -298,6 +321,7 @@ def prepare(
     noise_multipliers=z,
     aggregation_weights=aggregation,
     train_pool=train_pool,
+    mesh=mesh,
   )
 
 
@@ -343,6 +367,7 @@ def _step(exp: Experiment, state: SimState, key: chex.PRNGKey) -> tuple[SimState
       key,
       apply_fn=exp.apply_fn,
       cfg=cfg,
+      mesh=exp.mesh,
     )
     return state, metrics
   return _participants_round(exp, state, key)
@@ -463,6 +488,14 @@ def check_checkpoint(
   Raises:
     ConfigError: the checkpoint holds another run (names the differing parts) and not restart_on_mismatch.
   """
+  # Several processes: process 0 inspects and renames; the others share its verdict (docs/model.md
+  # "Multi-host").
+  distributed.run_on_coordinator(lambda: _check_checkpoint(cfg, parts, restart_on_mismatch))
+
+
+def _check_checkpoint(
+  cfg: SimulationConfig, parts: fingerprint.Fingerprint, restart_on_mismatch: bool
+) -> None:
   if not cfg.checkpoint_dir or not os.path.exists(cfg.checkpoint_dir):
     return
   with checkpoint.Checkpointer(cfg.checkpoint_dir) as ckpt:
@@ -566,7 +599,8 @@ def run(
         ckpt.save(done, state, {"history": history, "round": done, "fingerprint": parts})
       if stop_after is not None and done >= stop_after:
         break
-    steps_done = np.asarray(state.steps_done)
+    # The ledger is replicated (every process computes the same z_i); gathered to host memory whole.
+    steps_done = np.asarray(distributed.gather(state.steps_done))
     spent = privacy_spent(exp, steps_done)
     accuracy = history[-1]["test_accuracy"] if history else float("nan")
   return RunResult(

@@ -19,10 +19,18 @@ Running: :func:`run` wraps ``app.run``: unparsable flags and every ConfigError e
 probing, orbax) stay hidden unless ``--verbosity`` asks for them. :func:`results` prints the one header
 line of what runs and opens the run's :class:`fcfn_jax.report.ResultsFolder` (or, with ``--dry_run``,
 stops there having written nothing).
+
+Several processes (``scripts/launch.py``, or a cluster with ``FCFN_DISTRIBUTED=auto``; README
+"Multi-host"): :func:`run` first joins JAX's distributed runtime (``distributed.initialize``; nothing
+without the environment variables) and runs ``main`` under ``distributed.fail_fast`` so that a failing
+process ends at once instead of hanging its peers. Every process runs the same ``main``; only process 0
+prints to stdout and writes the results folder (the others' stdout is discarded and their folder is a
+temporary one, removed at the end; their stderr keeps warnings and errors).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -39,7 +47,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from fcfn_jax import config as fc
-from fcfn_jax import report, validate
+from fcfn_jax import distributed, report, validate
 
 FLAGS = flags.FLAGS
 # Field -> flag names that differ from the field's name (kept from the hand-written flags).
@@ -278,9 +286,22 @@ def call(main: Callable[[list[str]], None], argv: list[str]) -> None:
     _exit_with(str(err))
 
 
+def _coordinated(main: Callable[[list[str]], None], argv: list[str]) -> None:
+  """:func:`call` under ``distributed.fail_fast``; stdout discarded outside process 0."""
+  with distributed.fail_fast(), contextlib.ExitStack() as stack:
+    if not distributed.is_coordinator():
+      stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))  # noqa: SIM115
+    call(main, argv)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-  """``app.run(main)``: misuse (bad flags, any ConfigError) exits with status 2 and one line on stderr."""
-  app.run(functools.partial(call, main), flags_parser=parse_flags)
+  """``app.run(main)``: misuse (bad flags, any ConfigError) exits with status 2 and one line on stderr.
+
+  Joins the distributed runtime first when the environment describes one (``distributed.initialize``):
+  the same script then runs as one process of a multi-process program (module docstring).
+  """
+  distributed.initialize()
+  app.run(functools.partial(_coordinated, main), flags_parser=parse_flags)
 
 
 def run_config(run_flags: ConfigFlags) -> fc.RunConfig:
@@ -320,4 +341,6 @@ def results(run_cfg: fc.RunConfig, header: str, setup: Mapping[str, Any]) -> rep
   if run_cfg.dry_run:
     print("dry run: the flags, the data and the output folder are valid; nothing was written", flush=True)
     sys.exit(0)
-  return report.ResultsFolder(run_cfg.out, manifest={"script": script, "setup": setup})
+  return report.ResultsFolder(
+    run_cfg.out, manifest={"script": script, "setup": setup}, commit=distributed.is_coordinator()
+  )

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import textwrap
 import time
 
+import jax
+import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fcfn_jax import distributed
-from fcfn_jax.validate import ConfigError
+from fcfn_jax.validate import ConfigError, fail
 
 _PROGRAM = textwrap.dedent(
   """
@@ -77,6 +81,31 @@ def test_timeout_stops_every_process(tmp_path):
   assert "timed out after 1 s" in distributed.describe_failure(result, 1.0)
 
 
+def test_in_one_process_the_coordination_helpers_are_plain_calls():
+  """Without the runtime every helper is the identity (or a direct call): scripts pay nothing."""
+  assert distributed.is_coordinator() and not distributed.is_multiprocess()
+  assert distributed.broadcast_json({"a": [1, 2]}) == {"a": [1, 2]}
+  tree = {"w": np.arange(3.0)}
+  assert distributed.broadcast_arrays(tree) is tree and distributed.gather(tree) is tree
+  assert distributed.run_on_coordinator(lambda: 5) == 5
+  with pytest.raises(ConfigError, match="bad value"):
+    distributed.run_on_coordinator(lambda: fail("bad value"))
+  distributed.barrier("nothing to wait for")
+
+
+def test_process_rows_and_global_rows_on_this_process_devices():
+  mesh = Mesh(np.array(jax.devices()), ("clients",))
+  sharding = NamedSharding(mesh, PartitionSpec("clients"))
+  n = 2 * len(jax.devices())
+  assert distributed.process_rows(n, sharding) == slice(0, n)  # every device is this process's
+  asked = []
+  rows = np.arange(n * 3).reshape(n, 3)
+  arr = distributed.global_rows(sharding, n, lambda block: asked.append(block) or {"r": rows[block]})
+  assert asked == [slice(0, n)]
+  assert arr["r"].sharding == sharding
+  np.testing.assert_array_equal(np.asarray(arr["r"]), rows)
+
+
 def test_bad_launch_arguments_are_named(tmp_path):
   with pytest.raises(ConfigError, match="command is empty"):
     distributed.launch_local([], 2, tmp_path)
@@ -84,3 +113,14 @@ def test_bad_launch_arguments_are_named(tmp_path):
     distributed.launch_local(["true"], 0, tmp_path)
   with pytest.raises(ConfigError, match="timeout_s=-1"):
     distributed.launch_local(["true"], 1, tmp_path, timeout_s=-1)
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [([], "the command is missing"), (["--num_processes=0", "--", "true"], "num_processes=0 is invalid")],
+)
+def test_launch_script_misuse_exits_2_with_one_line(args, message):
+  launcher = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "launch.py")
+  done = subprocess.run([sys.executable, launcher, *args], capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  assert done.stderr.startswith("error: " + message) and done.stderr.count("\n") == 1

@@ -218,6 +218,17 @@ def test_a_failed_run_leaves_nothing_not_even_the_folders_it_created(tmp_path):
   assert os.listdir(tmp_path) == ["earlier"]
 
 
+def test_an_uncommitted_folder_is_written_elsewhere_and_removed(tmp_path):
+  """commit=False: what the processes other than 0 of a multi-process run write (the same results)."""
+  out = tmp_path / "runs" / "a"
+  with ResultsFolder(out, commit=False) as folder:
+    folder.csv("history", [{"round": 1}])
+    staging = folder.folder
+    assert os.listdir(staging) == ["history.csv"] and not staging.startswith(str(tmp_path))
+  assert not os.path.exists(staging)
+  assert os.listdir(tmp_path) == []  # out and its parents untouched
+
+
 def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
   dead = subprocess.Popen(["true"])
   dead.wait()

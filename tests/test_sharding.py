@@ -79,6 +79,25 @@ def test_presharded_pool_and_auto_axes():
     chex.assert_trees_all_close(sharded, single, atol=1e-6)
 
 
+def test_shard_clients_builds_the_sharded_pool_from_each_process_block():
+  """shard_clients (the multi-process path, here one process of 4 devices): the pool padded with clients
+  that sit out gives the round of the unpadded pool."""
+  pool, z, w = _inputs(7, seed=2)
+  mesh = _mesh()
+  asked = []
+  sharded = federated.shard_clients(
+    mesh, 7, lambda rows: asked.append(rows) or jax.tree.map(lambda a: a[rows], pool)
+  )
+  assert asked == [slice(0, 7)]  # this process holds every device: its block is all clients
+  assert sharded.x.shape[0] == 8 and sharded.x.sharding == federated.client_sharding(mesh)
+  np.testing.assert_array_equal(np.asarray(sharded.num_examples), np.append(pool.num_examples, 0))
+  z8, w8 = federated.pad_sit_outs(np.asarray(z), np.asarray(w), 8, xp=np)
+  assert z8[7] == np.inf and w8[7] == 0
+  single, _ = _round(_state(), pool, z, w)
+  sharded_state, _ = _round(_state(), sharded, z8, w8, mesh=mesh)
+  chex.assert_trees_all_close(sharded_state, single, atol=1e-6)
+
+
 def test_server_aggregate_is_one_all_reduce():
   pool, z, w = _inputs(8)
   compiled = federated.federated_round.lower(

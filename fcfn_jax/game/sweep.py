@@ -27,6 +27,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from fcfn_jax import distributed
 from fcfn_jax.config import MECHANISM_LABELS, MECHANISMS, GameConfig
 from fcfn_jax.game import baselines
 from fcfn_jax.game.spec import Game, GameSpec, spec_from_config
@@ -209,7 +210,9 @@ def run_sweep(
       bounding memory); 0 = all G at once. It is rounded up to a multiple of the mesh size, and the batch
       is padded to a multiple of it with copies of the last configuration, dropped from the result.
     mesh: optional 1-D device mesh with axis ``GAME_AXIS``: the games are split into one contiguous
-      block per device (``shard_map``), each running its share of every chunk.
+      block per device (``shard_map``), each running its share of every chunk. The mesh may span
+      processes (:func:`game_mesh` after ``distributed.initialize()``); every process then gets every
+      game's metrics.
 
   Raises:
     ConfigError for a bad chunk_size or mesh.
@@ -224,7 +227,9 @@ def run_sweep(
   per_device = -(-(chunk_size or size) // devices)
   padded = -(-size // (per_device * devices)) * per_device * devices
   configs = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], padded - size)]), configs)
-  results = _sweep(key, configs, settings, per_device, mesh)
+  # A mesh over several processes leaves each process its own games: gather them (one all-gather per
+  # metric) so that every process holds the whole table, as in a single process.
+  results = distributed.gather(_sweep(key, configs, settings, per_device, mesh))
   return jax.tree.map(lambda a: a[:size], results)
 
 

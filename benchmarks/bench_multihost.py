@@ -1,0 +1,201 @@
+"""Per-round time of the DP round on three layouts of two CPU cores, side by side in one run:
+
+  1 process x 1 device   (the reference: no mesh)
+  1 process x 2 devices  (XLA_FLAGS=--xla_force_host_platform_device_count=2; the client axis split over a
+                          mesh of the process's 2 devices, partial sums meet in one in-process all-reduce)
+  2 processes x 1 device (scripts/launch.py's layout: ``distributed.launch_local``, gloo collectives; each
+                          process loads only its own block of clients, ``federated.shard_clients``)
+
+Every layout runs in fresh processes with the same round (the same clients, keys, configs). Besides the
+round, each timed process measures the round's one all-reduce alone: a jitted ``psum`` over the same mesh
+of a payload shaped like the round's totals (the params pytree + 4 scalars); ``comm_share`` = that time /
+the round's time (0 on one device). Clients are resampled from the embedded FEMNIST digits
+(``common.resampled_pool``).
+
+Example (a few minutes on 2 cores):
+  python benchmarks/bench_multihost.py
+  python benchmarks/bench_multihost.py --cases=logreg:4096:64,cnn:256:8 --repeats=5
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # noqa: E402
+
+from fcfn_jax import distributed  # noqa: E402
+
+flags.DEFINE_list("cases", ["logreg:4096:64", "cnn:256:8"], "model:clients:chunk_size per case.")
+flags.DEFINE_integer("local_steps", 2, "Local DP-SGD steps per client.")
+flags.DEFINE_integer("batch_size", 32, "Local batch size.")
+flags.DEFINE_integer("capacity", 64, "Examples per client.")
+flags.DEFINE_integer("repeats", 3, "Timed rounds per layout (median reported).")
+flags.DEFINE_float("timeout_s", 900.0, "Stop a layout's processes after this many seconds.")
+flags.DEFINE_string(
+  "out", "results/bench_multihost", "Folder for bench_multihost.{json,md} and multihost.csv."
+)
+flags.DEFINE_string("worker", None, "Internal: 'model:clients:chunk' = time one case in this process.")
+FLAGS = flags.FLAGS
+
+LAYOUTS = (("1 process x 1 device", 1, 1), ("1 process x 2 devices", 1, 2), ("2 processes x 1 device", 2, 1))
+NOISE_MULTIPLIER = 1.0
+RESULT = "RESULT "
+
+
+def time_case(model_name: str, clients: int, chunk: int) -> dict[str, Any]:
+  """One case in this process (after ``distributed.initialize``): compile, warm-up, median round time,
+  and the median time of the round's all-reduce alone."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from fcfn_jax import federated, models, report
+  from fcfn_jax.config import FederatedConfig, PrivacyConfig
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from common import resampled_pool
+
+  pool, classes = resampled_pool(clients, FLAGS.capacity)
+  shape = tuple(pool.x.shape[2:])
+  model = models.CNN(classes) if model_name == "cnn" else models.LogisticRegression(classes)
+  fed = FederatedConfig(local_steps=FLAGS.local_steps, batch_size=FLAGS.batch_size, chunk_size=chunk)
+  state = federated.init_server_state(models.init_params(model, jax.random.key(0), shape), fed)
+  z, w = np.full(clients, NOISE_MULTIPLIER, np.float32), np.ones(clients, np.float32)
+  mesh = federated.client_mesh() if jax.device_count() > 1 else None
+  if mesh is None:
+    pool = jax.device_put(pool)
+  else:
+    pool = federated.shard_clients(mesh, clients, lambda rows: jax.tree.map(lambda a: a[rows], pool))
+    z, w = federated.pad_sit_outs(z, w, pool.y.shape[0], xp=np)
+
+  def one_round():
+    return jax.block_until_ready(
+      federated.federated_round(
+        state,
+        pool,
+        z,
+        w,
+        jax.random.key(1),
+        apply_fn=model.apply,
+        fed=fed,
+        privacy=PrivacyConfig(),
+        mesh=mesh,
+      )
+    )
+
+  def median_s(fn) -> float:
+    fn()  # compile and warm up
+    times = []
+    for _ in range(FLAGS.repeats):
+      with report.Timer() as t:
+        fn()
+      times.append(t.elapsed)
+    return float(np.median(times))
+
+  with report.Timer() as compile_and_first:
+    one_round()
+  round_s = median_s(one_round)
+  allreduce_s = 0.0
+  if mesh is not None:
+    # The round's totals: one params-shaped sum and 4 scalars, summed over the client axis.
+    spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+    payload = jax.tree.map(lambda p: jnp.zeros((mesh.size, *p.shape), p.dtype), (state.params, jnp.zeros(4)))
+    payload = jax.device_put(payload, jax.sharding.NamedSharding(mesh, spec))
+    psum = jax.jit(
+      jax.shard_map(
+        lambda t: jax.lax.psum(jax.tree.map(lambda a: a[0], t), mesh.axis_names),
+        mesh=mesh,
+        in_specs=spec,
+        out_specs=jax.sharding.PartitionSpec(),
+      )
+    )
+    allreduce_s = median_s(lambda: jax.block_until_ready(psum(payload)))
+  params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  return {
+    "first_round_s": compile_and_first.elapsed,
+    "round_s": round_s,
+    "allreduce_s": allreduce_s,
+    "comm_share": allreduce_s / round_s,
+    "params": params,
+  }
+
+
+def run_layout(case: str, processes: int, devices: int) -> dict[str, Any]:
+  """The case in fresh process(es) of one layout: process 0's result."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  passed = [f"--{n}={FLAGS[n].value}" for n in ("local_steps", "batch_size", "capacity", "repeats")]
+  command = [sys.executable, os.path.abspath(__file__), f"--worker={case}", *passed]
+  with tempfile.TemporaryDirectory() as logs:
+    if processes == 1:
+      done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=FLAGS.timeout_s)
+      if done.returncode:
+        raise RuntimeError(f"{case} failed: {done.stderr[-2000:]}")
+      output = done.stdout
+    else:
+      result = distributed.launch_local(command, processes, logs, FLAGS.timeout_s, env)
+      if not result.ok:
+        raise RuntimeError(f"{case}: {distributed.describe_failure(result, FLAGS.timeout_s)}")
+      output = result.logs[0].read_text()
+  line = next(line for line in output.splitlines() if line.startswith(RESULT))
+  return json.loads(line[len(RESULT) :])
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  if FLAGS.worker:
+    distributed.initialize()
+    import jax
+
+    model_name, clients, chunk = FLAGS.worker.split(":")
+    result = time_case(model_name, int(clients), int(chunk))
+    if jax.process_index() == 0:
+      print(RESULT + json.dumps(result), flush=True)
+    return
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from common import machine, write_tables
+
+  rows = []
+  for case in FLAGS.cases:
+    model_name, clients, chunk = case.split(":")
+    base = None
+    for layout, processes, devices in LAYOUTS:
+      result = run_layout(case, processes, devices)
+      base = base or result["round_s"]
+      rows.append(
+        {
+          "model": model_name,
+          "clients": int(clients),
+          "chunk_size": int(chunk),
+          "layout": layout,
+          **result,
+          "speedup_vs_1x1": base / result["round_s"],
+        }
+      )
+      print(f"{case} {layout}: {result['round_s']:.3f} s/round", flush=True)
+  meta = {
+    **machine(),
+    "local_steps": FLAGS.local_steps,
+    "batch_size": FLAGS.batch_size,
+    "capacity": FLAGS.capacity,
+    "repeats": FLAGS.repeats,
+    "noise_multiplier": NOISE_MULTIPLIER,
+    "note": "round_s = median round time (process 0); allreduce_s = median time of a psum of the round's "
+    "totals alone over the same mesh; comm_share = allreduce_s / round_s; first_round_s includes the "
+    "compilation; speedup_vs_1x1 = (1 process x 1 device round_s) / round_s, measured in the same run",
+  }
+  write_tables(FLAGS.out, "bench_multihost", {"multihost": rows}, meta)
+
+
+if __name__ == "__main__":
+  app.run(main)
