@@ -102,6 +102,11 @@ def total_steps(cfg: SimulationConfig) -> int:
   return cfg.federated.rounds * cfg.federated.local_steps
 
 
+def training_key(cfg: SimulationConfig) -> chex.PRNGKey:
+  """The key of the rounds' sampling and noise: fold_in(fold_in(PRNGKey(seed), TRAIN), draw)."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _TRAIN_STREAM), cfg.draw)
+
+
 def client_costs(key: chex.PRNGKey, num_clients: int, game: GameConfig) -> np.ndarray:
   """Per-unit privacy costs c_i ~ Uniform[cost_low, cost_high]: float64 [clients] (seeded)."""
   # float32 draws whatever the x64 mode, so the same seed gives the same costs everywhere.
@@ -503,7 +508,7 @@ def run(
       if restored is not None:
         state, history = restored.state, list(restored.metadata.get("history", []))
         _check_resumed(exp, restored, history)
-    train_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _TRAIN_STREAM)
+    train_key = training_key(cfg)
     test = exp.data.test
     start = int(state.server.round)
     rounds = range(start, cfg.federated.rounds)
