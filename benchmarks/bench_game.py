@@ -1,14 +1,21 @@
-"""Follower-equilibrium speed: closed form vs the generic differentiable solver, vmapped over games.
+"""Follower-equilibrium and leader speed: closed form vs the generic solver, vmapped over games.
 
 For each number of clients N, ``--games`` random games are solved by one jit-compiled vmapped call of
   closed_form   equilibrium.closed_form_budgets (sort + prefix sums),
   generic       solver.share_equilibrium with caps that never bind (same answer as the closed form),
   generic_caps  solver.share_equilibrium with caps that bind for the cheapest clients,
-  generic_grad  reverse-mode gradient of sum(eps*) w.r.t. (R, c) through the implicit function theorem.
+  generic_grad  reverse-mode gradient of sum(eps*) w.r.t. (R, c) through the implicit function theorem,
+and, for N <= --leader_max_clients, ``--leader_games`` of them by the capped leader (the Stackelberg
+mechanism: leader.solve_leader, the optimum of U_s over the capped follower equilibrium) under each
+valuation:
+  leader_log    Q = log(1 + X), lam = N,
+  leader_dp     Q = -(noise variance of the aggregate) with noise-aware weights, lam = 5 N,
+with eps_max = 2, where caps bind (capped_frac: the share of clients at the cap at R*).
 Compile time (lower + compile) is reported apart from steady state (median of ``--repeats`` runs, each
-ended by block_until_ready); ratios are generic / closed form measured side by side in the same run.
+ended by block_until_ready); ratios are to the closed form measured side by side in the same run
+(per game for the leader rows).
 
-  python benchmarks/bench_game.py                 # N = 10, 1k, 10k, 100k; 64 games
+  python benchmarks/bench_game.py                 # N = 10, 1k, 10k, 100k; 64 games; leader to 10k
   python benchmarks/bench_game.py --quick         # N = 10, 1k
 """
 
@@ -23,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from fcfn_jax.game import equilibrium, solver
+from fcfn_jax.game import equilibrium, leader, solver
+from fcfn_jax.game.spec import Game, GameSpec
 from fcfn_jax.report import format_table, write_csv_atomic, write_json_atomic
 
 _SIZES = flags.DEFINE_list("sizes", ["10", "1000", "10000", "100000"], "Numbers of clients N.")
@@ -33,6 +41,8 @@ _QUICK = flags.DEFINE_bool("quick", False, "Small sizes (N = 10, 1000) and 3 rep
 _X64 = flags.DEFINE_bool("x64", False, "Run in float64 (default float32).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random games.")
 _OUT = flags.DEFINE_string("out", "results/bench_game", "Directory for bench_game.json and .csv.")
+_LEADER_GAMES = flags.DEFINE_integer("leader_games", 4, "Games per vmapped call of the capped leader.")
+_LEADER_MAX = flags.DEFINE_integer("leader_max_clients", 10000, "Largest N with leader rows.")
 
 
 def random_games(seed: int, games: int, clients: int, dtype):
@@ -107,6 +117,43 @@ def bench_size(clients: int, games: int, repeats: int, dtype) -> list[dict]:
         ratio=run_s / closed_s,
         max_rel_diff=diff,
         capped_frac=capped,
+      )
+    )
+  if clients <= _LEADER_MAX.value:
+    rows += bench_leader(costs, weights, closed_s / games, repeats)
+  return rows
+
+
+def bench_leader(costs, weights, closed_per_game_s: float, repeats: int) -> list[dict]:
+  """The capped leader rows: ``--leader_games`` of the games, one vmapped solve_leader per valuation."""
+  games, clients = min(_LEADER_GAMES.value, costs.shape[0]), costs.shape[1]
+  dtype = costs.dtype
+  rows = []
+  for valuation, lam in (("log", clients), ("dp", 5 * clients)):
+    batch = Game(
+      costs=costs[:games],
+      weights=weights[:games],
+      sampling_rates=jnp.full((games, clients), 0.3, dtype),
+      lam=jnp.full((games,), lam, dtype),
+      eps_max=jnp.full((games,), 2.0, dtype),
+      eps_min=jnp.full((games,), 1.0, dtype),
+      data_epsilon=jnp.full((games,), 4.0, dtype),
+    )
+    spec = GameSpec(valuation=valuation)
+    compile_s, run_s, out = time_call(
+      jax.vmap(lambda g, s=spec: leader.solve_leader(g, s)), batch, repeats=repeats
+    )
+    rows.append(
+      dict(
+        clients=clients,
+        games=games,
+        method=f"leader_{valuation}",
+        compile_s=compile_s,
+        run_s=run_s,
+        per_game_ms=1e3 * run_s / games,
+        ratio=run_s / games / closed_per_game_s,
+        max_rel_diff=float("nan"),
+        capped_frac=float(jnp.mean(out.budgets >= 2.0)),
       )
     )
   return rows

@@ -6,7 +6,7 @@ raise :class:`~fcfn_jax.validate.ConfigError` naming the offending field, its va
 The scripts' flags are generated from these classes (``scripts/sim_flags.py``), so a field is written
 once: its type and default here, its help text as its entry in the class docstring's ``Attributes:``
 section, and, for a string with a fixed set of values, the module's tuple named after it in capitals and
-plural (``dataset`` -> ``DATASETS``, ``quality`` -> ``QUALITIES``), which makes it an enum flag.
+plural (``dataset`` -> ``DATASETS``, ``valuation`` -> ``VALUATIONS``), which makes it an enum flag.
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ CALIBRATIONS = ("surrogate", "traced", "exact")
 SAMPLERS = ("poisson", "fixed")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 MECHANISMS = ("stackelberg", "contract", "three_party", "posted_price", "no_incentive", "social_optimum")
-QUALITIES = ("log", "dp")
+# How tables and plots name a mechanism: no_incentive is a mandate, not a market (it violates IR).
+MECHANISM_LABELS = {name: name for name in MECHANISMS} | {"no_incentive": "no_incentive (mandate)"}
+VALUATIONS = ("dp", "log")
+AGGREGATIONS = ("noise_aware", "fedavg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,18 +202,26 @@ class FederatedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GameConfig:
-  """The incentive mechanism and the clients' private costs (docs/model.md "The game", "Baselines").
+  """The incentive mechanism, the server's valuation and the clients' private costs (docs/model.md "The
+  game", "Stage I", "Aggregation", "Baselines").
 
   Attributes:
     mechanism: the incentive mechanism that sets the budgets.
     lam: the server's valuation lambda of model quality (> 0).
-    cost_low: privacy costs c_i ~ Uniform[cost_low, cost_high] (seeded; > 0).
+    cost_low: per-unit privacy costs c_i ~ Uniform[cost_low, cost_high] (seeded; > 0).
     cost_high: upper end of the privacy-cost distribution.
-    eps_max: largest budget a client may sell (> 0).
-    eps_min: self-protective budget of the no-incentive baseline.
-    num_types: contract theory: number of cost types.
-    num_aggregators: three-party game: number of edge aggregators.
-    quality: log: U_s = lam log(1 + X) - R; dp: U_s = lam G(eps) - R, G = -sum a_i^2 v(eps_i).
+    eps_max: largest budget a client may sell (> 0); budgets live in [0, eps_max].
+    eps_min: the mandated budget of 'no_incentive' (1: the usual reference of strong privacy).
+    num_types: contract theory's cost types K (quantile bins of the empirical cost distribution);
+      0 = one type per client (K = N).
+    num_aggregators: the three-party game's edge aggregators M (at most N // 2).
+    valuation: dp (Q = -V, the noise variance of the aggregate the server forms; the default) or log
+      (Q = log(1 + sum_i w_i eps_i), kept for verification against the closed forms).
+    aggregation: noise_aware (weights a_i proportional to 1 / sigma_i^2, sigma_i^2 = v(eps_i) +
+      v(data_epsilon) / w_i; the default) or fedavg (a_i proportional to the data size n_i). The training
+      round and the valuation read this one field.
+    data_epsilon: the budget whose DP noise equals the data term of a client of mean size (> 0): the
+      variance its limited data adds, v(data_epsilon) / w_i (docs/model.md "Aggregation").
   """
 
   mechanism: str = "stackelberg"
@@ -218,10 +229,12 @@ class GameConfig:
   cost_low: float = 0.5
   cost_high: float = 2.0
   eps_max: float = 8.0
-  eps_min: float = 0.5
-  num_types: int = 4
+  eps_min: float = 1.0
+  num_types: int = 0
   num_aggregators: int = 4
-  quality: str = "log"
+  valuation: str = "dp"
+  aggregation: str = "noise_aware"
+  data_epsilon: float = 4.0
 
   def __post_init__(self):
     check_choice("mechanism", self.mechanism, MECHANISMS)
@@ -238,9 +251,11 @@ class GameConfig:
       self.eps_min <= self.eps_max,
       f"eps_min={self.eps_min!r} > eps_max={self.eps_max!r}: expected eps_min <= eps_max",
     )
-    check_int("num_types", self.num_types)
+    check_int("num_types", self.num_types, minimum=0)
     check_int("num_aggregators", self.num_aggregators)
-    check_choice("quality", self.quality, QUALITIES)
+    check_choice("valuation", self.valuation, VALUATIONS)
+    check_choice("aggregation", self.aggregation, AGGREGATIONS)
+    check_positive("data_epsilon", self.data_epsilon)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 
+from fcfn_jax.config import MECHANISM_LABELS
 from fcfn_jax.report import write_bytes_atomic
 
 matplotlib.use("Agg")
@@ -22,6 +23,11 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 Row = dict[str, Any]
 UTILITIES = ("server_utility", "mean_client_utility", "social_welfare", "average_utility")
 PARTICIPATION = ("participants", "total_payment", "mean_epsilon", "test_accuracy")
+
+
+def _label(mechanism: str) -> str:
+  """The mechanism's name in plots: no_incentive is labelled a mandate (it violates IR)."""
+  return MECHANISM_LABELS.get(mechanism, mechanism)
 
 
 def _save(fig, path: str | os.PathLike[str]) -> str:
@@ -42,7 +48,7 @@ def accuracy_per_round(history: Sequence[Row], path: str | os.PathLike[str]) -> 
   fig, ax = plt.subplots(figsize=(6, 4))
   for mech in dict.fromkeys(r["mechanism"] for r in history):
     rows = [r for r in history if r["mechanism"] == mech]
-    ax.plot([r["round"] for r in rows], [r["test_accuracy"] for r in rows], marker="o", label=mech)
+    ax.plot([r["round"] for r in rows], [r["test_accuracy"] for r in rows], marker="o", label=_label(mech))
   ax.set(xlabel="round", ylabel="test accuracy", title="Test accuracy per round")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
@@ -52,7 +58,7 @@ def accuracy_per_round(history: Sequence[Row], path: str | os.PathLike[str]) -> 
 def bars(summary: Sequence[Row], columns: Sequence[str], path: str | os.PathLike[str], title: str) -> str:
   """One bar panel per column (e.g. utilities, participants, payments), one bar per mechanism."""
   fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6), squeeze=False)
-  names = [r["mechanism"] for r in summary]
+  names = [_label(r["mechanism"]) for r in summary]
   for ax, col in zip(axes[0], columns):
     ax.bar(range(len(names)), [r[col] for r in summary], color=plt.cm.tab10.colors[: len(names)])
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
@@ -69,7 +75,7 @@ def metric_vs_parameter(
   fig, ax = plt.subplots(figsize=(6, 4))
   for mech in dict.fromkeys(r["mechanism"] for r in rows):
     pts = sorted((r[parameter], r[metric]) for r in rows if r["mechanism"] == mech)
-    ax.plot([p for p, _ in pts], [m for _, m in pts], marker="o", label=mech)
+    ax.plot([p for p, _ in pts], [m for _, m in pts], marker="o", label=_label(mech))
   ax.set(xlabel=parameter, ylabel=metric, title=f"{metric} vs {parameter}")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)

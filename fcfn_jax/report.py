@@ -189,18 +189,21 @@ def write_results(
   rows: Sequence[Row],
   columns: Sequence[str] | None = None,
   meta: Mapping[str, Any] | None = None,
+  note: str | None = None,
 ) -> None:
   """Writes one result table atomically as ``{name}.csv``, ``{name}.json`` and ``{name}.md`` in ``out``.
 
   ``columns`` are the markdown table's columns and the CSV's first ones; the CSV and the JSON keep every
   key of the rows. The JSON holds ``rows``, or ``{**meta, "rows": rows}`` when ``meta`` (e.g. the run's
-  setup) is given.
+  setup) is given; ``note`` (e.g. what a column means) follows the markdown table.
   """
   os.makedirs(out, exist_ok=True)
   every = None if columns is None else list(dict.fromkeys([*columns, *_columns(rows, None)]))
   write_csv_atomic(os.path.join(out, f"{name}.csv"), rows, every)
   write_json_atomic(os.path.join(out, f"{name}.json"), rows if meta is None else {**meta, "rows": rows})
-  write_text_atomic(os.path.join(out, f"{name}.md"), markdown_table(rows, columns) + "\n")
+  write_text_atomic(
+    os.path.join(out, f"{name}.md"), markdown_table(rows, columns) + "\n" + (f"\n{note}\n" if note else "")
+  )
 
 
 MANIFEST = "manifest.json"
@@ -322,9 +325,10 @@ class ResultsFolder(contextlib.AbstractContextManager):
     rows: Sequence[Row],
     columns: Sequence[str] | None = None,
     meta: Mapping[str, Any] | None = None,
+    note: str | None = None,
   ) -> None:
-    """``{name}.csv``, ``{name}.json`` (``{**meta, "rows": rows}`` with meta) and ``{name}.md``."""
-    write_results(self.folder, name, rows, columns, meta)
+    """``{name}.csv``, ``{name}.json`` (``{**meta, "rows": rows}`` with meta) and ``{name}.md`` (+ note)."""
+    write_results(self.folder, name, rows, columns, meta, note)
 
   def csv(self, name: str, rows: Sequence[Row], columns: Sequence[str] | None = None) -> None:
     """``{name}.csv`` alone (long tables: per-round history, per-client records)."""
@@ -334,10 +338,12 @@ class ResultsFolder(contextlib.AbstractContextManager):
     """``{name}.json``."""
     write_json_atomic(self.file(f"{name}.json"), obj)
 
-  def comparison(self, comparison: Any, columns: Sequence[str] | None = None, meta: Any = None) -> None:
+  def comparison(
+    self, comparison: Any, columns: Sequence[str] | None = None, meta: Any = None, note: str | None = None
+  ) -> None:
     """A ``simulation.Comparison`` (summary, history, clients): ``comparison.{csv,json,md}``,
     ``history.csv`` and ``clients.csv``."""
-    self.table("comparison", comparison.summary, columns, meta)
+    self.table("comparison", comparison.summary, columns, meta, note)
     self.csv("history", comparison.history)
     self.csv("clients", comparison.clients)
 

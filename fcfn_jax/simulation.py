@@ -3,14 +3,18 @@
 One experiment (docs/model.md "What it is"):
   1. Clients are the data partition's clients; their quality weights are w_i = n_i / mean(n) and their
      private per-unit privacy costs c_i ~ Uniform[cost_low, cost_high] (seeded, fold_in of the run key).
-  2. The mechanism (GameConfig.mechanism) sets every client's total budget eps_i and payment.
+  2. The mechanism (GameConfig.mechanism) sets every client's total budget eps_i and payment, on the game
+     :func:`game_of` builds from the config (the valuation sees the run's steps, delta and sampling rates).
   3. eps_i -> noise multiplier z_i for the whole run (T rounds x S local steps of the configured sampler,
      sampling rate q_i = min(1, B / n_i)): 'surrogate' and 'traced' calibration solve the mechanism and
      the eps -> z map (closed-form surrogate, or the tight traced RDP accountant) inside the same jitted
      program as the round; 'exact' inverts dp-accounting's accountant host-side once. Every map accounts
      the sampler that runs (accounting.dp_event). Clients with eps_i = 0 sit out: z_i = inf, weight 0,
      no payment.
-  4. T rounds of :func:`fcfn_jax.federated.federated_round`, evaluated on the test split; every K rounds the
+  4. The server aggregates with the game's weights a_i (``valuation.aggregation_weights``: noise-aware by
+     default, docs/model.md "Aggregation"), so the model trained is the one the valuation Q values; they
+     reach the round as its per-client ``weights`` a_i / n_i (the round weighs client i by weight_i n_i).
+  5. T rounds of :func:`fcfn_jax.federated.federated_round`, evaluated on the test split; every K rounds the
      state (model, optimizer, round, key, per-client privacy ledger) is checkpointed atomically, and a run
      restarted with the same config resumes from the newest checkpoint with identical results.
 
@@ -37,9 +41,10 @@ import numpy as np
 import tqdm
 
 from fcfn_jax import checkpoint, data, federated, fingerprint, models
-from fcfn_jax.config import GameConfig, PrivacyConfig, SimulationConfig
-from fcfn_jax.game import baselines, misreport
+from fcfn_jax.config import MECHANISM_LABELS, GameConfig, PrivacyConfig, SimulationConfig
+from fcfn_jax.game import baselines, misreport, valuation
 from fcfn_jax.game.outcome import Outcome
+from fcfn_jax.game.spec import Game, GameSpec, make_game, spec_from_config
 from fcfn_jax.privacy import accounting
 from fcfn_jax.report import Timer
 from fcfn_jax.validate import fail, require
@@ -74,6 +79,7 @@ class Experiment(NamedTuple):
   sampler: the rounds' accounting.Sampler. overflow: p_i [clients], the probability that some step of
     client i's run overflows B_max (0 for 'fixed'); the in-program maps pay (1 + e^eps_i) p_i from delta.
   noise_multipliers: z_i [clients] used for training (inf = sits out).
+  aggregation_weights: a_i [clients], the server's weights of the clients' updates (0 = sits out).
   train_pool: the clients that train, on device: all clients when the mechanism is solved inside the
     round ('surrogate', 'traced'), else only the participants (eps_i > 0), in client order.
   """
@@ -88,6 +94,7 @@ class Experiment(NamedTuple):
   overflow: np.ndarray
   outcome: Outcome
   noise_multipliers: np.ndarray
+  aggregation_weights: np.ndarray
   train_pool: data.ClientPool
 
 
@@ -122,6 +129,21 @@ def quality_weights(num_examples: np.ndarray) -> np.ndarray:
   return d / d.mean()
 
 
+def game_of(
+  cfg: SimulationConfig, costs: chex.Array, weights: chex.Array, num_examples: chex.Array, dtype=None
+) -> tuple[Game, GameSpec]:
+  """The game the run plays (docs/model.md "The game"): the clients' costs, quality weights and sampling
+  rates with the GameConfig's scalars, and the spec with the run's DP-SGD steps and delta."""
+  rates = accounting.sampling_rates(jnp.asarray(num_examples), cfg.federated.batch_size)
+  game = make_game(costs, weights, rates, cfg.game, dtype)
+  return game, spec_from_config(cfg.game, total_steps(cfg), cfg.privacy.delta)
+
+
+def round_weights(aggregation: chex.Array, num_examples: chex.Array) -> chex.Array:
+  """The round's per-client ``weights`` a_i / n_i: [clients], so that its weight_i n_i is a_i."""
+  return aggregation / num_examples
+
+
 def _in_program(privacy: PrivacyConfig) -> bool:
   """Whether the mechanism and eps -> z are solved inside the round's program ('surrogate', 'traced')."""
   return privacy.calibration != "exact" and privacy.private
@@ -154,7 +176,8 @@ def mechanism_round(
   apply_fn,
   cfg: SimulationConfig,
 ):
-  """ONE traced program: solve the mechanism, map eps -> z ('surrogate' or 'traced'), run one DP round.
+  """ONE traced program: solve the mechanism, map eps -> z ('surrogate' or 'traced'), run one DP round
+  aggregated with the game's weights a_i.
 
   Args:
     state: SimState at round t. pool: all clients' data. costs, weights: c_i, w_i [clients].
@@ -163,15 +186,17 @@ def mechanism_round(
   Returns:
     (SimState at t + 1, federated.RoundMetrics, Outcome).
   """
-  outcome = baselines.solve_mechanism(cfg.game.mechanism, costs, weights, cfg.game)
-  rates = accounting.sampling_rates(jnp.asarray(pool.num_examples), cfg.federated.batch_size)
-  z = _program_noise(outcome.budgets, rates, overflow, cfg)
+  num_examples = jnp.asarray(pool.num_examples, costs.dtype)
+  game, spec = game_of(cfg, costs, weights, num_examples, costs.dtype)
+  outcome = baselines.solve(game, spec)
+  z = _program_noise(outcome.budgets, game.sampling_rates, overflow, cfg)
   joined = jnp.isfinite(z)
+  aggregation = valuation.aggregation_weights(outcome.budgets, game, spec)
   server, metrics = federated.federated_round(
     state.server,
     pool,
     z,
-    joined.astype(jnp.float32),
+    round_weights(aggregation, num_examples).astype(jnp.float32),
     key,
     apply_fn=apply_fn,
     fed=cfg.federated,
@@ -182,7 +207,7 @@ def mechanism_round(
 
 
 def _participants_round(exp: Experiment, state: SimState, key: chex.PRNGKey):
-  """One DP FedAvg round over the participants only, with the host-calibrated z_i.
+  """One DP round over the participants only, with the host-calibrated z_i and the game's weights a_i.
 
   Clients with eps_i = 0 would contribute nothing, so they are left out of the batch rather than computed
   and masked; the round's program depends only on the federated/privacy configs and the participant
@@ -193,11 +218,12 @@ def _participants_round(exp: Experiment, state: SimState, key: chex.PRNGKey):
   if not joined.any():  # nobody sells privacy: the model stays as it is
     server = state.server._replace(round=state.server.round + 1)
     return state._replace(server=server), federated.RoundMetrics(jnp.nan, jnp.nan, jnp.zeros((), jnp.int32))
+  n = np.asarray(exp.data.pool.num_examples, np.float64)
   server, metrics = federated.federated_round(
     state.server,
     exp.train_pool,
     jnp.asarray(exp.noise_multipliers[joined], jnp.float32),
-    jnp.ones(int(joined.sum()), jnp.float32),
+    jnp.asarray(round_weights(exp.aggregation_weights[joined], n[joined]), jnp.float32),
     key,
     apply_fn=exp.apply_fn,
     fed=cfg.federated,
@@ -226,28 +252,34 @@ def prepare(
   n = np.asarray(fed_data.pool.num_examples)
   costs = client_costs(key, n.shape[0], cfg.game)
   weights = quality_weights(n)
-  sampling_rates = accounting.sampling_rates(n, cfg.federated.batch_size)
   sampler = accounting.sampler_of(cfg.federated, cfg.privacy)
   overflow = accounting.overflow_probability(n, total_steps(cfg), sampler)
   with jax.enable_x64(True):
+    game, spec = game_of(cfg, costs, weights, n)
+    rates = np.asarray(game.sampling_rates)
     outcome = (
-      baselines.solve_mechanism(cfg.game.mechanism, costs, weights, cfg.game)
+      baselines.solve(game, spec)
       if cost_factors is None
-      else misreport.misreported_outcome(cfg.game.mechanism, costs, weights, cfg.game, cost_factors)
+      else misreport.misreported_outcome(game, spec, cost_factors)
     )
+    aggregation = np.asarray(valuation.aggregation_weights(outcome.budgets, game, spec))
     outcome = jax.tree.map(np.asarray, outcome)
   eps = outcome.budgets
   require(np.all(np.isfinite(eps)), f"mechanism {cfg.game.mechanism!r} returned non-finite budgets {eps}")
   if cfg.privacy.calibration == "exact":
     z = np.full(eps.shape, np.inf)
-    joined = eps > 0
+    # A participant whose aggregation weight is below float32's epsilon relative to the largest cannot
+    # change the float32 aggregate: it is not trained (z = inf releases nothing, within any budget), which
+    # spares the accountant budgets like 1e-11 (a client just inside the participation threshold).
+    joined = (eps > 0) & (aggregation >= np.finfo(np.float32).eps * aggregation.max(initial=0.0))
+    aggregation = np.where(joined, aggregation, 0.0) / max(aggregation[joined].sum(), 1e-300)
     if joined.any():
       z[joined] = accounting.calibrate_noise_multipliers(
         eps[joined], n[joined], total_steps(cfg), cfg.privacy.delta, sampler, cfg.privacy.accountant
       )
   else:
     with jax.enable_x64(True):
-      z = np.asarray(_program_noise(jnp.asarray(eps), sampling_rates, overflow, cfg))
+      z = np.asarray(_program_noise(jnp.asarray(eps), rates, overflow, cfg))
     bad = np.flatnonzero((eps > 0) & np.isinf(z))
     require(
       not bad.size,
@@ -264,11 +296,12 @@ def prepare(
     apply_fn=model.apply,
     costs=costs,
     weights=weights,
-    sampling_rates=sampling_rates,
+    sampling_rates=rates,
     sampler=sampler,
     overflow=overflow,
     outcome=outcome,
     noise_multipliers=z,
+    aggregation_weights=aggregation,
     train_pool=train_pool,
   )
 
@@ -373,12 +406,15 @@ def client_rows(exp: Experiment, steps_done: np.ndarray, spent: np.ndarray) -> l
 
 
 def summary_row(exp: Experiment, accuracy: float, wall_time: float, spent: np.ndarray) -> dict[str, Any]:
-  """One comparison-table row: the mechanism's utilities and the trained model's accuracy."""
+  """One comparison-table row: the mechanism's valuation Q, utilities (``outcome.AVERAGE_UTILITY`` defines
+  the average) and the trained model's accuracy; ``label`` names no_incentive a mandate."""
   o = exp.outcome
   eps = np.asarray(o.budgets)
   joined = eps > 0
   return {
     "mechanism": exp.cfg.game.mechanism,
+    "label": MECHANISM_LABELS[exp.cfg.game.mechanism],
+    "quality": float(o.quality),
     "server_utility": float(o.server_utility),
     "mean_client_utility": float(o.mean_client_utility),
     "social_welfare": float(o.social_welfare),
@@ -386,6 +422,7 @@ def summary_row(exp: Experiment, accuracy: float, wall_time: float, spent: np.nd
     "participants": int(o.participants),
     "total_payment": float(o.total_payment),
     "mean_epsilon": float(eps[joined].mean()) if joined.any() else 0.0,
+    "min_epsilon": float(eps[joined].min()) if joined.any() else 0.0,
     "max_epsilon_spent": float(spent.max()) if spent.size else 0.0,
     "median_noise_multiplier": (
       float(np.median(exp.noise_multipliers[joined])) if joined.any() else float("inf")

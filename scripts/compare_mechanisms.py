@@ -15,6 +15,7 @@ import dataclasses
 
 from fcfn_jax import config as fc
 from fcfn_jax import data, plotting, report, simulation
+from fcfn_jax.game import outcome
 
 import sim_flags
 
@@ -26,7 +27,8 @@ MECHANISMS = sim_flags.define_list(
 sim_flags.FLAGS.set_default("out", "results/compare")
 
 COLUMNS = (
-  "mechanism",
+  "label",
+  "quality",
   "server_utility",
   "mean_client_utility",
   "social_welfare",
@@ -34,10 +36,16 @@ COLUMNS = (
   "participants",
   "total_payment",
   "mean_epsilon",
+  "min_epsilon",
   "test_accuracy",
   "redundant_accuracy_loss",
   "wall_time_s",
 )
+
+
+def _note(cfg: fc.SimulationConfig) -> str:
+  """What the table's averages mean and which valuation/aggregation produced it."""
+  return f"{outcome.AVERAGE_UTILITY}; valuation {cfg.game.valuation!r}, aggregation {cfg.game.aggregation!r}."
 
 
 def main(argv):
@@ -54,9 +62,10 @@ def main(argv):
       fed_data=fed_data,
       restart_on_mismatch=run.restart_on_mismatch,
     )
-    out.comparison(comparison, COLUMNS)
+    out.comparison(comparison, COLUMNS, note=_note(cfg))
     plotting.comparison(comparison.summary, comparison.history, out.folder)
   print(report.format_table(comparison.summary, COLUMNS))
+  print(_note(cfg))
   print(f"\nwrote {run.out}/: comparison.{{csv,json,md}}, history.csv, clients.csv, *.png, manifest.json")
 
 

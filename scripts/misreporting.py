@@ -100,10 +100,12 @@ def game_rows(
   weights = simulation.quality_weights(num_examples)
   rows, budgets = [], []
   with jax.enable_x64(True):
+    game, spec = simulation.game_of(cfg, costs, weights, num_examples)
     for mech in mechanisms:
-      out = jax.vmap(
-        lambda m, mech=mech: misreport.misreported_outcome(mech, costs, weights, cfg.game, m, liars)
-      )(jnp.asarray(factors))
+      mech_spec = dataclasses.replace(spec, mechanism=mech)
+      out = jax.vmap(lambda m, s=mech_spec: misreport.misreported_outcome(game, s, m, liars))(
+        jnp.asarray(factors)
+      )
       out = jax.tree.map(np.asarray, out)
       for j, factor in enumerate(factors):
         utilities = out.client_utilities[j]

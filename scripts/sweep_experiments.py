@@ -1,12 +1,15 @@
-"""Trains every mechanism across values of one parameter: accuracy and utilities vs clients / lambda / cost.
+"""Trains every mechanism across values of one parameter: accuracy and utilities vs one flag.
 
-For each value of --sweep (any numeric experiment flag: num_clients, lam, cost_high, eps_max, num_types,
-...) runs the mechanism comparison of scripts/compare_mechanisms.py. Every value is checked (and its data
-loaded) before the first one trains. Outputs in --out (written whole at the end): comparison.{csv,json,md}
-(one row per value x mechanism, the parameter as a column), history.csv and clients.csv (likewise), PNG
-plots of test accuracy, redundant accuracy loss and welfare vs the parameter, manifest.json. Example:
+For each value of --sweep (any numeric experiment flag: num_clients, lam, cost_high, eps_max, num_types
+for contract theory's types (0 = one per client), num_aggregators for the three-party game, ...) runs the
+mechanism comparison of scripts/compare_mechanisms.py. Every value is checked (and its data loaded) before
+the first one trains. Outputs in --out (written whole at the end): comparison.{csv,json,md} (one row per
+value x mechanism, the parameter as a column), history.csv and clients.csv (likewise), PNG plots of test
+accuracy, redundant accuracy loss and welfare vs the parameter, manifest.json. Examples:
 
   python scripts/sweep_experiments.py --sweep=lam --values=10,50,200 --out=results/sweep_lam
+  python scripts/sweep_experiments.py --sweep=num_types --values=2,4,8,16,0 --mechanisms=contract
+  python scripts/sweep_experiments.py --sweep=num_aggregators --values=2,4,8 --mechanisms=three_party
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import dataclasses
 
 from fcfn_jax import config as fc
 from fcfn_jax import data, plotting, report, simulation, validate
+from fcfn_jax.game import outcome
 
 import sim_flags
 
@@ -35,6 +39,10 @@ MECHANISMS = sim_flags.define_list(
 sim_flags.FLAGS.set_default("out", "results/sweep_experiments")
 
 PLOTTED = ("test_accuracy", "redundant_accuracy_loss", "social_welfare", "average_utility")
+
+
+def COLUMNS() -> tuple[str, ...]:  # noqa: N802  (a constant once the flags are parsed)
+  return (SWEEP.value, "label", "quality", *PLOTTED, "participants")
 
 
 def _configs() -> list[tuple[float, fc.SimulationConfig]]:
@@ -75,12 +83,13 @@ def main(argv):
       for table, rows in zip(tables, result):
         table += [{SWEEP.value: value, **row} for row in rows]
       print(f"{SWEEP.value}={value}: done", flush=True)
-    out.comparison(tables, (SWEEP.value, "mechanism") + PLOTTED + ("participants",))
+    out.comparison(tables, COLUMNS(), note=outcome.AVERAGE_UTILITY)
     for metric in PLOTTED:
       plotting.metric_vs_parameter(
         tables.summary, SWEEP.value, metric, out.file(f"{metric}_vs_{SWEEP.value}.png")
       )
-  print(report.format_table(tables.summary, (SWEEP.value, "mechanism") + PLOTTED + ("participants",)))
+  print(report.format_table(tables.summary, COLUMNS()))
+  print(outcome.AVERAGE_UTILITY)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""Sweep many games x seeds x lambda values x cost ranges in one compiled program (``fcfn_jax.game.sweep``).
+"""Sweep many games x seeds x lambda values x cost ranges x caps in one compiled program
+(``fcfn_jax.game.sweep``).
 
-Every (seed, lam, cost range) draws one game of --num_clients clients and solves every --mechanisms
-mechanism on it, vmapped in chunks of --games_per_chunk games (optionally sharded across all devices
-with --shard). Outputs in --out (written whole at the end): sweep.{csv,json,md} (one row per configuration
-and mechanism), sweep_summary.{csv,json,md} (means per mechanism and lam, also printed) and
-manifest.json. Example (seconds on a CPU):
+Every (seed, lam, cost range, eps_max) draws one game of --num_clients clients and solves every
+--mechanisms mechanism on it under --valuation and --aggregation, vmapped in chunks of --games_per_chunk
+games (optionally sharded across all devices with --shard). Outputs in --out (written whole at the end):
+sweep.{csv,json,md} (one row per configuration and mechanism), sweep_summary.{csv,json,md} (means per
+mechanism, lam and eps_max, also printed) and manifest.json. Example (about a minute on a CPU, most of it
+compiling):
 
   python scripts/sweep_games.py --num_seeds=16 --lams=5,20,50,200 --cost_ranges=0.5:2,1:1.5 \
-      --out=results/sweep
+      --eps_maxes=2,8 --out=results/sweep
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from absl import flags
 
 from fcfn_jax import config as fc
 from fcfn_jax import data, report, validate
-from fcfn_jax.game import sweep
+from fcfn_jax.game import outcome, sweep
 
 import sim_flags
 
-# Every game's lam and cost range come from --lams and --cost_ranges; the rest of GameConfig from flags.
-GAME = sim_flags.ConfigFlags(fc.GameConfig, skip=("mechanism", "lam", "cost_low", "cost_high"))
+# Every game's lam, cost range and cap come from --lams, --cost_ranges and --eps_maxes; the rest of
+# GameConfig from flags.
+GAME = sim_flags.ConfigFlags(fc.GameConfig, skip=("mechanism", "lam", "cost_low", "cost_high", "eps_max"))
 RUN = sim_flags.ConfigFlags(fc.RunConfig, skip=sim_flags.CHECKPOINT_FLAGS)
 
 
@@ -48,6 +51,12 @@ MECHANISMS = sim_flags.define_list(
   "mechanisms", fc.MECHANISMS, sim_flags.choice(fc.MECHANISMS), "Mechanisms."
 )
 flags.DEFINE_integer("num_clients", 40, "Clients per game.")
+EPS_MAXES = sim_flags.define_list(
+  "eps_maxes", [8], sim_flags.number(validate.check_positive), "Budget caps eps_max to sweep."
+)
+flags.DEFINE_integer("batch_size", 32, "DP-SGD batch size B of the eps -> noise map (q_i = min(1, B / n_i)).")
+flags.DEFINE_integer("steps", 30, "DP-SGD steps of a participant's run (rounds x local steps).")
+flags.DEFINE_float("delta", 1e-5, "Every client's target delta, in (0, 1).")
 flags.DEFINE_float(
   "weight_spread", 4.0, "Data sizes d_i ~ Uniform[1, weight_spread] (finite, >= 1), w = d / mean(d)."
 )
@@ -71,25 +80,30 @@ def _grid_and_settings() -> tuple[sweep.SweepConfigs, sweep.SweepSettings]:
   validate.require(
     FLAGS.weight_spread >= 1, f"weight_spread={FLAGS.weight_spread!r} is invalid: expected a number >= 1"
   )
-  games = FLAGS.num_seeds * len(LAMS.value) * len(COST_RANGES.value)
+  games = FLAGS.num_seeds * len(LAMS.value) * len(COST_RANGES.value) * len(EPS_MAXES.value)
   chunk = min(games, FLAGS.games_per_chunk or games)
   # Per game: its grid point and metrics, and a table row per mechanism (~1 KB of Python); per client of
   # a chunk's games, about 16 float64 temporaries of the solvers.
   need = games * len(MECHANISMS.value) * 1024 + chunk * FLAGS.num_clients * 16 * 8
   validate.require(
     need <= data.memory_limit(),
-    f"num_seeds={FLAGS.num_seeds} x {len(LAMS.value)} lams x {len(COST_RANGES.value)} cost ranges = {games} "
+    f"num_seeds={FLAGS.num_seeds} x {len(LAMS.value)} lams x {len(COST_RANGES.value)} cost ranges x "
+    f"{len(EPS_MAXES.value)} eps_maxes = {games} "
     f"games of num_clients={FLAGS.num_clients} (games_per_chunk={FLAGS.games_per_chunk}) need about "
     f"{need / 2**30:.3g} GiB: expected at most {data.memory_limit() / 2**30:.3g} GiB (half of this machine's "
     "memory); lower them or set games_per_chunk",
   )
   settings = sweep.SweepSettings(
-    game=GAME.value(),
+    # The no-incentive mandate never exceeds a swept cap.
+    game=GAME.value({"eps_min": min(FLAGS.eps_min, *EPS_MAXES.value)}),
     num_clients=FLAGS.num_clients,
     weight_spread=FLAGS.weight_spread,
+    batch_size=FLAGS.batch_size,
+    steps=FLAGS.steps,
+    delta=FLAGS.delta,
     mechanisms=tuple(MECHANISMS.value),
   )
-  return sweep.make_grid(range(FLAGS.num_seeds), LAMS.value, COST_RANGES.value), settings
+  return sweep.make_grid(range(FLAGS.num_seeds), LAMS.value, COST_RANGES.value, EPS_MAXES.value), settings
 
 
 def main(_):
@@ -100,11 +114,17 @@ def main(_):
     games = int(configs.lam.shape[0])
     header = (
       f"{games} games x {len(settings.mechanisms)} mechanisms of {settings.num_clients} clients "
-      f"(lams {LAMS.value}, cost ranges {COST_RANGES.value}, {FLAGS.num_seeds} seeds) on "
+      f"(lams {LAMS.value}, cost ranges {COST_RANGES.value}, eps_maxes {EPS_MAXES.value}, "
+      f"{FLAGS.num_seeds} seeds) on "
       f"{1 if mesh is None else mesh.size} device(s), game: "
       f"{sim_flags.fields(settings.game, skip=('mechanism', 'lam', 'cost_low', 'cost_high'))}"
     )
-    setup = {"settings": dataclasses.asdict(settings), "lams": LAMS.value, "cost_ranges": COST_RANGES.value}
+    setup = {
+      "settings": dataclasses.asdict(settings),
+      "lams": LAMS.value,
+      "cost_ranges": COST_RANGES.value,
+      "eps_maxes": EPS_MAXES.value,
+    }
     with sim_flags.results(run, header, setup) as out:
       key = jax.random.PRNGKey(FLAGS.seed)
       with report.Timer() as compile_and_run:
@@ -112,11 +132,12 @@ def main(_):
       with report.Timer() as rerun:
         jax.block_until_ready(sweep.run_sweep(key, configs, settings, FLAGS.games_per_chunk, mesh))
       rows = sweep.sweep_table(configs, results)
-      summary = sweep.mean_by(rows, ["mechanism", "lam"], SUMMARY_METRICS)
+      summary = sweep.mean_by(rows, ["mechanism", "lam", "eps_max"], SUMMARY_METRICS)
       out.table("sweep", rows)
-      out.table("sweep_summary", summary)
+      out.table("sweep_summary", summary, note=outcome.AVERAGE_UTILITY)
   print(f"compile+run {compile_and_run.elapsed:.2f} s, run {rerun.elapsed:.3f} s")
   print(report.format_table(summary))
+  print(f"\n{outcome.AVERAGE_UTILITY}")
 
 
 if __name__ == "__main__":

@@ -5,20 +5,19 @@ One game of --num_clients clients (costs ~ Uniform[--cost_low, --cost_high], dat
 split into equal groups; 1 = one uniform price, i.e. only the payment R is tuned). Adam on (log R,
 log pi) starts from --start_payment, or from the best point of a --grid_points log-grid over the uniform
 payment when it is 0. Also reported: the grid's best uniform payment, ``leader.solve_leader`` with the
-same groups and, for --quality=log, the closed form R* = max(0, lam - K_S / (|S|-1)).
+same groups and, for --valuation=log, the closed form R* = max(0, lam - K_S / (|S|-1)).
 
 Outputs in --out (written whole at the end): trajectory.{csv,json,md} (one row per step), summary.json,
 trajectory.png (objective and parameters per step) and manifest.json. Example (about a minute on a CPU):
 
-  python scripts/tune_pricing.py --quality=dp --price_groups=4 --lam=200 --eps_max=50 --out=results/tune
-  python scripts/tune_pricing.py --quality=log --price_groups=1 --lam=20 --eps_max=1000 --nosafeguard \
+  python scripts/tune_pricing.py --valuation=dp --price_groups=4 --lam=200 --eps_max=50 --out=results/tune
+  python scripts/tune_pricing.py --valuation=log --price_groups=1 --lam=20 --eps_max=1000 --nosafeguard \
       --learning_rate=0.2 --decay_steps=50 --steps=1000 --start_payment=1 --out=results/tune_log
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ from absl import flags
 from fcfn_jax import config as fc
 from fcfn_jax import plotting, report, validate
 from fcfn_jax.game import equilibrium, leader, sweep, tuning
-from fcfn_jax.privacy import accounting
+from fcfn_jax.game.spec import Game, GameSpec
 
 import sim_flags
 
@@ -50,24 +49,24 @@ flags.DEFINE_integer("grid_points", 200, "Points of the log-grid over the unifor
 flags.DEFINE_bool(
   "safeguard",
   True,
-  "Reject Adam steps that lower U_s: needed for --quality=dp (U_s "
-  "jumps down where a client enters); on the smooth log quality it slows the final "
-  "convergence (momentum overshoots get rejected), so use --nosafeguard there.",
+  "Reject Adam steps that lower U_s: needed where U_s has kinks (a cap starts to bind, "
+  "a client enters); on a smooth U_s it slows the final convergence (momentum "
+  "overshoots get rejected), so use --nosafeguard there.",
 )
 flags.DEFINE_float(
   "weight_spread", 4.0, "Data sizes d_i ~ Uniform[1, weight_spread] (finite, >= 1), w = d / mean(d)."
 )
 FLAGS = flags.FLAGS
 FLAGS.set_default("out", "results/tune")
-FLAGS.set_default("quality", "dp")
 FLAGS.set_default("lam", 200.0)
 FLAGS.set_default("eps_max", 50.0)
 _MAX = 10**6
 
 
-def _problem() -> tuple[leader.LeaderProblem, jax.Array, fc.SimulationConfig]:
-  """The game, the price group of each client and the config; raises ConfigError naming a bad flag."""
-  cfg = SIM.value()
+def _problem() -> tuple[Game, GameSpec, jax.Array, fc.SimulationConfig]:
+  """The game, its spec, the price group of each client and the config; raises ConfigError naming a bad
+  flag."""
+  cfg = SIM.value({"game.mechanism": "stackelberg"})
   # Caps far above any useful run keep a typo from allocating the machine away (the grid solves
   # grid_points games of num_clients clients; the trajectory keeps steps x price_groups values).
   validate.check_int("num_clients", FLAGS.num_clients, minimum=2, maximum=_MAX)
@@ -81,35 +80,28 @@ def _problem() -> tuple[leader.LeaderProblem, jax.Array, fc.SimulationConfig]:
   validate.require(
     FLAGS.weight_spread >= 1, f"weight_spread={FLAGS.weight_spread!r} is invalid: expected a number >= 1"
   )
-  game = cfg.game
-  costs, weights = sweep.draw_game(
-    jax.random.PRNGKey(cfg.seed),
-    0,
-    jnp.asarray(game.cost_low, float),
-    jnp.asarray(game.cost_high, float),
-    FLAGS.num_clients,
-    FLAGS.weight_spread,
+  game_cfg = cfg.game
+  settings = sweep.SweepSettings(
+    game=game_cfg,
+    num_clients=FLAGS.num_clients,
+    weight_spread=FLAGS.weight_spread,
+    batch_size=cfg.federated.batch_size,
+    steps=cfg.federated.rounds * cfg.federated.local_steps,
+    delta=cfg.privacy.delta,
   )
-  rank = jnp.argsort(jnp.argsort(weights))
+  configs = sweep.make_grid(
+    [0], [game_cfg.lam], [(game_cfg.cost_low, game_cfg.cost_high)], [game_cfg.eps_max], jnp.float64
+  )
+  game = sweep.draw_game(jax.random.PRNGKey(cfg.seed), jax.tree.map(lambda a: a[0], configs), settings)
+  rank = jnp.argsort(jnp.argsort(game.weights))
   groups = rank * FLAGS.price_groups // FLAGS.num_clients
-  problem = leader.LeaderProblem(
-    costs, weights, jnp.asarray(game.eps_max, float), jnp.asarray(game.lam, float)
-  )
-  return problem, groups, cfg
+  return game, settings.spec("stackelberg"), groups, cfg
 
 
-def _tune(problem: leader.LeaderProblem, groups: jax.Array, cfg: fc.SimulationConfig) -> tuple[dict, list]:
+def _tune(game: Game, spec: GameSpec, groups: jax.Array) -> tuple[dict, list]:
   """Grid, Adam and solve_leader on the game: the summary dict and one trajectory row per Adam step."""
   with jax.enable_x64(True):
-    variance = functools.partial(
-      accounting.noise_variance,
-      delta=cfg.privacy.delta,
-      steps=cfg.federated.rounds * cfg.federated.local_steps,
-    )
-    quality = {"log": leader.log_quality, "dp": functools.partial(leader.dp_quality, variance_fn=variance)}[
-      cfg.game.quality
-    ]
-    grid_payments, grid_utilities = tuning.uniform_grid(problem, quality, FLAGS.grid_points)
+    grid_payments, grid_utilities = tuning.uniform_grid(game, spec, FLAGS.grid_points)
     best_grid = int(jnp.argmax(grid_utilities))
     start = FLAGS.start_payment or grid_payments[best_grid]
     optimizer = optax.adam(optax.exponential_decay(FLAGS.learning_rate, FLAGS.decay_steps, 0.5))
@@ -117,18 +109,18 @@ def _tune(problem: leader.LeaderProblem, groups: jax.Array, cfg: fc.SimulationCo
       best, trace = jax.block_until_ready(
         tuning.tune_pricing(
           tuning.initial_params(start, FLAGS.price_groups),
-          problem,
-          quality,
+          game,
+          spec,
           groups,
           optimizer,
           FLAGS.steps,
           safeguard=FLAGS.safeguard,
         )
       )
-    reference = leader.solve_leader(problem, quality, groups, FLAGS.price_groups)
+    reference = leader.solve_leader(game, spec, groups, FLAGS.price_groups)
     trace = jax.tree.map(np.asarray, trace)
     summary = {
-      "quality": cfg.game.quality,
+      "valuation": spec.valuation,
       "price_groups": FLAGS.price_groups,
       "steps": FLAGS.steps,
       "safeguard": FLAGS.safeguard,
@@ -142,11 +134,11 @@ def _tune(problem: leader.LeaderProblem, groups: jax.Array, cfg: fc.SimulationCo
       "solve_leader_payment": float(reference.payment),
       "solve_leader_utility": float(reference.utility),
     }
-    if cfg.game.quality == "log":
-      r_star = equilibrium.closed_form_payment(problem.lam, problem.costs, problem.weights)
+    if spec.valuation == "log":
+      r_star = equilibrium.closed_form_payment(game.lam, game.costs, game.weights)
       summary.update(
         closed_form_payment=float(r_star),
-        closed_form_utility=float(leader.server_utility(r_star, problem, quality)),
+        closed_form_utility=float(leader.server_utility(r_star, game, spec)),
         tuned_payment_relative_error=abs(summary["tuned_payment"] / float(r_star) - 1.0),
       )
   rows = [
@@ -165,14 +157,14 @@ def _tune(problem: leader.LeaderProblem, groups: jax.Array, cfg: fc.SimulationCo
 def main(_):
   run = sim_flags.run_config(RUN)
   with jax.enable_x64(True):
-    problem, groups, cfg = _problem()
+    game, spec, groups, cfg = _problem()
   header = (
     f"one game of {FLAGS.num_clients} clients, {FLAGS.price_groups} price groups, {FLAGS.steps} Adam steps"
     f"; game: {sim_flags.fields(cfg.game, skip=('mechanism',))}; delta {cfg.privacy.delta}, "
     f"{cfg.federated.rounds} x {cfg.federated.local_steps} steps, seed {cfg.seed}"
   )
   with sim_flags.results(run, header, dataclasses.asdict(cfg)) as out:
-    summary, rows = _tune(problem, groups, cfg)
+    summary, rows = _tune(game, spec, groups)
     out.table("trajectory", rows)
     out.json("summary", summary)
     plotting.tuning_trajectory(rows, FLAGS.price_groups, out.file("trajectory.png"))

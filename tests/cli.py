@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -31,6 +33,16 @@ TINY = [
   "--local_steps=1",
   "--progress=false",
 ]
+
+
+@functools.cache
+def import_script(script: str):
+  """``scripts/<script>`` as a module, imported once per process (a script defines absl flags at import)."""
+  stem = script.removesuffix(".py")
+  spec = importlib.util.spec_from_file_location(f"scripts_{stem}", os.path.join(REPO, "scripts", script))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 class Result(NamedTuple):

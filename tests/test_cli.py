@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from fcfn_jax import config as fc
 from fcfn_jax import report
 
-from .cli import REPO, SCRIPTS, TINY, ScriptWorker, env
+from .cli import REPO, SCRIPTS, TINY, ScriptWorker, env, import_script
 
 # ----------------------------------------------------------------------------------------------------------
 # Fixtures: one worker per script, and a folder of good and bad files to point flags at.
@@ -186,8 +186,8 @@ def test_fuzzed_flags_many_examples(workers, files, script):
 def test_every_script_has_its_flags_from_the_configs(workers):
   """Generated flags: a config field's flag carries its docstring help and, for enums, the allowed tuple."""
   worker = workers("compare_mechanisms.py")
-  for field in ("lam", "rounds", "clip_norm", "quality", "test_fraction", "restart_on_mismatch"):
-    assert field in worker.flags  # quality and test_fraction had no hand-written flag
+  for field in ("lam", "rounds", "clip_norm", "valuation", "test_fraction", "restart_on_mismatch"):
+    assert field in worker.flags  # test_fraction had no hand-written flag
   assert worker.flags["dataset"]["enum"] == list(fc.DATASETS)
   assert worker.flags["model"]["enum"] == list(fc.MODELS)
   assert worker.flags["server_optimizer"]["enum"] == list(fc.SERVER_OPTIMIZERS)
@@ -356,13 +356,7 @@ def test_a_sweep_into_a_used_folder_replaces_it_whole(tmp_path):
 
 def test_make_embedded_dataset_writes_atomically(tmp_path, monkeypatch):
   """A kill mid-write used to leave the asset at 0 bytes: the archive is built in memory and renamed over."""
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location(
-    "make_embedded", os.path.join(REPO, "scripts", "make_embedded_dataset.py")
-  )
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = import_script("make_embedded_dataset.py")
   _leaf_source(tmp_path / "leaf.npz")
   arrays = script.build_arrays(script.read_source(tmp_path / "leaf.npz"), "0" * 64)
   asset = tmp_path / "asset.npz"

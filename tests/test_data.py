@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,8 @@ import tensorflow_datasets as tfds
 from fcfn_jax import data
 from fcfn_jax.config import DataConfig
 from fcfn_jax.validate import ConfigError
+
+from .cli import import_script
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -149,11 +150,7 @@ def test_embedded_default_loads_offline():
 
 @needs_shared
 def test_embedded_asset_regenerates_exactly(tmp_path):
-  spec = importlib.util.spec_from_file_location(
-    "make_embedded_dataset", REPO / "scripts" / "make_embedded_dataset.py"
-  )
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = import_script("make_embedded_dataset.py")
   digest = hashlib.sha256(LEAF_FILE.read_bytes()).hexdigest()
   with np.load(LEAF_FILE) as leaf:
     arrays = script.build_arrays({key: leaf[key] for key in leaf.files}, digest)

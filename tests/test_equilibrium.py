@@ -105,3 +105,21 @@ def test_invalid_clients_raise_config_error(costs, weights, message):
     equilibrium.closed_form_budgets(1.0, np.asarray(costs), np.asarray(weights))
   with pytest.raises(ConfigError, match=message):
     equilibrium.closed_form_payment(1.0, np.asarray(costs), np.asarray(weights))
+
+
+def test_capped_level_gives_the_capped_equilibrium_and_its_least_payment():
+  """x_i = clip(X - k_i y, 0, cap_i) with P = X^2 / y reproduces the generic solver's capped equilibrium;
+  where several payments support the same profile, y is the largest (the least payment)."""
+  payment, costs, weights = paid_games(6, 64, 7)
+  closed = np.asarray(budgets(payment, costs, weights))
+  eps_max = closed.max(-1) * np.random.default_rng(7).uniform(0.1, 1.5, 64)
+  eps = np.asarray(jax.jit(jax.vmap(solver.share_equilibrium))(payment, costs, weights, eps_max))
+  x, caps = weights * eps, weights * eps_max[:, None]
+  total = x.sum(-1)
+  level = np.asarray(jax.jit(jax.vmap(equilibrium.capped_level))(total, costs / weights, caps))
+  np.testing.assert_allclose(
+    jax.vmap(equilibrium.capped_contributions)(total, level, costs / weights, caps), x, atol=1e-9
+  )
+  assert np.all(total**2 / level <= payment * (1 + 1e-9))  # the least payment that supports it
+  moved = np.all(x < caps * (1 - 1e-9), axis=-1) | np.any((x > 0) & (x < caps * (1 - 1e-9)), axis=-1)
+  np.testing.assert_allclose((total**2 / level)[moved], payment[moved], rtol=1e-7)

@@ -29,6 +29,7 @@ from hypothesis.extra import numpy as hnp
 from fcfn_jax import checkpoint, data, simulation, validate
 from fcfn_jax import config as fc
 from fcfn_jax.game import baselines, misreport, solver
+from fcfn_jax.game.spec import Game, GameSpec, spec_from_config, validate_game
 from fcfn_jax.privacy import accounting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +63,8 @@ CHOICES = (
   + fc.SAMPLERS
   + fc.SERVER_OPTIMIZERS
   + fc.MECHANISMS
-  + fc.QUALITIES
+  + fc.VALUATIONS
+  + fc.AGGREGATIONS
 )
 MESSAGE_NAMES = {(fc.ModelConfig, "name"): "model"}  # the field is called by what it picks
 
@@ -155,6 +157,8 @@ def test_config_errors_found_by_fuzzing(build, match):
 # ----------------------------------------------------------------------------------------------------------
 
 GAME = fc.GameConfig(lam=10.0, eps_max=8.0, num_aggregators=2)
+# Cheap to compile for every fuzzed shape; stackelberg and three_party run the same host checks first.
+FAST_MECHANISMS = ("contract", "posted_price", "no_incentive", "social_optimum")
 _FLOATS = st.one_of(
   st.floats(0.2, 5.0), st.floats(), st.sampled_from([0.0, -1.0, 1e-45, 1e-300, 1e38, 1e300])
 )
@@ -168,11 +172,32 @@ def _arrays(max_side: int = 4):
   return hnp.arrays(np.float64, shapes, elements=_FLOATS)
 
 
+def _game(costs, weights) -> Game:
+  """A Game of raw (possibly broken) per-client arrays and GAME's scalars."""
+  return Game(
+    costs=costs,
+    weights=weights,
+    sampling_rates=np.full(np.shape(costs), 0.3),
+    lam=np.asarray(GAME.lam),
+    eps_max=np.asarray(GAME.eps_max),
+    eps_min=np.asarray(GAME.eps_min),
+    data_epsilon=np.asarray(GAME.data_epsilon),
+  )
+
+
+def _spec(name: str) -> GameSpec:
+  return spec_from_config(dataclasses.replace(GAME, mechanism=name, valuation="log"), 30, 1e-5)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(fc.MECHANISMS), _arrays(), st.one_of(_arrays(), st.sampled_from(["w", None, [1, 2]])))
 def test_fuzzed_games_give_a_valid_outcome_or_a_config_error(name, costs, weights):
   try:
-    out = baselines.solve_mechanism(name, costs, weights, GAME)
+    if name in FAST_MECHANISMS:
+      out = baselines.solve(_game(costs, weights), _spec(name))
+    else:
+      validate_game(_game(costs, weights))
+      return
   except validate.ConfigError as err:
     assert "\n" not in str(err) and ("expected" in str(err) or "needs" in str(err)), str(err)
   else:
@@ -189,14 +214,15 @@ def test_fuzzed_games_give_a_valid_outcome_or_a_config_error(name, costs, weight
     (np.array([1.0, np.inf]), np.ones(2), r"costs\[1\]=inf is invalid"),
     (np.ones(3), np.array([1.0, -2.0, 1.0]), r"weights\[1\]=-2.0 is invalid"),
     (np.ones(0), np.ones(0), r"costs has shape \(0,\): a game needs at least 2 clients"),
-    (np.ones(3), np.ones(4), r"costs of shape \(3,\) and weights of shape \(4,\) are invalid"),
+    (np.ones(3), np.ones(4), r"per-client shapes .* are invalid: expected one game"),
     (np.array(["a", "b"]), np.ones(2), r"costs has dtype <U1: expected real numbers"),
-    (np.array([1e300, 1.0]), np.ones(2), r"stackelberg overflows in float32 for costs in \[1.0, 1e\+300\]"),
+    (np.ones(3), None, r"weights=None is invalid: expected an array"),
+    (np.array([1e300, 1.0]), np.ones(2), r"posted_price is not finite in float32 \(nor in float64\)"),
   ],
 )
 def test_game_input_errors(costs, weights, match):
   with pytest.raises(validate.ConfigError, match=match):
-    baselines.solve_mechanism("stackelberg", costs, weights, GAME)
+    baselines.solve(_game(costs, weights), _spec("posted_price"))
 
 
 SAMPLER = accounting.Sampler("poisson", 2, 20)  # q = 2 / n for the fuzzed dataset sizes n
@@ -235,7 +261,7 @@ def test_fuzzed_budgets_calibrate_or_raise_a_config_error(eps, num_examples):
     (lambda: accounting.surrogate_noise_multiplier(np.array([1.0, np.nan]), 10, 1e-5), r"eps\[1\]=nan"),
     (lambda: solver.validate_game(np.ones(3), 0.0), r"eps_max=0.0 is invalid: expected finite values > 0"),
     (
-      lambda: misreport.misreported_outcome("posted_price", np.ones(3), np.ones(3), GAME, [1.0, 2.0]),
+      lambda: misreport.misreported_outcome(_game(np.ones(3), np.ones(3)), _spec("posted_price"), [1.0, 2.0]),
       r"factor has shape \(2,\)",
     ),
     (lambda: misreport.choose_liars(0, 0.5), r"num_clients=0 is invalid"),

@@ -118,7 +118,7 @@ def test_every_config_field_has_help_in_its_docstring(cls):
 
 def test_enum_flags_come_from_the_config_modules_tuples():
   assert sim_flags._choices(fc.DataConfig, "dataset") == fc.DATASETS
-  assert sim_flags._choices(fc.GameConfig, "quality") == fc.QUALITIES
+  assert sim_flags._choices(fc.GameConfig, "valuation") == fc.VALUATIONS
   assert sim_flags._choices(fc.ModelConfig, "model") == fc.MODELS
   assert sim_flags._choices(fc.GameConfig, "lam") is None
 

@@ -231,3 +231,78 @@ def test_invalid_inputs_raise_config_error(case):
   args.update({k: np.asarray(v, float) for k, v in overrides.items()})
   with pytest.raises(ConfigError, match=message):
     solver.share_equilibrium(**args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# float32: correct to 1e-4 (norm-wise) or loudly untrusted, never silently wrong.
+# ---------------------------------------------------------------------------------------------------------
+
+F32 = np.float32
+# The two float32 reproducers of issue 13: (payment, costs, eps_max), weights 1.
+REPRODUCERS = [(0.0733, [1567053.57, 0.82515], 4.676e-7), (2516.27, [2.26e-4, 1025.4], 24.54)]
+
+
+def _norm_error(eps, reference):
+  return float(np.max(np.abs(np.asarray(eps, np.float64) - reference)) / np.max(reference))
+
+
+def _float64_reference(payment, costs, weights, eps_max):
+  """The float64 equilibrium of the float32-rounded inputs."""
+  wide = [np.asarray(np.asarray(a, F32), np.float64) for a in (payment, costs, weights, eps_max)]
+  return np.asarray(solver.share_equilibrium(*wide))
+
+
+@pytest.mark.parametrize("case", range(len(REPRODUCERS)))
+def test_float32_reproducers_are_right_or_flagged(case):
+  payment, costs, eps_max = REPRODUCERS[case]
+  reference = _float64_reference(payment, costs, np.ones(2), eps_max)
+  with jax.enable_x64(False):
+    args = (F32(payment), np.asarray(costs, F32), np.ones(2, F32), F32(eps_max))
+    host = solver.share_equilibrium(*args)  # concrete: re-solved in float64 when untrusted
+    traced = jax.jit(solver.share_equilibrium)(*args)
+  assert host.dtype == jnp.float32 and _norm_error(host, reference) <= 1e-4
+  assert np.all(np.isnan(traced)) or _norm_error(traced, reference) <= 1e-4
+
+
+def _extreme_games(seed: int, games: int, clients: int):
+  """float32 games with cost ratios up to 1e8 (log-uniform spread), R in [1e-3, 1e4], caps binding half
+  the time: (payment [G], costs [G, N], weights [G, N], eps_max [G])."""
+  rng = np.random.default_rng(seed)
+  decades = rng.uniform(0.0, 8.0, games)
+  costs = 10.0 ** (
+    rng.uniform(0.0, 1.0, (games, clients)) * decades[:, None] + rng.uniform(-3, 3, (games, 1))
+  )
+  weights = rng.lognormal(0.0, 0.5, (games, clients))
+  weights /= weights.mean(1, keepdims=True)
+  payment = np.exp(rng.uniform(np.log(1e-3), np.log(1e4), games))
+  closed = np.asarray(batched_closed_form(payment, costs, weights))
+  eps_max = closed.max(1) * np.where(rng.uniform(size=games) < 0.5, 10.0, rng.uniform(0.05, 0.95, games))
+  return tuple(np.asarray(a, F32) for a in (payment, costs, weights, eps_max))
+
+
+@pytest.mark.parametrize("clients", [2, 7])
+def test_float32_is_right_to_1e4_or_flagged_over_cost_ratios_up_to_1e8(clients):
+  payment, costs, weights, eps_max = _extreme_games(20 + clients, 200, clients)
+  reference = np.asarray(
+    jax.jit(jax.vmap(solver.share_equilibrium))(
+      *(a.astype(np.float64) for a in (payment, costs, weights, eps_max))
+    )
+  )
+  with jax.enable_x64(False):
+    traced = np.asarray(jax.jit(jax.vmap(solver.share_equilibrium))(payment, costs, weights, eps_max))
+  flagged = np.isnan(traced).any(axis=1)
+  assert np.all(np.isnan(traced[flagged]))  # a whole game is flagged, never part of it
+  errors = np.max(np.abs(traced - reference), axis=1) / np.max(reference, axis=1)
+  assert np.all(errors[~flagged] <= 1e-4), errors[~flagged].max()
+  assert flagged.mean() < 0.2  # the check flags the ill-conditioned few, not everything
+  with jax.enable_x64(False):  # the host path re-solves the flagged games in float64
+    for g in np.flatnonzero(flagged)[:5]:
+      host = solver.share_equilibrium(payment[g], costs[g], weights[g], eps_max[g])
+      assert host.dtype == jnp.float32 and _norm_error(host, reference[g]) <= 1e-4
+
+
+def test_hopeless_games_raise_instead_of_answering():
+  """Cost ratio 1e30 with two clients: the dominant client's share differs from 1 by 1e-30, below
+  float64's resolution, so the aggregate cannot be located: a ConfigError, not a silent answer."""
+  with pytest.raises(ConfigError, match="ill-conditioned even in float64"):
+    solver.share_equilibrium(1.0, np.array([1e30, 1.0]), np.ones(2), 1e-10)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +9,8 @@ import optax
 import pytest
 
 from fcfn_jax.game import equilibrium, leader, tuning
-from fcfn_jax.privacy import accounting
 from fcfn_jax.validate import ConfigError
+from tests.games import game, spec
 
 NUM_CLIENTS = 8
 
@@ -20,28 +18,23 @@ NUM_CLIENTS = 8
 pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
 
-dp_quality = functools.partial(
-  leader.dp_quality, variance_fn=functools.partial(accounting.noise_variance, steps=25, delta=1e-5)
-)
-QUALITIES = {"log": leader.log_quality, "dp": dp_quality}
+SPECS = {"log": spec("log"), "dp": spec("dp")}
 
 
-def problem(eps_max: float, lam: float, seed: int = 0) -> leader.LeaderProblem:
+def problem(eps_max: float, lam: float, seed: int = 0):
   rng = np.random.default_rng(seed)
   costs = rng.uniform(0.5, 2.0, NUM_CLIENTS)
   sizes = rng.lognormal(0.0, 1.0, NUM_CLIENTS)
-  return leader.LeaderProblem(
-    jnp.asarray(costs), jnp.asarray(sizes / sizes.mean()), jnp.asarray(eps_max), jnp.asarray(lam)
-  )
+  return game(costs, sizes / sizes.mean(), eps_max=eps_max, lam=lam)
 
 
 @pytest.mark.parametrize("quality", ["log", "dp"])
 def test_hypergradient_matches_central_finite_differences(quality):
-  game = problem(eps_max=50.0, lam=20.0)
+  g = problem(eps_max=50.0, lam=20.0)
   groups = jnp.arange(NUM_CLIENTS) % 3
   params = tuning.PricingParams(jnp.log(jnp.asarray(3.0)), jnp.asarray([0.1, -0.2, 0.3]))
-  objective = jax.jit(lambda p: tuning.pricing_objective(p, game, QUALITIES[quality], groups))
-  _, grad = jax.jit(tuning.hypergradient, static_argnums=2)(params, game, QUALITIES[quality], groups)
+  objective = jax.jit(lambda p: tuning.pricing_objective(p, g, SPECS[quality], groups))
+  _, grad = jax.jit(tuning.hypergradient, static_argnums=2)(params, g, SPECS[quality], groups)
   flat, unravel = jax.flatten_util.ravel_pytree(params)
   grad = jax.flatten_util.ravel_pytree(grad)[0]
   steps = 1e-5 * jnp.eye(flat.size)
@@ -50,25 +43,25 @@ def test_hypergradient_matches_central_finite_differences(quality):
 
 
 def test_adam_reaches_the_closed_form_payment():
-  game = problem(eps_max=1e3, lam=20.0)  # no cap binds: R* = lam - K_S / (|S| - 1)
-  r_star = equilibrium.closed_form_payment(game.lam, game.costs, game.weights)
-  assert 0 < r_star < game.lam
+  g = problem(eps_max=1e3, lam=20.0)  # no cap binds: R* = lam - K_S / (|S| - 1)
+  r_star = equilibrium.closed_form_payment(g.lam, g.costs, g.weights)
+  assert 0 < r_star < g.lam
   optimizer = optax.adam(optax.exponential_decay(0.2, 50, 0.5))
   best, trace = tuning.tune_pricing(
-    tuning.initial_params(1.0), game, leader.log_quality, jnp.zeros(NUM_CLIENTS, jnp.int32), optimizer, 1000
+    tuning.initial_params(1.0), g, SPECS["log"], jnp.zeros(NUM_CLIENTS, jnp.int32), optimizer, 1000
   )
   np.testing.assert_allclose(jnp.exp(best.log_payment), r_star, rtol=1e-6)
   np.testing.assert_allclose(
-    trace.objective.max(), leader.server_utility(r_star, game, leader.log_quality), rtol=1e-12
+    trace.objective.max(), leader.server_utility(r_star, g, SPECS["log"]), rtol=1e-12
   )
 
 
 def test_small_steps_improve_the_objective_monotonically():
-  game = problem(eps_max=1e3, lam=20.0)
+  g = problem(eps_max=1e3, lam=20.0)
   _, trace = tuning.tune_pricing(
     tuning.initial_params(1.0),
-    game,
-    leader.log_quality,
+    g,
+    SPECS["log"],
     jnp.zeros(NUM_CLIENTS, jnp.int32),
     optax.adam(0.01),
     150,
@@ -78,13 +71,13 @@ def test_small_steps_improve_the_objective_monotonically():
 
 
 def test_per_client_prices_beat_the_best_uniform_payment_on_a_grid():
-  game = problem(eps_max=50.0, lam=200.0)  # DP quality: no closed form
-  payments, utilities = tuning.uniform_grid(game, dp_quality, 100)
+  g = problem(eps_max=50.0, lam=200.0)  # DP valuation: no closed form
+  payments, utilities = tuning.uniform_grid(g, SPECS["dp"], 100)
   grid_best = int(jnp.argmax(utilities))
   best, trace = tuning.tune_pricing(
     tuning.initial_params(payments[grid_best], NUM_CLIENTS),
-    game,
-    dp_quality,
+    g,
+    SPECS["dp"],
     jnp.arange(NUM_CLIENTS),
     optax.adam(optax.exponential_decay(0.05, 60, 0.5)),
     150,
@@ -93,7 +86,7 @@ def test_per_client_prices_beat_the_best_uniform_payment_on_a_grid():
   assert np.all(np.diff(trace.objective) >= 0)  # rejected steps keep the iterate
   assert trace.objective[-1] > utilities[grid_best] + 0.05 * abs(utilities[grid_best])
   np.testing.assert_allclose(
-    tuning.pricing_objective(best, game, dp_quality, jnp.arange(NUM_CLIENTS)),
+    tuning.pricing_objective(best, g, SPECS["dp"], jnp.arange(NUM_CLIENTS)),
     trace.objective.max(),
     rtol=1e-12,
   )
@@ -101,12 +94,12 @@ def test_per_client_prices_beat_the_best_uniform_payment_on_a_grid():
 
 
 def test_invalid_num_steps_raise_config_error():
-  game = problem(eps_max=50.0, lam=20.0)
+  g = problem(eps_max=50.0, lam=20.0)
   with pytest.raises(ConfigError, match="num_steps=0"):
     tuning.tune_pricing(
       tuning.initial_params(1.0),
-      game,
-      leader.log_quality,
+      g,
+      SPECS["log"],
       jnp.zeros(NUM_CLIENTS, jnp.int32),
       optax.adam(0.1),
       0,

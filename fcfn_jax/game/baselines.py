@@ -1,49 +1,47 @@
-"""The Stackelberg mechanism and its baselines on the same clients (docs/model.md "The game", "Baselines").
+"""The Stackelberg mechanism and its baselines on the same game (docs/model.md "Stage I", "Baselines").
 
-Every mechanism sees the same game: per-unit privacy costs c: [N], quality weights w: [N] (x_i = w_i eps_i,
-k_i = c_i / w_i), the server's Stage-I valuation V(eps) = lam log(1 + sum_i w_i eps_i) and budgets in
-[0, eps_max]; each returns an :class:`~fcfn_jax.game.outcome.Outcome` built by the shared accounting.
+Every mechanism is ``mechanism(game, spec) -> Outcome``: the same clients (costs, quality weights,
+sampling rates), the same valuation lam Q(eps) (``valuation.quality``: by default the noise of the
+aggregate the server forms under the one aggregation rule), the same caps, and one accounting
+(``outcome.build_outcome``). Each optimizes the server's TRUE objective with the followers' caps:
 
-- stackelberg: the proposed two-stage game in closed form. R* = max(0, lam - K_S / (|S|-1)), follower
-  equilibrium x_i(R*) from ``equilibrium``, eps_i = min(x_i / w_i, eps_max), payment_i = R* x_i / X.
-  The closed form ignores the eps_max cap; where it binds the budgets are clipped and the payment rule is
-  applied to the clipped budgets (an approximation: the generic solver gives the capped equilibrium).
-- contract: contract theory under incomplete information. K = min(num_types, N) cost types are quantile
-  bins of the sorted costs (bin sizes differ by at most one); the type cost theta_k is the bin's upper edge
-  (its largest cost), so a menu feasible for theta_k is individually rational for every member. The server
-  knows each type's count n_k and total weight W_k = sum_{i in k} w_i (the data it brings), not who is which
-  type, and values the menu at lam log(1 + sum_k W_k eps_k). With eps_1 >= ... >= eps_K, binding IR of type K
-  and binding local downward IC, r_k = theta_k eps_k + sum_{j>k} (theta_j - theta_{j-1}) eps_j, so the
-  server pays sum_k C_k eps_k with C_k = n_k theta_k + (theta_k - theta_{k-1}) sum_{j<k} n_j (n_k times the
-  virtual cost). It maximizes lam log(1 + sum_k W_k eps_k) - sum_k C_k eps_k over monotone eps in
-  [0, eps_max]^K: the per-unit-contribution virtual costs C_k / W_k are ironed (weighted isotonic
-  regression, i.e. slopes of the convex minorant of the cumulative (W, C) diagram), water-filled, and every
-  pooled type gets the same budget. Clients then pick the item with the largest true utility r_k - c_i eps_k
-  (or opt out at 0); ties up to roundoff break toward the larger budget (the usual convention).
-- three_party: server -> M = max(1, min(num_aggregators, N // 2)) edge aggregators -> clients. Clients sorted
-  by k are dealt round-robin (sorted rank j goes to group j mod M), so every group has >= 2 members and a
-  similar spread of costs. Inside group m the aggregator pays its clients P_m as a proportional-share game:
-  X_m = a_m P_m, a_m = (|S_m|-1) / K_{S_m}. The server pays R split among aggregators in proportion to X_m,
-  a proportional-share game among aggregators with unit cost kappa_m = 1 / a_m (group m's participation
-  threshold): aggregator utility R X_m / X - P_m. The server maximizes lam log(1 + X(R)) - R:
-  R* = max(0, lam - K'_{S'} / (|S'|-1)) over the kappa's. Budgets are clipped to eps_max as in stackelberg.
-  With M = 1 the lone aggregator has no competitor and no positive-effort equilibrium; the limit (nothing
-  is bought, R* = 0) is reported.
-- posted_price: one price p per unit of epsilon; client i takes eps_max if p >= c_i (an indifferent client
-  accepts, so the optimum is attained) and 0 otherwise. U_s(p) = V(eps(p)) - p sum_i eps_i(p) is decreasing
-  between consecutive sorted costs, so p* is the best of {c_(1), ..., c_(N)} or 'nobody' (p = 0, U_s = 0).
-- no_incentive: every client keeps its self-protective budget eps_min and is paid nothing (u_i =
-  -c_i eps_min); the server still trains on those budgets, U_s = V(eps_min 1).
-- social_optimum: complete information, max_{eps in [0, eps_max]^N} V(eps) - sum_i c_i eps_i, solved by
-  water-filling on k (see :func:`water_fill`). Payments are transfers; they are set to c_i eps_i
-  (clients are made whole, u_i = 0, and the server's utility equals the welfare).
+- stackelberg: the leader's capped optimum (``leader.solve_leader``): R* maximizes lam Q(eps*(R)) - R over
+  the capped follower equilibrium; payment_i = R* x_i / X.
+- contract: contract theory under incomplete information. K cost types are quantile bins of the
+  empirical (sorted) costs, K = min(num_types, N) or N for num_types = 0 (one type per client); the type
+  cost theta_k is the bin's upper edge (its largest cost), so a menu feasible for theta_k is individually
+  rational for every member. With eps_1 >= ... >= eps_K, binding IR of type K and binding local downward
+  IC give r_k = theta_k eps_k + sum_{j>k} (theta_j - theta_{j-1}) eps_j, so the server pays sum_k C_k eps_k
+  with C_k = n_k theta_k + (theta_k - theta_{k-1}) sum_{j<k} n_j (n_k times the virtual cost), and it
+  maximizes lam Q(eps_type(i)) - sum_k C_k eps_k over monotone menus in [0, eps_max]^K. 'log': exact
+  (virtual costs per unit of contribution ironed, then water-filled); otherwise the best of the K + 1
+  threshold menus refined by projected gradient ascent on the monotone cone. Clients then pick the item
+  with the largest true utility r_k - c_i eps_k (or opt out at 0); ties break toward the larger budget.
+- three_party: server -> M = max(1, min(num_aggregators, N // 2)) edge aggregators -> clients; clients
+  sorted by k = c / w are dealt round-robin (rank j to group j mod M). Inside group m the aggregator's
+  payment P_m buys the group's exact capped proportional-share equilibrium, total X_m at cost
+  P_m = C_m(X_m) (``equilibrium.capped_level``; convex, linear until a cap binds). The aggregators play a
+  proportional-share game for the server's R, u_m = R X_m / X - C_m(X_m), X_m in [0, sum of the group's
+  caps], solved exactly by the generic solver; the server searches R for its true objective. With M = 1
+  the lone aggregator has no competitor and no positive-effort equilibrium: nothing is bought.
+- posted_price: one price p per unit of epsilon; client i sells eps_max if p >= c_i (an indifferent
+  client accepts) and nothing otherwise. U_s(p) = lam Q(eps(p)) - p sum_i eps_i(p) falls between
+  consecutive sorted costs, so p* is the best of {c_(1), ..., c_(N)} or 'nobody'.
+- no_incentive: a MANDATE, not a market: every client must use eps_min and is paid nothing, so it violates
+  individual rationality (u_i = -c_i eps_min < 0); the server trains on those budgets.
+- social_optimum: complete information, max over [0, eps_max]^N of lam Q(eps) - sum_i c_i eps_i;
+  payments c_i eps_i (transfers: clients are made whole). 'log': water-filling on k (exact); otherwise
+  the best prefix of clients at eps_max (ranked by cost per unit of quality) refined by projected
+  gradient ascent.
 
-Each mechanism is jitted with the GameConfig static, works on one game ([N] arrays) and vmaps over games:
-``jax.vmap(lambda c, w: contract(c, w, game_cfg))(costs, weights)``.
+Each mechanism checks the game on the host, runs jitted with the GameSpec static (compiled once per
+shape and spec, reused across seeds), works on one game ([N] arrays) and vmaps over games:
+``jax.vmap(lambda g: contract(g, spec))(games)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
@@ -53,68 +51,93 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcfn_jax.config import MECHANISMS, GameConfig
-from fcfn_jax.game import equilibrium, solver
-from fcfn_jax.game.outcome import Outcome, build_outcome, log_valuation
-from fcfn_jax.validate import check_choice, check_clients, is_traced, require
+from fcfn_jax.config import MECHANISMS
+from fcfn_jax.game import equilibrium, leader, solver, valuation
+from fcfn_jax.game.outcome import Outcome, build_outcome
+from fcfn_jax.game.spec import Game, GameSpec, num_types, validate_game
+from fcfn_jax.validate import check_choice, fail, is_traced, require
 
 _T = TypeVar("_T")
 
 # Contract clients treat utilities within this many ulps of the items' size as ties.
 _TIE_ULPS = 1e3
+# Prefix evaluations (posted price, social optimum) run in batches of this many to bound memory at O(N).
+_PREFIX_BATCH = 256
 
 
 class Menu(NamedTuple):
   """A contract menu, one item per cost type (K types, ascending cost).
 
   type_costs: theta_k [K], each type's upper cost edge, ascending. counts: n_k [K] (int).
-  type_weights: W_k = sum_{i in type k} w_i [K]. budgets: eps_k [K], non-increasing. rewards: r_k [K].
+  types: each client's type k(i): int [N]. budgets: eps_k [K], non-increasing. rewards: r_k [K].
   """
 
   type_costs: chex.Array
   counts: chex.Array
-  type_weights: chex.Array
+  types: chex.Array
   budgets: chex.Array
   rewards: chex.Array
 
 
-def _check_game(costs, weights, game_cfg) -> None:
-  require(isinstance(game_cfg, GameConfig), f"game_cfg={game_cfg!r} is invalid: expected a GameConfig")
-  require(
-    game_cfg.quality == "log",
-    f"quality={game_cfg.quality!r} is invalid for the closed-form mechanisms: expected 'log' "
-    "(the DP-aware quality is solved by the generic solver)",
-  )
-  check_clients(costs, weights)
-  require(
-    np.ndim(costs) == 1 and np.shape(costs) == np.shape(weights),
-    f"costs of shape {np.shape(costs)} and weights of shape {np.shape(weights)} are invalid: "
-    "expected one game, both of shape [N] (vmap over games)",
-  )
+def _check_outcome(result) -> bool:
+  """True when every leaf is finite, except -inf utilities of an outcome with nobody participating
+  (no model: Q = -inf under 'dp')."""
+  leaves = jax.tree.leaves(result)
+  if isinstance(result, Outcome) and int(result.participants) == 0:
+    leaves = [result.budgets, result.payments, result.client_utilities, result.total_payment]
+  return all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves)
 
 
-def _game_function(
-  core: Callable[[chex.Array, chex.Array, GameConfig], _T],
-) -> Callable[[chex.Array, chex.Array, GameConfig], _T]:
-  """Checks the game on the host (skipped for tracers), then runs core(costs, weights, game_cfg) under jit."""
-  jitted = jax.jit(core, static_argnums=2)
+def _canonical(spec: GameSpec, num_clients: int, uses: str | None) -> GameSpec:
+  """The spec with num_types and num_aggregators at their effective values (K, M) where the mechanism
+  uses them (``uses``) and at their defaults elsewhere, so equal programs share one compilation (e.g.
+  num_aggregators 10 and 4 both give M = 4 for 8 clients; stackelberg ignores both)."""
+  default = GameSpec()
+  k_types = num_types(spec, num_clients) if uses == "num_types" else default.num_types
+  aggregators = (
+    max(1, min(spec.num_aggregators, num_clients // 2))
+    if uses == "num_aggregators"
+    else default.num_aggregators
+  )
+  return dataclasses.replace(spec, num_types=k_types, num_aggregators=aggregators)
+
+
+def _mechanism(
+  core: Callable[[Game, GameSpec], _T] | None = None, *, uses: str | None = None
+) -> Callable[[Game, GameSpec], _T]:
+  """Checks the game on the host (skipped for tracers), runs core(game, spec) jitted with spec static.
+
+  A concrete float32 game whose result is not finite (an equilibrium the solver cannot trust in float32,
+  or an overflow) is solved again in float64 and cast back; if that fails too, ConfigError. ``uses``
+  names the spec field among num_types / num_aggregators the mechanism reads (see ``_canonical``).
+  """
+  if core is None:
+    return functools.partial(_mechanism, uses=uses)
+  jitted = jax.jit(core, static_argnums=1)
 
   @functools.wraps(core)
-  def wrapper(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> _T:
-    _check_game(costs, weights, game_cfg)
-    c, w = jnp.asarray(costs), jnp.asarray(weights)
-    dtype = jnp.result_type(float, c, w)
-    result = jitted(c.astype(dtype), w.astype(dtype), game_cfg)
-    if not is_traced(c) and not is_traced(w):
-      # Finite inputs can still overflow the game's arithmetic (k_i = c_i / w_i, K_S, R / K_S) in dtype.
-      require(
-        all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(result)),
-        f"{core.__name__} overflows in {np.dtype(dtype).name} for costs in [{float(np.min(costs))!r}, "
-        f"{float(np.max(costs))!r}] and weights in [{float(np.min(weights))!r}, "
-        f"{float(np.max(weights))!r}]: expected magnitudes whose ratios c_i / w_i and their sum "
-        "stay finite (rescale the costs and lam together)",
-      )
-    return result
+  def wrapper(game: Game, spec: GameSpec) -> _T:
+    require(isinstance(spec, GameSpec), f"spec={spec!r} is invalid: expected a GameSpec")
+    validate_game(game)
+    spec = _canonical(spec, game.costs.shape[-1], uses)
+    dtype = jnp.result_type(float, *jax.tree.leaves(game))
+    game = jax.tree.map(lambda a: jnp.asarray(a, dtype), game)
+    result = jitted(game, spec)
+    if any(is_traced(leaf) for leaf in jax.tree.leaves(game)) or _check_outcome(result):
+      return result
+    if dtype != jnp.float64:
+      with jax.enable_x64(True):
+        wide = jitted(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), game), spec)
+        if _check_outcome(wide):
+          return jax.tree.map(
+            lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, wide
+          )
+    costs = np.asarray(game.costs)
+    fail(
+      f"{core.__name__} is not finite in {np.dtype(dtype).name} (nor in float64) for costs in "
+      f"[{float(costs.min())!r}, {float(costs.max())!r}]: expected magnitudes whose ratios c_i / w_i and "
+      "their sum stay finite (rescale the costs and lam together)"
+    )
 
   return wrapper
 
@@ -124,6 +147,78 @@ def _proportional(total: chex.Array, x: chex.Array) -> chex.Array:
   x_sum = jnp.sum(x, axis=-1, keepdims=True)
   positive = x_sum > 0
   return jnp.where(positive, jnp.expand_dims(total, -1) * x / jnp.where(positive, x_sum, 1.0), 0.0)
+
+
+def _prefix_map(fn: Callable[[chex.Array], chex.Array], count: int) -> chex.Array:
+  """[fn(j) for j in 0..count-1] as an array, in batches (memory O(batch x N), not O(N^2))."""
+  return jax.lax.map(fn, jnp.arange(count), batch_size=min(count, _PREFIX_BATCH))
+
+
+def _projected_ascent(
+  objective: Callable[[chex.Array], chex.Array],
+  start: chex.Array,
+  project: Callable[[chex.Array], chex.Array],
+  scale: chex.Array,
+  iters: int,
+) -> tuple[chex.Array, chex.Array]:
+  """Projected gradient ascent with backtracking from ``start``: (best point, its objective).
+
+  Each step tries x' = project(x + s g), halving s until the objective rises (Armijo, 1e-4), and doubles
+  s after an accepted step; ``scale`` is the largest move of the first trial. For a concave objective it
+  converges to the maximum; otherwise to a stationary point above the start.
+  """
+  value0 = objective(start)
+  dtype = start.dtype
+
+  def step(_, state):
+    x, value, size = state
+    grad = jax.grad(objective)(x)
+    grad = jnp.where(jnp.isfinite(grad), grad, 0.0)
+    norm = jnp.max(jnp.abs(grad))
+    size = jnp.where(size > 0, size, scale / jnp.where(norm > 0, norm, 1.0))
+
+    def trial(carry):
+      s, _, _, count = carry
+      s = jnp.where(count > 0, 0.5 * s, s)
+      new = project(x + s * grad)
+      new_value = objective(new)
+      ok = new_value >= value + 1e-4 * jnp.dot(grad, new - x)
+      return s, new, jnp.where(jnp.isnan(new_value), -jnp.inf, new_value), count + 1, ok
+
+    def not_done(carry):
+      return ~carry[-1] & (carry[3] < 40)
+
+    s, new, new_value, _, ok = jax.lax.while_loop(
+      not_done, lambda c: trial(c[:4]), (size, x, value, jnp.zeros((), jnp.int32), jnp.asarray(False))
+    )
+    better = ok & (new_value > value)
+    return (
+      jnp.where(better, new, x),
+      jnp.where(better, new_value, value),
+      jnp.where(better, 2.0 * s, 0.5 * s).astype(dtype),
+    )
+
+  x, value, _ = jax.lax.fori_loop(0, iters, step, (start, value0, jnp.zeros((), dtype)))
+  return x, value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stackelberg.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@_mechanism
+def stackelberg(game: Game, spec: GameSpec) -> Outcome:
+  """The proposed mechanism: the leader's capped optimum R*, the followers' capped Nash equilibrium,
+  payment_i = R* x_i / X (docs/model.md "Stage I")."""
+  solution = leader.solve_leader(game, spec)
+  payments = _proportional(solution.payment, game.weights * solution.budgets)
+  return build_outcome(solution.budgets, payments, game, spec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Contract theory.
+# ---------------------------------------------------------------------------------------------------------
 
 
 def water_fill(k: chex.Array, caps: chex.Array, lam: chex.Numeric) -> chex.Array:
@@ -142,7 +237,7 @@ def _iron(values: chex.Array, weights: chex.Array) -> chex.Array:
   """Weighted non-decreasing isotonic regression of values_k / weights_k: [K].
 
   bar_k = max_{a<=k} min_{b>=k} sum_{a..b} values / sum_{a..b} weights, the slopes of the greatest convex
-  minorant of the cumulative diagram (sum_{j<=k} weights, sum_{j<=k} values).
+  minorant of the cumulative diagram (sum_{j<=k} weights, sum_{j<=k} values). O(K^2) memory.
   """
   zero = jnp.zeros(1, values.dtype)
   cum_v = jnp.concatenate([zero, jnp.cumsum(values)])
@@ -154,61 +249,87 @@ def _iron(values: chex.Array, weights: chex.Array) -> chex.Array:
   return jnp.max(jnp.where(ordered, lowest_after, -jnp.inf), axis=0)
 
 
-@_game_function
-def stackelberg(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> Outcome:
-  """The proposed mechanism: the leader's R*, the followers' capped Nash equilibrium, payment_i = R* x_i / X.
-
-  R* is the closed form max(0, lam - K_S / (|S| - 1)) (docs/model.md "Stage I"); the followers' budgets are
-  the generic solver's equilibrium on [0, eps_max]^N, which equals the closed form when no cap binds and
-  stays an exact equilibrium when caps bind (then R* is the uncapped leader optimum; ``leader.solve_leader``
-  re-optimizes R under caps).
-  """
-  payment = equilibrium.closed_form_payment(game_cfg.lam, costs, weights)
-  budgets = solver.share_equilibrium(payment, costs, weights, game_cfg.eps_max)
-  payments = _proportional(payment, weights * budgets)
-  return build_outcome(budgets, payments, costs, weights, log_valuation(game_cfg.lam))
-
-
-@_game_function
-def contract_menu(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> Menu:
-  """The server's optimal menu for K = min(num_types, N) quantile cost types (see the module docstring)."""
-  n = costs.shape[-1]
-  num_types = min(game_cfg.num_types, n)
-  counts = np.bincount(np.arange(n) * num_types // n, minlength=num_types)
-  last = np.cumsum(counts) - 1
-  order = jnp.argsort(costs)
-  type_costs = costs[order][last]
-  type_weights = jnp.diff(jnp.cumsum(weights[order])[last], prepend=0.0)
-  rent_step = jnp.diff(type_costs, prepend=type_costs[:1])  # theta_k - theta_{k-1}; 0 for k = 1
-  payment_rates = counts * type_costs + rent_step * (np.cumsum(counts) - counts)  # C_k
-
+def _log_menu_budgets(game, type_weights, payment_rates):
+  """The exact optimal menu for Q = log(1 + sum_k W_k eps_k): ironed virtual costs C_k / W_k,
+  water-filled, every pooled type at the same budget."""
   slopes = _iron(payment_rates, type_weights)
   # Pools are runs of equal ironed slope; merging slopes equal up to roundoff costs nothing.
-  tol = jnp.sqrt(jnp.finfo(costs.dtype).eps) * jnp.abs(slopes[1:])
+  tol = jnp.sqrt(jnp.finfo(slopes.dtype).eps) * jnp.abs(slopes[1:])
   pool = jnp.cumsum(jnp.concatenate([jnp.ones(1, bool), slopes[1:] > slopes[:-1] + tol]))
   same_pool = pool[:, None] == pool[None, :]
   cum_w = jnp.cumsum(type_weights)
   pool_start = jnp.min(jnp.where(same_pool, cum_w - type_weights, jnp.inf), axis=1)
   pool_end = jnp.max(jnp.where(same_pool, cum_w, -jnp.inf), axis=1)
-  total = jnp.sum(water_fill(slopes, type_weights * game_cfg.eps_max, game_cfg.lam))
-  fill = jnp.clip((total / game_cfg.eps_max - pool_start) / (pool_end - pool_start), 0.0, 1.0)
-  budgets = game_cfg.eps_max * fill
+  total = jnp.sum(water_fill(slopes, type_weights * game.eps_max, game.lam))
+  fill = jnp.clip((total / game.eps_max - pool_start) / (pool_end - pool_start), 0.0, 1.0)
+  return game.eps_max * fill
 
-  rents = rent_step * budgets
+
+def _monotone_projection(eps_max):
+  """Euclidean projection onto {eps_max >= e_1 >= ... >= e_K >= 0}: isotonic regression, then clipping."""
+
+  def project(e):
+    return jnp.clip(-_iron(-e, jnp.ones_like(e)), 0.0, eps_max)
+
+  return project
+
+
+def _type_counts(num_clients: int, k_types: int) -> np.ndarray:
+  """n_k: [K] (static), the sizes of K quantile bins of N sorted clients (they differ by at most one)."""
+  return np.bincount(np.arange(num_clients) * k_types // num_clients, minlength=k_types)
+
+
+def _payment_rates(type_costs: chex.Array, counts: np.ndarray) -> chex.Array:
+  """C_k = n_k theta_k + (theta_k - theta_{k-1}) sum_{j<k} n_j: [K], the server pays sum_k C_k eps_k."""
+  rent_step = jnp.diff(type_costs, prepend=type_costs[:1])  # theta_k - theta_{k-1}; 0 for k = 1
+  return counts * type_costs + rent_step * (np.cumsum(counts) - counts)
+
+
+def _generic_menu_budgets(game: Game, spec: GameSpec, types: chex.Array, type_costs: chex.Array):
+  """The menu's budgets [K] for any valuation: the best threshold menu (the j cheapest types at eps_max,
+  j = 0..K) refined by projected gradient ascent on {eps_max >= eps_1 >= ... >= eps_K >= 0}."""
+  k_types = type_costs.shape[-1]
+  payment_rates = _payment_rates(type_costs, _type_counts(game.costs.shape[-1], k_types))
+
+  def profit(e):
+    return game.lam * valuation.quality(e[types], game, spec) - jnp.dot(payment_rates, e)
+
+  vertex = lambda j: jnp.where(jnp.arange(k_types) < j, game.eps_max, 0.0).astype(game.costs.dtype)
+  values = _prefix_map(lambda j: profit(vertex(j)), k_types + 1)
+  best = jnp.argmax(jnp.where(jnp.isnan(values), -jnp.inf, values))
+  budgets, _ = _projected_ascent(
+    profit, vertex(best), _monotone_projection(game.eps_max), game.eps_max, spec.search.ascent_iters
+  )
+  return budgets
+
+
+@_mechanism(uses="num_types")
+def contract_menu(game: Game, spec: GameSpec) -> Menu:
+  """The server's optimal menu for K quantile cost types (see the module docstring)."""
+  n = game.costs.shape[-1]
+  k_types = num_types(spec, n)
+  counts = _type_counts(n, k_types)
+  last = np.cumsum(counts) - 1
+  order = jnp.argsort(game.costs)
+  types = jnp.zeros(n, jnp.int32).at[order].set(jnp.asarray(np.arange(n) * k_types // n, jnp.int32))
+  type_costs = game.costs[order][last]
+  if spec.valuation == "log":
+    type_weights = jnp.diff(jnp.cumsum(game.weights[order])[last], prepend=0.0)
+    budgets = _log_menu_budgets(game, type_weights, _payment_rates(type_costs, counts))
+  else:
+    budgets = _generic_menu_budgets(game, spec, types, type_costs)
+  rents = jnp.diff(type_costs, prepend=type_costs[:1]) * budgets
   rewards = type_costs * budgets + jnp.cumsum(rents[::-1])[::-1] - rents
   return Menu(
-    type_costs=type_costs,
-    counts=jnp.asarray(counts),
-    type_weights=type_weights,
-    budgets=budgets,
-    rewards=rewards,
+    type_costs=type_costs, counts=jnp.asarray(counts), types=types, budgets=budgets, rewards=rewards
   )
 
 
-@_game_function
-def contract(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> Outcome:
+@_mechanism(uses="num_types")
+def contract(game: Game, spec: GameSpec) -> Outcome:
   """Clients pick their best item of :func:`contract_menu` by true cost, or opt out (0, 0)."""
-  menu = contract_menu(costs, weights, game_cfg)
+  menu = contract_menu(game, spec)
+  costs = game.costs
   item_budgets = jnp.concatenate([menu.budgets, jnp.zeros(1, costs.dtype)])
   item_rewards = jnp.concatenate([menu.rewards, jnp.zeros(1, costs.dtype)])
   value = item_rewards[None, :] - costs[:, None] * item_budgets[None, :]  # [N, K + 1]
@@ -216,87 +337,176 @@ def contract(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> Ou
   tol = _TIE_ULPS * jnp.finfo(costs.dtype).eps * jnp.max(scale, axis=1, keepdims=True)
   # Items are ordered by non-increasing budget, so the first near-best item is the largest budget.
   choice = jnp.argmax(value >= jnp.max(value, axis=1, keepdims=True) - tol, axis=1)
-  return build_outcome(
-    item_budgets[choice], item_rewards[choice], costs, weights, log_valuation(game_cfg.lam)
-  )
+  return build_outcome(item_budgets[choice], item_rewards[choice], game, spec)
 
 
-@_game_function
-def three_party(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> Outcome:
-  """Server -> M aggregators -> clients, proportional-share at both levels (see the module docstring)."""
-  n = costs.shape[-1]
-  groups = num_intermediaries("three_party", n, game_cfg)
+# ---------------------------------------------------------------------------------------------------------
+# Three-party game.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Groups(NamedTuple):
+  """Per-aggregator parameters of the three-party game: payment R [], k [M, S], caps [M, S] (padding
+  slots have cap 0 and never contribute)."""
+
+  payment: chex.Array
+  k: chex.Array
+  caps: chex.Array
+
+
+def _group_cost(total, k, caps):
+  """C_m(X): the least payment P whose capped equilibrium in the group has total X: P = X^2 / y(X)."""
+  positive = total > 0
+  safe = jnp.where(positive, total, 1.0)
+  return jnp.where(positive, safe**2 / equilibrium.capped_level(safe, k, caps), 0.0)
+
+
+def _aggregator_utility(totals, aggregate, weights, params: _Groups):
+  """u_m = R X_m / X - C_m(X_m): [M], the aggregators' proportional-share game (weights are 1)."""
+  del weights
+  return params.payment * totals / aggregate - jax.vmap(_group_cost)(totals, params.k, params.caps)
+
+
+def _group_upper_bound(k, caps):
+  """An R above which every aggregator buys its whole group: [] (see :func:`three_party`).
+
+  At X_m = sum of caps the group's cost rises at most as 2 X / y_m (y_m = min_i (X_m - cap_i) / k_i, the
+  level where its last client caps); aggregator m stays there iff R (X - X_m) / X^2 >= C_m'(X_m).
+  """
+  full = jnp.sum(caps, axis=1)
+  level = jnp.min(jnp.where(caps > 0, (full[:, None] - caps) / k, jnp.inf), axis=1)
+  total = jnp.sum(full)
+  return jnp.max(2.0 * full / level * total**2 / (total - full))
+
+
+@_mechanism(uses="num_aggregators")
+def three_party(game: Game, spec: GameSpec) -> Outcome:
+  """Server -> M aggregators -> clients with exact capped followers at both levels (module docstring)."""
+  n = game.costs.shape[-1]
+  dtype = game.costs.dtype
+  groups = spec.num_aggregators  # M, already max(1, min(num_aggregators, N // 2)) (see _canonical)
+  if groups == 1:  # no competitor: no positive-effort equilibrium, nothing is bought
+    zeros = jnp.zeros(n, dtype)
+    return build_outcome(zeros, zeros, game, spec, jnp.zeros(1, dtype))
   slots = -(-n // groups)
-  k = costs / weights
+  k = game.costs / game.weights
   order = jnp.argsort(k)
 
   def to_groups(values, fill):  # [N] -> [M, slots]; sorted rank j -> group j % M, slot j // M
-    padded = jnp.concatenate([values[order], jnp.full(groups * slots - n, fill, values.dtype)])
+    padded = jnp.concatenate([values[order], jnp.full(groups * slots - n, fill, dtype)])
     return padded.reshape(slots, groups).T
 
   def from_groups(values):  # [M, slots] -> [N]
-    return jnp.zeros(n, values.dtype).at[order].set(values.T.reshape(-1)[:n])
+    return jnp.zeros(n, dtype).at[order].set(values.T.reshape(-1)[:n])
 
-  # A padding slot costs more than any group's participation threshold, so it never participates.
-  k_groups = to_groups(k, jnp.sum(k))
-  w_groups = to_groups(weights, 1.0)
-  unit_costs = jax.vmap(equilibrium.participation)(k_groups).threshold  # kappa_m = 1 / a_m
-  payment = jnp.maximum(0.0, game_cfg.lam - equilibrium.participation(unit_costs).threshold)
-  group_payments = equilibrium.closed_form_contributions(payment, unit_costs) * unit_costs  # P_m
-  x_groups = jax.vmap(equilibrium.closed_form_contributions)(group_payments, k_groups)
-  budgets = jnp.minimum(x_groups / w_groups, game_cfg.eps_max)
-  x_groups = w_groups * budgets
-  margins = _proportional(payment, jnp.sum(x_groups, axis=1)) - group_payments
-  return build_outcome(
-    from_groups(budgets),
-    from_groups(_proportional(group_payments, x_groups)),
-    costs,
-    weights,
-    log_valuation(game_cfg.lam),
-    margins,
+  def budgets_of(x):  # contributions [M, slots] -> budgets [N], exactly eps_max where capped
+    return jnp.minimum(from_groups(x) / game.weights, game.eps_max)
+
+  k_groups = to_groups(k, jnp.max(k))
+  caps = to_groups(game.weights * game.eps_max, 0.0)
+  full = jnp.sum(caps, axis=1)
+  options = spec.search.solver
+
+  def play(payment):
+    """(budgets [N], client payments [N], margins [M]) at the server's payment R > 0."""
+    params = _Groups(payment, k_groups, caps)
+    totals = solver.solve_equilibrium(_aggregator_utility, jnp.ones(groups, dtype), params, full, options)
+    group_payments = jax.vmap(_group_cost)(totals, k_groups, caps)
+    levels = jax.vmap(lambda t, kk, cc: equilibrium.capped_level(jnp.where(t > 0, t, 1.0), kk, cc))(
+      totals, k_groups, caps
+    )
+    x = equilibrium.capped_contributions(totals[:, None], levels[:, None], k_groups, caps)
+    x = jnp.where(totals[:, None] > 0, x, 0.0)
+    margins = _proportional(payment, totals) - group_payments
+    return budgets_of(x), from_groups(_proportional(group_payments, x)), margins
+
+  def utility(log_payment):  # log R = -inf: nothing is bought
+    payment = jnp.exp(log_payment)
+    bought = jax.tree.map(
+      lambda a: jnp.where(payment > 0, a, 0.0), play(jnp.where(payment > 0, payment, 1.0))
+    )
+    return game.lam * valuation.quality(bought[0], game, spec) - payment, bought
+
+  upper = _group_upper_bound(k_groups, caps)
+  full_budgets = jnp.broadcast_to(game.eps_max, game.costs.shape)
+  gain = game.lam * (
+    valuation.quality(full_budgets, game, spec) - valuation.quality(jnp.zeros_like(full_budgets), game, spec)
   )
+  upper = jnp.where(jnp.isfinite(gain) & (gain > 0), jnp.minimum(upper, gain), upper)
+  _, _, (budgets, payments, margins) = leader.search_payment(utility, upper, spec.search)
+  return build_outcome(budgets, payments, game, spec, margins)
 
 
-@_game_function
-def posted_price(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> Outcome:
+# ---------------------------------------------------------------------------------------------------------
+# Posted price, no incentive, social optimum.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@_mechanism
+def posted_price(game: Game, spec: GameSpec) -> Outcome:
   """One price per unit of epsilon, optimized exactly over the break points (the sorted costs)."""
-  order = jnp.argsort(costs)
-  sorted_costs = costs[order]
-  takers = jnp.searchsorted(sorted_costs, sorted_costs, side="right")  # #{i : c_i <= c_(j)}
-  taken_weight = jnp.cumsum(weights[order])[takers - 1]
-  utility = (
-    game_cfg.lam * jnp.log1p(game_cfg.eps_max * taken_weight) - sorted_costs * game_cfg.eps_max * takers
-  )
+  costs = game.costs
+  sorted_costs = jnp.sort(costs)
+
+  def at_price(j):  # price c_(j): every client with c_i <= c_(j) sells eps_max
+    budgets = jnp.where(costs <= sorted_costs[j], game.eps_max, 0.0)
+    return game.lam * valuation.quality(budgets, game, spec) - sorted_costs[j] * jnp.sum(budgets)
+
+  utility = _prefix_map(at_price, costs.shape[-1])
+  utility = jnp.where(jnp.isnan(utility), -jnp.inf, utility)
   best = jnp.argmax(utility)
-  price = jnp.where(utility[best] > 0, sorted_costs[best], 0.0)
-  budgets = jnp.where(costs <= price, game_cfg.eps_max, 0.0)
-  return build_outcome(budgets, price * budgets, costs, weights, log_valuation(game_cfg.lam))
+  nobody = game.lam * valuation.quality(jnp.zeros_like(costs), game, spec)
+  price = jnp.where(utility[best] > nobody, sorted_costs[best], 0.0)
+  budgets = jnp.where((costs <= price) & (price > 0), game.eps_max, 0.0)
+  return build_outcome(budgets, price * budgets, game, spec)
 
 
-@_game_function
-def no_incentive(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> Outcome:
-  """Every client keeps eps_min and is paid nothing."""
-  budgets = jnp.full_like(costs, game_cfg.eps_min)
-  return build_outcome(budgets, jnp.zeros_like(costs), costs, weights, log_valuation(game_cfg.lam))
+@_mechanism
+def no_incentive(game: Game, spec: GameSpec) -> Outcome:
+  """A mandate: every client must use eps_min and is paid nothing (violates IR: u_i = -c_i eps_min)."""
+  budgets = jnp.broadcast_to(game.eps_min, game.costs.shape).astype(game.costs.dtype)
+  return build_outcome(budgets, jnp.zeros_like(game.costs), game, spec)
 
 
-@_game_function
-def social_optimum(costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> Outcome:
-  """Complete-information welfare maximum by water-filling on k; payments c_i eps_i (transfers)."""
-  x = water_fill(costs / weights, weights * game_cfg.eps_max, game_cfg.lam)
-  budgets = jnp.minimum(x / weights, game_cfg.eps_max)
-  return build_outcome(budgets, costs * budgets, costs, weights, log_valuation(game_cfg.lam))
+def _welfare_budgets(game: Game, spec: GameSpec) -> chex.Array:
+  """argmax over [0, eps_max]^N of lam Q(eps) - sum_i c_i eps_i for a valuation without closed form.
 
-
-def num_intermediaries(name: str, num_clients: int, game_cfg: GameConfig) -> int:
-  """M, the intermediaries that mechanism ``name`` puts between the server and num_clients clients.
-
-  three_party: M = max(1, min(num_aggregators, N // 2)) edge aggregators; every other mechanism: 0.
+  Clients are ranked by cost per unit of quality at full budgets, c_i eps_max / (Q(all) - Q(all but i));
+  the best prefix of that ranking at eps_max (N + 1 candidates, the structure of the optimum when Q is
+  concave in each client's contribution) is refined by projected gradient ascent.
   """
-  return max(1, min(game_cfg.num_aggregators, num_clients // 2)) if name == "three_party" else 0
+  n = game.costs.shape[-1]
+  full = jnp.broadcast_to(game.eps_max, game.costs.shape).astype(game.costs.dtype)
+  everyone = valuation.quality(full, game, spec)
+  without = _prefix_map(lambda i: valuation.quality(full.at[i].set(0.0), game, spec), n)
+  marginal = jnp.maximum(everyone - without, jnp.finfo(full.dtype).tiny)
+  order = jnp.argsort(game.costs * game.eps_max / marginal)
+  rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+
+  def welfare(e):
+    return game.lam * valuation.quality(e, game, spec) - jnp.dot(game.costs, e)
+
+  prefix = lambda j: jnp.where(rank < j, full, 0.0)
+  values = _prefix_map(lambda j: welfare(prefix(j)), n + 1)
+  best = jnp.argmax(jnp.where(jnp.isnan(values), -jnp.inf, values))
+  budgets, _ = _projected_ascent(
+    welfare, prefix(best), lambda e: jnp.clip(e, 0.0, game.eps_max), game.eps_max, spec.search.ascent_iters
+  )
+  return budgets
 
 
-_MECHANISMS: dict[str, Callable[[chex.Array, chex.Array, GameConfig], Outcome]] = {
+@_mechanism
+def social_optimum(game: Game, spec: GameSpec) -> Outcome:
+  """Complete-information welfare maximum; payments c_i eps_i (transfers: clients are made whole)."""
+  if spec.valuation == "log":
+    x = water_fill(game.costs / game.weights, game.weights * game.eps_max, game.lam)
+    budgets = jnp.minimum(x / game.weights, game.eps_max)
+  else:
+    budgets = _welfare_budgets(game, spec)
+  return build_outcome(budgets, game.costs * budgets, game, spec)
+
+
+_MECHANISMS: dict[str, Callable[[Game, GameSpec], Outcome]] = {
   "stackelberg": stackelberg,
   "contract": contract,
   "three_party": three_party,
@@ -306,7 +516,13 @@ _MECHANISMS: dict[str, Callable[[chex.Array, chex.Array, GameConfig], Outcome]] 
 }
 
 
-def solve_mechanism(name: str, costs: chex.Array, weights: chex.Array, game_cfg: GameConfig) -> Outcome:
-  """The Outcome of mechanism ``name`` (one of config.MECHANISMS) on the game (costs [N], weights [N])."""
-  check_choice("mechanism", name, MECHANISMS)
-  return _MECHANISMS[name](costs, weights, game_cfg)
+def solve(game: Game, spec: GameSpec) -> Outcome:
+  """The Outcome of mechanism ``spec.mechanism`` on ``game`` (docs/model.md "Baselines")."""
+  require(isinstance(spec, GameSpec), f"spec={spec!r} is invalid: expected a GameSpec")
+  check_choice("mechanism", spec.mechanism, MECHANISMS)
+  return _MECHANISMS[spec.mechanism](game, spec)
+
+
+def solve_each(game: Game, spec: GameSpec, mechanisms: tuple[str, ...]) -> dict[str, Outcome]:
+  """{name: Outcome} of every mechanism in ``mechanisms`` on the same game (specs differ only in name)."""
+  return {name: solve(game, dataclasses.replace(spec, mechanism=name)) for name in mechanisms}

@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import chex
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fcfn_jax.validate import check_clients
 
@@ -85,3 +87,48 @@ def follower_utilities(payment: chex.Numeric, x: chex.Array, k: chex.Array) -> c
   total = jnp.sum(x)
   share = jnp.where(total > 0, x / jnp.where(total > 0, total, 1.0), 0.0)
   return payment * share - k * x
+
+
+def capped_level(total: chex.Numeric, k: chex.Array, caps: chex.Array) -> chex.Array:
+  """y >= 0 with sum_i clip(X - k_i y, 0, cap_i) = X for a group's total contribution X: [].
+
+  The capped proportional-share equilibrium in contribution units (docs/model.md "Stage II"): at payment
+  P every client's first-order condition P (X - x_i) / X^2 = k_i gives x_i = clip(X - k_i y, 0, cap_i)
+  with y = X^2 / P. Where the left side is flat at X (every client capped or out) a range of payments
+  supports the same profile; the largest y is returned, i.e. the least payment P = X^2 / y that does.
+  The left side is piecewise linear and non-increasing in y with breakpoints (X - cap_i) / k_i (cap ->
+  interior) and X / k_i (interior -> out): a binary search over the sorted breakpoints finds the
+  segment, and the equation is solved exactly on it, y = (sum_capped cap_i + (|I| - 1) X) /
+  sum_interior k_i (differentiable in X, k and caps). Slots with cap_i = 0 never contribute (padding).
+  Needs 0 < X <= sum_i cap_i.
+  """
+  breaks = jnp.sort(jnp.maximum(jnp.concatenate([(total - caps) / k, total / k, jnp.zeros(1, k.dtype)]), 0.0))
+
+  def excess(y):
+    return jnp.sum(jnp.clip(total - k * y, 0.0, caps)) - total
+
+  # Zero up to rounding: on a flat stretch (every client capped or out) the sum of caps equals X only to
+  # a few ulps, and the largest y there is wanted.
+  slack = 64 * jnp.finfo(k.dtype).eps * total
+
+  def halve(_, bounds):  # invariant: excess(breaks[lo]) >= -slack > excess(breaks[hi])
+    lo, hi = bounds
+    mid = (lo + hi) // 2
+    up = excess(breaks[mid]) >= -slack
+    return jnp.where(up, mid, lo), jnp.where(up, hi, mid)
+
+  n = breaks.shape[-1]
+  lo, hi = jax.lax.fori_loop(0, max(1, int(np.ceil(np.log2(n)))), halve, (0, n - 1))
+  inside = jax.lax.stop_gradient(0.5 * (breaks[lo] + breaks[hi]))
+  capped = total - k * inside >= caps
+  interior = ~capped & (total - k * inside > 0)
+  slope = jnp.sum(jnp.where(interior, k, 0.0))
+  level = (jnp.sum(jnp.where(capped, caps, 0.0)) + (jnp.sum(interior) - 1) * total) / jnp.where(
+    slope > 0, slope, 1.0
+  )
+  return jnp.where(slope > 0, level, inside)
+
+
+def capped_contributions(total: chex.Numeric, level: chex.Numeric, k: chex.Array, caps: chex.Array):
+  """x_i = clip(X - k_i y, 0, cap_i): [N], the capped equilibrium contributions at total X and level y."""
+  return jnp.clip(total - k * level, 0.0, caps)

@@ -1,21 +1,21 @@
-"""The leader's problem (docs/model.md "The game", Stage I): the server's payment R and optional prices.
+"""The leader's problem (docs/model.md "Stage I"): the capped optimum of the server's true objective.
 
-The server announces R (and, optionally, price weights pi, one per client or per group of clients); the
-followers play the proportional-share equilibrium eps*(R, pi) of ``solver.share_equilibrium``; the
-server's utility is U_s = lam Q(eps*) - R for a model-quality function Q:
-  - ``log_quality``: Q = log(1 + X), X = sum_i w_i eps_i, the canonical U_s of docs/model.md, whose optimum
-    is ``closed_form_payment`` when no cap binds;
-  - ``dp_quality``: Q = G(eps) = -sum_i a_i^2 v(eps_i), the variance of the averaged Gaussian noise
-    (a_i = d_i / sum of d over participants, v = noise variance at eps_i, supplied by the caller).
-U_s is maximized over log R (and log pi) by L-BFGS (optax) on the implicit hypergradient, started from the
-best point of a coarse log-grid over R so that a non-concave U_s (DP quality with binding caps) does not
-trap it. Everything is jittable and vmappable over games.
+The server announces a total payment R (and, optionally, price weights pi, one per client or per group
+of clients); the followers play the CAPPED proportional-share equilibrium eps*(R, pi) of
+``solver.share_equilibrium``; the server's utility is U_s = lam Q(eps*) - R with Q the game's valuation
+(``valuation.quality``: the noise of the aggregate it forms, or log(1 + X)). The uncapped closed form
+R* = max(0, lam - K_S / (|S|-1)) is a check for the 'log' valuation, never the answer when a cap binds.
+
+:func:`search_payment` maximizes any U_s(R) over a log-grid and golden-section searches (values only, so
+kinks where caps start to bind cannot mislead it); the three-party server uses it too. :func:`solve_leader`
+adds an L-BFGS refinement (optax) on (log R, log pi) with the implicit hypergradient. Everything is
+jittable with the GameSpec static, and vmappable over games.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -24,48 +24,10 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
-from fcfn_jax.game.solver import SolverOptions, share_equilibrium
-from fcfn_jax.validate import check_clients, check_positive_array, is_traced, require
-
-QualityFn = Callable[[chex.Array, chex.Array], chex.Array]
-"""``quality_fn(budgets: [N], weights: [N]) -> Q: []``, the server's model quality at the budgets."""
-
-
-class LeaderProblem(NamedTuple):
-  """One game as seen by the leader (a pytree: stack fields on a leading axis to vmap over games).
-
-  costs: per-unit privacy costs c: [N]; weights: data weights w = d / mean(d): [N];
-  eps_max: budget caps: [] or [N]; lam: the server's valuation of model quality: [].
-  """
-
-  costs: chex.Array
-  weights: chex.Array
-  eps_max: chex.Array
-  lam: chex.Array
-
-
-class LeaderOptions(NamedTuple):
-  """Outer search settings.
-
-  grid_size: points of the coarse log-grid over R in [R_hi 10^-grid_decades, R_hi].
-  num_starts: golden-section searches, one around each of the best grid points (<= grid_size).
-  section_iters: golden-section steps of each search (each shrinks the bracket by about 0.618).
-  max_iter: L-BFGS iterations of the final refinement.
-  gtol: stop L-BFGS when the gradient of U_s / |U_s(start)| w.r.t. (log R, log pi) is below this;
-    None = sqrt of the dtype's machine epsilon.
-  ftol: stop L-BFGS when an iteration improves U_s / |U_s(start)| by less than this; None = the
-    dtype's machine epsilon to the power 2/3.
-  solver: follower-equilibrium settings.
-  """
-
-  grid_size: int = 128
-  grid_decades: float = 6.0
-  num_starts: int = 4
-  section_iters: int = 48
-  max_iter: int = 50
-  gtol: float | None = None
-  ftol: float | None = None
-  solver: SolverOptions = SolverOptions()
+from fcfn_jax.game import valuation
+from fcfn_jax.game.solver import share_equilibrium
+from fcfn_jax.game.spec import Game, GameSpec, SearchOptions, validate_game
+from fcfn_jax.validate import is_traced, require
 
 
 class LeaderSolution(NamedTuple):
@@ -77,109 +39,108 @@ class LeaderSolution(NamedTuple):
   utility: chex.Array
 
 
-def log_quality(budgets: chex.Array, weights: chex.Array) -> chex.Array:
-  """Q = log(1 + X), X = sum_i w_i eps_i (docs/model.md "Stage I")."""
-  return jnp.log1p(jnp.dot(weights, budgets))
-
-
-def dp_quality(
-  budgets: chex.Array, weights: chex.Array, variance_fn: Callable[[chex.Array], chex.Array]
+def follower_budgets(
+  payment: chex.Numeric, game: Game, spec: GameSpec, prices: chex.Array | None = None
 ) -> chex.Array:
-  """G = -sum_{i in P} a_i^2 v(eps_i), a_i = w_i / sum_{j in P} w_j, P = {i : eps_i > 0} (docs/model.md).
-
-  ``variance_fn(eps) -> v``, elementwise for eps > 0 (e.g. the squared noise multiplier of the
-  surrogate of docs/model.md "From epsilon_i to noise", fixed by the caller's steps and delta). Clients
-  out of the game carry no weight and no variance term, and v is never evaluated at 0, so gradients stay
-  finite. G = -inf when nobody participates (no model is trained).
-  """
-  inside = budgets > 0
-  total = jnp.sum(jnp.where(inside, weights, 0.0))
-  a = jnp.where(inside, weights, 0.0) / jnp.where(total > 0, total, 1.0)
-  variance = variance_fn(jnp.where(inside, budgets, 1.0))
-  return jnp.where(total > 0, -jnp.sum(jnp.where(inside, a**2 * variance, 0.0)), -jnp.inf)
+  """eps*(R, pi): [N], the followers' capped equilibrium at payment R and price weights pi."""
+  return share_equilibrium(payment, game.costs, game.weights, game.eps_max, prices, spec.search.solver)
 
 
 def server_utility(
-  payment: chex.Numeric,
-  problem: LeaderProblem,
-  quality_fn: QualityFn,
-  prices: chex.Array | None = None,
-  options: SolverOptions = SolverOptions(),
+  payment: chex.Numeric, game: Game, spec: GameSpec, prices: chex.Array | None = None
 ) -> chex.Array:
-  """U_s(R, pi) = lam Q(eps*(R, pi)) - R: [], differentiable in R, pi and every field of ``problem``."""
-  return _outcome(payment, problem, quality_fn, prices, options)[0]
+  """U_s(R, pi) = lam Q(eps*(R, pi)) - R: [], differentiable in R, pi and every field of ``game``."""
+  return game.lam * valuation.quality(follower_budgets(payment, game, spec, prices), game, spec) - payment
 
 
-def _outcome(payment, problem, quality_fn, prices, options):
-  """(U_s: [], eps*: [N]) at payment R and prices pi."""
-  budgets = share_equilibrium(payment, problem.costs, problem.weights, problem.eps_max, prices, options)
-  return problem.lam * quality_fn(budgets, problem.weights) - payment, budgets
-
-
-def payment_upper_bound(problem: LeaderProblem, quality_fn: QualityFn) -> chex.Array:
-  """An R_hi >= R* (uniform prices): the least R at which every client is capped, and lam (Q_max - Q(0)).
+def payment_upper_bound(game: Game, spec: GameSpec) -> chex.Array:
+  """R_hi >= R* (uniform prices): the least R at which every client sits at its cap, and, when finite,
+  lam (Q(eps_max) - Q(0)).
 
   With all budgets at eps_max client i stays capped iff R w_i (A - x_i) / A^2 >= c_i, A = sum_j w_j
-  eps_max_j, x_i = w_i eps_max_i; above that R the budgets are constant and U_s only falls. Also
-  U_s(R) <= lam Q(eps_max) - R < lam Q(0) = U_s(0) for R > lam (Q(eps_max) - Q(0)) when Q is largest at
-  full budgets (log quality); an infinite or negative bound (DP quality: Q(0) = -inf) is ignored.
+  eps_max, x_i = w_i eps_max; above that R the budgets no longer change and U_s only falls. And U_s(R) <=
+  lam Q(eps_max) - R < lam Q(0) = U_s(0) beyond the second bound ('log'; under 'dp' Q(0) = -inf).
   """
-  eps_max = jnp.broadcast_to(problem.eps_max, problem.weights.shape)
-  x = problem.weights * eps_max
+  x = game.weights * game.eps_max
   total = jnp.sum(x)
-  all_capped = jnp.max(problem.costs * total**2 / (problem.weights * (total - x)))
-  gain = problem.lam * (quality_fn(eps_max, problem.weights) - quality_fn(jnp.zeros_like(x), problem.weights))
+  all_capped = jnp.max(game.costs * total**2 / (game.weights * (total - x)))
+  full = jnp.broadcast_to(game.eps_max, game.weights.shape)
+  gain = game.lam * (
+    valuation.quality(full, game, spec) - valuation.quality(jnp.zeros_like(full), game, spec)
+  )
   return jnp.where(jnp.isfinite(gain) & (gain > 0), jnp.minimum(all_capped, gain), all_capped)
 
 
-def validate_problem(problem: LeaderProblem, groups=None, num_groups: int = 0) -> None:
-  """Host-side check (skipped under tracing) of a leader's problem and its price groups.
+def _finite_or_worst(values: chex.Array) -> chex.Array:
+  """NaN (an untrusted equilibrium, see ``solver``) ranks below every number."""
+  return jnp.where(jnp.isnan(values), -jnp.inf, values)
 
-  Raises:
-    ConfigError naming the bad value: fewer than 2 clients, non-positive or NaN costs, weights, eps_max
-    or lam, groups outside [0, num_groups).
+
+_GOLD = (3.0 - np.sqrt(5.0)) / 2.0
+
+
+def search_payment(
+  utility: Callable[[chex.Array], tuple[chex.Array, Any]], upper: chex.Array, options: SearchOptions
+) -> tuple[chex.Array, chex.Array, Any]:
+  """max over R in {0} u (0, upper] of utility(log R), by values only: (log R*, U*, aux at R*).
+
+  1. R = 0 (log R = -inf) and a log-grid of ``grid_size`` points over [upper 10^-grid_decades, upper];
+  2. golden-section search within one grid step of each of the ``num_starts`` best grid points: U(R) may
+     have several local maxima (each time a cap starts to bind the follower response bends), so the
+     starts pick the best one and the search its peak; values only, so kinks cannot mislead it.
+  The best point evaluated wins, so U* is never below any grid point. Both phases run in ONE loop that
+  evaluates ``num_starts`` points per step with one vmapped call of ``utility``: every call site of the
+  equilibrium solver is compiled separately, and this keeps it at one. ``utility`` maps log R: [] to
+  (U: [], aux pytree), e.g. the follower budgets, returned for the best point without another solve.
   """
-  check_clients(problem.costs, problem.weights)
-  check_positive_array("eps_max", problem.eps_max)
-  check_positive_array("lam", problem.lam)
-  if groups is not None and not is_traced(groups):
-    groups = np.asarray(groups)
-    require(
-      np.issubdtype(groups.dtype, np.integer)
-      and groups.size
-      and groups.min() >= 0
-      and groups.max() < num_groups,
-      f"groups={groups!r} is invalid: expected integers in [0, num_groups={num_groups})",
+  dtype = jnp.result_type(upper)
+  batch = options.num_starts
+  spacing = options.grid_decades * np.log(10.0) / max(options.grid_size - 1, 1)
+  log_grid = jnp.log(upper) + jnp.linspace(-options.grid_decades * np.log(10.0), 0.0, options.grid_size)
+  grid_rounds = -(-(options.grid_size + 1) // batch)
+  padding = grid_rounds * batch - options.grid_size - 1
+  # Point 0 is R = 0; padding repeats it (top_k below never picks either).
+  points = jnp.concatenate([jnp.full((1,), -jnp.inf), log_grid, jnp.full((padding,), -jnp.inf)]).astype(dtype)
+  evaluate = jax.vmap(lambda t: (lambda u, aux: (_finite_or_worst(u), aux))(*utility(t)))
+  aux_shape = jax.eval_shape(lambda t: utility(t)[1], points[0])
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
+
+  def step(r, state):
+    values, brackets, best = state
+    in_grid = r < grid_rounds
+    # First section step: brackets around the best grid points (R = 0 and padding excluded).
+    start_values, starts = jax.lax.top_k(jnp.where(jnp.isinf(points), -jnp.inf, values), batch)
+    mid = points[starts]
+    fresh = (mid - spacing, mid, mid + spacing, start_values)
+    a, b, c, fb = jax.tree.map(lambda new, old: jnp.where(r == grid_rounds, new, old), fresh, brackets)
+    right = c - b > b - a
+    x_section = jnp.where(right, b + _GOLD * (c - b), b - _GOLD * (b - a))
+    x = jnp.where(in_grid, jax.lax.dynamic_slice(points, (r * batch,), (batch,)), x_section)
+    fx, aux = evaluate(x)
+    values = jnp.where(in_grid, jax.lax.dynamic_update_slice(values, fx, (r * batch,)), values)
+    better = fx > fb
+    brackets = (
+      jnp.where(better == right, jnp.where(right, b, x), a),
+      jnp.where(better, x, b),
+      jnp.where(better != right, jnp.where(right, x, b), c),
+      jnp.where(better, fx, fb),
     )
+    i = jnp.argmax(fx)
+    candidate = (x[i], fx[i], jax.tree.map(lambda v: v[i], aux))
+    improves = fx[i] > best[1]
+    best = jax.tree.map(lambda new, old: jnp.where(improves, new, old), candidate, best)
+    return values, brackets, best
+
+  values = jnp.full(points.shape, -jnp.inf, dtype)
+  brackets = tuple(jnp.zeros((batch,), dtype) for _ in range(4))
+  best = (jnp.asarray(-jnp.inf, dtype), jnp.asarray(-jnp.inf, dtype), zeros)
+  _, _, best = jax.lax.fori_loop(0, grid_rounds + options.section_iters, step, (values, brackets, best))
+  return best
 
 
 def _group_prices(log_prices: chex.Array, groups: chex.Array) -> chex.Array:
   """pi_i = exp(theta_g(i) - mean(theta)): [N]; the mean is removed since pi -> s pi is the same game."""
   return jnp.exp(log_prices - jnp.mean(log_prices))[groups]
-
-
-def _section_search(
-  fn: Callable, lo: chex.Array, mid: chex.Array, hi: chex.Array, fn_mid: chex.Array, iters: int
-):
-  """Maximizes fn over the bracket lo < mid < hi by golden-section steps: (argmax estimate, max).
-
-  Function values only, so kinks and jumps of a sawtooth U_s cannot mislead it; each step evaluates one
-  point in the larger half of the bracket and keeps the best point seen as the middle one.
-  """
-  gold = (3.0 - np.sqrt(5.0)) / 2.0
-
-  def body(_, state):
-    a, b, c, fb = state
-    right = c - b > b - a
-    x = jnp.where(right, b + gold * (c - b), b - gold * (b - a))
-    fx = fn(x)
-    better = fx > fb
-    a = jnp.where(better == right, jnp.where(right, b, x), a)
-    c = jnp.where(better != right, jnp.where(right, x, b), c)
-    return a, jnp.where(better, x, b), c, jnp.where(better, fx, fb)
-
-  _, best, _, value = jax.lax.fori_loop(0, iters, body, (lo, mid, hi, fn_mid))
-  return best, value
 
 
 def _maximize(objective: Callable, start, active: chex.Array, max_iter: int, gtol: float, ftol: float):
@@ -216,81 +177,73 @@ def _maximize(objective: Callable, start, active: chex.Array, max_iter: int, gto
   return z, -best_loss
 
 
+def validate_groups(groups, num_groups: int) -> None:
+  """Host-side check (skipped under tracing) of price groups: integers in [0, num_groups)."""
+  if groups is not None and not is_traced(groups):
+    groups = np.asarray(groups)
+    require(
+      np.issubdtype(groups.dtype, np.integer)
+      and groups.size
+      and groups.min() >= 0
+      and groups.max() < num_groups,
+      f"groups={groups!r} is invalid: expected integers in [0, num_groups={num_groups})",
+    )
+
+
 def solve_leader(
-  problem: LeaderProblem,
-  quality_fn: QualityFn,
-  groups: chex.Array | None = None,
-  num_groups: int = 0,
-  options: LeaderOptions = LeaderOptions(),
+  game: Game, spec: GameSpec, groups: chex.Array | None = None, num_groups: int = 0
 ) -> LeaderSolution:
   """The leader's optimal payment R* (and prices pi* if ``groups`` is given) for one game.
 
-  Maximizes U_s(R, pi) = lam Q(eps*(R, pi)) - R (docs/model.md "Stage I") in three steps:
-    1. U_s at R = 0 and on a log-grid over [R_hi 10^-grid_decades, R_hi] (R_hi from
-       ``payment_upper_bound``, prices 1);
-    2. golden-section search on log R within one grid step of each of the ``num_starts`` best positive
-       grid points: with binding caps U_s(R) is a sawtooth (an entrant with a tiny budget adds a huge
-       noise variance), so the starts pick the best tooth and the search its peak;
-    3. L-BFGS (optax) on (log R, log pi) with the implicit hypergradient from the best point so far.
-  The best candidate of all steps wins, so U_s* is never below the grid's best.
+  Maximizes U_s(R, pi) = lam Q(eps*(R, pi)) - R over the capped follower equilibrium (docs/model.md
+  "Stage I"): :func:`search_payment` over R in {0} u (0, ``payment_upper_bound``] at uniform prices (its
+  golden-section steps locate a smooth peak to ~1e-10 in log R); with price groups, L-BFGS on
+  (log R, log pi) with the implicit hypergradient from that point. The best candidate wins, so U_s* is
+  never below any grid point.
 
   Args:
-    problem: the game (fields [N] or scalars; vmap over a stacked LeaderProblem for many games).
-    quality_fn: Q(budgets, weights) -> []: ``log_quality`` or a ``functools.partial`` of ``dp_quality``.
-      Static under jit.
+    game: one game ([N] arrays; vmap over a stacked Game for many).
+    spec: static: the valuation, aggregation and search settings.
     groups: optional price group of each client: int [N] in [0, num_groups); ``jnp.arange(N)`` with
       num_groups = N prices every client separately.
     num_groups: number of price groups (static).
-    options: search settings (static).
 
   Returns:
     LeaderSolution(payment [], prices [N], budgets [N], utility []).
   """
-  validate_problem(problem, groups, num_groups)
-  problem = jax.tree.map(jnp.asarray, problem)
-  dtype = problem.weights.dtype
+  validate_game(game)
+  validate_groups(groups, num_groups)
+  dtype = game.weights.dtype
+  options = spec.search
+
+  def uniform(log_payment):
+    budgets = follower_budgets(jnp.exp(log_payment), game, spec)
+    return game.lam * valuation.quality(budgets, game, spec) - jnp.exp(log_payment), budgets
+
+  log_r, start_utility, budgets = search_payment(uniform, payment_upper_bound(game, spec), options)
+  ones = jnp.ones(game.weights.shape, dtype)
   if groups is None:
-    groups, num_groups = jnp.zeros(problem.weights.shape, jnp.int32), 1
+    return LeaderSolution(jnp.exp(log_r), ones, budgets, start_utility)
+
   flat = jnp.zeros((num_groups,), dtype)
 
   def utility(log_payment, log_prices):
-    prices = _group_prices(log_prices, groups)
-    return server_utility(jnp.exp(log_payment), problem, quality_fn, prices, options.solver)
+    return server_utility(jnp.exp(log_payment), game, spec, _group_prices(log_prices, groups))
 
-  log_grid = jnp.log(payment_upper_bound(problem, quality_fn)) + jnp.linspace(
-    -options.grid_decades * np.log(10.0), 0.0, options.grid_size, dtype=dtype
-  )
-  # R = 0 rides along with the grid: every call site of the equilibrium solver compiles separately.
-  payments = jnp.concatenate([jnp.zeros((1,), dtype), jnp.exp(log_grid)])
-  grid_utility = jax.vmap(lambda r: server_utility(r, problem, quality_fn, None, options.solver))(payments)
-  grid_utility = jnp.where(jnp.isnan(grid_utility), -jnp.inf, grid_utility)
-  zero_utility, grid_utility = grid_utility[0], grid_utility[1:]
-
-  start_utility, starts = jax.lax.top_k(grid_utility, options.num_starts)
-  spacing = options.grid_decades * np.log(10.0) / max(options.grid_size - 1, 1)
-  mid = log_grid[starts]
-  log_r, section_utility = jax.vmap(
-    lambda lo, mid, hi, f_mid: _section_search(
-      lambda t: utility(t, flat), lo, mid, hi, f_mid, options.section_iters
-    )
-  )(mid - spacing, mid, mid + spacing, start_utility)
-  best = jnp.argmax(jnp.where(jnp.isnan(section_utility), -jnp.inf, section_utility))
-  start, start_utility = (log_r[best], flat), section_utility[best]
-
+  start = (log_r, flat)
   scale = jnp.maximum(jnp.abs(start_utility), jnp.finfo(dtype).tiny)
   eps = float(np.finfo(dtype).eps)
   z, refined = _maximize(
     lambda z: utility(*z) / scale,
     start,
-    start_utility > zero_utility,
+    jnp.isfinite(log_r),  # R = 0 wins: nobody to price
     options.max_iter,
     np.sqrt(eps) if options.gtol is None else options.gtol,
     eps ** (2 / 3) if options.ftol is None else options.ftol,
   )
   use_refined = refined * scale > start_utility  # False for NaN
   log_payment, log_prices = jax.tree.map(lambda a, b: jnp.where(use_refined, a, b), z, start)
-  best_utility = jnp.where(use_refined, refined * scale, start_utility)
-  payment = jnp.where(zero_utility >= best_utility, 0.0, jnp.exp(log_payment))
   prices = _group_prices(log_prices, groups)
-  value, budgets = _outcome(payment, problem, quality_fn, prices, options.solver)
-  return LeaderSolution(payment, prices, budgets, value)
+  payment = jnp.exp(log_payment)
+  budgets = follower_budgets(payment, game, spec, prices)
+  return LeaderSolution(payment, prices, budgets, game.lam * valuation.quality(budgets, game, spec) - payment)

@@ -4,14 +4,14 @@ A liar i reports c'_i = m c_i with an exaggeration factor m >= 1 instead of its 
 honest clients report c'_i = c_i. The mechanism cannot tell reports from costs, so it is solved on c' and
 picks budgets eps(c') and payments p(c'); what each party really gets is accounted with the TRUE costs:
 
-  u_i = p_i(c') - c_i eps_i(c'),   U_s = V(eps(c')) - total payment(c')   (the server never sees c),
-  W = U_s + sum_i u_i + margins = V(eps(c')) - sum_i c_i eps_i(c').
+  u_i = p_i(c') - c_i eps_i(c'),   U_s = lam Q(eps(c')) - total payment(c')   (the server never sees c),
+  W = U_s + sum_i u_i + margins = lam Q(eps(c')) - sum_i c_i eps_i(c').
 
 m = 1 is the honest outcome. Because c'_i >= c_i, u_i >= p_i(c') - c'_i eps_i(c'): a mechanism that is
 individually rational on the reports stays individually rational on the true costs.
 
 Everything works on one game ([N] arrays) and vmaps over factors (and games), e.g.
-``jax.vmap(lambda m: misreported_outcome(name, c, w, game_cfg, m, liars))(factors)``.
+``jax.vmap(lambda m: misreported_outcome(game, spec, m, liars))(factors)``.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcfn_jax.config import GameConfig
 from fcfn_jax.game import baselines
-from fcfn_jax.game.outcome import Outcome, build_outcome, log_valuation
+from fcfn_jax.game.outcome import Outcome, build_outcome
+from fcfn_jax.game.spec import Game, GameSpec, num_intermediaries, validate_game
 from fcfn_jax.validate import check_array, check_int, is_traced, require
 
 
@@ -79,40 +79,27 @@ def reported_costs(
   return exaggerated if liars_mask is None else jnp.where(liars_mask, exaggerated, true_costs)
 
 
-@functools.partial(jax.jit, static_argnames=("name", "game_cfg"))
-def true_cost_outcome(
-  name: str, reported: Outcome, true_costs: chex.Array, weights: chex.Array, game_cfg: GameConfig
-) -> Outcome:
-  """``reported`` (mechanism ``name``'s Outcome on the reports) accounted with the true costs c_i: [N].
+@functools.partial(jax.jit, static_argnames=("spec",))
+def true_cost_outcome(reported: Outcome, game: Game, spec: GameSpec) -> Outcome:
+  """``reported`` (mechanism ``spec.mechanism``'s Outcome on the reports) accounted with the true costs of
+  ``game``.
 
   Budgets, payments and the intermediaries' margin are what the mechanism chose; only the clients'
   utilities, the welfare and the averages change.
   """
-  m = baselines.num_intermediaries(name, jnp.shape(true_costs)[-1], game_cfg)
+  m = num_intermediaries(spec, jnp.shape(game.costs)[-1])
   # The Outcome keeps only the total margin; build_outcome needs only that total and the count M.
   margins = jnp.zeros((m,), reported.budgets.dtype).at[0].set(reported.intermediary_utility) if m else None
-  return build_outcome(
-    reported.budgets,
-    reported.payments,
-    jnp.asarray(true_costs, reported.budgets.dtype),
-    weights,
-    log_valuation(game_cfg.lam),
-    margins,
-  )
+  return build_outcome(reported.budgets, reported.payments, game, spec, margins)
 
 
 def misreported_outcome(
-  name: str,
-  true_costs: chex.Array,
-  weights: chex.Array,
-  game_cfg: GameConfig,
-  factor: chex.Numeric,
-  liars_mask: chex.Array | None = None,
+  game: Game, spec: GameSpec, factor: chex.Numeric, liars_mask: chex.Array | None = None
 ) -> Outcome:
-  """Mechanism ``name`` solved on the reported costs, every utility evaluated with the true costs.
+  """Mechanism ``spec.mechanism`` solved on the reported costs, every utility with the true costs.
 
   Args:
-    name: one of config.MECHANISMS. true_costs: c_i [N]. weights: w_i [N]. game_cfg: the game.
+    game: the game with the TRUE costs c_i [N]. spec: the mechanism and the rest of the static game.
     factor: the exaggeration m >= 1, a scalar or one per client [N].
     liars_mask: bool [N], True = client i reports m c_i; None = every client lies.
 
@@ -122,8 +109,7 @@ def misreported_outcome(
   Raises:
     ConfigError: a factor below 1 or not finite, a mask of the wrong dtype or shape, or a bad game.
   """
-  _validate(true_costs, factor, liars_mask)
-  reported = baselines.solve_mechanism(
-    name, reported_costs(true_costs, factor, liars_mask), weights, game_cfg
-  )
-  return true_cost_outcome(name, reported, true_costs, weights, game_cfg)
+  validate_game(game)
+  _validate(game.costs, factor, liars_mask)
+  reported = baselines.solve(game._replace(costs=reported_costs(game.costs, factor, liars_mask)), spec)
+  return true_cost_outcome(reported, game, spec)

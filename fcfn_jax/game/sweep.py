@@ -1,16 +1,12 @@
-"""Batched sweeps of many games x seeds x lambda values x cost distributions in one compiled program.
+"""Batched sweeps of many games x seeds x lambda values x cost distributions x caps in one program.
 
-A sweep is a flat batch of G configurations (seed, lam, cost_low, cost_high): [G] arrays, all traced.
-Each configuration draws one game (costs c_i ~ Uniform[cost_low, cost_high] and data weights w_i from
-``fold_in(key, seed)``, so every lam and cost range of a seed sees the same uniform quantiles: common
-random numbers) and solves every requested mechanism of ``game.baselines`` on it (docs/model.md "Baselines").
-
-lam as a traced input: the baselines take lam from a static GameConfig, but every mechanism is
-homogeneous in money. With V = lam log(1 + X) and payments in the same units as costs, scaling the costs,
-lam and every payment by s > 0 scales every utility by s and leaves the budgets unchanged (the closed form
-R* = max(0, lam - K_S/(|S|-1)) scales with lam; water-filling thresholds lam / k_i, posted-price and
-contract break points are ratios). So a mechanism at (c, lam) is lam times the mechanism at (c / lam, 1):
-one compiled program serves every lam.
+A sweep is a flat batch of G configurations (seed, lam, cost_low, cost_high, eps_max): [G] arrays, all
+traced. Each configuration draws one :class:`~fcfn_jax.game.spec.Game` (costs c_i ~ Uniform[cost_low,
+cost_high] and data sizes from ``fold_in(key, seed)``, so every lam, cost range and cap of a seed sees the
+same uniform quantiles: common random numbers) and solves every requested mechanism on it with the same
+static :class:`~fcfn_jax.game.spec.GameSpec` (docs/model.md "Baselines"). Every number of a game is
+traced, so a sweep is a plain ``jax.vmap`` of ``baselines.solve`` over the drawn games: one compiled
+program per (number of clients, spec) serves every lam, cost range and eps_max.
 
 The batch is evaluated as ``lax.map`` over fixed-size chunks of a ``vmap`` (memory bounded by the chunk),
 and the game axis can be split over a device mesh (``shard_map``: each device maps over its own chunks).
@@ -31,29 +27,32 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from fcfn_jax.config import MECHANISMS, GameConfig
+from fcfn_jax.config import MECHANISM_LABELS, MECHANISMS, GameConfig
 from fcfn_jax.game import baselines
-from fcfn_jax.game.outcome import Outcome
-from fcfn_jax.validate import check_choice, check_int, check_positive, check_seed, require
+from fcfn_jax.game.spec import Game, GameSpec, spec_from_config
+from fcfn_jax.validate import check_choice, check_int, check_open_unit, check_positive, check_seed, require
 
 GAME_AXIS = "games"
 
 
 class SweepConfigs(NamedTuple):
-  """A flat batch of G configurations: seed int32 [G], lam [G], cost_low [G], cost_high [G]."""
+  """A flat batch of G configurations: seed uint32 [G], lam [G], cost_low [G], cost_high [G], eps_max [G]."""
 
   seed: chex.Array
   lam: chex.Array
   cost_low: chex.Array
   cost_high: chex.Array
+  eps_max: chex.Array
 
 
 class SweepMetrics(NamedTuple):
   """Per-game summary of one mechanism, each [G] (docs/model.md "Metrics")."""
 
+  quality: chex.Array
   server_utility: chex.Array
   mean_client_utility: chex.Array
   social_welfare: chex.Array
+  average_utility: chex.Array
   participants: chex.Array
   total_payment: chex.Array
 
@@ -62,25 +61,32 @@ class SweepMetrics(NamedTuple):
 class SweepSettings:
   """What stays fixed (static) across a sweep.
 
-  game: eps_max, eps_min, num_types, num_aggregators of every game (its lam and cost range are ignored:
-    they are swept). num_clients: N. weight_spread: data sizes d_i ~ Uniform[1, weight_spread], w = d /
-    mean(d) (1 = equal weights). mechanisms: names from config.MECHANISMS.
+  game: eps_min, data_epsilon, valuation, aggregation, num_types, num_aggregators of every game (its
+    mechanism, lam, cost range and eps_max are ignored: they are swept). num_clients: N.
+  weight_spread: data sizes n_i = mean_examples d_i / mean(d) with d_i ~ Uniform[1, weight_spread]
+    (1 = equal sizes); w = n / mean(n). Sampling rates q_i = min(1, batch_size / n_i).
+  steps, delta: the DP-SGD run of a participant (the eps -> noise map of the 'dp' valuation).
+  mechanisms: names from config.MECHANISMS.
   """
 
   game: GameConfig = GameConfig()
   num_clients: int = 20
   weight_spread: float = 4.0
+  mean_examples: float = 100.0
+  batch_size: int = 32
+  steps: int = 30
+  delta: float = 1e-5
   mechanisms: tuple[str, ...] = ("stackelberg", "social_optimum", "posted_price")
 
   def __post_init__(self):
     require(isinstance(self.game, GameConfig), f"game={self.game!r} is invalid: expected a GameConfig")
-    require(
-      self.game.quality == "log",
-      f"quality={self.game.quality!r} is invalid for sweeps: expected 'log' (the closed-form mechanisms)",
-    )
     check_int("num_clients", self.num_clients, minimum=2)
     check_positive("weight_spread", self.weight_spread)
     require(self.weight_spread >= 1, f"weight_spread={self.weight_spread!r} is invalid: expected >= 1")
+    check_positive("mean_examples", self.mean_examples)
+    check_int("batch_size", self.batch_size)
+    check_int("steps", self.steps)
+    check_open_unit("delta", self.delta)
     require(
       isinstance(self.mechanisms, tuple) and self.mechanisms,
       f"mechanisms={self.mechanisms!r} is invalid: expected a non-empty tuple of names",
@@ -88,69 +94,73 @@ class SweepSettings:
     for name in self.mechanisms:
       check_choice("mechanism", name, MECHANISMS)
 
+  def spec(self, mechanism: str) -> GameSpec:
+    """The static spec of every game of the sweep for one mechanism."""
+    return dataclasses.replace(spec_from_config(self.game, self.steps, self.delta), mechanism=mechanism)
+
 
 def make_grid(
-  seeds: Sequence[int], lams: Sequence[float], cost_ranges: Sequence[tuple[float, float]], dtype: Any = None
+  seeds: Sequence[int],
+  lams: Sequence[float],
+  cost_ranges: Sequence[tuple[float, float]],
+  eps_maxes: Sequence[float] = (GameConfig.eps_max,),
+  dtype: Any = None,
 ) -> SweepConfigs:
-  """The Cartesian product seeds x lams x cost_ranges as a flat SweepConfigs of G = product of sizes.
+  """The Cartesian product seeds x lams x cost_ranges x eps_maxes as a flat SweepConfigs.
 
   Raises:
-    ConfigError naming a bad seed, lam or cost range (the same rules as GameConfig).
+    ConfigError naming a bad seed, lam, cost range or eps_max (the same rules as GameConfig).
   """
   require(
-    len(seeds) and len(lams) and len(cost_ranges),
-    f"seeds={seeds!r}, lams={lams!r}, cost_ranges={cost_ranges!r}: expected non-empty lists",
+    len(seeds) and len(lams) and len(cost_ranges) and len(eps_maxes),
+    f"seeds={seeds!r}, lams={lams!r}, cost_ranges={cost_ranges!r}, eps_maxes={eps_maxes!r}: expected "
+    "non-empty lists",
   )
   for lam in lams:
     GameConfig(lam=lam)
   for low, high in cost_ranges:
     GameConfig(cost_low=low, cost_high=high)
+  for eps_max in eps_maxes:
+    check_positive("eps_max", eps_max)
   for seed in seeds:
     check_seed("seed", seed)
-  rows = list(itertools.product(seeds, lams, cost_ranges))
+  rows = list(itertools.product(seeds, lams, cost_ranges, eps_maxes))
   dtype = jnp.result_type(float) if dtype is None else dtype
   return SweepConfigs(
     seed=jnp.asarray([r[0] for r in rows], jnp.uint32),
     lam=jnp.asarray([r[1] for r in rows], dtype),
     cost_low=jnp.asarray([r[2][0] for r in rows], dtype),
     cost_high=jnp.asarray([r[2][1] for r in rows], dtype),
+    eps_max=jnp.asarray([r[3] for r in rows], dtype),
   )
 
 
-def draw_game(
-  key: chex.PRNGKey,
-  seed: chex.Array,
-  cost_low: chex.Array,
-  cost_high: chex.Array,
-  num_clients: int,
-  weight_spread: float,
-) -> tuple[chex.Array, chex.Array]:
-  """One game (costs [N], weights [N]) drawn from ``fold_in(key, seed)``.
+def draw_game(key: chex.PRNGKey, config: SweepConfigs, settings: SweepSettings) -> Game:
+  """The Game of one configuration (every field of ``config`` is []), drawn from ``fold_in(key, seed)``.
 
-  c_i = cost_low + (cost_high - cost_low) U_i, d_i = 1 + (weight_spread - 1) V_i, w = d / mean(d),
-  U, V ~ Uniform[0, 1)^N; the dtype is cost_low's.
+  c_i = cost_low + (cost_high - cost_low) U_i, d_i = 1 + (weight_spread - 1) V_i, U, V ~ Uniform[0, 1)^N,
+  n_i = mean_examples d_i / mean(d), w = n / mean(n), q_i = min(1, batch_size / n_i); eps_min is capped at
+  the configuration's eps_max. The dtype is cost_low's.
   """
-  cost_key, size_key = jax.random.split(jax.random.fold_in(key, seed))
-  dtype = jnp.result_type(cost_low)
-  costs = cost_low + (cost_high - cost_low) * jax.random.uniform(cost_key, (num_clients,), dtype)
-  sizes = 1.0 + (weight_spread - 1.0) * jax.random.uniform(size_key, (num_clients,), dtype)
-  return costs, sizes / jnp.mean(sizes)
+  cost_key, size_key = jax.random.split(jax.random.fold_in(key, config.seed))
+  dtype = jnp.result_type(config.cost_low)
+  n = settings.num_clients
+  costs = config.cost_low + (config.cost_high - config.cost_low) * jax.random.uniform(cost_key, (n,), dtype)
+  sizes = 1.0 + (settings.weight_spread - 1.0) * jax.random.uniform(size_key, (n,), dtype)
+  weights = sizes / jnp.mean(sizes)
+  scalar = lambda v: jnp.asarray(v, dtype)
+  return Game(
+    costs=costs,
+    weights=weights,
+    sampling_rates=jnp.minimum(1.0, settings.batch_size / (settings.mean_examples * weights)),
+    lam=config.lam,
+    eps_max=config.eps_max,
+    eps_min=jnp.minimum(scalar(settings.game.eps_min), config.eps_max),
+    data_epsilon=scalar(settings.game.data_epsilon),
+  )
 
 
-def mechanism_at_lam(
-  name: str, costs: chex.Array, weights: chex.Array, lam: chex.Numeric, game: GameConfig
-) -> Outcome:
-  """The Outcome of mechanism ``name`` at a traced lam: lam x (the mechanism at costs / lam, lam = 1).
-
-  Exact by the money homogeneity of every mechanism (module docstring); budgets and participants are
-  unscaled, every utility and payment is multiplied by lam.
-  """
-  unit = baselines.solve_mechanism(name, costs / lam, weights, dataclasses.replace(game, lam=1.0))
-  money = {f: lam * getattr(unit, f) for f in Outcome._fields if f not in ("budgets", "participants")}
-  return unit._replace(**money)
-
-
-def _summary(outcome: Outcome) -> SweepMetrics:
+def _summary(outcome) -> SweepMetrics:
   return SweepMetrics(**{f: getattr(outcome, f) for f in SweepMetrics._fields})
 
 
@@ -158,13 +168,8 @@ def evaluate_config(
   key: chex.PRNGKey, config: SweepConfigs, settings: SweepSettings
 ) -> dict[str, SweepMetrics]:
   """Every mechanism of ``settings`` on the game of one configuration (fields of ``config`` are [])."""
-  costs, weights = draw_game(
-    key, config.seed, config.cost_low, config.cost_high, settings.num_clients, settings.weight_spread
-  )
-  return {
-    name: _summary(mechanism_at_lam(name, costs, weights, config.lam, settings.game))
-    for name in settings.mechanisms
-  }
+  game = draw_game(key, config, settings)
+  return {name: _summary(baselines.solve(game, settings.spec(name))) for name in settings.mechanisms}
 
 
 def _sweep_local(key, configs, settings, chunk_size):
@@ -229,7 +234,8 @@ def game_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def sweep_table(configs: SweepConfigs, results: dict[str, SweepMetrics]) -> list[dict[str, Any]]:
-  """One row per (configuration, mechanism): the configuration values and the SweepMetrics fields."""
+  """One row per (configuration, mechanism): the configuration values, the mechanism and its label in
+  tables (no_incentive is a mandate) and the SweepMetrics fields."""
   config_columns = {f: np.asarray(v).tolist() for f, v in configs._asdict().items()}
   metric_columns = {
     name: {f: np.asarray(v).tolist() for f, v in metrics._asdict().items()}
@@ -239,6 +245,7 @@ def sweep_table(configs: SweepConfigs, results: dict[str, SweepMetrics]) -> list
     {
       **{f: column[g] for f, column in config_columns.items()},
       "mechanism": name,
+      "label": MECHANISM_LABELS[name],
       **{f: column[g] for f, column in columns.items()},
     }
     for g in range(len(config_columns["seed"]))

@@ -1,8 +1,9 @@
 """Gradient-based tuning of the server's pricing parameters (docs/model.md "The game", Stage I).
 
 The server's objective U_s(R, pi) = lam Q(eps*(R, pi)) - R (``leader.server_utility``) is differentiated
-through the follower equilibrium eps* by the implicit function theorem (``solver.share_equilibrium``) and,
-for the DP-aware quality, through the eps -> noise-variance surrogate (``accounting.noise_variance``).
+through the capped follower equilibrium eps* by the implicit function theorem
+(``solver.share_equilibrium``) and, for the 'dp' valuation, through the aggregate's noise variance
+(``valuation.quality``: the eps -> noise map and the aggregation weights).
 The parameters are log-parametrized, theta = (log R, log pi_g for each price group g), so R > 0 and
 pi > 0 without constraints, and are optimized by any optax transformation (Adam by default) in one
 ``lax.scan`` that records the trajectory. ``leader.solve_leader`` is the exact optimizer; this module is
@@ -19,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fcfn_jax.game.leader import LeaderProblem, QualityFn, _group_prices, payment_upper_bound, server_utility
-from fcfn_jax.game.solver import SolverOptions
+from fcfn_jax.game.leader import _group_prices, payment_upper_bound, server_utility
+from fcfn_jax.game.spec import Game, GameSpec
 from fcfn_jax.validate import check_int
 
 
@@ -55,60 +56,44 @@ def group_prices(params: PricingParams) -> chex.Array:
   return _group_prices(params.log_prices, jnp.arange(params.log_prices.shape[-1]))
 
 
-def pricing_objective(
-  params: PricingParams,
-  problem: LeaderProblem,
-  quality_fn: QualityFn,
-  groups: chex.Array,
-  options: SolverOptions = SolverOptions(),
-) -> chex.Array:
+def pricing_objective(params: PricingParams, game: Game, spec: GameSpec, groups: chex.Array) -> chex.Array:
   """U_s(exp(log R), pi) = lam Q(eps*) - R: [], client i paying price pi_{groups[i]} (groups: int [N])."""
-  return server_utility(
-    jnp.exp(params.log_payment), problem, quality_fn, _group_prices(params.log_prices, groups), options
-  )
+  return server_utility(jnp.exp(params.log_payment), game, spec, _group_prices(params.log_prices, groups))
 
 
 def hypergradient(
-  params: PricingParams,
-  problem: LeaderProblem,
-  quality_fn: QualityFn,
-  groups: chex.Array,
-  options: SolverOptions = SolverOptions(),
+  params: PricingParams, game: Game, spec: GameSpec, groups: chex.Array
 ) -> tuple[chex.Array, PricingParams]:
   """(U_s, d U_s / d theta) by the implicit function theorem on the follower equilibrium."""
-  return jax.value_and_grad(pricing_objective)(params, problem, quality_fn, groups, options)
+  return jax.value_and_grad(pricing_objective)(params, game, spec, groups)
 
 
-@functools.partial(jax.jit, static_argnames=("quality_fn", "optimizer", "num_steps", "safeguard", "options"))
+@functools.partial(jax.jit, static_argnames=("spec", "optimizer", "num_steps", "safeguard"))
 def tune_pricing(
   params: PricingParams,
-  problem: LeaderProblem,
-  quality_fn: QualityFn,
+  game: Game,
+  spec: GameSpec,
   groups: chex.Array,
   optimizer: optax.GradientTransformation,
   num_steps: int,
   safeguard: bool = False,
-  options: SolverOptions = SolverOptions(),
 ) -> tuple[PricingParams, TuningTrace]:
   """Maximizes U_s over theta = (log R, log pi) by ``optimizer`` for num_steps steps.
 
   With ``safeguard`` a step that lowers U_s (or makes it NaN) is rejected and the next proposal is the
   same update scaled by half (the scale doubles back, up to 1, after each accepted step), so the
-  trajectory never decreases. That matters for the DP quality: U_s jumps down where a client enters with
-  a tiny budget (its noise variance v(eps) -> inf as eps -> 0), and a plain first-order step that crosses
-  such an entry threshold lands on a much lower branch. On a smooth objective it slows the final
-  convergence (momentum overshoots of the optimum are rejected too), so leave it off there.
+  trajectory never decreases. That matters where U_s has kinks (a cap starts to bind, a client enters or
+  leaves) and a plain first-order step overshoots onto a lower branch. On a smooth objective it slows
+  the final convergence (momentum overshoots of the optimum are rejected too), so leave it off there.
 
   Args:
     params: the start theta_0 (e.g. :func:`initial_params`).
-    problem: one game (vmap over a stacked LeaderProblem for many).
-    quality_fn: Q(budgets, weights) -> []: ``leader.log_quality`` or a partial of ``leader.dp_quality``.
+    game: one game (vmap over a stacked Game for many). spec: static (valuation, aggregation, solver).
     groups: price group of each client, int [N] in [0, G).
     optimizer: an optax transformation (e.g. ``optax.adam``) applied to -dU_s/dtheta. Static: build it
       once and reuse it, or every call recompiles.
     num_steps: optimizer steps (static).
     safeguard: reject steps that lower U_s (static).
-    options: follower-equilibrium settings.
 
   Returns:
     (the best theta seen, the trajectory of the current iterate); the best is the argmax of
@@ -123,7 +108,7 @@ def tune_pricing(
     params, value, grad, state, scale = carry
     updates, new_state = optimizer.update(jax.tree.map(jnp.negative, grad), state, params)
     proposal = optax.apply_updates(params, optax.tree_utils.tree_scale(scale, updates))
-    new_value, new_grad = hypergradient(proposal, problem, quality_fn, groups, options)
+    new_value, new_grad = hypergradient(proposal, game, spec, groups)
     accept = (new_value >= value) | ~jnp.asarray(safeguard)
     carry = jax.tree.map(
       lambda new, old: jnp.where(accept, new, old),
@@ -133,7 +118,7 @@ def tune_pricing(
     scale = jnp.where(accept, jnp.minimum(2.0 * scale, 1.0), 0.5 * scale)
     return (*carry, scale), (carry[0], row(*carry[:3]))
 
-  value, grad = hypergradient(params, problem, quality_fn, groups, options)
+  value, grad = hypergradient(params, game, spec, groups)
   init = (params, value, grad, optimizer.init(params), jnp.ones((), value.dtype))
   _, (history, rows) = jax.lax.scan(step, init, length=num_steps)
   prepend = lambda first, rest: jnp.concatenate([first[None], rest])
@@ -144,17 +129,13 @@ def tune_pricing(
 
 
 def uniform_grid(
-  problem: LeaderProblem,
-  quality_fn: QualityFn,
-  num_points: int,
-  decades: float = 4.0,
-  options: SolverOptions = SolverOptions(),
+  game: Game, spec: GameSpec, num_points: int, decades: float = 4.0
 ) -> tuple[chex.Array, chex.Array]:
   """U_s on a log-grid of uniform-price payments R in [R_hi 10^-decades, R_hi]: (R [P], U_s [P]).
 
   R_hi = ``leader.payment_upper_bound``: the grid baseline the tuned prices are compared with.
   """
   check_int("num_points", num_points, minimum=2)
-  upper = payment_upper_bound(problem, quality_fn)
+  upper = payment_upper_bound(game, spec)
   payments = upper * jnp.logspace(-decades, 0.0, num_points, dtype=upper.dtype)
-  return payments, jax.vmap(lambda r: server_utility(r, problem, quality_fn, None, options))(payments)
+  return payments, jax.vmap(lambda r: server_utility(r, game, spec))(payments)
