@@ -106,8 +106,11 @@ def participants(exp: simulation.Experiment) -> np.ndarray:
 
 
 def aggregation_weights(exp: simulation.Experiment) -> np.ndarray:
-  """The round's per-client weights of ``exp``'s participants, as ``simulation.run`` passes them: [P]."""
-  return np.ones(participants(exp).shape, np.float32)
+  """The round's per-client weights of ``exp``'s participants, as ``simulation.run`` passes them: a_i / n_i
+  (``simulation.round_weights`` of the game's aggregation weights a_i), float32 [P]."""
+  rows = participants(exp)
+  n = np.asarray(exp.data.pool.num_examples, np.float64)[rows]
+  return np.asarray(simulation.round_weights(exp.aggregation_weights[rows], n), np.float32)
 
 
 def cohort(exp: simulation.Experiment, offset: int, size: int) -> Cohort:
@@ -247,6 +250,12 @@ def test_sets(splits: Sequence[data.Dataset], limit: int = 0) -> TestSets:
 def _check_compatible(experiments: Sequence[simulation.Experiment]) -> None:
   """Every experiment trains the same model with the same schedule and privacy settings."""
   first = experiments[0].cfg
+  require(
+    first.privacy.calibration == "exact" or not first.privacy.private,
+    f"calibration={first.privacy.calibration!r} is invalid for replicas: they train the host-calibrated "
+    "participants ('exact', as simulation.run does); the in-program calibrations solve the mechanism inside "
+    "the round",
+  )
   for exp in experiments[1:]:
     for name in ("model", "federated", "privacy"):
       require(
