@@ -15,9 +15,13 @@ replicas: ``lax.map`` over batches of ``group`` replicas, each batch a ``vmap``,
 fit the backend's working-memory budget (``federated.chunk_clients``). The replica axis is a plain leading
 axis of every input, so it can be split over processes.
 
-A replica equals ``simulation.run`` of the same config (seed, mechanism, draw) to float rounding: same
-initial model (fold_in of the seed), same per-client keys (fold_in(fold_in(key, t), position among the
-participants)), same noise multipliers and weights; only the order of the float sums differs.
+A replica equals ``simulation.run`` of the same config (seed, mechanism, draw) to float rounding when the
+noise is calibrated host-side (``calibration='exact'``, or a non-private run): same initial model (fold_in
+of the seed), same per-client keys (fold_in(fold_in(key, t), position among the participants)), same noise
+multipliers and weights; only the order of the float sums differs. With 'traced' or 'surrogate' a replica
+trains the z_i that ``simulation.prepare`` computes on the host with the same map (float64) that
+``simulation.run`` evaluates inside its round (float32), over the participants only, so it is the same
+experiment but not the same random stream (``simulation.run`` keys its clients by pool row there).
 """
 
 from __future__ import annotations
@@ -250,12 +254,6 @@ def test_sets(splits: Sequence[data.Dataset], limit: int = 0) -> TestSets:
 def _check_compatible(experiments: Sequence[simulation.Experiment]) -> None:
   """Every experiment trains the same model with the same schedule and privacy settings."""
   first = experiments[0].cfg
-  require(
-    first.privacy.calibration == "exact" or not first.privacy.private,
-    f"calibration={first.privacy.calibration!r} is invalid for replicas: they train the host-calibrated "
-    "participants ('exact', as simulation.run does); the in-program calibrations solve the mechanism inside "
-    "the round",
-  )
   for exp in experiments[1:]:
     for name in ("model", "federated", "privacy"):
       require(
@@ -296,6 +294,7 @@ def run(
   eval_examples: int = 0,
   cohort_size: int = 0,
   progress: bool = True,
+  account: bool = True,
 ) -> Runs:
   """Trains every replica, grouped by cohort size, each group as one jitted program per round.
 
@@ -308,6 +307,9 @@ def run(
     cohort_size: 0 = group the replicas by :func:`cohort_sizes` (a few programs, little padding); K > 0 =
       one program, every replica padded to K (at least the largest participant count).
     progress: show a progress bar over rounds.
+    account: compute each client's spent epsilon with dp-accounting (``simulation.privacy_spent``: the
+      client records and max_epsilon_spent); False skips it (seconds per client at scale): no client
+      records, max_epsilon_spent NaN. The budgets sold are certified by the calibration either way.
 
   Returns:
     Runs (rows in ``replicas`` order).
@@ -375,6 +377,9 @@ def run(
   clients, spent = [], {}
   for e in sorted({r.experiment for r in replicas}):  # once per (seed, mechanism): the draws share it
     exp = experiments[e]
+    if not account:
+      spent[e] = np.full(exp.costs.shape, np.nan)
+      continue
     steps_done = np.where(np.isfinite(exp.noise_multipliers), rounds * local_steps, 0)
     spent[e] = simulation.privacy_spent(exp, steps_done)
     clients += [{"seed": exp.cfg.seed, **row} for row in simulation.client_rows(exp, steps_done, spent[e])]
