@@ -2,11 +2,11 @@
 program, with 95% confidence intervals and paired differences; the N-scaling table.
 
 --preset=quick is a smoke run of every code path (< 60 s on a 2-core CPU); --preset=paper is the full
-protocol (fcfn_jax/study.py: presets). --settings picks some of a preset's settings; --seeds / --draws
-override their counts. Outputs in --out (written whole at the end), per setting <name>_*: accuracy.*,
-redundant_loss.*, vs_stackelberg.*, vs_social_optimum.*, game.*, game_vs_stackelberg.*, curves.csv,
-summary.csv, history.csv, accuracy_per_round.png, utilities.png, redundant_loss.png; and scaling.* with
-gap_vs_clients.png when the preset has a scaling group; timings.*; manifest.json. Examples:
+protocol (fcfn_jax/study.py: presets). --settings picks some of a preset's settings; --seeds, --draws and
+--rounds override their counts. Outputs in --out (written whole at the end), per setting <name>_*:
+accuracy.*, redundant_loss.*, vs_stackelberg.*, vs_social_optimum.*, game.*, game_vs_stackelberg.*,
+curves.csv, summary.csv, history.csv, accuracy_per_round.png, utilities.png, redundant_loss.png;
+and scaling.* with gap_vs_clients.png when the preset has a scaling group; timings.*; manifest.json. Examples:
 
   python scripts/study.py --preset=quick --out=results/study_quick
   python scripts/study.py --preset=paper --settings=femnist_logreg --data_dir=../shared/data
@@ -32,6 +32,7 @@ SETTINGS = sim_flags.define_list(
 )
 SEEDS = flags.DEFINE_integer("seeds", 0, "Seeds per setting (0 = the preset's).")
 DRAWS = flags.DEFINE_integer("draws", 0, "Training-noise draws per seed (0 = the preset's).")
+ROUNDS = flags.DEFINE_integer("rounds", 0, "Federated rounds per run (0 = the preset's).")
 DATA_DIR = flags.DEFINE_string(
   "data_dir", "../shared/data", "Folder of the offline .npz data (FEMNIST-62, CIFAR-10)."
 )
@@ -81,8 +82,12 @@ def _write(out: report.ResultsFolder, result: st.Result) -> list[dict]:
 def main(argv):
   del argv
   run = sim_flags.run_config(RUN)
-  settings = st.preset(PRESET.value, DATA_DIR.value, SETTINGS.value, seeds=SEEDS.value, draws=DRAWS.value)
-  header = f"preset {PRESET.value}: " + "; ".join(f"{s.name} ({s.seeds}x{s.draws})" for s in settings)
+  settings = st.preset(
+    PRESET.value, DATA_DIR.value, SETTINGS.value, seeds=SEEDS.value, draws=DRAWS.value, rounds=ROUNDS.value
+  )
+  header = f"preset {PRESET.value}: " + "; ".join(
+    f"{s.name} ({s.seeds} seeds x {s.draws} draws, {s.cfg.federated.rounds} rounds)" for s in settings
+  )
   with sim_flags.results(
     run, header, {"preset": PRESET.value, "settings": [s.name for s in settings]}
   ) as out:
