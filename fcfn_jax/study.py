@@ -19,7 +19,9 @@ over the seeds, comparisons are paired by seed):
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -368,6 +370,37 @@ def gap_vs_clients(results: Sequence[Result]) -> list[Row]:
         }
       )
   return rows
+
+
+def summary_rows(result: Result) -> list[Row]:
+  """One row per replica and one per ceiling run (mechanism = CEILING): what ``<name>_summary.csv`` holds
+  and :func:`load_result` reads back."""
+  return result.summary + [dict(r, mechanism=CEILING) for r in result.ceiling]
+
+
+def _cell(text: str) -> Any:
+  """A CSV cell back as int, float or str."""
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def load_result(folder: str | os.PathLike[str], setting: Setting) -> Result:
+  """The Result of an earlier run of ``setting`` from its output folder (``<name>_summary.csv``, the
+  clients' sizes from ``<name>_accuracy.json``), e.g. to build a group's table from settings that ran in
+  separate processes. History and timings are not reloaded (empty)."""
+  path = os.path.join(folder, f"{setting.name}_summary.csv")
+  require(os.path.isfile(path), f"{path} is missing: expected an output folder of setting {setting.name!r}")
+  with open(path, newline="") as f:
+    rows = [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+  with open(os.path.join(folder, f"{setting.name}_accuracy.json")) as f:
+    clients = json.load(f)["clients"]
+  summary = [r for r in rows if r["mechanism"] != CEILING]
+  ceiling = [dict(r, mechanism="no_incentive") for r in rows if r["mechanism"] == CEILING]
+  return Result(setting, summary, [], ceiling, [], clients, [])
 
 
 def groups(results: Sequence[Result]) -> dict[str, list[Result]]:

@@ -19,7 +19,7 @@ import dataclasses
 from absl import flags
 
 from fcfn_jax import config as fc
-from fcfn_jax import plotting, report
+from fcfn_jax import plotting, report, validate
 from fcfn_jax import study as st
 from fcfn_jax.game import outcome
 
@@ -35,6 +35,13 @@ DRAWS = flags.DEFINE_integer("draws", 0, "Training-noise draws per seed (0 = the
 ROUNDS = flags.DEFINE_integer("rounds", 0, "Federated rounds per run (0 = the preset's).")
 DATA_DIR = flags.DEFINE_string(
   "data_dir", "../shared/data", "Folder of the offline .npz data (FEMNIST-62, CIFAR-10)."
+)
+COMBINE = sim_flags.define_list(
+  "combine",
+  ["none"],
+  lambda name, text: text,
+  "Output folders of earlier runs, one per setting of --settings in order: build the group tables "
+  "(scaling) from their summaries instead of training (none = train).",
 )
 sim_flags.FLAGS.set_default("out", "results/study")
 
@@ -62,7 +69,7 @@ def _write(out: report.ResultsFolder, result: st.Result) -> list[dict]:
     out.table(f"{name}_{table}", rows, meta=meta, note=note)
   curves = st.curves(result)
   out.csv(f"{name}_curves", curves)
-  out.csv(f"{name}_summary", result.summary + [dict(r, mechanism=st.CEILING) for r in result.ceiling])
+  out.csv(f"{name}_summary", st.summary_rows(result))
   out.csv(f"{name}_history", result.history)
   plotting.accuracy_bands(curves, out.file(f"{name}_accuracy_per_round.png"), name)
   plotting.interval_bars(tables["game"], plotting.UTILITIES, out.file(f"{name}_utilities.png"), name)
@@ -92,7 +99,14 @@ def main(argv):
     run, header, {"preset": PRESET.value, "settings": [s.name for s in settings]}
   ) as out:
     results, timings = [], []
-    for setting in settings:
+    if COMBINE.value != ["none"]:
+      validate.require(
+        len(COMBINE.value) == len(settings),
+        f"combine={COMBINE.value} is invalid: expected one folder per setting of "
+        f"{[s.name for s in settings]}",
+      )
+      results = [st.load_result(folder, s) for folder, s in zip(COMBINE.value, settings)]
+    for setting in settings if not results else ():
       result = st.run_setting(setting, progress=run.progress)
       timings += _write(out, result)
       results.append(result)
@@ -101,7 +115,8 @@ def main(argv):
       out.table(group, rows, note=_note(members[0].setting))
       plotting.gap_vs_clients(rows, out.file(f"{group}_gap_vs_clients.png"))
       print(f"\n== {group} ==\n{report.format_table(rows)}")
-    out.table("timings", timings)
+    if timings:
+      out.table("timings", timings)
   print(f"\nwrote {run.out}/")
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fcfn_jax import config as fc
-from fcfn_jax import stats, validate
+from fcfn_jax import report, stats, validate
 from fcfn_jax import study as st
 
 from . import cli
@@ -88,6 +88,16 @@ def test_curves_and_the_scaling_table(result):
   rows = st.gap_vs_clients([other, other])
   assert len(rows) == 2 * (len(MECHS) - 1) and {r["clients"] for r in rows} == {6}
   assert list(st.groups([result, other])) == ["scaling"]
+
+
+def test_a_result_reloads_from_its_summary(result, tmp_path):
+  report.write_csv_atomic(tmp_path / "tiny_summary.csv", st.summary_rows(result))
+  report.write_json_atomic(tmp_path / "tiny_accuracy.json", {"clients": result.clients, "rows": []})
+  loaded = st.load_result(tmp_path, result.setting)
+  assert st.redundant_loss_table(loaded) == st.redundant_loss_table(result)
+  assert st.accuracy_table(loaded) == st.accuracy_table(result)
+  with pytest.raises(validate.ConfigError, match="missing"):
+    st.load_result(tmp_path / "nowhere", result.setting)
 
 
 def test_settings_and_presets_are_validated():
