@@ -94,18 +94,18 @@ def measure(model: str, count: int, fed_data: data.FederatedData) -> dict:
 def main(argv: Sequence[str]) -> None:
   del argv
   fed_data = data.load_federated(_config("logreg").data)
-  rows = []
-  for model in FLAGS.models:
-    for count in (int(r) for r in FLAGS.replicas):
-      rows.append(measure(model, count, fed_data))
-      print(report.format_table(rows[-1:]), flush=True)
   meta = {
     **machine(),
     "what": "median wall time of R sequential simulation.run calls (each prepares and trains one draw) vs "
     "one prepare + replicas.run of the R draws (one program per round); both compiled first",
     **{k: FLAGS[k].value for k in ("clients", "rounds", "local_steps", "repeats")},
   }
-  write_tables(FLAGS.out, "bench_replicas", {"replicas": rows}, meta)
+  rows = []
+  for model in FLAGS.models:
+    for count in (int(r) for r in FLAGS.replicas):
+      rows.append(measure(model, count, fed_data))
+      # Written after every row: a long CNN row cut short keeps the rows before it.
+      write_tables(FLAGS.out, "bench_replicas", {"replicas": rows}, meta)
 
 
 if __name__ == "__main__":
