@@ -193,7 +193,7 @@ def main(argv: Sequence[str]) -> None:
     "memory": "peak_rss_mb = the subprocess's RSS high-water mark (ru_maxrss; includes the host "
     "copy of the pool and the Python/JAX runtime); xla_temp_mb / xla_argument_mb = the "
     "compiled round's memory_analysis(); xla_temp_unchunked_mb = the same for "
-    "chunk_size=0 (one vmap over all clients), compiled only",
+    "chunk_size = clients (one vmap over all clients), compiled only",
   }
   write_tables(FLAGS.out, "bench_scaling", {"scaling": rows}, meta)
 
