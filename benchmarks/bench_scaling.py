@@ -6,7 +6,8 @@ RSS high-water mark, ``ru_maxrss``) is its own; next to it is XLA's compiled mem
 same round would need as ONE vmap over all clients (compiled, not run). Clients come from resampling a
 train split (``common.resampled_pool``: the embedded FEMNIST digits, or --dataset=cifar10 from
 --data_path), every client with --capacity examples. Rounds run in chunks of --chunk_sizes clients so the
-working memory stays bounded. A size whose round is estimated (linearly from the previous size) to take
+working memory stays bounded (auto: the chunk ``federated.chunk_clients`` picks, shown in column chunk). A
+size whose round is estimated (linearly from the previous size) to take
 longer than --max_round_s is skipped and listed as such.
 
 Example:
@@ -14,6 +15,8 @@ Example:
   python benchmarks/bench_scaling.py --clients=10,100,1000,10000 --models=logreg,cnn
   python benchmarks/bench_scaling.py --dataset=cifar10 --data_path=../shared/data --models=cnn \
       --chunk_sizes=64
+  python benchmarks/bench_scaling.py --models=logreg,logreg,logreg,cnn,cnn,cnn \
+      --chunk_sizes=auto,32,1000,auto,1,16 --clients=1000   # automatic vs fixed chunks
 """
 
 from __future__ import annotations
@@ -41,7 +44,12 @@ MODELS = ("logreg", "cnn")
 
 flags.DEFINE_list("models", list(MODELS), f"Models, from {list(MODELS)}.")
 flags.DEFINE_list("clients", ["10", "100", "1000", "10000"], "Client counts.")
-flags.DEFINE_list("chunk_sizes", ["32", "1"], "Chunk size per model (same order as --models).")
+flags.DEFINE_list(
+  "chunk_sizes",
+  ["32", "1"],
+  "Chunk size per model (same order as --models; a model may repeat): a number, or auto = chunk_size 0, "
+  "the chunk federated.chunk_clients picks from the backend's memory budget (the row shows it).",
+)
 flags.DEFINE_integer("local_steps", 5, "Local DP-SGD steps per client.")
 flags.DEFINE_integer("batch_size", 32, "Local batch size.")
 flags.DEFINE_integer("capacity", 64, "Examples per client.")
@@ -81,10 +89,11 @@ def measure_one(model_name: str, clients: int, chunk: int, repeats: int) -> dict
   shape = tuple(pool.x.shape[2:])
   model = models.CNN(classes) if model_name == "cnn" else models.LogisticRegression(classes)
   fed = FederatedConfig(local_steps=FLAGS.local_steps, batch_size=FLAGS.batch_size, chunk_size=chunk)
+  privacy = PrivacyConfig(sampling=FLAGS.sampling)
   state = federated.init_server_state(models.init_params(model, jax.random.key(0), shape), fed)
-  round_fn = functools.partial(
-    federated.federated_round, apply_fn=model.apply, fed=fed, privacy=PrivacyConfig(sampling=FLAGS.sampling)
-  )
+  round_fn = functools.partial(federated.federated_round, apply_fn=model.apply, fed=fed, privacy=privacy)
+  row = jax.ShapeDtypeStruct(pool.x.shape[1:], pool.x.dtype)
+  chosen = federated.chunk_clients(fed, privacy, model.apply, state.params, row, clients)
   args = (state, pool, jnp.full(clients, NOISE_MULTIPLIER), jnp.ones(clients), jax.random.key(1))
   with report.Timer() as t:
     compiled = jax.jit(round_fn).lower(*args).compile()
@@ -98,13 +107,14 @@ def measure_one(model_name: str, clients: int, chunk: int, repeats: int) -> dict
     times.append(t.elapsed)
   median = float(np.median(times))
   # What one vmap over all clients would need (compiled only, never run: for the CNN it would not fit).
-  unchunked = jax.jit(functools.partial(round_fn, fed=dataclasses.replace(fed, chunk_size=0)))
+  unchunked = jax.jit(functools.partial(round_fn, fed=dataclasses.replace(fed, chunk_size=clients)))
   unchunked_temp = unchunked.lower(*args).compile().memory_analysis().temp_size_in_bytes
   return {
     "model": model_name,
     "dataset": FLAGS.dataset,
     "clients": clients,
-    "chunk_size": chunk,
+    "chunk_size": "auto" if chunk == 0 else chunk,
+    "chunk": chosen,
     "compile_s": compile_s,
     "round_s": median,
     "ms_per_client": 1e3 * median / clients,
@@ -160,6 +170,9 @@ def main(argv: Sequence[str]) -> None:
   for name in FLAGS.models:
     if name not in MODELS:
       raise app.UsageError(f"--models has {name!r}: expected a comma list from {list(MODELS)}")
+  for chunk in FLAGS.chunk_sizes:
+    if chunk != "auto" and not (chunk.isdigit() and int(chunk) >= 1):
+      raise app.UsageError(f"--chunk_sizes has {chunk!r}: expected auto or an integer >= 1")
   if len(FLAGS.chunk_sizes) != len(FLAGS.models):
     raise app.UsageError(f"--chunk_sizes={FLAGS.chunk_sizes} needs one entry per model of {FLAGS.models}")
   if FLAGS.dataset == "cifar10" and not FLAGS.data_path:
@@ -169,7 +182,7 @@ def main(argv: Sequence[str]) -> None:
   sizes = sorted(int(c) for c in FLAGS.clients)
   rows = []
   for name, chunk in zip(FLAGS.models, FLAGS.chunk_sizes):
-    rows += run_sizes(name, int(chunk), sizes)
+    rows += run_sizes(name, 0 if chunk == "auto" else int(chunk), sizes)
   meta = {
     **machine(),
     "dataset": FLAGS.dataset,
@@ -180,7 +193,7 @@ def main(argv: Sequence[str]) -> None:
     "memory": "peak_rss_mb = the subprocess's RSS high-water mark (ru_maxrss; includes the host "
     "copy of the pool and the Python/JAX runtime); xla_temp_mb / xla_argument_mb = the "
     "compiled round's memory_analysis(); xla_temp_unchunked_mb = the same for "
-    "chunk_size=0 (one vmap over all clients), compiled only",
+    "chunk_size = clients (one vmap over all clients), compiled only",
   }
   write_tables(FLAGS.out, "bench_scaling", {"scaling": rows}, meta)
 

@@ -177,7 +177,9 @@ class FederatedConfig:
     client_lr: client SGD learning rate.
     server_lr: server learning rate on the FedAvg pseudo-gradient.
     server_optimizer: the server's optax optimizer.
-    chunk_size: clients per vmapped chunk (0 = all at once); bounds memory.
+    chunk_size: clients per vmapped chunk; bounds memory. 0 = automatic: the most clients whose working
+      memory fits the backend's budget (CPU: 16 MiB, the cache-sized chunk that is fastest there; GPU/TPU: a
+      quarter of the device memory); a value >= the number of clients runs them all at once.
   """
 
   rounds: int = 10
@@ -262,6 +264,8 @@ class SimulationConfig:
 
   Attributes:
     seed: seed of everything (costs, model init, sampling, noise).
+    draw: training-noise draw: the rounds' sampling and DP noise use the key fold_in(training key, draw),
+      while the costs, the partition and the initial model stay those of seed (replicas of one seed).
     checkpoint_dir: folder of the run's checkpoints (None = no checkpoints).
     checkpoint_every: checkpoint every K rounds (0 = only the last round); needs a checkpoint folder.
   """
@@ -272,6 +276,7 @@ class SimulationConfig:
   federated: FederatedConfig = dataclasses.field(default_factory=FederatedConfig)
   game: GameConfig = dataclasses.field(default_factory=GameConfig)
   seed: int = 0
+  draw: int = 0
   checkpoint_dir: str | None = None
   checkpoint_every: int = 0
 
@@ -288,6 +293,7 @@ class SimulationConfig:
         f"{name}={getattr(self, name)!r} is invalid: expected a {cls.__name__}",
       )
     check_seed("seed", self.seed)
+    check_seed("draw", self.draw)
     check_path("checkpoint_dir", self.checkpoint_dir)
     check_int("checkpoint_every", self.checkpoint_every, minimum=0)
     require(

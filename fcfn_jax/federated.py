@@ -14,6 +14,7 @@ fold_in(fold_in(key, t), i).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -215,19 +216,27 @@ def client_update(
   )
 
 
-def _check_round_inputs(pool: ClientPool, noise_multipliers: chex.Array, weights: chex.Array) -> None:
-  """Shape checks at trace time: every per-client array has the pool's leading [clients] axis."""
-  clients = pool.y.shape[0]
+def _check_round_inputs(
+  pool: ClientPool, noise_multipliers: chex.Array, weights: chex.Array, rows: chex.Array | None
+) -> None:
+  """Shape checks at trace time: every per-client array has the round's leading [clients] axis (the
+  pool's, or that of ``rows`` when the round's clients are rows of a shared pool)."""
   require(
     pool.y.ndim == 2 and pool.x.shape[:2] == pool.y.shape,
     f"pool.x {pool.x.shape} / pool.y {pool.y.shape} are invalid: expected [clients, capacity, H, W, C]"
     " and [clients, capacity]",
   )
-  for name, arr in (
-    ("pool.num_examples", pool.num_examples),
-    ("noise_multipliers", noise_multipliers),
-    ("weights", weights),
-  ):
+  require(
+    jnp.shape(pool.num_examples) == pool.y.shape[:1],
+    f"pool.num_examples has shape {jnp.shape(pool.num_examples)}: expected [{pool.y.shape[0]}]",
+  )
+  if rows is not None:
+    require(
+      jnp.ndim(rows) == 1 and jnp.issubdtype(jnp.result_type(rows), jnp.integer),
+      f"rows has shape {jnp.shape(rows)} and dtype {jnp.result_type(rows)}: expected int [clients]",
+    )
+  clients = pool.y.shape[0] if rows is None else jnp.shape(rows)[0]
+  for name, arr in (("noise_multipliers", noise_multipliers), ("weights", weights)):
     require(jnp.shape(arr) == (clients,), f"{name} has shape {jnp.shape(arr)}: expected [{clients}]")
 
 
@@ -244,6 +253,83 @@ class _Totals(NamedTuple):
   participants: chex.Array
 
 
+# Working memory one chunk of clients may take (README "Speed and scale", benchmarks/README.md "chunks").
+# On CPU a round is fastest when a chunk's working set stays cache-sized: the best fixed chunks measured
+# (the CNN: 1 client, ~16 MiB; logistic regression: ~32 clients) both sit near 16 MiB. On an accelerator
+# the chunk is bounded by a share of the device's memory instead (what is left holds the pool and params).
+CPU_CHUNK_BYTES = 16 * 2**20
+DEVICE_MEMORY_SHARE = 0.25
+_DEFAULT_DEVICE_BYTES = 16 * 2**30  # when the backend reports no memory limit
+
+
+def chunk_budget(backend: str | None = None) -> int:
+  """Bytes of working memory one chunk of clients may take on ``backend`` (default: jax's)."""
+  backend = backend or jax.default_backend()
+  if backend == "cpu":
+    return CPU_CHUNK_BYTES
+  stats = jax.devices(backend)[0].memory_stats() or {}
+  return int(DEVICE_MEMORY_SHARE * stats.get("bytes_limit", _DEFAULT_DEVICE_BYTES))
+
+
+@functools.cache
+def _client_bytes(apply_fn: ApplyFn, params: tuple, row: tuple, fed: FederatedConfig, privacy: PrivacyConfig):
+  structs = lambda leaves: [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves]
+  treedef, leaves = params
+  (capacity, *shape), dtype = row
+  update = functools.partial(client_update, apply_fn=apply_fn, fed=fed, privacy=privacy)
+  compiled = (
+    jax.jit(update)
+    .lower(
+      jax.tree.unflatten(treedef, structs(leaves)),
+      jax.ShapeDtypeStruct((capacity, *shape), dtype),
+      jax.ShapeDtypeStruct((capacity,), jnp.int32),
+      jax.ShapeDtypeStruct((), jnp.int32),
+      jax.ShapeDtypeStruct((), jnp.float32),
+      jax.random.key(0),
+    )
+    .compile()
+  )
+  memory = compiled.memory_analysis()
+  return int(memory.temp_size_in_bytes + memory.output_size_in_bytes)
+
+
+def client_bytes(
+  apply_fn: ApplyFn,
+  params: chex.ArrayTree,
+  row: jax.ShapeDtypeStruct,
+  fed: FederatedConfig,
+  privacy: PrivacyConfig,
+) -> int:
+  """XLA's working memory of ONE client's :func:`client_update` (temp + output buffers), in bytes.
+
+  Compiled once per (model, shapes, configs) from shapes alone (params may be tracers); ``row`` is the
+  shape and dtype of one client's x, [capacity, H, W, C].
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  signature = (treedef, tuple((tuple(leaf.shape), jnp.result_type(leaf)) for leaf in leaves))
+  fed = dataclasses.replace(fed, chunk_size=1)  # irrelevant to one client; one cache entry per round
+  return _client_bytes(apply_fn, signature, (tuple(row.shape), row.dtype), fed, privacy)
+
+
+def chunk_clients(
+  fed: FederatedConfig,
+  privacy: PrivacyConfig,
+  apply_fn: ApplyFn,
+  params: chex.ArrayTree,
+  row: jax.ShapeDtypeStruct,
+  clients: int,
+  replicas: int = 1,
+  backend: str | None = None,
+) -> int:
+  """Clients per vmapped chunk of a round over ``clients`` clients: ``fed.chunk_size`` when it is set,
+  else (0 = automatic) the most whose working memory, ``replicas`` rounds side by side, fits the backend's
+  budget: clamp(floor(chunk_budget / (replicas x client_bytes)), 1, clients) (docs/model.md "Scale")."""
+  if fed.chunk_size:
+    return min(fed.chunk_size, clients)
+  per_client = client_bytes(apply_fn, params, row, fed, privacy) * replicas
+  return int(min(max(chunk_budget(backend) // max(per_client, 1), 1), clients))
+
+
 def _client_totals(
   params: chex.ArrayTree,
   pool: ClientPool,
@@ -251,44 +337,48 @@ def _client_totals(
   weights: chex.Array,
   round_key: chex.PRNGKey,
   first_id: chex.Array,
+  rows: chex.Array | None = None,
   *,
   apply_fn: ApplyFn,
   fed: FederatedConfig,
   privacy: PrivacyConfig,
 ) -> _Totals:
-  """_Totals of the clients of ``pool`` (global ids first_id + [0, clients)): the one vmap over clients.
+  """_Totals of the round's clients (global ids first_id + [0, clients)): the one vmap over clients.
 
-  Chunks of ``fed.chunk_size`` clients (0 = all at once) run under a scan that accumulates the totals, so
-  memory holds one chunk of deltas at a time; the last chunk is filled with weight-0 copies of the last
-  client.
+  Client j is pool row ``rows[j]`` (rows: int [clients]), or row j when rows is None: a round over a
+  cohort of a shared pool (e.g. one replica of :mod:`fcfn_jax.replicas`) indexes it without a copy.
+  Chunks of :func:`chunk_clients` clients run under a scan that accumulates the totals, so memory holds
+  one chunk of deltas at a time; the last chunk is filled with weight-0 copies of the last client.
   """
-  clients = pool.y.shape[0]
-  chunk = clients if fed.chunk_size == 0 else min(fed.chunk_size, clients)
+  clients = noise_multipliers.shape[0]
+  row_shape = jax.ShapeDtypeStruct(pool.x.shape[1:], pool.x.dtype)
+  chunk = chunk_clients(fed, privacy, apply_fn, params, row_shape, clients)
   num_chunks = -(-clients // chunk)
   num_examples = jnp.asarray(pool.num_examples, jnp.int32)
 
-  def one_client(row):
-    i = jnp.minimum(row, clients - 1)
+  def one_client(position):
+    i = jnp.minimum(position, clients - 1)
+    row = i if rows is None else rows[i]
     z = noise_multipliers[i]
     result = client_update(
       params,
-      pool.x[i],
-      pool.y[i],
-      num_examples[i],
+      pool.x[row],
+      pool.y[row],
+      num_examples[row],
       z,
-      jax.random.fold_in(round_key, first_id + row),
+      jax.random.fold_in(round_key, first_id + position),
       apply_fn=apply_fn,
       fed=fed,
       privacy=privacy,
     )
-    real = (row < clients) & jnp.isfinite(z)
-    return result, jnp.where(real, weights[i] * num_examples[i], 0.0).astype(jnp.float32)
+    real = (position < clients) & jnp.isfinite(z)
+    return result, jnp.where(real, weights[i] * num_examples[row], 0.0).astype(jnp.float32)
 
-  def run_chunk(totals, rows):
+  def run_chunk(totals, positions):
     if chunk == 1:  # A size-1 vmap makes every matmul a batched one, ~20% slower on XLA:CPU.
-      results, agg_weights = jax.tree.map(lambda a: a[None], one_client(rows[0]))
+      results, agg_weights = jax.tree.map(lambda a: a[None], one_client(positions[0]))
     else:
-      results, agg_weights = jax.vmap(one_client)(rows)
+      results, agg_weights = jax.vmap(one_client)(positions)
     joined = agg_weights > 0
     # where() rather than a bare product: a non-participant's delta must not leak NaN or inf.
     delta_sum = jax.tree.map(
@@ -307,8 +397,8 @@ def _client_totals(
     return jax.tree.map(jnp.add, totals, chunk_totals), None
 
   zeros = _Totals(jax.tree.map(jnp.zeros_like, params), *(jnp.zeros(()),) * 4)
-  rows = jnp.arange(num_chunks * chunk).reshape(num_chunks, chunk)
-  return jax.lax.scan(run_chunk, zeros, rows)[0]
+  positions = jnp.arange(num_chunks * chunk).reshape(num_chunks, chunk)
+  return jax.lax.scan(run_chunk, zeros, positions)[0]
 
 
 def client_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
@@ -416,19 +506,21 @@ def federated_round(
   noise_multipliers: chex.Array,
   weights: chex.Array,
   key: chex.PRNGKey,
+  rows: chex.Array | None = None,
   *,
   apply_fn: ApplyFn,
   fed: FederatedConfig,
   privacy: PrivacyConfig,
   mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[ServerState, RoundMetrics]:
-  """One FedAvg round over all clients of ``pool`` (the only vmap over clients), jitted once.
+  """One FedAvg round over all clients of ``pool``, or over its rows ``rows`` (the only vmap over
+  clients), jitted once.
 
-  Clients run in chunks of ``fed.chunk_size`` (0 = all at once) under a scan that accumulates the
-  weighted delta sum (see :func:`_client_totals`). With ``mesh``, the client axis is split over the mesh's
-  devices and their partial sums meet in one psum. A round with no participant leaves params and optimizer
-  state unchanged. The result does not depend on chunking or sharding beyond float rounding: client i
-  always uses the key fold_in(fold_in(key, t), i).
+  Clients run in chunks of ``fed.chunk_size`` (0 = automatic: :func:`chunk_clients`) under a scan that
+  accumulates the weighted delta sum (see :func:`_client_totals`). With ``mesh``, the client axis is split
+  over the mesh's devices and their partial sums meet in one psum. A round with no participant leaves
+  params and optimizer state unchanged. The result does not depend on chunking or sharding beyond float
+  rounding: client i always uses the key fold_in(fold_in(key, t), i).
 
   Args:
     state: server state at round t. pool: ClientPool with x uint8 [clients, capacity, H, W, C] (put it on
@@ -436,20 +528,23 @@ def federated_round(
       client_sharding(mesh))``; otherwise every round copies it from the host).
     noise_multipliers: float [clients] z_i (inf = sits out). weights: float [clients] participation
       weights >= 0 (0 = sits out). key: the run's key; round t uses fold_in(key, t).
+    rows: int [clients] the pool row of each of the round's clients (a cohort of a shared pool, e.g. a
+      replica's participants; padding members have z = inf), or None: client i is pool row i.
     apply_fn, fed, privacy: static (hashable) model apply function and configs.
-    mesh: static ``jax.sharding.Mesh`` to split the clients over, or None (one device). It may span
-      processes (docs/model.md "Multi-host"): then give the pool as global arrays built by
+    mesh: static ``jax.sharding.Mesh`` to split the clients over, or None (one device; needed by rows).
+      It may span processes (docs/model.md "Multi-host"): then give the pool as global arrays built by
       :func:`shard_clients` over :func:`client_mesh` (each process loads only its own clients) and z,
       weights padded to match (:func:`pad_sit_outs`); the state comes back replicated in every process.
 
   Returns:
     (state at round t + 1, RoundMetrics).
   """
-  _check_round_inputs(pool, noise_multipliers, weights)
+  _check_round_inputs(pool, noise_multipliers, weights, rows)
+  require(rows is None or mesh is None, "rows= is invalid with mesh=: a sharded round splits the pool itself")
   round_key = jax.random.fold_in(key, state.round)
   static = dict(apply_fn=apply_fn, fed=fed, privacy=privacy)
   if mesh is None:
-    totals = _client_totals(state.params, pool, noise_multipliers, weights, round_key, 0, **static)
+    totals = _client_totals(state.params, pool, noise_multipliers, weights, round_key, 0, rows, **static)
   else:
     totals = _sharded_totals(state.params, pool, noise_multipliers, weights, round_key, mesh, **static)
 
@@ -471,14 +566,19 @@ def federated_round(
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
 def _evaluate(
-  params: chex.ArrayTree, x: chex.Array, y: chex.Array, *, apply_fn: ApplyFn, batch_size: int
+  params: chex.ArrayTree,
+  x: chex.Array,
+  y: chex.Array,
+  count: chex.Array,
+  *,
+  apply_fn: ApplyFn,
+  batch_size: int,
 ) -> tuple[chex.Array, chex.Array]:
-  n = x.shape[0]
-  num_batches = -(-n // batch_size)
-  pad = num_batches * batch_size - n
+  num_batches = -(-x.shape[0] // batch_size)
+  pad = num_batches * batch_size - x.shape[0]
   xb = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(num_batches, batch_size, *x.shape[1:])
   yb = jnp.pad(y, (0, pad)).reshape(num_batches, batch_size)
-  mb = (jnp.arange(num_batches * batch_size) < n).reshape(num_batches, batch_size)
+  mb = (jnp.arange(num_batches * batch_size) < count).reshape(num_batches, batch_size)
 
   def batch_totals(totals, inputs):
     xs, ys, ms = inputs
@@ -488,13 +588,19 @@ def _evaluate(
     return (totals[0] + correct, totals[1] + loss), None
 
   (correct, loss), _ = jax.lax.scan(batch_totals, (jnp.zeros((), jnp.int32), jnp.zeros(())), (xb, yb, mb))
-  return correct / n, loss / n
+  return correct / count, loss / count
 
 
 def evaluate(
-  params: chex.ArrayTree, x: chex.Array, y: chex.Array, apply_fn: ApplyFn, batch_size: int
+  params: chex.ArrayTree,
+  x: chex.Array,
+  y: chex.Array,
+  apply_fn: ApplyFn,
+  batch_size: int,
+  count: chex.Array | int | None = None,
 ) -> tuple[chex.Array, chex.Array]:
-  """(accuracy, mean cross-entropy) of the model on x uint8 [n, H, W, C], y int32 [n].
+  """(accuracy, mean cross-entropy) of the model on the first ``count`` examples (default: all n) of
+  x uint8 [n, H, W, C], y int32 [n] (the rest is padding, e.g. of test splits stacked to one length).
 
   Runs under jit in fixed batches of ``batch_size``; the last batch is padded and masked.
   """
@@ -503,4 +609,5 @@ def evaluate(
     x.shape[0] >= 1 and x.shape[0] == y.shape[0],
     f"x {x.shape} / y {y.shape} are invalid: expected [n, H, W, C] and [n] with n >= 1",
   )
-  return _evaluate(params, x, y, apply_fn=apply_fn, batch_size=batch_size)
+  count = x.shape[0] if count is None else count
+  return _evaluate(params, x, y, jnp.asarray(count, jnp.int32), apply_fn=apply_fn, batch_size=batch_size)

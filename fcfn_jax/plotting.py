@@ -147,3 +147,70 @@ def reconstructions(
     axes[r, 0].set_ylabel(name, fontsize=8)
   fig.suptitle(title, fontsize=9)
   return _save(fig, path)
+
+
+def accuracy_bands(curves: Sequence[Row], path: str | os.PathLike[str], title: str = "") -> str:
+  """Test accuracy vs round with its 95% CI band, one line per mechanism (rows of ``study.curves``:
+  mechanism, round, accuracy, accuracy_ci_low, accuracy_ci_high)."""
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for mech in dict.fromkeys(r["mechanism"] for r in curves):
+    rows = sorted((r for r in curves if r["mechanism"] == mech), key=lambda r: r["round"])
+    t = [r["round"] for r in rows]
+    (line,) = ax.plot(t, [r["accuracy"] for r in rows], label=_label(mech), lw=1.5)
+    ax.fill_between(
+      t,
+      [r["accuracy_ci_low"] for r in rows],
+      [r["accuracy_ci_high"] for r in rows],
+      color=line.get_color(),
+      alpha=0.18,
+    )
+  ax.set(xlabel="round", ylabel="test accuracy", title=f"Test accuracy per round, 95% CI {title}".strip())
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def interval_bars(
+  rows: Sequence[Row], columns: Sequence[str], path: str | os.PathLike[str], title: str = ""
+) -> str:
+  """One bar panel per column, one bar per mechanism, with its 95% CI as an error bar: a row holds
+  ``col`` and either ``col_ci`` (half-width) or ``col_ci_low`` / ``col_ci_high``."""
+  fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.8), squeeze=False)
+  names = [_label(r["mechanism"]) for r in rows]
+  for ax, col in zip(axes[0], columns):
+    means = np.array([r[col] for r in rows])
+    if f"{col}_ci" in rows[0]:
+      err = np.array([[r[f"{col}_ci"] for r in rows]] * 2)
+    else:
+      err = np.array(
+        [means - [r[f"{col}_ci_low"] for r in rows], [r[f"{col}_ci_high"] for r in rows] - means]
+      )
+    ax.bar(range(len(names)), means, yerr=err, capsize=3, color=plt.cm.tab10.colors[: len(names)])
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_title(col, fontsize=9)
+    ax.axhline(0, color="black", lw=0.5)
+  fig.suptitle(f"{title}: mean, 95% CI over seeds" if title else "mean, 95% CI over seeds")
+  return _save(fig, path)
+
+
+def gap_vs_clients(rows: Sequence[Row], path: str | os.PathLike[str]) -> str:
+  """Redundant accuracy loss (gap to the social optimum) vs the number of clients N with its 95% CI band,
+  one line per mechanism (rows of ``study.gap_vs_clients``)."""
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for mech in dict.fromkeys(r["mechanism"] for r in rows):
+    pts = sorted((r for r in rows if r["mechanism"] == mech), key=lambda r: r["clients"])
+    n = [r["clients"] for r in pts]
+    (line,) = ax.plot(n, [r["redundant_accuracy_loss"] for r in pts], marker="o", label=_label(mech))
+    ax.fill_between(
+      n, [r["ci_low"] for r in pts], [r["ci_high"] for r in pts], color=line.get_color(), alpha=0.18
+    )
+  ax.axhline(0, color="black", lw=0.5)
+  ax.set(
+    xscale="log",
+    xlabel="clients N",
+    ylabel="accuracy(social optimum) - accuracy",
+    title="Gap to the social optimum vs N, 95% CI",
+  )
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  return _save(fig, path)

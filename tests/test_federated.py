@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -205,7 +208,7 @@ def test_chunked_equals_unchunked(chunk_size):
   """Noise on: per-client keys do not depend on chunking."""
   pool, state, key = _pool(), _state(), jax.random.key(2)
   z, w = np.full(CLIENTS, 0.8), np.ones(CLIENTS)
-  whole, whole_metrics = _round(state, pool, z, w, key)
+  whole, whole_metrics = _round(state, pool, z, w, key, fed=dataclasses.replace(FED, chunk_size=CLIENTS))
   chunked, chunked_metrics = _round(
     state,
     pool,
@@ -218,6 +221,53 @@ def test_chunked_equals_unchunked(chunk_size):
   )
   chex.assert_trees_all_close(whole, chunked, atol=1e-6)
   chex.assert_trees_all_close(whole_metrics, chunked_metrics, atol=1e-6)
+
+
+def test_a_round_over_rows_of_a_shared_pool_equals_the_round_over_those_clients():
+  """rows = a cohort of a bigger pool (a replica's participants): same result as their own pool."""
+  pool, state, key = _pool(), _state(), jax.random.key(4)
+  rows = np.array([4, 0, 5, 5])  # any order; repeats allowed (each member is its own client)
+  z, w = np.array([0.7, 0.9, 0.5, 1.2]), np.array([1.0, 2.0, 1.0, 0.5])
+  gathered = ClientPool(*(np.asarray(a)[rows] for a in pool))
+  expected, expected_metrics = _round(state, gathered, z, w, key)
+  indexed, indexed_metrics = federated.federated_round(
+    state,
+    pool,
+    jnp.asarray(z, jnp.float32),
+    jnp.asarray(w, jnp.float32),
+    key,
+    jnp.asarray(rows, jnp.int32),
+    apply_fn=LOGREG.apply,
+    fed=FED,
+    privacy=PRIVATE,
+  )
+  chex.assert_trees_all_close(indexed, expected, atol=1e-6)
+  chex.assert_trees_all_close(indexed_metrics, expected_metrics, atol=1e-6)
+  with pytest.raises(ConfigError, match=r"noise_multipliers has shape \(3,\): expected \[4\]"):
+    _round_rows = functools.partial(
+      federated.federated_round, apply_fn=LOGREG.apply, fed=FED, privacy=PRIVATE
+    )
+    _round_rows(state, pool, jnp.ones(3), jnp.ones(4), key, jnp.asarray(rows, jnp.int32))
+
+
+def test_automatic_chunk_fits_the_budget():
+  """chunk_size = 0: floor(budget / (replicas x one client's XLA working memory)), clamped to [1, clients];
+  an explicit chunk_size is kept."""
+  params = _state(CNN).params
+  row = jax.ShapeDtypeStruct((12, *SHAPE), jnp.uint8)
+  per_client = federated.client_bytes(CNN.apply, params, row, FED, PRIVATE)
+  bigger = federated.client_bytes(
+    CNN.apply, params, jax.ShapeDtypeStruct((48, *SHAPE), jnp.uint8), FED, PRIVATE
+  )
+  assert 0 < per_client < bigger  # the row's sampling scores grow with its capacity
+  budget = federated.chunk_budget("cpu")
+  assert budget == federated.CPU_CHUNK_BYTES
+  for clients, replicas in ((10**6, 1), (10**6, 3), (2, 1)):
+    expected = min(max(budget // (per_client * replicas), 1), clients)
+    assert federated.chunk_clients(FED, PRIVATE, CNN.apply, params, row, clients, replicas, "cpu") == expected
+  explicit = dataclasses.replace(FED, chunk_size=5)
+  assert federated.chunk_clients(explicit, PRIVATE, CNN.apply, params, row, 3) == 3
+  assert federated.chunk_clients(explicit, PRIVATE, CNN.apply, params, row, 100) == 5
 
 
 def test_sitting_out_clients_contribute_nothing():

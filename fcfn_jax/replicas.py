@@ -1,0 +1,397 @@
+"""Replicas in one program: the runs of a study (seeds x mechanisms x training-noise draws) trained side by
+side, ``jax.vmap`` over replicas around the federated round (docs/model.md "Metrics", "Replicas").
+
+A replica is one run of :func:`fcfn_jax.simulation.run`: a prepared experiment (its seed's clients and
+costs, its mechanism's budgets and calibrated noise multipliers: host work done once per (seed, mechanism)
+and shared by its draws) and a draw (the rounds' sampling and noise key, ``simulation.training_key``).
+Here it is a *cohort* of one shared pool: the pool rows of its participants, padded to the cohort size
+with rows of weight 0 and z = inf, their noise multipliers and aggregation weights, and its key. The seeds'
+pools are stacked into one pool (they must share the capacity: ``DataConfig.capacity``), so no replica
+copies the data; ``federated._client_totals`` (the one vmap over clients) indexes it through the rows.
+
+Replicas are grouped by cohort size (powers of two up to the largest participant count: a replica with 5
+participants is not padded to the 40 of 'no_incentive'); each group is ONE jitted round, mapped over its
+replicas: ``lax.map`` over batches of ``group`` replicas, each batch a ``vmap``, where group x chunk clients
+fit the backend's working-memory budget (``federated.chunk_clients``). The replica axis is a plain leading
+axis of every input, so it can be split over processes.
+
+A replica equals ``simulation.run`` of the same config (seed, mechanism, draw) to float rounding when the
+noise is calibrated host-side (``calibration='exact'``, or a non-private run): same initial model (fold_in
+of the seed), same per-client keys (fold_in(fold_in(key, t), position among the participants)), same noise
+multipliers and weights; only the order of the float sums differs. With 'traced' or 'surrogate' a replica
+trains the z_i that ``simulation.prepare`` computes on the host with the same map (float64) that
+``simulation.run`` evaluates inside its round (float32), over the participants only, so it is the same
+experiment but not the same random stream (``simulation.run`` keys its clients by pool row there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from fcfn_jax import data, federated, simulation
+from fcfn_jax.report import Timer
+from fcfn_jax.validate import check_int, require
+
+_EVAL_BATCH = 512
+
+
+class Replica(NamedTuple):
+  """One run: ``experiment`` indexes the prepared experiments (a (seed, mechanism)), ``draw`` its draw."""
+
+  experiment: int
+  draw: int
+
+
+class Cohort(NamedTuple):
+  """A replica's clients as rows of the shared pool, padded to the cohort size K.
+
+  rows: int32 [..., K] pool rows (padding repeats a real row); noise_multipliers: float32 [..., K] z_i
+  (inf = padding); weights: float32 [..., K] aggregation weights (0 = padding). Leading axes: replicas.
+  """
+
+  rows: chex.Array
+  noise_multipliers: chex.Array
+  weights: chex.Array
+
+
+class TestSets(NamedTuple):
+  """The replicas' test splits stacked to one length: x uint8 [sets, n_max, H, W, C], y int32 [sets, n_max],
+  count int32 [sets] (examples >= count are padding); ``index`` int32 [replicas] picks a replica's set."""
+
+  x: np.ndarray
+  y: np.ndarray
+  count: np.ndarray
+  index: np.ndarray
+
+
+class Runs(NamedTuple):
+  """What :func:`run` returns: one summary row per replica (``simulation.summary_row`` plus seed and
+  draw; wall_time_s is the replica's share of its group's program), one history row per replica and round,
+  one privacy record per (experiment, client) (``simulation.client_rows``, shared by the draws), the final
+  server states stacked [replicas, ...] in ``replicas`` order, and the programs' timings."""
+
+  summary: list[dict[str, Any]]
+  history: list[dict[str, Any]]
+  clients: list[dict[str, Any]]
+  states: federated.ServerState
+  timings: list[dict[str, Any]]
+
+
+def stack_pools(pools: Sequence[data.ClientPool]) -> tuple[data.ClientPool, np.ndarray]:
+  """One pool holding every pool's clients in turn, and each pool's first row: offsets int64 [pools].
+
+  Raises:
+    ConfigError: the pools' rows differ in shape (set one ``DataConfig.capacity`` for every seed).
+  """
+  shapes = {pool.x.shape[1:] for pool in pools}
+  require(
+    len(shapes) == 1,
+    f"the seeds' client pools have rows of shapes {sorted(shapes)}: expected one shape (set "
+    "DataConfig.capacity to the same value for every seed)",
+  )
+  sizes = np.array([pool.y.shape[0] for pool in pools])
+  offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  stacked = data.ClientPool(*(np.concatenate(parts) for parts in zip(*pools)))
+  return stacked, offsets
+
+
+def participants(exp: simulation.Experiment) -> np.ndarray:
+  """Rows of ``exp``'s pool that train (z_i < inf), in pool order: int64 [P]."""
+  return np.flatnonzero(np.isfinite(exp.noise_multipliers))
+
+
+def aggregation_weights(exp: simulation.Experiment) -> np.ndarray:
+  """The round's per-client weights of ``exp``'s participants, as ``simulation.run`` passes them: a_i / n_i
+  (``simulation.round_weights`` of the game's aggregation weights a_i), float32 [P]."""
+  rows = participants(exp)
+  n = np.asarray(exp.data.pool.num_examples, np.float64)[rows]
+  return np.asarray(simulation.round_weights(exp.aggregation_weights[rows], n), np.float32)
+
+
+def cohort(exp: simulation.Experiment, offset: int, size: int) -> Cohort:
+  """``exp``'s participants as rows (offset + pool row) of a stacked pool, padded to ``size``."""
+  rows = participants(exp)
+  check_int("size", size, minimum=max(len(rows), 1))
+  pad = size - len(rows)
+  z = np.asarray(exp.noise_multipliers, np.float32)[rows]
+  return Cohort(
+    rows=np.pad(offset + rows, (0, pad), mode="edge" if len(rows) else "constant").astype(np.int32),
+    noise_multipliers=np.pad(z, (0, pad), constant_values=np.inf),
+    weights=np.pad(aggregation_weights(exp), (0, pad)),
+  )
+
+
+def cohort_sizes(counts: Sequence[int]) -> np.ndarray:
+  """The cohort size of each participant count: the next power of two, capped at the largest count (at
+  least 1): few programs to compile, at most 2x padding."""
+  counts = np.maximum(np.asarray(counts, np.int64), 1)
+  return np.minimum(2 ** np.ceil(np.log2(counts)).astype(np.int64), counts.max())
+
+
+def layout(
+  exp: simulation.Experiment, state: federated.ServerState, cohort_size: int, replicas: int
+) -> tuple[int, int]:
+  """(chunk, group): clients per vmapped chunk of a replica's round, and replicas vmapped side by side.
+
+  With ``chunk_size = 0`` (automatic) group x chunk clients fill the backend's working-memory budget
+  (``federated.chunk_clients``): chunk = min(K, that many), group = the rest; an explicit chunk_size keeps
+  its chunk and groups as many replicas as the budget holds beside it. The group is then evened out over
+  the batches it needs (ceil(R / batches)), so padding the replicas to whole batches adds fewer than one
+  replica per batch.
+  """
+  cfg = exp.cfg
+  row = jax.ShapeDtypeStruct(exp.data.pool.x.shape[1:], exp.data.pool.x.dtype)
+  auto = dataclasses.replace(cfg.federated, chunk_size=0)
+  budget = federated.chunk_clients(auto, cfg.privacy, exp.apply_fn, state.params, row, 2**62)
+  chunk = min(cfg.federated.chunk_size or budget, cohort_size)
+  group = int(min(max(budget // chunk, 1), replicas))
+  batches = -(-replicas // group)
+  return chunk, -(-replicas // batches)
+
+
+def _map(fn, xs, group: int, replicas: int):
+  """fn over the leading (replica) axis of xs, R a multiple of ``group``: one vmap when the group holds
+  every replica, a scan of single replicas when group = 1 (no size-1 vmap: batched matmuls are slower on
+  XLA:CPU), else a scan over batches of ``group`` vmapped replicas."""
+  if group >= replicas:
+    return jax.vmap(fn)(xs)
+  if group == 1:
+    return jax.lax.map(fn, xs)
+  batched = jax.tree.map(lambda a: a.reshape(replicas // group, group, *a.shape[1:]), xs)
+  out = jax.lax.map(jax.vmap(fn), batched)
+  return jax.tree.map(lambda a: a.reshape(replicas, *a.shape[2:]), out)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "fed", "privacy", "group"))
+def replica_round(
+  states: federated.ServerState,
+  pool: data.ClientPool,
+  cohorts: Cohort,
+  keys: chex.Array,
+  *,
+  apply_fn,
+  fed,
+  privacy,
+  group: int,
+) -> tuple[federated.ServerState, federated.RoundMetrics]:
+  """One federated round of every replica: ONE jitted program.
+
+  Args:
+    states: ServerState with leaves [R, ...]. pool: the shared ClientPool (not batched). cohorts: Cohort
+      [R, K]. keys: [R] the replicas' training keys (``simulation.training_key``).
+    apply_fn, fed (its chunk_size explicit), privacy: static. group: replicas vmapped side by side.
+
+  Returns:
+    (states at t + 1 [R, ...], RoundMetrics [R]).
+  """
+
+  def one(args):
+    state, members, key = args
+    return federated.federated_round(
+      state,
+      pool,
+      members.noise_multipliers,
+      members.weights,
+      key,
+      members.rows,
+      apply_fn=apply_fn,
+      fed=fed,
+      privacy=privacy,
+    )
+
+  return _map(one, (states, cohorts, keys), group, keys.shape[0])
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "group"))
+def replica_accuracy(
+  params: chex.ArrayTree, tests: TestSets, *, apply_fn, group: int
+) -> tuple[chex.Array, chex.Array]:
+  """(accuracy [R], mean cross-entropy [R]) of every replica's model on its test set: ONE jitted program.
+
+  params: leaves [R, ...]; tests: TestSets with index [R].
+  """
+
+  def one(args):
+    p, i = args
+    if tests.x.shape[0] == 1:  # one split for all: never gathered per replica (a copy under vmap)
+      return federated.evaluate(p, tests.x[0], tests.y[0], apply_fn, _EVAL_BATCH, tests.count[0])
+    return federated.evaluate(p, tests.x[i], tests.y[i], apply_fn, _EVAL_BATCH, tests.count[i])
+
+  return _map(one, (params, tests.index), group, tests.index.shape[0])
+
+
+def test_sets(splits: Sequence[data.Dataset], limit: int = 0) -> TestSets:
+  """The replicas' test splits (one per replica; equal ones stored once) stacked and padded, each cut to
+  a seeded subsample of ``limit`` examples (0 = all)."""
+  distinct, index, seen = [], [], {}
+  for split in splits:
+    if id(split) not in seen:  # replicas of one seed share the split object: compare contents once
+      cut = data.subsample(split, limit) if limit else split
+      same = (k for k, d in enumerate(distinct) if d.x.shape == cut.x.shape and np.array_equal(d.y, cut.y))
+      seen[id(split)] = next((k for k in same if np.array_equal(distinct[k].x, cut.x)), len(distinct))
+      if seen[id(split)] == len(distinct):
+        distinct.append(cut)
+    index.append(seen[id(split)])
+  n = max(len(d.y) for d in distinct)
+  pad = lambda a: np.pad(a, ((0, n - len(a)),) + ((0, 0),) * (a.ndim - 1))
+  return TestSets(
+    x=np.stack([pad(d.x) for d in distinct]),
+    y=np.stack([pad(d.y) for d in distinct]),
+    count=np.array([len(d.y) for d in distinct], np.int32),
+    index=np.array(index, np.int32),
+  )
+
+
+def _check_compatible(experiments: Sequence[simulation.Experiment]) -> None:
+  """Every experiment trains the same model with the same schedule and privacy settings."""
+  first = experiments[0].cfg
+  for exp in experiments[1:]:
+    for name in ("model", "federated", "privacy"):
+      require(
+        getattr(exp.cfg, name) == getattr(first, name),
+        f"experiments differ in {name} ({getattr(first, name)} vs {getattr(exp.cfg, name)}): replicas of "
+        "one program share the model, the schedule and the privacy settings",
+      )
+    require(
+      (exp.data.input_shape, exp.data.num_classes)
+      == (experiments[0].data.input_shape, experiments[0].data.num_classes),
+      "experiments differ in their data's geometry: replicas of one program share the model's shapes",
+    )
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+  return jax.tree.map(lambda *leaves: jnp.stack([jnp.asarray(leaf) for leaf in leaves]), *trees)
+
+
+def _history_row(exp: simulation.Experiment, draw: int, t: int, accuracy, loss, count, metrics, j: int):
+  return {
+    "mechanism": exp.cfg.game.mechanism,
+    "seed": exp.cfg.seed,
+    "draw": draw,
+    "round": t + 1,
+    "test_accuracy": float(accuracy[j]),
+    "test_loss": float(loss[j]),
+    "test_examples": int(count[j]),
+    "train_loss": float(metrics.train_loss[j]),
+    "clip_fraction": float(metrics.clip_fraction[j]),
+    "participants": int(metrics.participants[j]),
+  }
+
+
+def run(
+  experiments: Sequence[simulation.Experiment],
+  replicas: Sequence[Replica],
+  *,
+  eval_examples: int = 0,
+  cohort_size: int = 0,
+  progress: bool = True,
+  account: bool = True,
+) -> Runs:
+  """Trains every replica, grouped by cohort size, each group as one jitted program per round.
+
+  Args:
+    experiments: prepared experiments (``simulation.prepare``; their noise_multipliers are what trains),
+      one per (seed, mechanism); the seeds' pools must share their row shape.
+    replicas: (experiment index, draw) pairs.
+    eval_examples: test examples of the intermediate rounds' accuracy (a seeded subsample; 0 = the whole
+      test split); the last round always uses the whole split.
+    cohort_size: 0 = group the replicas by :func:`cohort_sizes` (a few programs, little padding); K > 0 =
+      one program, every replica padded to K (at least the largest participant count).
+    progress: show a progress bar over rounds.
+    account: compute each client's spent epsilon with dp-accounting (``simulation.privacy_spent``: the
+      client records and max_epsilon_spent); False skips it (seconds per client at scale): no client
+      records, max_epsilon_spent NaN. The budgets sold are certified by the calibration either way.
+
+  Returns:
+    Runs (rows in ``replicas`` order).
+  """
+  require(len(replicas) > 0, "replicas is empty: expected at least one (experiment, draw)")
+  check_int("eval_examples", eval_examples, minimum=0)
+  _check_compatible(experiments)
+  datasets = list(
+    {id(exp.data): exp.data for exp in experiments}.values()
+  )  # the mechanisms of a seed share it
+  pool, offsets = stack_pools([d.pool for d in datasets])
+  pool = jax.device_put(pool)
+  first_row = [int(offsets[[id(d) for d in datasets].index(id(exp.data))]) for exp in experiments]
+  exp0, cfg0 = experiments[0], experiments[0].cfg
+  rounds, local_steps = cfg0.federated.rounds, cfg0.federated.local_steps
+  counts = [len(participants(experiments[r.experiment])) for r in replicas]
+  check_int("cohort_size", cohort_size, minimum=0)
+  require(
+    cohort_size == 0 or cohort_size >= max(counts),
+    f"cohort_size={cohort_size} is invalid: a replica has {max(counts)} participants; expected 0 "
+    "(automatic) or at least that many",
+  )
+  sizes = np.full(len(counts), cohort_size) if cohort_size else cohort_sizes(counts)
+  splits = [experiments[r.experiment].data.test for r in replicas]
+  evaluations = {"full": test_sets(splits), "partial": test_sets(splits, eval_examples)}
+  history: list[list[dict]] = [[] for _ in replicas]
+  walls, final_states, timings = [0.0] * len(replicas), [None] * len(replicas), []
+  for size in np.unique(sizes):
+    members = np.flatnonzero(sizes == size)
+    chunk, group = layout(exp0, simulation.init_state(exp0).server, int(size), len(members))
+    fed = dataclasses.replace(cfg0.federated, chunk_size=chunk)
+    # Whole batches of ``group``: the last replica is repeated and its copies' results are dropped.
+    padded = np.concatenate([members, np.repeat(members[-1], -len(members) % group)])
+    mine = [(experiments[replicas[i].experiment], replicas[i]) for i in padded]
+    states = _stack([simulation.init_state(exp).server for exp, _ in mine])
+    cohorts = _stack([cohort(exp, first_row[r.experiment], int(size)) for exp, r in mine])
+    keys = _stack([simulation.training_key(dataclasses.replace(exp.cfg, draw=r.draw)) for exp, r in mine])
+    tests = {k: jax.device_put(v._replace(index=v.index[padded])) for k, v in evaluations.items()}
+    bar = tqdm.tqdm(range(rounds), desc=f"{len(members)} replicas x {size} clients", disable=not progress)
+    with Timer() as timer:
+      for t in bar:
+        states, metrics = replica_round(
+          states, pool, cohorts, keys, apply_fn=exp0.apply_fn, fed=fed, privacy=cfg0.privacy, group=group
+        )
+        test = tests["full" if t == rounds - 1 else "partial"]
+        accuracy, loss = replica_accuracy(states.params, test, apply_fn=exp0.apply_fn, group=group)
+        accuracy, loss, metrics, count = jax.device_get((accuracy, loss, metrics, test.count[test.index]))
+        for j, (i, (exp, r)) in enumerate(zip(members, mine)):  # zip drops the repeated copies
+          history[i].append(_history_row(exp, r.draw, t, accuracy, loss, count, metrics, j))
+        bar.set_postfix(acc=f"{float(np.mean(accuracy)):.3f}")
+    timings.append(
+      {
+        "replicas": len(members),
+        "padded_replicas": len(padded),
+        "cohort_size": int(size),
+        "chunk_size": chunk,
+        "group": group,
+        "rounds": rounds,
+        "wall_time_s": timer.elapsed,
+      }
+    )
+    for j, i in enumerate(members):
+      final_states[i] = jax.tree.map(lambda a, j=j: a[j], states)
+      walls[i] = timer.elapsed / len(members)
+  clients, spent = [], {}
+  for e in sorted({r.experiment for r in replicas}):  # once per (seed, mechanism): the draws share it
+    exp = experiments[e]
+    if not account:
+      spent[e] = np.full(exp.costs.shape, np.nan)
+      continue
+    steps_done = np.where(np.isfinite(exp.noise_multipliers), rounds * local_steps, 0)
+    spent[e] = simulation.privacy_spent(exp, steps_done)
+    clients += [{"seed": exp.cfg.seed, **row} for row in simulation.client_rows(exp, steps_done, spent[e])]
+  summary = []
+  for i, r in enumerate(replicas):
+    exp = experiments[r.experiment]
+    row = simulation.summary_row(exp, history[i][-1]["test_accuracy"], walls[i], spent[r.experiment])
+    summary.append({"mechanism": row.pop("mechanism"), "seed": exp.cfg.seed, "draw": r.draw, **row})
+  return Runs(
+    summary=summary,
+    history=[row for rows in history for row in rows],
+    clients=clients,
+    states=_stack(final_states),
+    timings=timings,
+  )

@@ -1,0 +1,529 @@
+"""The study: every mechanism over seeds x training-noise draws, trained as replicas, reported with
+confidence intervals and paired differences (docs/model.md "Metrics", "Study"; docs/RESULTS.md).
+
+A *setting* is one experiment design (data, model, schedule, privacy) run over ``seeds`` seeds (each seed
+draws the clients' costs and the data partition: ``SimulationConfig.seed`` = ``DataConfig.seed``) x
+``draws`` training-noise draws (``SimulationConfig.draw``) x every mechanism. All its private runs train
+as replicas of one program (:mod:`fcfn_jax.replicas`); the non-private ceiling (every client, no clipping,
+no noise, plain FedAvg) trains once per seed beside them.
+
+Tables (all statistics from :mod:`fcfn_jax.stats`: draws are averaged per seed, the interval is Student's t
+over the seeds, comparisons are paired by seed):
+  accuracy: final test accuracy per mechanism, mean and 95% CI, and the non-private ceiling.
+  vs_stackelberg, vs_social_optimum: paired accuracy differences (mechanism - reference) with verdicts;
+    redundant accuracy loss = -(mechanism - social_optimum).
+  game: the game-level metrics (deterministic per seed) with their CI over seeds, and the paired
+    differences of server and average utility vs Stackelberg.
+  curves: accuracy per round, mean and CI per mechanism (the plots' bands).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from fcfn_jax import data, replicas, simulation, stats
+from fcfn_jax.config import (
+  MECHANISM_LABELS,
+  MECHANISMS,
+  DataConfig,
+  FederatedConfig,
+  ModelConfig,
+  PrivacyConfig,
+  SimulationConfig,
+)
+from fcfn_jax.report import Timer
+from fcfn_jax.validate import check_int, require
+
+Row = dict[str, Any]
+REFERENCES = ("stackelberg", "social_optimum")
+GAME_METRICS = (
+  "quality",
+  "server_utility",
+  "mean_client_utility",
+  "social_welfare",
+  "average_utility",
+  "participants",
+  "total_payment",
+  "mean_epsilon",
+  "min_epsilon",
+)
+PAIRED_GAME_METRICS = ("server_utility", "average_utility", "social_welfare")
+CEILING = "non_private"
+PAPER_LOGREG_ROUNDS = 20
+PAPER_CNN_ROUNDS = 10
+SCALING_DRAWS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One design of the study.
+
+  Attributes:
+    name: the setting's name (tables, folders).
+    cfg: the base config; its seed, data.seed, draw and game.mechanism are set per replica.
+    seeds: seeds 0 .. seeds - 1 (>= 2: a confidence interval needs two).
+    draws: training-noise draws per (seed, mechanism) (>= 1).
+    mechanisms: the mechanisms compared (must hold both references: stackelberg and social_optimum).
+    eval_examples: test examples of the intermediate rounds' accuracy (0 = all; the last round uses all).
+    group: settings of one group (e.g. 'scaling': one per N) form one table across them ('' = none).
+    cohort_size: replicas' cohort size (0 = grouped by participant count; K = one program, padded to K).
+  """
+
+  name: str
+  cfg: SimulationConfig
+  seeds: int = 10
+  draws: int = 3
+  mechanisms: tuple[str, ...] = MECHANISMS
+  eval_examples: int = 0
+  group: str = ""
+  cohort_size: int = 0
+
+  def __post_init__(self):
+    require(bool(self.name) and self.name.isidentifier(), f"name={self.name!r} is invalid: expected a word")
+    require(
+      isinstance(self.cfg, SimulationConfig), f"cfg={self.cfg!r} is invalid: expected a SimulationConfig"
+    )
+    check_int("seeds", self.seeds, minimum=2)
+    check_int("draws", self.draws, minimum=1)
+    check_int("eval_examples", self.eval_examples, minimum=0)
+    check_int("cohort_size", self.cohort_size, minimum=0)
+    require(
+      self.group == "" or self.group.isidentifier(), f"group={self.group!r} is invalid: expected a word"
+    )
+    unknown = [m for m in self.mechanisms if m not in MECHANISMS]
+    require(not unknown, f"mechanisms={self.mechanisms!r} is invalid: expected names from {MECHANISMS}")
+    missing = [m for m in REFERENCES if m not in self.mechanisms]
+    require(
+      not missing and len(set(self.mechanisms)) == len(self.mechanisms),
+      f"mechanisms={self.mechanisms!r} is invalid: expected distinct names holding {REFERENCES}",
+    )
+
+  def config(self, seed: int, mechanism: str, capacity: int, ceiling: bool = False) -> SimulationConfig:
+    """The config of (seed, mechanism): seed and data.seed = seed, the seeds' shared pool capacity; the
+    ceiling's is non-private (no clipping, no noise) with plain FedAvg weights."""
+    cfg = self.cfg
+    return dataclasses.replace(
+      cfg,
+      seed=seed,
+      data=dataclasses.replace(cfg.data, seed=seed, capacity=capacity),
+      game=dataclasses.replace(
+        cfg.game, mechanism=mechanism, aggregation="fedavg" if ceiling else cfg.game.aggregation
+      ),
+      # The ceiling trains without noise: its z_i are never used, so the cheapest map computes them.
+      privacy=dataclasses.replace(cfg.privacy, private=False, calibration="surrogate")
+      if ceiling
+      else cfg.privacy,
+    )
+
+
+class Result(NamedTuple):
+  """A setting's raw results: one summary row per replica (private runs), their history rows, the
+  non-private ceiling's summary and history rows (one draw per seed), the data's sizes and the timings."""
+
+  setting: Setting
+  summary: list[Row]
+  history: list[Row]
+  ceiling: list[Row]
+  ceiling_history: list[Row]
+  clients: Row
+  timings: list[Row]
+
+
+def load_seeds(setting: Setting) -> dict[int, data.FederatedData]:
+  """Every seed's data with one pool capacity (replicas share one pool; ``replicas.stack_pools``).
+
+  With ``capacity = 0`` the capacity is the largest client over all seeds, so no client is subsampled and
+  each seed's data equals what ``simulation.run`` of its config loads with that explicit capacity.
+  """
+  cfg = setting.cfg.data
+  loaded = {seed: data.load_federated(dataclasses.replace(cfg, seed=seed)) for seed in range(setting.seeds)}
+  if cfg.capacity:
+    return loaded
+  capacity = max(d.pool.x.shape[1] for d in loaded.values())
+  return {
+    seed: d
+    if d.pool.x.shape[1] == capacity
+    else data.load_federated(dataclasses.replace(cfg, seed=seed, capacity=capacity))
+    for seed, d in loaded.items()
+  }
+
+
+def capacity_of(datasets: Mapping[int, data.FederatedData]) -> int:
+  """The pool capacity the seeds share."""
+  return int(next(iter(datasets.values())).pool.x.shape[1])
+
+
+def _prepare(cfg: SimulationConfig, fed_data: data.FederatedData) -> simulation.Experiment:
+  # Replicas index one stacked pool: each experiment's own device copy of its participants is not needed.
+  return simulation.prepare(cfg, fed_data)._replace(train_pool=None)
+
+
+def run_setting(setting: Setting, *, progress: bool = False) -> Result:
+  """Trains every (seed, mechanism, draw) of ``setting`` as replicas, and the non-private ceiling."""
+  datasets = load_seeds(setting)
+  capacity = capacity_of(datasets)
+  timings = []
+  with Timer() as prep:
+    experiments = []
+    for seed in range(setting.seeds):
+      for mech in setting.mechanisms:
+        experiments.append(_prepare(setting.config(seed, mech, capacity), datasets[seed]))
+  timings.append({"part": "prepare (mechanisms, calibration)", "wall_time_s": prep.elapsed})
+  runs = [replicas.Replica(e, d) for e in range(len(experiments)) for d in range(setting.draws)]
+  trained = replicas.run(
+    experiments,
+    runs,
+    eval_examples=setting.eval_examples,
+    cohort_size=setting.cohort_size,
+    progress=progress,
+    account=False,
+  )
+  timings += [
+    {"part": f"train {t['replicas']} replicas x {t['cohort_size']} clients", **t} for t in trained.timings
+  ]
+  with Timer() as ceiling_time:
+    ceilings = [
+      _prepare(setting.config(seed, "no_incentive", capacity, ceiling=True), datasets[seed])
+      for seed in range(setting.seeds)
+    ]
+    top = replicas.run(
+      ceilings,
+      [replicas.Replica(s, 0) for s in range(setting.seeds)],
+      eval_examples=setting.eval_examples,
+      progress=progress,
+      account=False,
+    )
+  timings.append({"part": f"non-private ceiling, {setting.seeds} seeds", "wall_time_s": ceiling_time.elapsed})
+  sizes = np.concatenate([np.asarray(d.pool.num_examples) for d in datasets.values()])
+  clients = {
+    "clients": setting.cfg.data.num_clients,
+    "capacity": capacity,
+    "examples_min": int(sizes.min()),
+    "examples_median": float(np.median(sizes)),
+    "examples_mean": float(sizes.mean()),
+    "examples_max": int(sizes.max()),
+    "test_examples": int(len(next(iter(datasets.values())).test.y)),
+  }
+  return Result(setting, trained.summary, trained.history, top.summary, top.history, clients, timings)
+
+
+def per_seed(rows: Sequence[Row], mechanism: str, metric: str, seeds: int, draws: int) -> np.ndarray:
+  """``metric`` of ``mechanism``'s replicas as an array [seeds, draws] (seed-major, draw order)."""
+  values = np.full((seeds, draws), np.nan)
+  for r in rows:
+    if r["mechanism"] == mechanism:
+      values[r["seed"], r["draw"]] = r[metric]
+  require(
+    not np.isnan(values).any(), f"{mechanism}: {metric} is missing for some (seed, draw) of {seeds} x {draws}"
+  )
+  return values
+
+
+def _interval_row(interval: stats.Interval, prefix: str) -> Row:
+  return {
+    f"{prefix}": interval.mean,
+    f"{prefix}_ci_low": interval.low,
+    f"{prefix}_ci_high": interval.high,
+  }
+
+
+def accuracy_table(result: Result) -> list[Row]:
+  """Final test accuracy per mechanism (mean and 95% CI over seeds, draws averaged per seed), and the
+  non-private ceiling as the last row."""
+  s = result.setting
+  rows = []
+  for mech in s.mechanisms:
+    acc = per_seed(result.summary, mech, "test_accuracy", s.seeds, s.draws)
+    interval = stats.mean_interval(acc)
+    rows.append(
+      {
+        "mechanism": mech,
+        "label": MECHANISM_LABELS[mech],
+        **_interval_row(interval, "accuracy"),
+        "summary": format(interval, ".3f"),
+        "seeds": s.seeds,
+        "draws": s.draws,
+      }
+    )
+  ceiling = stats.mean_interval(per_seed(result.ceiling, "no_incentive", "test_accuracy", s.seeds, 1))
+  rows.append(
+    {
+      "mechanism": CEILING,
+      "label": "non-private (ceiling)",
+      **_interval_row(ceiling, "accuracy"),
+      "summary": format(ceiling, ".3f"),
+      "seeds": s.seeds,
+      "draws": 1,
+    }
+  )
+  return rows
+
+
+def paired_table(result: Result, reference: str, metric: str = "test_accuracy") -> list[Row]:
+  """Paired differences (mechanism - reference) of ``metric`` over seeds, with the verdict."""
+  s = result.setting
+  values = {m: per_seed(result.summary, m, metric, s.seeds, s.draws) for m in s.mechanisms}
+  return [{"metric": metric, **row} for row in stats.pairwise_table(values, reference, floatfmt=".3f")]
+
+
+def redundant_loss_table(result: Result) -> list[Row]:
+  """Redundant accuracy loss per mechanism: accuracy(social optimum) - accuracy(mechanism), paired by seed
+  and draw (docs/model.md "Metrics"), mean and 95% CI over seeds."""
+  s = result.setting
+  best = per_seed(result.summary, "social_optimum", "test_accuracy", s.seeds, s.draws)
+  rows = []
+  for mech in s.mechanisms:
+    if mech == "social_optimum":
+      continue
+    loss = stats.paired_difference(best, per_seed(result.summary, mech, "test_accuracy", s.seeds, s.draws))
+    rows.append(
+      {
+        "mechanism": mech,
+        "label": MECHANISM_LABELS[mech],
+        **_interval_row(loss, "redundant_accuracy_loss"),
+        "summary": format(loss, ".3f"),
+        "significant": loss.excludes_zero(),
+      }
+    )
+  return rows
+
+
+def game_table(result: Result) -> list[Row]:
+  """Game-level metrics per mechanism: mean and 95% CI over seeds (one value per seed: the game does not
+  depend on the training draw)."""
+  s = result.setting
+  rows = []
+  for mech in s.mechanisms:
+    row: Row = {"mechanism": mech, "label": MECHANISM_LABELS[mech]}
+    for metric in GAME_METRICS:
+      interval = stats.mean_interval(per_seed(result.summary, mech, metric, s.seeds, s.draws)[:, 0])
+      row[metric] = interval.mean
+      row[f"{metric}_ci"] = interval.half_width
+    rows.append(row)
+  return rows
+
+
+def game_paired_table(result: Result) -> list[Row]:
+  """Paired differences of the game-level utilities vs Stackelberg (one value per seed), with verdicts."""
+  s = result.setting
+  rows = []
+  for metric in PAIRED_GAME_METRICS:
+    values = {m: per_seed(result.summary, m, metric, s.seeds, s.draws)[:, :1] for m in s.mechanisms}
+    rows += [{"metric": metric, **row} for row in stats.pairwise_table(values, "stackelberg", floatfmt=".4g")]
+  return rows
+
+
+def quality_correlation(result: Result) -> float:
+  """Spearman's rho of the valuation Q and the final accuracy (draws averaged) over mechanisms x seeds."""
+  s = result.setting
+  q = np.concatenate([per_seed(result.summary, m, "quality", s.seeds, s.draws)[:, 0] for m in s.mechanisms])
+  acc = np.concatenate(
+    [per_seed(result.summary, m, "test_accuracy", s.seeds, s.draws).mean(1) for m in s.mechanisms]
+  )
+  return stats.spearman(q, acc)
+
+
+def curves(result: Result) -> list[Row]:
+  """Accuracy per round per mechanism (and the ceiling): mean and 95% CI over seeds."""
+  s = result.setting
+  rounds = s.cfg.federated.rounds
+  out = []
+  groups = [(m, result.history, m, s.draws) for m in s.mechanisms]
+  groups.append((CEILING, result.ceiling_history, "no_incentive", 1))
+  for name, history, mech, draws in groups:
+    for t in range(1, rounds + 1):
+      rows = [r for r in history if r["round"] == t]
+      interval = stats.mean_interval(per_seed(rows, mech, "test_accuracy", s.seeds, draws))
+      out.append({"mechanism": name, "round": t, **_interval_row(interval, "accuracy")})
+  return out
+
+
+def gap_vs_clients(results: Sequence[Result]) -> list[Row]:
+  """Each mechanism's accuracy gap to the social optimum (the redundant accuracy loss) and its server and
+  average utility per number of clients N, mean and 95% CI over seeds: the scaling table."""
+  rows = []
+  for result in results:
+    n = result.setting.cfg.data.num_clients
+    games = {r["mechanism"]: r for r in game_table(result)}
+    for loss in redundant_loss_table(result):
+      mech = loss["mechanism"]
+      rows.append(
+        {
+          "clients": n,
+          "examples_per_client": result.clients["examples_median"],
+          "mechanism": mech,
+          "label": loss["label"],
+          "redundant_accuracy_loss": loss["redundant_accuracy_loss"],
+          "ci_low": loss["redundant_accuracy_loss_ci_low"],
+          "ci_high": loss["redundant_accuracy_loss_ci_high"],
+          "significant": loss["significant"],
+          "participants": games[mech]["participants"],
+          "server_utility": games[mech]["server_utility"],
+          "average_utility": games[mech]["average_utility"],
+        }
+      )
+  return rows
+
+
+def summary_rows(result: Result) -> list[Row]:
+  """One row per replica and one per ceiling run (mechanism = CEILING): what ``<name>_summary.csv`` holds
+  and :func:`load_result` reads back."""
+  return result.summary + [dict(r, mechanism=CEILING) for r in result.ceiling]
+
+
+def _cell(text: str) -> Any:
+  """A CSV cell back as int, float or str."""
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def load_result(folder: str | os.PathLike[str], setting: Setting) -> Result:
+  """The Result of an earlier run of ``setting`` from its output folder (``<name>_summary.csv``, the
+  clients' sizes from ``<name>_accuracy.json``), e.g. to build a group's table from settings that ran in
+  separate processes. History and timings are not reloaded (empty)."""
+  path = os.path.join(folder, f"{setting.name}_summary.csv")
+  require(os.path.isfile(path), f"{path} is missing: expected an output folder of setting {setting.name!r}")
+  with open(path, newline="") as f:
+    rows = [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+  with open(os.path.join(folder, f"{setting.name}_accuracy.json")) as f:
+    clients = json.load(f)["clients"]
+  summary = [r for r in rows if r["mechanism"] != CEILING]
+  ceiling = [dict(r, mechanism="no_incentive") for r in rows if r["mechanism"] == CEILING]
+  return Result(setting, summary, [], ceiling, [], clients, [])
+
+
+def groups(results: Sequence[Result]) -> dict[str, list[Result]]:
+  """The results of each non-empty ``Setting.group``, in run order."""
+  out: dict[str, list[Result]] = {}
+  for result in results:
+    if result.setting.group:
+      out.setdefault(result.setting.group, []).append(result)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets (docs/RESULTS.md): the schedules come from the non-private tuning recorded there and stay fixed for
+# every mechanism of a setting.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cfg(data_cfg: DataConfig, model: str, fed: FederatedConfig) -> SimulationConfig:
+  # 'traced': the tight RDP accountant at integer orders, vectorized over clients (dp-accounting's host
+  # inversion takes seconds per client: hours at N = 5000).
+  return SimulationConfig(
+    data=data_cfg, model=ModelConfig(model), federated=fed, privacy=PrivacyConfig(calibration="traced")
+  )
+
+
+def _paper(data_dir: str) -> list[Setting]:
+  digits = DataConfig(dataset="femnist", source="embedded", partition="writer", num_clients=40)
+  femnist62 = DataConfig(
+    dataset="femnist",
+    source="npz",
+    path=os.path.join(data_dir, "femnist_leaf_subset.npz"),
+    partition="writer",
+    num_clients=40,
+  )
+  cifar = DataConfig(
+    dataset="cifar10", source="npz", path=data_dir, partition="iid", num_clients=40, test_examples=2000
+  )
+  logreg = FederatedConfig(rounds=PAPER_LOGREG_ROUNDS, local_steps=3, client_lr=1.0)
+  cnn = FederatedConfig(rounds=PAPER_CNN_ROUNDS, local_steps=3, client_lr=0.1)
+  # FEMNIST-62 (the shared LEAF subset, 49k training examples): the embedded digits (31k) cannot give
+  # 5,000 Dirichlet(0.5) clients an example each; 62 classes can (min 1, median 10 examples).
+  scaling = [
+    Setting(
+      f"scaling_n{n}",
+      _cfg(
+        dataclasses.replace(femnist62, partition="dirichlet", num_clients=n, min_examples_per_client=1),
+        "logreg",
+        logreg,
+      ),
+      seeds=10,
+      draws=SCALING_DRAWS,
+      group="scaling",
+      eval_examples=500,
+    )
+    for n in (100, 1000, 5000)
+  ]
+  return [
+    Setting("femnist_logreg", _cfg(digits, "logreg", logreg), seeds=10, draws=3),
+    *scaling,
+    Setting("femnist_cnn", _cfg(digits, "cnn", cnn), seeds=5, draws=2, eval_examples=500),
+    Setting("femnist62_cnn", _cfg(femnist62, "cnn", cnn), seeds=5, draws=2, eval_examples=500),
+    Setting(
+      "cifar10_dirichlet_cnn",
+      _cfg(dataclasses.replace(cifar, partition="dirichlet", dirichlet_alpha=0.5), "cnn", cnn),
+      seeds=5,
+      draws=2,
+      eval_examples=500,
+    ),
+    Setting(
+      "cifar10_iid_cnn", _cfg(dataclasses.replace(cifar, partition="iid"), "cnn", cnn), seeds=5, draws=2
+    ),
+  ]
+
+
+def _quick(data_dir: str) -> list[Setting]:
+  del data_dir  # the embedded data only: the smoke runs on a fresh clone
+  fed = FederatedConfig(rounds=2, local_steps=2, batch_size=16)
+
+  def small(n: int, partition: str) -> DataConfig:
+    return DataConfig(
+      num_clients=n, partition=partition, min_examples_per_client=8, test_examples=300, capacity=128
+    )
+
+  return [
+    Setting("femnist_logreg", _cfg(small(10, "writer"), "logreg", fed), seeds=3, draws=2, cohort_size=10),
+    *(
+      Setting(f"scaling_n{n}", _cfg(small(n, "dirichlet"), "logreg", fed), seeds=2, draws=1, group="scaling")
+      for n in (10, 20)
+    ),
+  ]
+
+
+PRESETS = {"quick": _quick, "paper": _paper}
+
+
+def preset(
+  name: str,
+  data_dir: str,
+  names: Sequence[str] = ("all",),
+  *,
+  seeds: int = 0,
+  draws: int = 0,
+  rounds: int = 0,
+) -> list[Setting]:
+  """The settings of preset ``name`` (those in ``names``; 'all' = every one), with the seeds, draws and
+  rounds overridden where > 0. Raises ConfigError naming an unknown preset or setting."""
+  require(name in PRESETS, f"preset={name!r} is invalid: expected one of {sorted(PRESETS)}")
+  check_int("seeds", seeds, minimum=0)
+  check_int("draws", draws, minimum=0)
+  check_int("rounds", rounds, minimum=0)
+  settings = PRESETS[name](data_dir)
+  known = [s.name for s in settings]
+  unknown = [n for n in names if n != "all" and n not in known]
+  require(not unknown, f"settings={list(names)!r} is invalid: {unknown} not in preset {name!r} ({known})")
+  chosen = [s for s in settings if "all" in names or s.name in names]
+  return [
+    dataclasses.replace(
+      s,
+      seeds=seeds or s.seeds,
+      draws=draws or s.draws,
+      cfg=dataclasses.replace(
+        s.cfg, federated=dataclasses.replace(s.cfg.federated, rounds=rounds or s.cfg.federated.rounds)
+      ),
+    )
+    for s in chosen
+  ]

@@ -1,0 +1,141 @@
+"""The study: replicas over seeds x draws, its tables (CIs, paired differences, game level, scaling), the
+presets, and the script's quick preset (slow)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fcfn_jax import config as fc
+from fcfn_jax import report, stats, validate
+from fcfn_jax import study as st
+
+from . import cli
+
+MECHS = ("stackelberg", "posted_price", "social_optimum")
+
+
+def _setting(n: int = 6, name: str = "tiny", **kw) -> st.Setting:
+  cfg = fc.SimulationConfig(
+    data=fc.DataConfig(num_clients=n, capacity=32, test_examples=120, min_examples_per_client=8),
+    federated=fc.FederatedConfig(rounds=2, local_steps=1, batch_size=8),
+    privacy=fc.PrivacyConfig(calibration="traced"),
+  )
+  return st.Setting(name, cfg, **{"seeds": 2, "draws": 2, "mechanisms": MECHS, "cohort_size": n, **kw})
+
+
+@pytest.fixture(scope="module")
+def result():
+  return st.run_setting(_setting())
+
+
+def test_every_replica_and_the_ceiling_ran(result):
+  assert len(result.summary) == 2 * 2 * len(MECHS)
+  assert {(r["seed"], r["draw"], r["mechanism"]) for r in result.summary} == {
+    (s, d, m) for s in range(2) for d in range(2) for m in MECHS
+  }
+  assert len(result.ceiling) == 2 and all(r["mechanism"] == "no_incentive" for r in result.ceiling)
+  assert result.clients["capacity"] == 32 and result.clients["examples_max"] <= 32
+  # Draws of one (seed, mechanism) share the game but not the training noise.
+  acc = st.per_seed(result.summary, "stackelberg", "test_accuracy", 2, 2)
+  util = st.per_seed(result.summary, "stackelberg", "server_utility", 2, 2)
+  assert np.all(util[:, 0] == util[:, 1]) and not np.allclose(acc[:, 0], acc[:, 1])
+
+
+def test_accuracy_table_is_the_t_interval_over_seeds(result):
+  rows = {r["mechanism"]: r for r in st.accuracy_table(result)}
+  assert set(rows) == {*MECHS, st.CEILING}
+  acc = st.per_seed(result.summary, "posted_price", "test_accuracy", 2, 2)
+  expected = stats.mean_interval(acc.mean(axis=1))
+  row = rows["posted_price"]
+  assert (row["accuracy"], row["accuracy_ci_low"], row["accuracy_ci_high"]) == pytest.approx(expected[:3])
+  assert rows[st.CEILING]["draws"] == 1
+
+
+def test_redundant_loss_is_the_negated_paired_difference_to_the_social_optimum(result):
+  vs = {r["comparison"]: r for r in st.paired_table(result, "social_optimum")}
+  for row in st.redundant_loss_table(result):
+    diff = vs[f"{row['mechanism']} - social_optimum"]
+    assert row["redundant_accuracy_loss"] == pytest.approx(-diff["mean_difference"])
+    assert row["redundant_accuracy_loss_ci_low"] == pytest.approx(-diff["ci_high"])
+    assert row["significant"] == (diff["verdict"] != "not significant")
+
+
+def test_game_tables_use_one_value_per_seed(result):
+  game = {r["mechanism"]: r for r in st.game_table(result)}
+  util = st.per_seed(result.summary, "social_optimum", "social_welfare", 2, 2)[:, 0]
+  assert game["social_optimum"]["social_welfare"] == pytest.approx(util.mean())
+  # The social optimum maximizes welfare: no mechanism's welfare is above it on any seed.
+  for mech in MECHS:
+    assert np.all(st.per_seed(result.summary, mech, "social_welfare", 2, 2) <= util[:, None] + 1e-6)
+  paired = st.game_paired_table(result)
+  assert {r["metric"] for r in paired} == set(st.PAIRED_GAME_METRICS)
+  assert all(r["seeds"] == 2 for r in paired)
+
+
+def test_curves_and_the_scaling_table(result):
+  curves = st.curves(result)
+  assert len(curves) == (len(MECHS) + 1) * 2
+  last = {r["mechanism"]: r["accuracy"] for r in curves if r["round"] == 2}
+  table = {r["mechanism"]: r["accuracy"] for r in st.accuracy_table(result)}
+  assert last == pytest.approx(table)
+  other = result._replace(setting=dataclasses.replace(result.setting, group="scaling"))
+  rows = st.gap_vs_clients([other, other])
+  assert len(rows) == 2 * (len(MECHS) - 1) and {r["clients"] for r in rows} == {6}
+  assert list(st.groups([result, other])) == ["scaling"]
+
+
+def test_a_result_reloads_from_its_summary(result, tmp_path):
+  report.write_csv_atomic(tmp_path / "tiny_summary.csv", st.summary_rows(result))
+  report.write_json_atomic(tmp_path / "tiny_accuracy.json", {"clients": result.clients, "rows": []})
+  loaded = st.load_result(tmp_path, result.setting)
+  assert st.redundant_loss_table(loaded) == st.redundant_loss_table(result)
+  assert st.accuracy_table(loaded) == st.accuracy_table(result)
+  with pytest.raises(validate.ConfigError, match="missing"):
+    st.load_result(tmp_path / "nowhere", result.setting)
+
+
+def test_settings_and_presets_are_validated():
+  with pytest.raises(validate.ConfigError, match="mechanisms="):
+    _setting(mechanisms=("stackelberg", "contract"))
+  with pytest.raises(validate.ConfigError, match="seeds="):
+    _setting(seeds=1)
+  with pytest.raises(validate.ConfigError, match="preset="):
+    st.preset("nope", "data")
+  with pytest.raises(validate.ConfigError, match="settings="):
+    st.preset("quick", "data", ["femnist_logreg", "cifar"])
+  quick = st.preset("quick", "data", seeds=4)
+  assert {s.seeds for s in quick} == {4} and any(s.group == "scaling" for s in quick)
+  paper = {s.name: s for s in st.preset("paper", "/d")}
+  assert paper["femnist_logreg"].seeds >= 10 and paper["femnist_logreg"].draws >= 3
+  assert [s.cfg.data.num_clients for s in paper.values() if s.group == "scaling"] == [100, 1000, 5000]
+  assert paper["cifar10_iid_cnn"].cfg.data.path == "/d"
+
+
+@pytest.mark.slow
+def test_the_quick_preset_writes_every_table(tmp_path):
+  out = tmp_path / "quick"
+  script = os.path.join(cli.REPO, "scripts", "study.py")
+  proc = subprocess.run(
+    [sys.executable, script, "--preset=quick", f"--out={out}", "--progress=false"],
+    cwd=cli.REPO,
+    env=cli.env(),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  files = set(os.listdir(out))
+  for name in (
+    "femnist_logreg_accuracy.md",
+    "femnist_logreg_vs_stackelberg.csv",
+    "scaling.md",
+    "timings.csv",
+  ):
+    assert name in files
+  assert "scaling_gap_vs_clients.png" in files
