@@ -219,7 +219,7 @@ def test_audit_refutes_an_under_noised_claim():
   assert result.eps_lower > 1.0
 
 
-@pytest.mark.parametrize("kind", ["poisson", "fixed"])
+@pytest.mark.parametrize("kind", ["poisson", pytest.param("fixed", marks=pytest.mark.slow)])
 def test_subsampled_audit_stays_below_the_claim_and_catches_an_eighth_of_the_noise(kind):
   """The real round at q = 2/7: the canary is present or absent (Poisson, add/remove) or replaces an
   example (fixed, replace-one); the lower bound stays below the claim, and a client adding 1/8 of the

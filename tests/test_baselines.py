@@ -99,7 +99,7 @@ def test_contract_irregular_types_are_ironed_and_the_menu_is_optimal():
   chex.assert_trees_all_close(baselines.solve(g, s).server_utility, best, atol=TOL)
 
 
-@pytest.mark.parametrize("valuation_name", VALUATIONS)
+@pytest.mark.parametrize("valuation_name", [pytest.param("dp", marks=pytest.mark.slow), "log"])
 def test_contract_menu_beats_random_monotone_menus(valuation_name):
   s = spec(valuation_name, "contract", num_types=4)
   gs = games(5, 8, lam=40.0, eps_max=4.0)

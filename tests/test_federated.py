@@ -163,7 +163,7 @@ def test_masked_out_slots_contribute_exactly_nothing():
   "model,privacy",
   [
     pytest.param(LOGREG, PRIVATE, id="logreg-dp"),
-    pytest.param(LOGREG, NON_PRIVATE, id="logreg-nonprivate"),
+    pytest.param(LOGREG, NON_PRIVATE, id="logreg-nonprivate", marks=pytest.mark.slow),
     pytest.param(CNN, PRIVATE, id="cnn-dp", marks=pytest.mark.slow),  # ~20 s of XLA compile on CPU
   ],
 )

@@ -119,6 +119,7 @@ def test_hypergradients_match_finite_differences(valuation):
     )
 
 
+@pytest.mark.slow  # test_tuning covers per-client prices through the same hypergradient
 def test_per_client_prices_do_not_lower_the_server_utility():
   g = take(random_games(5, 1, eps_max=1e4), 0)
   s = dataclasses.replace(SPECS["log"], search=SPECS["log"].search._replace(grid_size=32))

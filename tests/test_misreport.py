@@ -56,7 +56,9 @@ def test_factor_one_reproduces_the_honest_outcome(name):
     chex.assert_trees_all_close(out, honest, rtol=1e-13, atol=1e-13)
 
 
-@pytest.mark.parametrize("name", MECHANISMS)
+@pytest.mark.parametrize(
+  "name", [pytest.param(m, marks=pytest.mark.slow) if m == "three_party" else m for m in MECHANISMS]
+)
 def test_vmap_over_factors_matches_one_call_per_factor(name):
   costs, weights = costs_and_weights(seed=1, games=1, clients=8)
   g, s = game(costs[0], weights[0], **CFG), spec("log", name)

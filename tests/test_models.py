@@ -14,7 +14,10 @@ from fcfn_jax.validate import ConfigError
 
 
 @pytest.mark.parametrize("name", ["cnn", "logreg"])
-@pytest.mark.parametrize("input_shape,num_classes", [((28, 28, 1), 62), ((28, 28, 1), 10), ((32, 32, 3), 10)])
+@pytest.mark.parametrize(
+  "input_shape,num_classes",
+  [pytest.param((28, 28, 1), 62, marks=pytest.mark.slow), ((28, 28, 1), 10), ((32, 32, 3), 10)],
+)
 def test_output_shape(name, input_shape, num_classes):
   model = models.make_model(ModelConfig(name), input_shape, num_classes)
   params = models.init_params(model, jax.random.key(0), input_shape)

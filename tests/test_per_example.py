@@ -50,7 +50,10 @@ def _clipped_sums(fast_fn, reference_fn, params, x, y):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kernel_size", [(3, 3), (5, 5), (2, 3)])
+@pytest.mark.parametrize(
+  "kernel_size",
+  [(3, 3), pytest.param((5, 5), marks=pytest.mark.slow), pytest.param((2, 3), marks=pytest.mark.slow)],
+)
 def test_conv_patches_matmul_is_same_convolution(kernel_size):
   x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
   kernel = jax.random.normal(jax.random.key(1), (*kernel_size, 3, 4))
@@ -73,7 +76,9 @@ def test_cnn_has_the_flax_cnn_params():
   chex.assert_trees_all_equal(_params(models.CNN(10), shape), _params(models.FlaxCNN(10), shape))
 
 
-@pytest.mark.parametrize("shape,classes", [((28, 28, 1), 10), ((10, 7, 2), 4)])
+@pytest.mark.parametrize(
+  "shape,classes", [((28, 28, 1), 10), pytest.param((10, 7, 2), 4, marks=pytest.mark.slow)]
+)
 def test_cnn_is_the_flax_cnn(shape, classes):
   """The same function as stock nn.Conv / nn.max_pool (odd sizes: the pool drops the last row/column)."""
   fast, reference = models.CNN(classes), models.FlaxCNN(classes)

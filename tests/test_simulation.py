@@ -34,6 +34,7 @@ def fed_data():
   return data.load_federated(_cfg().data)
 
 
+@pytest.mark.slow  # resume and restart tests compare two runs of one config bit for bit in CI
 def test_same_seed_same_results(fed_data):
   a = simulation.run(_cfg(), fed_data=fed_data, progress=False)
   b = simulation.run(_cfg(), fed_data=fed_data, progress=False)

@@ -102,6 +102,7 @@ def quadratic_cost_utility(eps, aggregate, weights, params: QuadraticCost):
   return params.payment * weights * eps / aggregate - params.costs * eps - 0.5 * params.curvature * eps**2
 
 
+@pytest.mark.slow  # the capped fixed point (test_binding_caps_give_...) stays in CI
 def test_generic_utility_equilibrium_is_a_fixed_point():
   payment, costs, weights, _ = random_games(4, 64, 9)
   rng = np.random.default_rng(5)

@@ -53,6 +53,7 @@ def test_eps_max_is_swept_as_a_traced_input(grid_and_results):
   assert np.all(welfare[loose] >= welfare[tight] - 1e-9 * np.abs(welfare[tight]))
 
 
+@pytest.mark.slow  # sharding: tests/test_sharding.py and the 2-process smoke of test_multihost.py
 def test_chunked_and_sharded_sweeps_equal_the_single_batch(grid_and_results):
   configs, results = grid_and_results
   mesh = sweep.game_mesh()

@@ -28,7 +28,7 @@ def problem(eps_max: float, lam: float, seed: int = 0):
   return game(costs, sizes / sizes.mean(), eps_max=eps_max, lam=lam)
 
 
-@pytest.mark.parametrize("quality", ["log", "dp"])
+@pytest.mark.parametrize("quality", [pytest.param("log", marks=pytest.mark.slow), "dp"])
 def test_hypergradient_matches_central_finite_differences(quality):
   g = problem(eps_max=50.0, lam=20.0)
   groups = jnp.arange(NUM_CLIENTS) % 3

@@ -129,13 +129,15 @@ def _mechanism(
     if dtype != jnp.float64:
       with jax.enable_x64(True):
         wide = jitted(Game(*(jnp.asarray(value, jnp.float64) for value in game)), spec)
-        if _check_outcome(wide):
-          return jax.tree.map(
-            lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, wide
-          )
+        narrow = jax.tree.map(
+          lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, wide
+        )
+        # Float64 may be finite where its values overflow the caller's dtype (e.g. payments near 1e38).
+        if _check_outcome(wide) and _check_outcome(narrow):
+          return narrow
     costs = np.asarray(game.costs)
     fail(
-      f"{core.__name__} is not finite in {np.dtype(dtype).name} (nor in float64) for costs in "
+      f"{core.__name__} is not finite in {np.dtype(dtype).name} (solved in float64 too) for costs in "
       f"[{float(costs.min())!r}, {float(costs.max())!r}]: expected magnitudes whose ratios c_i / w_i and "
       "their sum stay finite (rescale the costs and lam together)"
     )
