@@ -210,7 +210,7 @@ _CRASHING_SAVE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("crash_point", ["mid_write", "before_commit"])
+@pytest.mark.parametrize("crash_point", [pytest.param("mid_write", marks=pytest.mark.slow), "before_commit"])
 def test_crash_mid_save_keeps_previous_step(ckpt_dir, crash_point):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   proc = subprocess.run(

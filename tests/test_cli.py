@@ -171,7 +171,7 @@ def _fuzz(worker: ScriptWorker, files, data) -> None:
 def test_fuzzed_flags_exit_2_with_one_line_or_run(workers, files, script):
   worker = workers(script)
 
-  @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+  @settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
   @given(st.data())
   def check(data):
     _fuzz(worker, files, data)

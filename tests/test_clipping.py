@@ -6,7 +6,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
+import pytest
+from absl.testing import absltest
 
 from fcfn_jax import models
 from fcfn_jax.privacy import clipping
@@ -28,8 +29,14 @@ def _setup():
 
 
 class ClippingTest(chex.TestCase):
-  @parameterized.named_parameters(("logreg", False), ("cnn", True))
-  def test_per_example_grads_match_single_example_grads(self, cnn):
+  def test_per_example_grads_match_single_example_grads(self):
+    self._check_per_example_grads(cnn=False)
+
+  @pytest.mark.slow  # the CNN compile; tests/test_per_example.py holds the CNN paths against vmap(grad)
+  def test_per_example_grads_match_single_example_grads_cnn(self):
+    self._check_per_example_grads(cnn=True)
+
+  def _check_per_example_grads(self, cnn):
     loss_fn, params, x, y = _setup()
     if cnn:
       model = models.CNN(num_classes=3, features=(2, 3), hidden=4)

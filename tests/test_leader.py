@@ -132,6 +132,7 @@ def test_per_client_prices_do_not_lower_the_server_utility():
   np.testing.assert_allclose(jnp.exp(jnp.mean(jnp.log(priced.prices))), 1.0, rtol=1e-9)
 
 
+@pytest.mark.slow  # test_solve_leader_vmap_equals_a_python_loop stays in CI
 def test_vmap_over_games_equals_a_python_loop():
   games = random_games(7, 16, eps_max=2.0)
   payments = np.linspace(1.0, 30.0, 16)

@@ -245,6 +245,7 @@ def _sim_cfg(calibration: str = "exact") -> fc.SimulationConfig:
   )
 
 
+@pytest.mark.slow
 def test_prepare_trains_with_the_misreported_budgets():
   cfg = _sim_cfg()
   fed_data = data.load_federated(cfg.data)

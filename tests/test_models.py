@@ -16,7 +16,11 @@ from fcfn_jax.validate import ConfigError
 @pytest.mark.parametrize("name", ["cnn", "logreg"])
 @pytest.mark.parametrize(
   "input_shape,num_classes",
-  [pytest.param((28, 28, 1), 62, marks=pytest.mark.slow), ((28, 28, 1), 10), ((32, 32, 3), 10)],
+  [
+    pytest.param((28, 28, 1), 62, marks=pytest.mark.slow),
+    ((28, 28, 1), 10),
+    pytest.param((32, 32, 3), 10, marks=pytest.mark.slow),
+  ],
 )
 def test_output_shape(name, input_shape, num_classes):
   model = models.make_model(ModelConfig(name), input_shape, num_classes)

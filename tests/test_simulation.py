@@ -142,7 +142,7 @@ def _recomputed_epsilon(row: dict) -> float:
   "privacy",
   [
     fc.PrivacyConfig(),
-    fc.PrivacyConfig(batch_capacity=28),  # a truncation charge of up to 40% of delta
+    pytest.param(fc.PrivacyConfig(batch_capacity=28), marks=pytest.mark.slow),  # charge up to 40% of delta
     pytest.param(fc.PrivacyConfig(sampling="fixed"), marks=pytest.mark.slow),
     pytest.param(fc.PrivacyConfig(accountant="pld", batch_capacity=12), marks=pytest.mark.slow),
     pytest.param(fc.PrivacyConfig(calibration="traced"), marks=pytest.mark.slow),

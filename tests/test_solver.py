@@ -168,6 +168,7 @@ def test_implicit_derivatives_match_finite_differences(cap):
     )
 
 
+@pytest.mark.slow
 def test_zero_payment_means_nobody_participates_with_finite_gradients():
   _, costs, weights, _ = (a[0] for a in random_games(6, 1, 8))
   inputs = dict(

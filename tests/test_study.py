@@ -47,6 +47,7 @@ def test_every_replica_and_the_ceiling_ran(result):
   assert np.all(util[:, 0] == util[:, 1]) and not np.allclose(acc[:, 0], acc[:, 1])
 
 
+@pytest.mark.slow  # shares the study fixture (compiles the game solvers and replica rounds)
 def test_accuracy_table_is_the_t_interval_over_seeds(result):
   rows = {r["mechanism"]: r for r in st.accuracy_table(result)}
   assert set(rows) == {*MECHS, st.CEILING}
@@ -57,6 +58,7 @@ def test_accuracy_table_is_the_t_interval_over_seeds(result):
   assert rows[st.CEILING]["draws"] == 1
 
 
+@pytest.mark.slow  # shares the study fixture (compiles the game solvers and replica rounds)
 def test_redundant_loss_is_the_negated_paired_difference_to_the_social_optimum(result):
   vs = {r["comparison"]: r for r in st.paired_table(result, "social_optimum")}
   for row in st.redundant_loss_table(result):
@@ -66,6 +68,7 @@ def test_redundant_loss_is_the_negated_paired_difference_to_the_social_optimum(r
     assert row["significant"] == (diff["verdict"] != "not significant")
 
 
+@pytest.mark.slow  # shares the study fixture (compiles the game solvers and replica rounds)
 def test_game_tables_use_one_value_per_seed(result):
   game = {r["mechanism"]: r for r in st.game_table(result)}
   util = st.per_seed(result.summary, "social_optimum", "social_welfare", 2, 2)[:, 0]
@@ -78,6 +81,7 @@ def test_game_tables_use_one_value_per_seed(result):
   assert all(r["seeds"] == 2 for r in paired)
 
 
+@pytest.mark.slow  # shares the study fixture (compiles the game solvers and replica rounds)
 def test_curves_and_the_scaling_table(result):
   curves = st.curves(result)
   assert len(curves) == (len(MECHS) + 1) * 2
@@ -90,6 +94,7 @@ def test_curves_and_the_scaling_table(result):
   assert list(st.groups([result, other])) == ["scaling"]
 
 
+@pytest.mark.slow  # shares the study fixture (compiles the game solvers and replica rounds)
 def test_a_result_reloads_from_its_summary(result, tmp_path):
   report.write_csv_atomic(tmp_path / "tiny_summary.csv", st.summary_rows(result))
   report.write_json_atomic(tmp_path / "tiny_accuracy.json", {"clients": result.clients, "rows": []})

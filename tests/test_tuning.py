@@ -56,6 +56,7 @@ def test_adam_reaches_the_closed_form_payment():
   )
 
 
+@pytest.mark.slow
 def test_small_steps_improve_the_objective_monotonically():
   g = problem(eps_max=1e3, lam=20.0)
   _, trace = tuning.tune_pricing(

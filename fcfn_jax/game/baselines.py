@@ -137,7 +137,7 @@ def _mechanism(
           return narrow
     costs = np.asarray(game.costs)
     fail(
-      f"{core.__name__} is not finite in {np.dtype(dtype).name} (solved in float64 too) for costs in "
+      f"{core.__name__} is not finite in {np.dtype(dtype).name} (nor in float64) for costs in "
       f"[{float(costs.min())!r}, {float(costs.max())!r}]: expected magnitudes whose ratios c_i / w_i and "
       "their sum stay finite (rescale the costs and lam together)"
     )
