@@ -150,7 +150,7 @@ def test_more_contract_types_never_lower_the_server_utility():
   "valuation_name, eps_max",
   [
     ("dp", 1.0),
-    ("log", 8.0),
+    pytest.param("log", 8.0, marks=pytest.mark.slow),
     pytest.param("dp", 8.0, marks=pytest.mark.slow),
     pytest.param("log", 1.0, marks=pytest.mark.slow),
   ],

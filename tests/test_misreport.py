@@ -153,6 +153,7 @@ def test_stackelberg_single_liar_never_gains_with_three_or_more_participants():
   assert checked >= 8  # most of these games have >= 3 participants
 
 
+@pytest.mark.slow
 def test_stackelberg_two_participants_the_costlier_can_gain():
   """Measured: with exactly 2 participants the costlier one gains iff (lam - K)(k_i - k_j) > k_j K."""
   costs = np.random.default_rng(6).uniform(0.3, 5.0, (40, 2))

@@ -169,6 +169,7 @@ def test_masked_slots_contribute_exactly_nothing():
   np.testing.assert_array_equal(np.asarray(dirty.losses)[~np.asarray(MASK)], 0.0)
 
 
+@pytest.mark.slow  # tests/test_federated.py runs the vmapped DP round against a per-client loop
 def test_vmapped_over_clients_with_noise():
   """dp_gradient per client (vmapped, noise on, per-client z) is the same with either ClippedSumFn."""
   model, shape, clients = models.CNN(5, features=(4, 8), hidden=16), (8, 8, 1), 3
