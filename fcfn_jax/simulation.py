@@ -58,6 +58,18 @@ STATE_LAYOUT_VERSION = 1
 # Config fields that never change results (where files go; the data's digest stands for its path).
 _NOT_FINGERPRINTED = ("checkpoint_dir", "checkpoint_every", "data.path")
 OTHER_RUN = ".other-run"  # suffix of a checkpoint folder moved aside by restart_on_mismatch
+# The game-level columns of a summary row (deterministic per seed: the mechanism's outcome, not training).
+GAME_COLUMNS = (
+  "quality",
+  "server_utility",
+  "mean_client_utility",
+  "social_welfare",
+  "average_utility",
+  "participants",
+  "total_payment",
+  "mean_epsilon",
+  "min_epsilon",
+)
 
 logger = logging.getLogger(__name__)
 

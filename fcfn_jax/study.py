@@ -43,17 +43,7 @@ from fcfn_jax.validate import check_int, require
 
 Row = dict[str, Any]
 REFERENCES = ("stackelberg", "social_optimum")
-GAME_METRICS = (
-  "quality",
-  "server_utility",
-  "mean_client_utility",
-  "social_welfare",
-  "average_utility",
-  "participants",
-  "total_payment",
-  "mean_epsilon",
-  "min_epsilon",
-)
+GAME_METRICS = simulation.GAME_COLUMNS
 PAIRED_GAME_METRICS = ("server_utility", "average_utility", "social_welfare")
 CEILING = "non_private"
 PAPER_LOGREG_ROUNDS = 20

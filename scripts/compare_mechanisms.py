@@ -28,15 +28,7 @@ sim_flags.FLAGS.set_default("out", "results/compare")
 
 COLUMNS = (
   "label",
-  "quality",
-  "server_utility",
-  "mean_client_utility",
-  "social_welfare",
-  "average_utility",
-  "participants",
-  "total_payment",
-  "mean_epsilon",
-  "min_epsilon",
+  *simulation.GAME_COLUMNS,
   "test_accuracy",
   "redundant_accuracy_loss",
   "wall_time_s",
