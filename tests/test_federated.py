@@ -203,7 +203,8 @@ def test_round_equals_per_client_loop(model, privacy):
   assert int(new_state.round) == 1
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3])  # 1: no vmap; 3 does not divide 7 clients
+# 3 does not divide 7 clients (a padded last chunk); 1 (no vmap at all) runs with -m slow
+@pytest.mark.parametrize("chunk_size", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_chunked_equals_unchunked(chunk_size):
   """Noise on: per-client keys do not depend on chunking."""
   pool, state, key = _pool(), _state(), jax.random.key(2)
@@ -253,21 +254,22 @@ def test_a_round_over_rows_of_a_shared_pool_equals_the_round_over_those_clients(
 def test_automatic_chunk_fits_the_budget():
   """chunk_size = 0: floor(budget / (replicas x one client's XLA working memory)), clamped to [1, clients];
   an explicit chunk_size is kept."""
-  params = _state(CNN).params
+  params = _state(LOGREG).params
   row = jax.ShapeDtypeStruct((12, *SHAPE), jnp.uint8)
-  per_client = federated.client_bytes(CNN.apply, params, row, FED, PRIVATE)
+  per_client = federated.client_bytes(LOGREG.apply, params, row, FED, PRIVATE)
   bigger = federated.client_bytes(
-    CNN.apply, params, jax.ShapeDtypeStruct((48, *SHAPE), jnp.uint8), FED, PRIVATE
+    LOGREG.apply, params, jax.ShapeDtypeStruct((48, *SHAPE), jnp.uint8), FED, PRIVATE
   )
   assert 0 < per_client < bigger  # the row's sampling scores grow with its capacity
   budget = federated.chunk_budget("cpu")
   assert budget == federated.CPU_CHUNK_BYTES
   for clients, replicas in ((10**6, 1), (10**6, 3), (2, 1)):
     expected = min(max(budget // (per_client * replicas), 1), clients)
-    assert federated.chunk_clients(FED, PRIVATE, CNN.apply, params, row, clients, replicas, "cpu") == expected
+    chunk = federated.chunk_clients(FED, PRIVATE, LOGREG.apply, params, row, clients, replicas, "cpu")
+    assert chunk == expected
   explicit = dataclasses.replace(FED, chunk_size=5)
-  assert federated.chunk_clients(explicit, PRIVATE, CNN.apply, params, row, 3) == 3
-  assert federated.chunk_clients(explicit, PRIVATE, CNN.apply, params, row, 100) == 5
+  assert federated.chunk_clients(explicit, PRIVATE, LOGREG.apply, params, row, 3) == 3
+  assert federated.chunk_clients(explicit, PRIVATE, LOGREG.apply, params, row, 100) == 5
 
 
 def test_sitting_out_clients_contribute_nothing():
@@ -332,7 +334,8 @@ def test_client_noise_is_independent_per_step_with_std_zc_over_qn(dataset_size):
   assert abs(draws.mean()) < 0.1
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+# momentum's state is a subset of adam's: slow (each optimizer is a ~10 s round compile on CI)
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("momentum", marks=pytest.mark.slow), "adam"])
 def test_round_without_participants_keeps_state(optimizer):
   fed = FederatedConfig(local_steps=1, batch_size=4, server_optimizer=optimizer)
   pool, state = _pool(), _state(fed=fed)

@@ -13,7 +13,8 @@ from fcfn_jax.config import ModelConfig
 from fcfn_jax.validate import ConfigError
 
 
-@pytest.mark.parametrize("name", ["cnn", "logreg"])
+# The CNN at 28x28 (~15 s of compile on CI) is also compiled by test_per_example.py::test_cnn_is_the_flax_cnn.
+@pytest.mark.parametrize("name", [pytest.param("cnn", marks=pytest.mark.slow), "logreg"])
 @pytest.mark.parametrize(
   "input_shape,num_classes",
   [

@@ -66,17 +66,22 @@ def test_sharded_round_equals_single_device_round(clients):
   assert int(sharded_metrics.participants) == int(single_metrics.participants) > 0
 
 
-def test_presharded_pool_and_auto_axes():
-  """A pool put on client_sharding once (as a training loop would) and a mesh with Auto axes."""
+@pytest.mark.parametrize(
+  # an Explicit mesh is what test_sharded_round_equals_single_device_round runs: its presharded variant
+  # (another ~20 s compile on CI) is slow
+  "axis_type",
+  [pytest.param("explicit", marks=pytest.mark.slow), "auto"],
+)
+def test_presharded_pool_and_auto_axes(axis_type):
+  """A pool put on client_sharding once (as a training loop would), on a mesh with Explicit / Auto axes."""
   pool, z, w = _inputs(8, seed=1)
-  state = _state()
-  single, _ = _round(state, pool, z, w)
-  for mesh in (_mesh(), _mesh(jax.sharding.AxisType.Auto)):
-    sharding = federated.client_sharding(mesh)
-    placed = jax.device_put((pool, z, w), sharding)
-    assert placed[0].x.sharding == sharding
-    sharded, _ = _round(state, *placed, mesh=mesh)
-    chex.assert_trees_all_close(sharded, single, atol=1e-6)
+  single, _ = _round(_state(), pool, z, w)
+  mesh = _mesh(getattr(jax.sharding.AxisType, axis_type.capitalize()))
+  sharding = federated.client_sharding(mesh)
+  placed = jax.device_put((pool, z, w), sharding)
+  assert placed[0].x.sharding == sharding
+  sharded, _ = _round(_state(), *placed, mesh=mesh)
+  chex.assert_trees_all_close(sharded, single, atol=1e-6)
 
 
 def test_shard_clients_builds_the_sharded_pool_from_each_process_block():
