@@ -13,7 +13,8 @@ Replicas are grouped by cohort size (powers of two up to the largest participant
 participants is not padded to the 40 of 'no_incentive'); each group is ONE jitted round, mapped over its
 replicas: ``lax.map`` over batches of ``group`` replicas, each batch a ``vmap``, where group x chunk clients
 fit the backend's working-memory budget (``federated.chunk_clients``). The replica axis is a plain leading
-axis of every input, so it can be split over processes.
+axis of every input: with several processes each trains its own block of every group and one gather at
+the end joins the results (:func:`run`; docs/model.md "Multi-host").
 
 A replica equals ``simulation.run`` of the same config (seed, mechanism, draw) to float rounding when the
 noise is calibrated host-side (``calibration='exact'``, or a non-private run): same initial model (fold_in
@@ -75,9 +76,10 @@ class TestSets(NamedTuple):
 
 class Runs(NamedTuple):
   """What :func:`run` returns: one summary row per replica (``simulation.summary_row`` plus seed and
-  draw; wall_time_s is the replica's share of its group's program), one history row per replica and round,
-  one privacy record per (experiment, client) (``simulation.client_rows``, shared by the draws), the final
-  server states stacked [replicas, ...] in ``replicas`` order, and the programs' timings."""
+  draw; wall_time_s is the replica's share of its group's program in the process that trained it), one
+  history row per replica and round, one privacy record per (experiment, client)
+  (``simulation.client_rows``, shared by the draws), the final server states stacked [replicas, ...] in
+  ``replicas`` order, and the programs' timings."""
 
   summary: list[dict[str, Any]]
   history: list[dict[str, Any]]
@@ -273,7 +275,7 @@ def _stack(trees: Sequence[Any]) -> Any:
 
 
 # A round's record of each replica: history column -> dtype (the dtypes the programs return, kept through
-# the gather so that every process's rows are the single-process rows to the bit).
+# the gather: a gathered row is the row its process computed, to the bit).
 _CURVES = {
   "test_accuracy": np.float32,
   "test_loss": np.float32,
