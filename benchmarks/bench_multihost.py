@@ -16,8 +16,8 @@ the round's time (0 on one device). Clients are resampled from the embedded FEMN
 the embedded digits, 'traced' calibration as in the study) in 1 process vs 2 processes (each trains its
 block of R/2 and the results are gathered once), side by side in one run. ``run_s`` = median wall time of
 ``replicas.run`` in process 0 after a first, compiling run (the gather included: it waits for the slower
-process); ``gather_s`` = the gather of the final states alone; ``load_1min`` = the load average when the
-layout ended (the machine is shared).
+process); ``gather_s`` = the gather of the final states alone; ``load_start`` / ``load_end`` = the load
+average when the layout started / ended (the machine is shared).
 
 Examples (a few minutes on 2 cores):
   python benchmarks/bench_multihost.py
@@ -188,6 +188,7 @@ def time_replicas(model_name: str, count: int) -> dict[str, Any]:
   gather_s = _median_s(lambda: distributed.gather_blocks(mine, blocks), FLAGS.repeats)
   return {
     "replicas_per_process": blocks[jax.process_index()],
+    "vmap_group": result.timings[0]["group"],
     "prepare_s": prepare.elapsed,
     "first_run_s": first.elapsed,
     "run_s": run_s,
@@ -281,6 +282,7 @@ def bench_replicas(machine, write_tables) -> None:
     model_name, count = case.split(":")
     base = None
     for layout, processes, devices in REPLICA_LAYOUTS:
+      load_start = os.getloadavg()[0]
       result = run_layout(case, processes, devices)
       base = base or result["run_s"]
       rows.append(
@@ -292,7 +294,8 @@ def bench_replicas(machine, write_tables) -> None:
           "layout": layout,
           **result,
           "speedup_vs_1p": base / result["run_s"],
-          "load_1min": os.getloadavg()[0],
+          "load_start": load_start,
+          "load_end": os.getloadavg()[0],
         }
       )
       print(f"{case} {layout}: {result['run_s']:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)
@@ -305,7 +308,9 @@ def bench_replicas(machine, write_tables) -> None:
     "note": "run_s = median wall time of replicas.run in process 0 after a first compiling run "
     "(first_run_s), the final gather included; gather_s = median time of gathering the final states "
     "alone; comm_share = gather_s / run_s; speedup_vs_1p = (1 process run_s) / run_s, measured in the "
-    "same run; load_1min = the 1-minute load average when the layout ended (a shared machine)",
+    "same run; vmap_group = replicas vmapped side by side (process 0); load_start, load_end = the 1-minute "
+    "load average when the layout started and ended (a shared machine: with more runnable jobs than cores, "
+    "2 processes also get a larger share of the CPU than 1)",
   }
   write_tables(FLAGS.out, "bench_multihost_replicas", {"multihost_replicas": rows}, meta)
 
