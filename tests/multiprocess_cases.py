@@ -106,7 +106,9 @@ REPLICA_SETTING = study.Setting(
 
 def run_replicas() -> replicas.Runs:
   """The study's replicas of ``REPLICA_SETTING`` (2 seeds x 2 mechanisms x 2 draws of logistic regression
-  on the embedded digits, 2 rounds), prepared as ``study.run_setting`` prepares them."""
+  on the embedded digits, 2 rounds), prepared as ``study.run_setting`` prepares them, and a ninth replica:
+  the social optimum of a 2-client game, alone in its cohort-size group (2 participants), so that over 2
+  processes the 9 replicas split unevenly (5 + 4) and process 1's block of that group is empty."""
   setting = REPLICA_SETTING
   datasets = study.load_seeds(setting)
   capacity = study.capacity_of(datasets)
@@ -116,6 +118,11 @@ def run_replicas() -> replicas.Runs:
     for mechanism in setting.mechanisms
   ]
   runs = [replicas.Replica(e, d) for e in range(len(experiments)) for d in range(setting.draws)]
+  pair = setting.config(0, "social_optimum", capacity)
+  experiments.append(
+    simulation.prepare(dataclasses.replace(pair, data=dataclasses.replace(pair.data, num_clients=2)))
+  )
+  runs.append(replicas.Replica(len(experiments) - 1, 0))
   return replicas.run(experiments, runs, eval_examples=50, progress=False, account=False)
 
 

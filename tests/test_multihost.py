@@ -198,16 +198,18 @@ def _rows_close(got: list[dict], want: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_two_process_replicas_equal_one_process_replicas(tmp_path):
-  """Each process trains its block of each cohort-size group (2 of 4 here); the gathered rows are the
-  single-process rows in the same order, with the same keys and cohorts. Not to the bit: a process vmaps
-  2 replicas where one process vmaps 4, and XLA's batched sums round differently (1.5e-8 measured)."""
+  """Each process trains its block of each cohort-size group (groups of 4, 4 and 1 replicas: blocks of
+  2 + 2, 2 + 2 and 1 + 0); the gathered rows are the single-process rows in the same order, with the same
+  keys and cohorts. Not to the bit: a process vmaps 2 replicas where one process vmaps 4, and XLA's
+  batched sums round differently (1.5e-8 measured; the same block alone in one process is bit-equal)."""
   folder, _ = _program(tmp_path, "--checks=replicas")
   with open(os.path.join(folder, "replicas.json")) as f:
     got = json.load(f)
   want = cases.run_replicas()
   _rows_close(got["summary"], want.summary)
   _rows_close(got["history"], want.history)
-  assert [t["replicas"] for t in got["timings"]] == [t["replicas"] for t in want.timings]
+  assert [t["replicas"] for t in got["timings"]] == [t["replicas"] for t in want.timings] == [1, 4, 4]
+  assert got["timings"][0]["padded_replicas"] == 1  # process 1 trained none of the lone replica's group
   assert {t["processes"] for t in got["timings"]} == {2} and "processes" not in want.timings[0]
   _assert_close(os.path.join(folder, "replicas.npz"), _flat(want.states, "states"))
 
