@@ -12,9 +12,17 @@ of a payload shaped like the round's totals (the params pytree + 4 scalars); ``c
 the round's time (0 on one device). Clients are resampled from the embedded FEMNIST digits
 (``common.resampled_pool``).
 
-Example (a few minutes on 2 cores):
+``--mode=replicas``: a study's replicas (``replicas.run``: R draws of one seed's Stackelberg experiment on
+the embedded digits, 'traced' calibration as in the study) in 1 process vs 2 processes (each trains its
+block of R/2 and the results are gathered once), side by side in one run. ``run_s`` = median wall time of
+``replicas.run`` in process 0 after a first, compiling run (the gather included: it waits for the slower
+process); ``gather_s`` = the gather of the final states alone; ``load_start`` / ``load_end`` = the load
+average when the layout started / ended (the machine is shared).
+
+Examples (a few minutes on 2 cores):
   python benchmarks/bench_multihost.py
   python benchmarks/bench_multihost.py --cases=logreg:4096:64,cnn:256:8 --repeats=5
+  python benchmarks/bench_multihost.py --mode=replicas --replica_cases=logreg:16   # ~3 minutes
 """
 
 from __future__ import annotations
@@ -33,7 +41,16 @@ from absl import app, flags  # noqa: E402
 
 from fcfn_jax import distributed  # noqa: E402
 
-flags.DEFINE_list("cases", ["logreg:4096:64", "cnn:256:8"], "model:clients:chunk_size per case.")
+flags.DEFINE_enum(
+  "mode",
+  "round",
+  ["round", "replicas"],
+  "round: one DP round (--cases); replicas: replicas.run (--replica_cases).",
+)
+flags.DEFINE_list("cases", ["logreg:4096:64", "cnn:256:8"], "round mode: model:clients:chunk_size per case.")
+flags.DEFINE_list("replica_cases", ["logreg:16"], "replicas mode: model:replicas per case.")
+flags.DEFINE_integer("clients", 10, "replicas mode: clients of the experiment.")
+flags.DEFINE_integer("rounds", 3, "replicas mode: rounds per replica.")
 flags.DEFINE_integer("local_steps", 2, "Local DP-SGD steps per client.")
 flags.DEFINE_integer("batch_size", 32, "Local batch size.")
 flags.DEFINE_integer("capacity", 64, "Examples per client.")
@@ -42,10 +59,11 @@ flags.DEFINE_float("timeout_s", 900.0, "Stop a layout's processes after this man
 flags.DEFINE_string(
   "out", "results/bench_multihost", "Folder for bench_multihost.{json,md} and multihost.csv."
 )
-flags.DEFINE_string("worker", None, "Internal: 'model:clients:chunk' = time one case in this process.")
+flags.DEFINE_string("worker", None, "Internal: time one case (of --mode) in this process.")
 FLAGS = flags.FLAGS
 
 LAYOUTS = (("1 process x 1 device", 1, 1), ("1 process x 2 devices", 1, 2), ("2 processes x 1 device", 2, 1))
+REPLICA_LAYOUTS = (("1 process", 1, 1), ("2 processes", 2, 1))  # replicas split over processes only
 NOISE_MULTIPLIER = 1.0
 RESULT = "RESULT "
 
@@ -93,12 +111,7 @@ def time_case(model_name: str, clients: int, chunk: int) -> dict[str, Any]:
 
   def median_s(fn) -> float:
     fn()  # compile and warm up
-    times = []
-    for _ in range(FLAGS.repeats):
-      with report.Timer() as t:
-        fn()
-      times.append(t.elapsed)
-    return float(np.median(times))
+    return _median_s(fn, FLAGS.repeats)
 
   with report.Timer() as compile_and_first:
     one_round()
@@ -128,13 +141,71 @@ def time_case(model_name: str, clients: int, chunk: int) -> dict[str, Any]:
   }
 
 
+def _median_s(fn, repeats: int) -> float:
+  """The median wall time of ``repeats`` calls of ``fn``."""
+  import numpy as np
+
+  from fcfn_jax import report
+
+  times = []
+  for _ in range(repeats):
+    with report.Timer() as t:
+      fn()
+    times.append(t.elapsed)
+  return float(np.median(times))
+
+
+def time_replicas(model_name: str, count: int) -> dict[str, Any]:
+  """``replicas.run`` of ``count`` draws in this process (after ``distributed.initialize``; with several
+  processes each trains its block): prepare, first (compiling) run, median run, the gather alone."""
+  import jax
+  import numpy as np
+
+  from fcfn_jax import config as fc
+  from fcfn_jax import replicas, report, simulation
+
+  cfg = fc.SimulationConfig(
+    data=fc.DataConfig(num_clients=FLAGS.clients, capacity=FLAGS.capacity, test_examples=500),
+    model=fc.ModelConfig(model_name),
+    federated=fc.FederatedConfig(
+      rounds=FLAGS.rounds, local_steps=FLAGS.local_steps, batch_size=FLAGS.batch_size
+    ),
+    privacy=fc.PrivacyConfig(calibration="traced"),
+  )
+  with report.Timer() as prepare:
+    exp = simulation.prepare(cfg)
+  runs = [replicas.Replica(0, d) for d in range(count)]
+
+  def train():
+    return replicas.run([exp], runs, progress=False, account=False)
+
+  with report.Timer() as first:
+    result = train()
+  run_s = _median_s(train, FLAGS.repeats)
+  # The gather's payload, dominated by the final states: this process's block of them.
+  mine = jax.tree.map(lambda a: np.asarray(a[distributed.process_block(count)]), result.states)
+  blocks = [len(range(count)[distributed.process_block(count, p)]) for p in range(jax.process_count())]
+  gather_s = _median_s(lambda: distributed.gather_blocks(mine, blocks), FLAGS.repeats)
+  return {
+    "replicas_per_process": blocks[jax.process_index()],
+    "vmap_group": result.timings[0]["group"],
+    "prepare_s": prepare.elapsed,
+    "first_run_s": first.elapsed,
+    "run_s": run_s,
+    "gather_s": gather_s,
+    "comm_share": gather_s / run_s,
+    "final_accuracy_mean": float(np.mean([r["test_accuracy"] for r in result.summary])),
+  }
+
+
 def run_layout(case: str, processes: int, devices: int) -> dict[str, Any]:
   """The case in fresh process(es) of one layout: process 0's result."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   if devices > 1:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  passed = [f"--{n}={FLAGS[n].value}" for n in ("local_steps", "batch_size", "capacity", "repeats")]
+  names = ("mode", "local_steps", "batch_size", "capacity", "repeats", "clients", "rounds")
+  passed = [f"--{n}={FLAGS[n].value}" for n in names]
   command = [sys.executable, os.path.abspath(__file__), f"--worker={case}", *passed]
   with tempfile.TemporaryDirectory() as logs:
     if processes == 1:
@@ -157,14 +228,21 @@ def main(argv: Sequence[str]) -> None:
     distributed.initialize()
     import jax
 
-    model_name, clients, chunk = FLAGS.worker.split(":")
-    result = time_case(model_name, int(clients), int(chunk))
+    if FLAGS.mode == "replicas":
+      model_name, count = FLAGS.worker.split(":")
+      result = time_replicas(model_name, int(count))
+    else:
+      model_name, clients, chunk = FLAGS.worker.split(":")
+      result = time_case(model_name, int(clients), int(chunk))
     if jax.process_index() == 0:
       print(RESULT + json.dumps(result), flush=True)
     return
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from common import machine, write_tables
 
+  if FLAGS.mode == "replicas":
+    bench_replicas(machine, write_tables)
+    return
   rows = []
   for case in FLAGS.cases:
     model_name, clients, chunk = case.split(":")
@@ -195,6 +273,46 @@ def main(argv: Sequence[str]) -> None:
     "compilation; speedup_vs_1x1 = (1 process x 1 device round_s) / round_s, measured in the same run",
   }
   write_tables(FLAGS.out, "bench_multihost", {"multihost": rows}, meta)
+
+
+def bench_replicas(machine, write_tables) -> None:
+  """The replicas mode: every case in 1 process, then in 2 processes, side by side."""
+  rows = []
+  for case in FLAGS.replica_cases:
+    model_name, count = case.split(":")
+    base = None
+    for layout, processes, devices in REPLICA_LAYOUTS:
+      load_start = os.getloadavg()[0]
+      result = run_layout(case, processes, devices)
+      base = base or result["run_s"]
+      rows.append(
+        {
+          "model": model_name,
+          "replicas": int(count),
+          "clients": FLAGS.clients,
+          "rounds": FLAGS.rounds,
+          "layout": layout,
+          **result,
+          "speedup_vs_1p": base / result["run_s"],
+          "load_start": load_start,
+          "load_end": os.getloadavg()[0],
+        }
+      )
+      print(f"{case} {layout}: {result['run_s']:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+  meta = {
+    **machine(),
+    "local_steps": FLAGS.local_steps,
+    "batch_size": FLAGS.batch_size,
+    "capacity": FLAGS.capacity,
+    "repeats": FLAGS.repeats,
+    "note": "run_s = median wall time of replicas.run in process 0 after a first compiling run "
+    "(first_run_s), the final gather included; gather_s = median time of gathering the final states "
+    "alone; comm_share = gather_s / run_s; speedup_vs_1p = (1 process run_s) / run_s, measured in the "
+    "same run; vmap_group = replicas vmapped side by side (process 0); load_start, load_end = the 1-minute "
+    "load average when the layout started and ended (a shared machine: with more runnable jobs than cores, "
+    "2 processes also get a larger share of the CPU than 1)",
+  }
+  write_tables(FLAGS.out, "bench_multihost_replicas", {"multihost_replicas": rows}, meta)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ Coordination (docs/model.md "Multi-host"; every helper is a plain call in a sing
 :func:`run_on_coordinator` runs a side effect once, in process 0, and gives every process its result or
 its ConfigError (checkpoint I/O uses it); :func:`broadcast_json` / :func:`broadcast_arrays` send process
 0's values; :func:`gather` brings arrays split over processes whole into every process; :func:`global_rows`
-builds an array split over processes from each process's own rows (:func:`process_rows`).
+builds an array split over processes from each process's own rows (:func:`process_rows`). Work split on the
+host (independent items, no collective while they run): :func:`process_block` is this process's share of
+N items, :func:`gather_blocks` joins every process's results in process order.
 
 Failure: :func:`fail_fast` ends a failing process at once. :func:`launch_local` then stops the others; on a
 cluster their next collective fails on the closed connection (or gloo's 30 s set-up timeout), and JAX's
@@ -185,6 +187,60 @@ def gather(tree: Any) -> Any:
     return leaf
 
   return jax.tree.map(full, tree)
+
+
+def process_block(count: int, process: int | None = None, processes: int | None = None) -> slice:
+  """Items [start, stop) of ``process``'s share when ``count`` items are split into ``processes``
+  contiguous blocks in process order (default: this process of this program).
+
+  Block sizes differ by at most one: the first ``count % processes`` processes take one item more. A block
+  is empty when count < processes. In a single process: all of them, ``slice(0, count)``.
+  """
+  process = jax.process_index() if process is None else process
+  processes = jax.process_count() if processes is None else processes
+  check_int("count", count, minimum=0)
+  check_int("processes", processes)
+  require(0 <= process < processes, f"process={process} is invalid: expected an integer in [0, {processes})")
+  size, extra = divmod(count, processes)
+  start = process * size + min(process, extra)
+  return slice(start, start + size + (process < extra))
+
+
+def join_blocks(stacked: Any, counts: Sequence[int]) -> Any:
+  """Leaves [processes, max(counts), ...] (process p's block padded to one length) -> [sum(counts), ...]:
+  the first ``counts[p]`` rows of each process's block, in process order (numpy)."""
+  return jax.tree.map(lambda a: np.concatenate([np.asarray(a[p, :c]) for p, c in enumerate(counts)]), stacked)
+
+
+def gather_blocks(tree: Any, counts: Sequence[int]) -> Any:
+  """Every process's block of rows, joined in process order, in every process: a collective.
+
+  Args:
+    tree: this process's results, a pytree of host arrays [counts[this process], ...] (empty blocks keep
+      their trailing shape and dtype: every process passes the same structure).
+    counts: every process's block length, [processes] (the same list in every process).
+
+  Returns:
+    The pytree of numpy arrays [sum(counts), ...] (block 0, then block 1, ...). Each block is padded to
+    max(counts) rows for one all-gather and cut back (:func:`join_blocks`); dtypes are kept (64-bit ones
+    too). A single process returns ``tree`` unchanged.
+  """
+  if not is_multiprocess():
+    return tree
+  require(
+    len(counts) == jax.process_count(),
+    f"counts={list(counts)} is invalid: expected one block length per process ({jax.process_count()})",
+  )
+  size, mine = max(max(counts), 1), counts[jax.process_index()]
+
+  def pad(leaf):
+    leaf = np.asarray(leaf)
+    require(leaf.shape[0] == mine, f"a block of {leaf.shape[0]} rows is invalid: expected counts[p]={mine}")
+    return np.pad(leaf, [(0, size - mine)] + [(0, 0)] * (leaf.ndim - 1))
+
+  with jax.enable_x64(True):  # float64 timings and int64 ids cross unchanged
+    stacked = multihost_utils.process_allgather(jax.tree.map(pad, tree), tiled=False)
+  return join_blocks(stacked, counts)
 
 
 def process_rows(num_rows: int, sharding: jax.sharding.Sharding) -> slice:

@@ -13,7 +13,8 @@ Replicas are grouped by cohort size (powers of two up to the largest participant
 participants is not padded to the 40 of 'no_incentive'); each group is ONE jitted round, mapped over its
 replicas: ``lax.map`` over batches of ``group`` replicas, each batch a ``vmap``, where group x chunk clients
 fit the backend's working-memory budget (``federated.chunk_clients``). The replica axis is a plain leading
-axis of every input, so it can be split over processes.
+axis of every input: with several processes each trains its own block of every group and one gather at
+the end joins the results (:func:`run`; docs/model.md "Multi-host").
 
 A replica equals ``simulation.run`` of the same config (seed, mechanism, draw) to float rounding when the
 noise is calibrated host-side (``calibration='exact'``, or a non-private run): same initial model (fold_in
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from fcfn_jax import data, federated, simulation
+from fcfn_jax import data, distributed, federated, simulation
 from fcfn_jax.report import Timer
 from fcfn_jax.validate import check_int, require
 
@@ -75,9 +76,10 @@ class TestSets(NamedTuple):
 
 class Runs(NamedTuple):
   """What :func:`run` returns: one summary row per replica (``simulation.summary_row`` plus seed and
-  draw; wall_time_s is the replica's share of its group's program), one history row per replica and round,
-  one privacy record per (experiment, client) (``simulation.client_rows``, shared by the draws), the final
-  server states stacked [replicas, ...] in ``replicas`` order, and the programs' timings."""
+  draw; wall_time_s is the replica's share of its group's program in the process that trained it), one
+  history row per replica and round, one privacy record per (experiment, client)
+  (``simulation.client_rows``, shared by the draws), the final server states stacked [replicas, ...] in
+  ``replicas`` order, and the programs' timings."""
 
   summary: list[dict[str, Any]]
   history: list[dict[str, Any]]
@@ -272,19 +274,74 @@ def _stack(trees: Sequence[Any]) -> Any:
   return jax.tree.map(lambda *leaves: jnp.stack([jnp.asarray(leaf) for leaf in leaves]), *trees)
 
 
-def _history_row(exp: simulation.Experiment, draw: int, t: int, accuracy, loss, count, metrics, j: int):
-  return {
-    "mechanism": exp.cfg.game.mechanism,
-    "seed": exp.cfg.seed,
-    "draw": draw,
-    "round": t + 1,
-    "test_accuracy": float(accuracy[j]),
-    "test_loss": float(loss[j]),
-    "test_examples": int(count[j]),
-    "train_loss": float(metrics.train_loss[j]),
-    "clip_fraction": float(metrics.clip_fraction[j]),
-    "participants": int(metrics.participants[j]),
-  }
+# A round's record of each replica: history column -> dtype (the dtypes the programs return, kept through
+# the gather: a gathered row is the row its process computed, to the bit).
+_CURVES = {
+  "test_accuracy": np.float32,
+  "test_loss": np.float32,
+  "test_examples": np.int32,
+  "train_loss": np.float32,
+  "clip_fraction": np.float32,
+  "participants": np.int32,
+}
+_TIMING = ("padded_replicas", "chunk_size", "group", "wall_time_s")  # a group's figures, per process
+
+
+def process_replicas(groups: Sequence[np.ndarray], process: int, processes: int) -> np.ndarray:
+  """The replicas ``process`` trains: its block (``distributed.process_block``) of each cohort-size group,
+  group by group: int64 [n]. Concatenated over processes 0..P-1 they are every replica once: the order of
+  the rows that :func:`run` gathers."""
+  blocks = [g[distributed.process_block(len(g), process, processes)] for g in groups]
+  return np.concatenate(blocks).astype(np.int64)
+
+
+def _train_group(
+  experiments: Sequence[simulation.Experiment],
+  replicas: Sequence[Replica],
+  block: np.ndarray,
+  size: int,
+  pool: data.ClientPool,
+  first_row: Sequence[int],
+  evaluations: dict[str, TestSets],
+  desc: str,
+  progress: bool,
+) -> tuple[dict[str, np.ndarray], federated.ServerState, np.ndarray]:
+  """Trains the replicas ``block`` (indices into ``replicas``, one cohort size) as one program per round.
+
+  Returns:
+    (curves: column -> [len(block), rounds] (``_CURVES``), final states [len(block), ...], the group's
+    timing figures float64 [len(_TIMING)]).
+  """
+  exp0, cfg0 = experiments[0], experiments[0].cfg
+  rounds = cfg0.federated.rounds
+  chunk, group = layout(exp0, simulation.init_state(exp0).server, size, len(block))
+  fed = dataclasses.replace(cfg0.federated, chunk_size=chunk)
+  # Whole batches of ``group``: the last replica is repeated and its copies' results are dropped.
+  padded = np.concatenate([block, np.repeat(block[-1], -len(block) % group)])
+  mine = [(experiments[replicas[i].experiment], replicas[i]) for i in padded]
+  states = _stack([simulation.init_state(exp).server for exp, _ in mine])
+  cohorts = _stack([cohort(exp, first_row[r.experiment], size) for exp, r in mine])
+  keys = _stack([simulation.training_key(dataclasses.replace(exp.cfg, draw=r.draw)) for exp, r in mine])
+  tests = {k: jax.device_put(v._replace(index=v.index[padded])) for k, v in evaluations.items()}
+  curves: dict[str, list[np.ndarray]] = {name: [] for name in _CURVES}
+  bar = tqdm.tqdm(range(rounds), desc=desc, disable=not progress)
+  with Timer() as timer:
+    for t in bar:
+      states, metrics = replica_round(
+        states, pool, cohorts, keys, apply_fn=exp0.apply_fn, fed=fed, privacy=cfg0.privacy, group=group
+      )
+      test = tests["full" if t == rounds - 1 else "partial"]
+      accuracy, loss = replica_accuracy(states.params, test, apply_fn=exp0.apply_fn, group=group)
+      count = test.count[test.index]
+      values = jax.device_get(
+        (accuracy, loss, count, metrics.train_loss, metrics.clip_fraction, metrics.participants)
+      )
+      for name, value in zip(_CURVES, values):
+        curves[name].append(value[: len(block)])  # the repeated copies dropped
+      bar.set_postfix(acc=f"{float(np.mean(accuracy)):.3f}")
+  states = jax.tree.map(lambda a: a[: len(block)], states)
+  out = {name: np.stack(columns, axis=1).astype(_CURVES[name]) for name, columns in curves.items()}
+  return out, states, np.array([len(padded), chunk, group, timer.elapsed], np.float64)
 
 
 def run(
@@ -297,6 +354,11 @@ def run(
   account: bool = True,
 ) -> Runs:
   """Trains every replica, grouped by cohort size, each group as one jitted program per round.
+
+  With several processes (docs/model.md "Multi-host") each process trains only its block of each group
+  (:func:`process_replicas`: contiguous, sizes differing by at most one) with the same keys and cohorts,
+  and one gather at the end gives every process all the results, in ``replicas`` order. A single process
+  trains them all and gathers nothing.
 
   Args:
     experiments: prepared experiments (``simulation.prepare``; their noise_multipliers are what trains),
@@ -312,7 +374,8 @@ def run(
       records, max_epsilon_spent NaN. The budgets sold are certified by the calibration either way.
 
   Returns:
-    Runs (rows in ``replicas`` order).
+    Runs (rows in ``replicas`` order; timings: a group's padded replicas summed over processes, its wall
+    time the slowest process's, its chunk and group process 0's, and ``processes`` with several).
   """
   require(len(replicas) > 0, "replicas is empty: expected at least one (experiment, draw)")
   check_int("eval_examples", eval_examples, minimum=0)
@@ -321,7 +384,7 @@ def run(
     {id(exp.data): exp.data for exp in experiments}.values()
   )  # the mechanisms of a seed share it
   pool, offsets = stack_pools([d.pool for d in datasets])
-  pool = jax.device_put(pool)
+  pool = jax.device_put(pool)  # this process's device: its replicas need no other process
   first_row = [int(offsets[[id(d) for d in datasets].index(id(exp.data))]) for exp in experiments]
   exp0, cfg0 = experiments[0], experiments[0].cfg
   rounds, local_steps = cfg0.federated.rounds, cfg0.federated.local_steps
@@ -335,45 +398,53 @@ def run(
   sizes = np.full(len(counts), cohort_size) if cohort_size else cohort_sizes(counts)
   splits = [experiments[r.experiment].data.test for r in replicas]
   evaluations = {"full": test_sets(splits), "partial": test_sets(splits, eval_examples)}
-  history: list[list[dict]] = [[] for _ in replicas]
-  walls, final_states, timings = [0.0] * len(replicas), [None] * len(replicas), []
-  for size in np.unique(sizes):
-    members = np.flatnonzero(sizes == size)
-    chunk, group = layout(exp0, simulation.init_state(exp0).server, int(size), len(members))
-    fed = dataclasses.replace(cfg0.federated, chunk_size=chunk)
-    # Whole batches of ``group``: the last replica is repeated and its copies' results are dropped.
-    padded = np.concatenate([members, np.repeat(members[-1], -len(members) % group)])
-    mine = [(experiments[replicas[i].experiment], replicas[i]) for i in padded]
-    states = _stack([simulation.init_state(exp).server for exp, _ in mine])
-    cohorts = _stack([cohort(exp, first_row[r.experiment], int(size)) for exp, r in mine])
-    keys = _stack([simulation.training_key(dataclasses.replace(exp.cfg, draw=r.draw)) for exp, r in mine])
-    tests = {k: jax.device_put(v._replace(index=v.index[padded])) for k, v in evaluations.items()}
-    bar = tqdm.tqdm(range(rounds), desc=f"{len(members)} replicas x {size} clients", disable=not progress)
-    with Timer() as timer:
-      for t in bar:
-        states, metrics = replica_round(
-          states, pool, cohorts, keys, apply_fn=exp0.apply_fn, fed=fed, privacy=cfg0.privacy, group=group
-        )
-        test = tests["full" if t == rounds - 1 else "partial"]
-        accuracy, loss = replica_accuracy(states.params, test, apply_fn=exp0.apply_fn, group=group)
-        accuracy, loss, metrics, count = jax.device_get((accuracy, loss, metrics, test.count[test.index]))
-        for j, (i, (exp, r)) in enumerate(zip(members, mine)):  # zip drops the repeated copies
-          history[i].append(_history_row(exp, r.draw, t, accuracy, loss, count, metrics, j))
-        bar.set_postfix(acc=f"{float(np.mean(accuracy)):.3f}")
+  cohorts = np.unique(sizes)
+  groups = [np.flatnonzero(sizes == size) for size in cohorts]
+  here, processes = jax.process_index(), jax.process_count()
+  # This process's results, group by group; an empty block contributes rows of the right shapes.
+  template = simulation.init_state(exp0).server
+  curves = [{name: np.zeros((0, rounds), dtype) for name, dtype in _CURVES.items()}]
+  states = [jax.tree.map(lambda a: np.zeros((0, *a.shape), a.dtype), template)]
+  walls, figures = [np.zeros(0)], np.zeros((len(groups), len(_TIMING)))
+  for g, (size, members) in enumerate(zip(cohorts, groups)):
+    block = members[distributed.process_block(len(members), here, processes)]
+    if not len(block):
+      continue
+    desc = f"{len(members)} replicas x {size} clients"
+    if processes > 1:
+      desc = f"{len(block)} of {desc} (process {here})"
+    group_curves, group_states, figures[g] = _train_group(
+      experiments, replicas, block, int(size), pool, first_row, evaluations, desc, progress
+    )
+    curves.append(group_curves)
+    states.append(jax.device_get(group_states))
+    walls.append(np.full(len(block), figures[g, -1] / len(block)))
+  local = {
+    "curves": {name: np.concatenate([c[name] for c in curves]) for name in _CURVES},
+    "states": jax.tree.map(lambda *leaves: np.concatenate(leaves), *states),
+    "walls": np.concatenate(walls),
+  }
+  blocks = [len(process_replicas(groups, p, processes)) for p in range(processes)]
+  joined = distributed.gather_blocks(local, blocks)
+  figures = distributed.gather_blocks(figures[None], [1] * processes)  # [processes, groups, _TIMING]
+  # Row k of ``joined`` is replica order[k]: back to ``replicas`` order.
+  order = np.concatenate([process_replicas(groups, p, processes) for p in range(processes)])
+  joined = jax.tree.map(lambda a: a[np.argsort(order)], joined)
+  timings = []
+  for g, (size, members) in enumerate(zip(cohorts, groups)):
+    chunk, group = figures[0, g, 1:3]
     timings.append(
       {
         "replicas": len(members),
-        "padded_replicas": len(padded),
+        "padded_replicas": int(figures[:, g, 0].sum()),
         "cohort_size": int(size),
-        "chunk_size": chunk,
-        "group": group,
+        "chunk_size": int(chunk),
+        "group": int(group),
         "rounds": rounds,
-        "wall_time_s": timer.elapsed,
+        "wall_time_s": float(figures[:, g, -1].max()),
+        **({"processes": processes} if processes > 1 else {}),
       }
     )
-    for j, i in enumerate(members):
-      final_states[i] = jax.tree.map(lambda a, j=j: a[j], states)
-      walls[i] = timer.elapsed / len(members)
   clients, spent = [], {}
   for e in sorted({r.experiment for r in replicas}):  # once per (seed, mechanism): the draws share it
     exp = experiments[e]
@@ -383,15 +454,23 @@ def run(
     steps_done = np.where(np.isfinite(exp.noise_multipliers), rounds * local_steps, 0)
     spent[e] = simulation.privacy_spent(exp, steps_done)
     clients += [{"seed": exp.cfg.seed, **row} for row in simulation.client_rows(exp, steps_done, spent[e])]
-  summary = []
+  summary, history = [], []
   for i, r in enumerate(replicas):
     exp = experiments[r.experiment]
-    row = simulation.summary_row(exp, history[i][-1]["test_accuracy"], walls[i], spent[r.experiment])
+    for t in range(rounds):
+      row = {name: joined["curves"][name][i, t].item() for name in _CURVES}
+      history.append(
+        {"mechanism": exp.cfg.game.mechanism, "seed": exp.cfg.seed, "draw": r.draw, "round": t + 1}
+      )
+      history[-1].update(row)
+    row = simulation.summary_row(
+      exp, history[-1]["test_accuracy"], float(joined["walls"][i]), spent[r.experiment]
+    )
     summary.append({"mechanism": row.pop("mechanism"), "seed": exp.cfg.seed, "draw": r.draw, **row})
   return Runs(
     summary=summary,
-    history=[row for rows in history for row in rows],
+    history=history,
     clients=clients,
-    states=_stack(final_states),
+    states=jax.tree.map(jnp.asarray, joined["states"]),
     timings=timings,
   )

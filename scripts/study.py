@@ -10,6 +10,12 @@ and scaling.* with gap_vs_clients.png when the preset has a scaling group; timin
 
   python scripts/study.py --preset=quick --out=results/study_quick
   python scripts/study.py --preset=paper --settings=femnist_logreg --data_dir=../shared/data
+
+Several processes (README "Multi-device and multi-host"): every process prepares the experiments, trains
+its block of each group of replicas, and the results are gathered once, so the tables are the single-
+process ones (to float rounding); process 0 alone prints and writes the one results folder:
+
+  python scripts/launch.py --num_processes=2 -- python scripts/study.py --preset=quick --out=results/sq
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The cases that tests/multiprocess_program.py runs across processes and tests/test_multihost.py runs in
-one process to compare: a DP round, a game sweep and a short simulation, each built the same way in both."""
+one process to compare: a DP round, a game sweep, a short simulation, a study's replicas and the blocks
+of a host-side split, each built the same way in both."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax
 import numpy as np
 
 from fcfn_jax import config as fc
-from fcfn_jax import federated, models
+from fcfn_jax import distributed, federated, models, replicas, simulation, study
 from fcfn_jax.data import ClientPool
 from fcfn_jax.game import sweep
 
@@ -87,3 +88,53 @@ def simulation_config(checkpoint_dir: str | None = None, calibration: str = "exa
     checkpoint_dir=checkpoint_dir,
     checkpoint_every=1 if checkpoint_dir else 0,
   )
+
+
+REPLICA_SETTING = study.Setting(
+  "replicas",
+  fc.SimulationConfig(
+    data=fc.DataConfig(num_clients=6, capacity=32, test_examples=100),
+    model=fc.ModelConfig(name="logreg"),
+    federated=fc.FederatedConfig(rounds=2, local_steps=1, batch_size=8, client_lr=0.5),
+    privacy=fc.PrivacyConfig(calibration="traced"),
+  ),
+  seeds=2,
+  draws=2,
+  mechanisms=("stackelberg", "social_optimum"),
+)
+
+
+def run_replicas() -> replicas.Runs:
+  """The study's replicas of ``REPLICA_SETTING`` (2 seeds x 2 mechanisms x 2 draws of logistic regression
+  on the embedded digits, 2 rounds), prepared as ``study.run_setting`` prepares them, and a ninth replica:
+  the social optimum of a 2-client game, alone in its cohort-size group (2 participants), so that over 2
+  processes the 9 replicas split unevenly (5 + 4) and process 1's block of that group is empty."""
+  setting = REPLICA_SETTING
+  datasets = study.load_seeds(setting)
+  capacity = study.capacity_of(datasets)
+  experiments = [
+    simulation.prepare(setting.config(seed, mechanism, capacity), datasets[seed])
+    for seed in range(setting.seeds)
+    for mechanism in setting.mechanisms
+  ]
+  runs = [replicas.Replica(e, d) for e in range(len(experiments)) for d in range(setting.draws)]
+  pair = setting.config(0, "social_optimum", capacity)
+  experiments.append(
+    simulation.prepare(dataclasses.replace(pair, data=dataclasses.replace(pair.data, num_clients=2)))
+  )
+  runs.append(replicas.Replica(len(experiments) - 1, 0))
+  return replicas.run(experiments, runs, eval_examples=50, progress=False, account=False)
+
+
+BLOCK_ITEMS = 5  # split unevenly over 2 processes: 3 + 2
+
+
+def gather_block_rows() -> dict[str, np.ndarray]:
+  """This process's block of ``BLOCK_ITEMS`` items (ids int64, a float64 and an int32 column) joined with
+  every other process's (``distributed.gather_blocks``): the whole table, in item order, in every process."""
+  ids = np.arange(BLOCK_ITEMS, dtype=np.int64)[distributed.process_block(BLOCK_ITEMS)]
+  block = {"id": ids, "value": ids / 3.0, "pair": np.stack([ids, -ids], axis=1).astype(np.int32)}
+  counts = [
+    len(range(BLOCK_ITEMS)[distributed.process_block(BLOCK_ITEMS, p)]) for p in range(jax.process_count())
+  ]
+  return distributed.gather_blocks(block, counts)

@@ -9,8 +9,12 @@ and writes the results folder) and writes what the test compares with a single-p
   checkpoint: a Checkpointer round trip (process 0 writes; every process restores the same step).
   simulate: ``simulation.run`` of the short experiment with checkpoints in ``<out>.checkpoints``, stopping
     after ``--stop_after`` rounds (0 = all); a rerun resumes.
+  replicas: the study's replicas of tests/multiprocess_cases.py, each process training its block.
+  blocks: an uneven host-side split (5 items) gathered whole (each process prints ``BLOCK <process> <ids>``
+    to stderr).
 --fail_in=i: process i fails with a ConfigError before the checks (its peers wait in a collective).
-Results in --out: round.npz, sweep.npz, checkpoint.json, simulate.json (by process 0 only).
+Results in --out: round.npz, sweep.npz, checkpoint.json, simulate.json, replicas.json (summary, history,
+timings) and replicas.npz (final states), blocks.npz (by process 0 only).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from fcfn_jax import checkpoint, federated, simulation, validate  # noqa: E402
+from fcfn_jax import checkpoint, distributed, federated, simulation, validate  # noqa: E402
 from fcfn_jax import config as fc  # noqa: E402
 from fcfn_jax.game import sweep  # noqa: E402
 from tests import multiprocess_cases as cases  # noqa: E402
@@ -35,7 +39,10 @@ import sim_flags  # noqa: E402
 
 RUN = sim_flags.ConfigFlags(fc.RunConfig)
 CHECKS = sim_flags.define_list(
-  "checks", ["round"], sim_flags.choice(("round", "sweep", "checkpoint", "simulate")), "What to run."
+  "checks",
+  ["round"],
+  sim_flags.choice(("round", "sweep", "checkpoint", "simulate", "replicas", "blocks")),
+  "What to run.",
 )
 flags.DEFINE_enum("model", "logreg", ["logreg", "cnn"], "Model of the round check.")
 flags.DEFINE_integer("clients", 7, "Clients of the round check.")
@@ -89,6 +96,15 @@ def main(argv):
       with open(out.file("simulate.json"), "w") as f:
         json.dump({"history": result.history, "clients": result.clients}, f)
       np.savez(out.file("simulate.npz"), **_flat(result.state, "state"))
+    if "replicas" in CHECKS.value:
+      runs = cases.run_replicas()
+      with open(out.file("replicas.json"), "w") as f:
+        json.dump({"summary": runs.summary, "history": runs.history, "timings": runs.timings}, f)
+      np.savez(out.file("replicas.npz"), **_flat(runs.states, "states"))
+    if "blocks" in CHECKS.value:
+      ids = np.arange(cases.BLOCK_ITEMS)[distributed.process_block(cases.BLOCK_ITEMS)]
+      print("BLOCK", jax.process_index(), *ids, file=sys.stderr)
+      np.savez(out.file("blocks.npz"), **cases.gather_block_rows())
   print("DONE", jax.process_index())
 
 
