@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fcfn_jax import simulation
-from fcfn_jax.config import GameConfig, PrivacyConfig, SimulationConfig
-from fcfn_jax.game import valuation
+from fcfn_jax.config import MECHANISMS, GameConfig, PrivacyConfig, SimulationConfig
+from fcfn_jax.game import baselines, leader, valuation
 from fcfn_jax.game.spec import validate_game
 from fcfn_jax.privacy import accounting
 from fcfn_jax.validate import ConfigError
@@ -153,3 +153,17 @@ def test_the_accountant_model_needs_its_table_of_the_right_shape():
     SimulationConfig(privacy=PrivacyConfig(sampling="fixed"), game=GameConfig(noise_model="accountant"))
   with pytest.raises(ConfigError, match="noise_model='x' is invalid"):
     GameConfig(noise_model="x")
+
+
+@pytest.mark.slow  # compiles every mechanism under the accountant's map: ~1 min
+def test_every_mechanism_solves_under_the_accountant_and_the_leader_is_optimal():
+  costs, weights = costs_and_weights(seed=4, games=1, clients=8)
+  rates = np.minimum(1.0, 32.0 / (120.0 * weights[0]))
+  g = valuation.with_noise_table(game(costs[0], weights[0], sampling_rates=rates), ACCOUNTANT)
+  for name in MECHANISMS:
+    outcome = baselines.solve(g, spec("dp", name, noise_model="accountant"))
+    assert np.isfinite(float(outcome.server_utility)) and outcome.participants >= 2, name
+  best = leader.solve_leader(g, ACCOUNTANT)
+  grid = jnp.geomspace(1e-3, 1e3, 1000)
+  utilities = jax.vmap(lambda r: leader.server_utility(r, g, ACCOUNTANT))(grid)
+  assert float(best.utility) >= float(jnp.max(utilities)) - 1e-6 * abs(float(best.utility))
