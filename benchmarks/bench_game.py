@@ -9,8 +9,11 @@ and, for N <= --leader_max_clients, ``--leader_games`` of them by the capped lea
 mechanism: leader.solve_leader, the optimum of U_s over the capped follower equilibrium) under each
 valuation:
   leader_log    Q = log(1 + X), lam = N,
-  leader_dp     Q = -(noise variance of the aggregate) with noise-aware weights, lam = 5 N,
-with eps_max = 2, where caps bind (capped_frac: the share of clients at the cap at R*).
+  leader_dp     Q = -(noise variance of the aggregate) with noise-aware weights, lam = 5 N, the
+                surrogate eps -> noise map (GameSpec.noise_model='surrogate'),
+  noise_table   valuation.noise_table: the accountant's per-client table (built once per game),
+  leader_dp_accountant  leader_dp with noise_model='accountant' (interpolating that table),
+with eps_max = 2, where caps bind (capped_frac: the share of clients at the cap at R*), q_i = 0.3.
 Compile time (lower + compile) is reported apart from steady state (median of ``--repeats`` runs, each
 ended by block_until_ready); ratios are to the closed form measured side by side in the same run
 (per game for the leader rows).
@@ -31,6 +34,7 @@ import numpy as np
 from absl import app, flags
 
 from fcfn_jax.game import equilibrium, leader, solver
+from fcfn_jax.game import valuation as valuation_module
 from fcfn_jax.game.spec import Game, GameSpec
 from fcfn_jax.report import format_table, write_csv_atomic, write_json_atomic
 
@@ -129,7 +133,11 @@ def bench_leader(costs, weights, closed_per_game_s: float, repeats: int) -> list
   games, clients = min(_LEADER_GAMES.value, costs.shape[0]), costs.shape[1]
   dtype = costs.dtype
   rows = []
-  for valuation, lam in (("log", clients), ("dp", 5 * clients)):
+  for valuation, lam, noise in (
+    ("log", clients, "surrogate"),
+    ("dp", 5 * clients, "surrogate"),
+    ("dp", 5 * clients, "accountant"),
+  ):
     batch = Game(
       costs=costs[:games],
       weights=weights[:games],
@@ -139,7 +147,25 @@ def bench_leader(costs, weights, closed_per_game_s: float, repeats: int) -> list
       eps_min=jnp.full((games,), 1.0, dtype),
       data_epsilon=jnp.full((games,), 4.0, dtype),
     )
-    spec = GameSpec(valuation=valuation)
+    spec = GameSpec(valuation=valuation, noise_model=noise)
+    if noise == "accountant":
+      compile_s, run_s, table = time_call(
+        lambda q, s=spec: valuation_module.noise_table(q, s), batch.sampling_rates, repeats=repeats
+      )
+      rows.append(
+        dict(
+          clients=clients,
+          games=games,
+          method="noise_table",
+          compile_s=compile_s,
+          run_s=run_s,
+          per_game_ms=1e3 * run_s / games,
+          ratio=run_s / games / closed_per_game_s,
+          max_rel_diff=float("nan"),
+          capped_frac=float("nan"),
+        )
+      )
+      batch = batch._replace(noise_table=table)
     compile_s, run_s, out = time_call(
       jax.vmap(lambda g, s=spec: leader.solve_leader(g, s)), batch, repeats=repeats
     )
@@ -147,7 +173,7 @@ def bench_leader(costs, weights, closed_per_game_s: float, repeats: int) -> list
       dict(
         clients=clients,
         games=games,
-        method=f"leader_{valuation}",
+        method=f"leader_{valuation}" + ("_accountant" if noise == "accountant" else ""),
         compile_s=compile_s,
         run_s=run_s,
         per_game_ms=1e3 * run_s / games,

@@ -37,6 +37,7 @@ MECHANISMS = ("stackelberg", "contract", "three_party", "posted_price", "no_ince
 MECHANISM_LABELS = {name: name for name in MECHANISMS} | {"no_incentive": "no_incentive (mandate)"}
 VALUATIONS = ("dp", "log")
 AGGREGATIONS = ("noise_aware", "fedavg")
+NOISE_MODELS = ("surrogate", "accountant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +223,10 @@ class GameConfig:
       round and the valuation read this one field.
     data_epsilon: the budget whose DP noise equals the data term of a client of mean size (> 0): the
       variance its limited data adds, v(data_epsilon) / w_i (docs/model.md "Aggregation").
+    noise_model: the game's eps -> noise map v_i(eps) = z_i(eps)^2 (docs/model.md "Stage I"): surrogate
+      (the closed form without subsampling, the same for every client) or accountant (the traced RDP
+      accountant of the Poisson-subsampled Gaussian at each client's sampling rate q_i, tabulated once per
+      game: the noise the round trains with; needs sampling='poisson').
   """
 
   mechanism: str = "stackelberg"
@@ -235,6 +240,7 @@ class GameConfig:
   valuation: str = "dp"
   aggregation: str = "noise_aware"
   data_epsilon: float = 4.0
+  noise_model: str = "surrogate"
 
   def __post_init__(self):
     check_choice("mechanism", self.mechanism, MECHANISMS)
@@ -256,6 +262,7 @@ class GameConfig:
     check_choice("valuation", self.valuation, VALUATIONS)
     check_choice("aggregation", self.aggregation, AGGREGATIONS)
     check_positive("data_epsilon", self.data_epsilon)
+    check_choice("noise_model", self.noise_model, NOISE_MODELS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +307,11 @@ class SimulationConfig:
       self.privacy.batch_capacity == 0 or self.privacy.batch_capacity >= self.federated.batch_size,
       f"batch_capacity={self.privacy.batch_capacity} is invalid with batch_size="
       f"{self.federated.batch_size}: expected 0 (automatic) or an integer >= batch_size",
+    )
+    require(
+      not (self.game.noise_model == "accountant" and self.privacy.sampling == "fixed"),
+      "noise_model='accountant' is invalid with sampling='fixed': the game's accountant is the "
+      "Poisson-subsampled Gaussian's; use noise_model='surrogate'",
     )
     require(
       not (self.checkpoint_every and not self.checkpoint_dir),

@@ -149,10 +149,11 @@ def game_of(
   cfg: SimulationConfig, costs: chex.Array, weights: chex.Array, num_examples: chex.Array, dtype=None
 ) -> tuple[Game, GameSpec]:
   """The game the run plays (docs/model.md "The game"): the clients' costs, quality weights and sampling
-  rates with the GameConfig's scalars, and the spec with the run's DP-SGD steps and delta."""
+  rates with the GameConfig's scalars (and, for noise_model='accountant', the clients' noise table), and
+  the spec with the run's DP-SGD steps and delta."""
   rates = accounting.sampling_rates(jnp.asarray(num_examples), cfg.federated.batch_size)
-  game = make_game(costs, weights, rates, cfg.game, dtype)
-  return game, spec_from_config(cfg.game, total_steps(cfg), cfg.privacy.delta)
+  spec = spec_from_config(cfg.game, total_steps(cfg), cfg.privacy.delta)
+  return valuation.with_noise_table(make_game(costs, weights, rates, cfg.game, dtype), spec), spec
 
 
 def round_weights(aggregation: chex.Array, num_examples: chex.Array) -> chex.Array:

@@ -56,6 +56,24 @@ def test_every_mechanism_sweeps_like_its_games_solved_alone(grid_and_results):
   _check_each_configuration(configs, sweep.run_sweep(KEY, configs, settings), settings)
 
 
+@pytest.mark.slow  # compiles every mechanism once more under the accountant's map
+def test_a_sweep_under_the_accountant_equals_its_games_solved_alone():
+  settings = sweep.SweepSettings(
+    game=GameConfig(noise_model="accountant"),
+    num_clients=8,
+    mechanisms=("stackelberg", "social_optimum", "posted_price", "contract"),
+  )
+  configs = sweep.make_grid([0, 1], [20.0, 200.0], [(0.5, 2.0)])
+  results = sweep.run_sweep(KEY, configs, settings)
+  for g in range(4):
+    game = sweep.draw_game(KEY, jax.tree.map(lambda a, g=g: a[g], configs), settings)
+    assert game.noise_table is not None
+    for name in settings.mechanisms:
+      alone = baselines.solve(game, settings.spec(name))
+      np.testing.assert_allclose(results[name].server_utility[g], alone.server_utility, rtol=1e-6)
+      assert np.isfinite(float(alone.quality)) and alone.participants >= 2, name
+
+
 def test_eps_max_is_swept_as_a_traced_input(grid_and_results):
   configs, results = grid_and_results
   tight, loose = np.asarray(configs.eps_max) == 2.0, np.asarray(configs.eps_max) == 8.0

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from fcfn_jax.game import equilibrium, leader, tuning
+from fcfn_jax.game import equilibrium, leader, tuning, valuation
 from fcfn_jax.validate import ConfigError
 from tests.games import game, spec
 
@@ -18,7 +18,7 @@ NUM_CLIENTS = 8
 pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
 
 
-SPECS = {"log": spec("log"), "dp": spec("dp")}
+SPECS = {"log": spec("log"), "dp": spec("dp"), "dp_accountant": spec("dp", noise_model="accountant")}
 
 
 def problem(eps_max: float, lam: float, seed: int = 0):
@@ -28,9 +28,12 @@ def problem(eps_max: float, lam: float, seed: int = 0):
   return game(costs, sizes / sizes.mean(), eps_max=eps_max, lam=lam)
 
 
-@pytest.mark.parametrize("quality", [pytest.param("log", marks=pytest.mark.slow), "dp"])
+@pytest.mark.parametrize(
+  "quality",
+  [pytest.param("log", marks=pytest.mark.slow), "dp", pytest.param("dp_accountant", marks=pytest.mark.slow)],
+)
 def test_hypergradient_matches_central_finite_differences(quality):
-  g = problem(eps_max=50.0, lam=20.0)
+  g = valuation.with_noise_table(problem(eps_max=50.0, lam=20.0), SPECS[quality])
   groups = jnp.arange(NUM_CLIENTS) % 3
   params = tuning.PricingParams(jnp.log(jnp.asarray(3.0)), jnp.asarray([0.1, -0.2, 0.3]))
   objective = jax.jit(lambda p: tuning.pricing_objective(p, g, SPECS[quality], groups))

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 from fcfn_jax import simulation
-from fcfn_jax.game import valuation
+from fcfn_jax.config import MECHANISMS, GameConfig, PrivacyConfig, SimulationConfig
+from fcfn_jax.game import baselines, leader, valuation
+from fcfn_jax.game.spec import validate_game
 from fcfn_jax.privacy import accounting
+from fcfn_jax.validate import ConfigError
 from tests.games import costs_and_weights, game, spec
 
 pytestmark = pytest.mark.usefixtures("x64")  # game math runs in float64
@@ -88,3 +91,79 @@ def test_the_round_aggregates_with_the_game_weights():
   a = valuation.aggregation_weights(budgets, g, DP)
   np.testing.assert_allclose(simulation.round_weights(a, n) * n, a, rtol=1e-12)
   assert float(a[0]) < 1e-2 * float(a[1])  # the noisy client barely counts
+
+
+ACCOUNTANT = spec("dp", noise_model="accountant")
+_RATES = np.array([0.05, 0.16, 0.6, 1.0])  # the default run's q_i = 32 / n_i lie in [0.16, 0.6]
+
+
+def _accountant_game(rates=_RATES):
+  """A game with per-client sampling rates and its accountant noise table."""
+  g = game(np.ones(len(rates)), np.ones(len(rates)), sampling_rates=rates)
+  return valuation.with_noise_table(g, ACCOUNTANT)
+
+
+@pytest.mark.slow  # the table's and the root find's compiles: ~10 s
+def test_the_accountant_table_is_the_traced_accountant_within_one_percent():
+  """z_i(eps) read off the table vs the traced root find, at budgets 0.035..eps_max (below ~0.03 the
+  accountant's order conversion floors eps at delta 1e-5: it certifies nothing there). The largest errors
+  (1.3%) sit at the kinks where the accountant's optimal integer order jumps (spec.NOISE_LOG_EPS)."""
+  g = _accountant_game()
+  budgets = np.geomspace(0.035, 8.0, 23)
+  table = np.stack(
+    [np.asarray(valuation.noise_multiplier(jnp.full(len(_RATES), e), g, ACCOUNTANT)) for e in budgets]
+  )
+  traced = np.asarray(accounting.traced_noise_multiplier(budgets[:, None], _RATES, 30, 1e-5))
+  finite = np.isfinite(traced)
+  assert finite.mean() > 0.9
+  error = np.abs(table[finite] / traced[finite] - 1)
+  assert error.max() < 1.5e-2 and np.median(error) < 2e-3, (error.max(), np.median(error))
+  # The surrogate ignores q: at q = 0.05 and eps = 0.05 it asks for ~30x the accountant's noise.
+  surrogate = accounting.surrogate_noise_multiplier(0.05, 30, 1e-5)
+  accountant = valuation.noise_multiplier(jnp.full(len(_RATES), 0.05), g, ACCOUNTANT)[0]
+  assert surrogate > 20 * accountant
+
+
+@pytest.mark.slow  # ~10 s of compiles
+def test_the_accountant_map_is_monotone_differentiable_and_safe_outside_its_grid():
+  g = _accountant_game()
+  z = jax.vmap(lambda e: valuation.noise_multiplier(jnp.full(len(_RATES), e), g, ACCOUNTANT))
+  budgets = jnp.asarray(np.geomspace(1e-4, 1e3, 300))  # the grid is [1e-2, 1e2]
+  values = np.asarray(z(budgets))
+  assert np.all(np.isfinite(values)) and np.all(np.diff(values, axis=0) < 0)
+  assert np.all(np.isinf(valuation.noise_multiplier(jnp.zeros(len(_RATES)), g, ACCOUNTANT)))
+  # Between knots the gradient is the interpolant's: central differences agree, at 0 it is 0 (not NaN).
+  one = lambda b: jnp.sum(valuation.noise_multiplier(b, g, ACCOUNTANT))
+  for eps in (0.004, 0.37, 2.9, 300.0):
+    b = jnp.full(len(_RATES), eps)
+    step = 1e-6 * eps
+    numeric = (one(b + step) - one(b - step)) / (2 * step)
+    np.testing.assert_allclose(jnp.sum(jax.grad(one)(b)), numeric, rtol=1e-4)
+  grad = jax.grad(valuation.quality)(jnp.array([0.0, 0.5, 3.0, 8.0]), g, ACCOUNTANT)
+  assert np.all(np.isfinite(grad)) and grad[0] == 0.0 and np.all(grad[1:] > 0)
+
+
+def test_the_accountant_model_needs_its_table_of_the_right_shape():
+  g = game(np.ones(3), np.ones(3))
+  with pytest.raises(ConfigError, match="noise_model='accountant' needs game.noise_table"):
+    valuation.quality(jnp.ones(3), g, ACCOUNTANT)
+  with pytest.raises(ConfigError, match=r"noise_table has shape \(3, 2\)"):
+    validate_game(g._replace(noise_table=np.zeros((3, 2))))
+  with pytest.raises(ConfigError, match="noise_model='accountant' is invalid with sampling='fixed'"):
+    SimulationConfig(privacy=PrivacyConfig(sampling="fixed"), game=GameConfig(noise_model="accountant"))
+  with pytest.raises(ConfigError, match="noise_model='x' is invalid"):
+    GameConfig(noise_model="x")
+
+
+@pytest.mark.slow  # compiles every mechanism under the accountant's map: ~1 min
+def test_every_mechanism_solves_under_the_accountant_and_the_leader_is_optimal():
+  costs, weights = costs_and_weights(seed=4, games=1, clients=8)
+  rates = np.minimum(1.0, 32.0 / (120.0 * weights[0]))
+  g = valuation.with_noise_table(game(costs[0], weights[0], sampling_rates=rates), ACCOUNTANT)
+  for name in MECHANISMS:
+    outcome = baselines.solve(g, spec("dp", name, noise_model="accountant"))
+    assert np.isfinite(float(outcome.server_utility)) and outcome.participants >= 2, name
+  best = leader.solve_leader(g, ACCOUNTANT)
+  grid = jnp.geomspace(1e-3, 1e3, 1000)
+  utilities = jax.vmap(lambda r: leader.server_utility(r, g, ACCOUNTANT))(grid)
+  assert float(best.utility) >= float(jnp.max(utilities)) - 1e-6 * abs(float(best.utility))

@@ -102,6 +102,11 @@ def _canonical(spec: GameSpec, num_clients: int, uses: str | None) -> GameSpec:
   return dataclasses.replace(spec, num_types=k_types, num_aggregators=aggregators)
 
 
+def _cast(game: Game, dtype) -> Game:
+  """Every leaf of ``game`` as a ``dtype`` array (an absent noise table stays None)."""
+  return Game(*(None if value is None else jnp.asarray(value, dtype) for value in game))
+
+
 def _mechanism(
   core: Callable[[Game, GameSpec], _T] | None = None, *, uses: str | None = None
 ) -> Callable[[Game, GameSpec], _T]:
@@ -121,14 +126,16 @@ def _mechanism(
     validate_game(game)
     spec = _canonical(spec, game.costs.shape[-1], uses)
     # Field by field: a leaf given as a Python list is one array, not a pytree of scalars.
-    dtype = jnp.result_type(float, *(jnp.asarray(value) for value in game))
-    game = Game(*(jnp.asarray(value, dtype) for value in game))
+    dtype = jnp.result_type(float, *(jnp.asarray(value) for value in game if value is not None))
+    game = _cast(game, dtype)
+    # The accountant's noise table once per game, outside the mechanism's searches (valuation.noise_table).
+    game = valuation.with_noise_table(game, spec)
     result = jitted(game, spec)
     if any(is_traced(leaf) for leaf in jax.tree.leaves(game)) or _check_outcome(result):
       return result
     if dtype != jnp.float64:
       with jax.enable_x64(True):
-        wide = jitted(Game(*(jnp.asarray(value, jnp.float64) for value in game)), spec)
+        wide = jitted(_cast(game, jnp.float64), spec)
         narrow = jax.tree.map(
           lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, wide
         )

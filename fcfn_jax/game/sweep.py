@@ -29,7 +29,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from fcfn_jax import distributed
 from fcfn_jax.config import MECHANISM_LABELS, MECHANISMS, GameConfig
-from fcfn_jax.game import baselines
+from fcfn_jax.game import baselines, valuation
 from fcfn_jax.game.spec import Game, GameSpec, spec_from_config
 from fcfn_jax.validate import check_choice, check_int, check_open_unit, check_positive, check_seed, require
 
@@ -141,7 +141,8 @@ def draw_game(key: chex.PRNGKey, config: SweepConfigs, settings: SweepSettings) 
 
   c_i = cost_low + (cost_high - cost_low) U_i, d_i = 1 + (weight_spread - 1) V_i, U, V ~ Uniform[0, 1)^N,
   n_i = mean_examples d_i / mean(d), w = n / mean(n), q_i = min(1, batch_size / n_i); eps_min is capped at
-  the configuration's eps_max. The dtype is cost_low's.
+  the configuration's eps_max. The dtype is cost_low's. With ``noise_model='accountant'`` the game carries
+  its noise table (``valuation.with_noise_table``), built once and shared by every mechanism.
   """
   cost_key, size_key = jax.random.split(jax.random.fold_in(key, config.seed))
   dtype = jnp.result_type(config.cost_low)
@@ -150,7 +151,7 @@ def draw_game(key: chex.PRNGKey, config: SweepConfigs, settings: SweepSettings) 
   sizes = 1.0 + (settings.weight_spread - 1.0) * jax.random.uniform(size_key, (n,), dtype)
   weights = sizes / jnp.mean(sizes)
   scalar = lambda v: jnp.asarray(v, dtype)
-  return Game(
+  game = Game(
     costs=costs,
     weights=weights,
     sampling_rates=jnp.minimum(1.0, settings.batch_size / (settings.mean_examples * weights)),
@@ -159,6 +160,7 @@ def draw_game(key: chex.PRNGKey, config: SweepConfigs, settings: SweepSettings) 
     eps_min=jnp.minimum(scalar(settings.game.eps_min), config.eps_max),
     data_epsilon=scalar(settings.game.data_epsilon),
   )
+  return valuation.with_noise_table(game, settings.spec(settings.mechanisms[0]))
 
 
 def _summary(outcome) -> SweepMetrics:
