@@ -529,41 +529,42 @@ class TracedTest(chex.TestCase):
       steps, delta = int(rng.integers(10, 2000)), float(10 ** rng.uniform(-8, -4))
       _traced_calibration_vs_host(seed, clients=40, steps=steps, delta=delta)
 
-  def test_gradients_are_implicit_and_match_finite_differences(self):
-    """d z / d eps and d z / d q (implicit function theorem) against central differences, float64."""
+  def test_gradients_are_implicit_match_finite_differences_and_vanish_at_infinite_noise(self):
+    """d z / d eps and d z / d q (implicit function theorem) against central differences, float64; zero
+    and charge-infeasible budgets get z = inf with a zero gradient. One value and one gradient program
+    (each compile of the inverse costs seconds)."""
     steps, delta = 200.0, 1e-5
-    total = jax.jit(lambda e, r: jnp.sum(accounting.traced_noise_multiplier(e, r, steps, delta)))
+
+    def noise(e, r, p):
+      return accounting.traced_noise_multiplier(e, r, steps, delta, p)
+
+    def finite_total(e, r, p):
+      z = noise(e, r, p)
+      return jnp.sum(jnp.where(jnp.isfinite(z), z, 0.0))
+
+    value = jax.jit(lambda e, r, p: (noise(e, r, p), finite_total(e, r, p)))
     with jax.enable_x64(True):
-      # The last client's optimal order is fractional (q = 0.01, eps = 7.5).
-      eps, q = jnp.array([0.7, 3.0, 7.5]), jnp.array([0.05, 0.3, 0.01])
-      grads = jax.jit(jax.grad(total, argnums=(0, 1)))(eps, q)
+      # Client 2's optimal order is fractional (q = 0.01, eps = 7.5); client 3 has eps = 0; client 4 a
+      # charge (1 + e^2) 1e-3 > delta; client 5 a small one (1e-9), which costs noise.
+      eps, q = jnp.array([0.7, 3.0, 7.5, 0.0, 2.0, 5.0]), jnp.array([0.05, 0.3, 0.01, 0.2, 0.2, 0.2])
+      overflow = jnp.array([0.0, 0.0, 0.0, 0.0, 1e-3, 1e-9])
+      z, _ = value(eps, q, overflow)
+      assert z[3] == jnp.inf and z[4] == jnp.inf and bool(jnp.all(jnp.isfinite(z[jnp.array([0, 1, 2, 5])])))
+      uncharged, _ = value(eps, q, jnp.zeros(6))
+      assert float(z[5]) > float(uncharged[5])  # z(5 | p = 1e-9) > z(5 | p = 0)
+      grads = jax.jit(jax.grad(finite_total, argnums=(0, 1)))(eps, q, overflow)
       for wrt, grad in enumerate(grads):
-        assert bool(jnp.all(grad < 0)) if wrt == 0 else bool(jnp.all(grad > 0))  # more budget, less noise
+        assert bool(jnp.all(jnp.isfinite(grad))) and grad[3] == 0 and grad[4] == 0
+        live = grad[jnp.array([0, 1, 2, 5])]
+        assert bool(jnp.all(live < 0)) if wrt == 0 else bool(jnp.all(live > 0))  # more budget, less noise
         for i in range(3):
           h = 1e-5 * float((eps, q)[wrt][i])
-          bump = jnp.zeros(3).at[i].set(h)
+          bump = jnp.zeros(6).at[i].set(h)
           args = [eps, q]
           plus, minus = list(args), list(args)
           plus[wrt], minus[wrt] = args[wrt] + bump, args[wrt] - bump
-          fd = (total(*plus) - total(*minus)) / (2 * h)
+          fd = (value(*plus, overflow)[1] - value(*minus, overflow)[1]) / (2 * h)
           np.testing.assert_allclose(grad[i], fd, rtol=2e-3)
-
-  def test_zero_and_uncertifiable_budgets_are_infinite_noise_with_zero_gradient(self):
-    eps = jnp.array([0.0, 2.0, 2.0, 5.0])
-    overflow = jnp.array([0.0, 0.0, 1e-3, 1e-9])  # client 2: (1 + e^2) 1e-3 > delta
-
-    def noise(e):
-      return accounting.traced_noise_multiplier(e, 0.2, 100.0, 1e-5, overflow)
-
-    def finite_total(e):
-      z = noise(e)
-      return jnp.sum(jnp.where(jnp.isfinite(z), z, 0.0))
-
-    z, grad, five = jax.jit(lambda e: (noise(e), jax.grad(finite_total)(e), noise(jnp.full(4, 5.0))))(eps)
-    assert z[0] == jnp.inf and z[2] == jnp.inf and bool(jnp.all(jnp.isfinite(z[jnp.array([1, 3])])))
-    assert bool(jnp.all(jnp.isfinite(grad))) and grad[0] == 0 and grad[2] == 0 and grad[1] < 0
-    # A nonzero overflow costs noise: z(5 | p = 1e-9) > z(5 | p = 0).
-    assert float(z[3]) > float(five[0])
 
   @pytest.mark.slow  # its own compile of the inverse (~15 s on 2 cores); the round vmaps it too
   def test_vmap_over_games(self):
