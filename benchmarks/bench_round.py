@@ -23,6 +23,11 @@ Modes (--modes, a comma list):
             default) vs fixed-size batches of B, CNN and logistic regression on the same --clients
             writers; each row also gives the epsilon of the largest writer at z = --noise_multiplier over
             --accounting_rounds rounds (RDP with the truncation charge, PLD of the truncated event).
+  accountant the traced accountant for --accountant_clients clients (float32, as in the round): one
+            evaluation of accounting.traced_epsilon (value; value and gradient w.r.t. z) at the integer
+            orders it used before (INTEGER_TRACED_ORDERS) vs dp-accounting's default orders (fractional,
+            integer, 512, 1024: TRACED_ORDERS, the default), side by side; and the inverse
+            accounting.traced_noise_multiplier (value; gradient w.r.t. eps), ~10 evaluations per client.
 
 Example:
   python benchmarks/bench_round.py --quick
@@ -47,7 +52,7 @@ from fcfn_jax.privacy import accounting, clipping
 
 from common import Case, flops_of, jit_case, machine, matmul_peak_case, measure, resampled_pool, write_tables
 
-MODES = ("methods", "overhead", "chunks", "loop", "sampling")
+MODES = ("methods", "overhead", "chunks", "loop", "sampling", "accountant")
 
 flags.DEFINE_list("modes", list(MODES), f"Which tables to measure, from {list(MODES)}.")
 flags.DEFINE_string("out", "results/bench_round", "Folder for bench_round.{json,md} and one CSV per table.")
@@ -76,6 +81,7 @@ flags.DEFINE_float("clip_norm", 1.0, "Clipping bound C.")
 flags.DEFINE_float("noise_multiplier", 1.0, "Noise multiplier z of every client.")
 flags.DEFINE_list("capacities", ["40", "48", "64", "0", "96"], "B_max of the 'sampling' table (0 = default).")
 flags.DEFINE_integer("accounting_rounds", 10, "Rounds T of the 'sampling' table's epsilon columns.")
+flags.DEFINE_integer("accountant_clients", 1000, "Clients of the 'accountant' table.")
 FLAGS = flags.FLAGS
 
 CLIENT_LR = 0.1
@@ -576,6 +582,56 @@ def sampling_table(repeats: int) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Table: the traced accountant, integer orders vs dp-accounting's orders.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def accountant_table(repeats: int) -> list[dict[str, Any]]:
+  clients, steps, delta = FLAGS.accountant_clients, 100.0, 1e-5
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(np.exp(rng.uniform(np.log(0.5), np.log(20.0), clients)), jnp.float32)
+  q = jnp.asarray(10 ** rng.uniform(-3, 0, clients), jnp.float32)
+  eps = jnp.asarray(np.exp(rng.uniform(np.log(0.05), np.log(20.0), clients)), jnp.float32)
+
+  def evaluation(orders):
+    return lambda z, q: accounting.traced_epsilon(z, q, steps, delta, orders)
+
+  def gradient(orders):
+    return jax.grad(lambda z, q: jnp.sum(accounting.traced_epsilon(z, q, steps, delta, orders)))
+
+  cases, labels = [], []
+  for label, orders in (
+    ("integer orders 2..63, 128, 256", accounting.INTEGER_TRACED_ORDERS),
+    ("dp-accounting's default orders", accounting.TRACED_ORDERS),
+  ):
+    cases += [
+      jit_case(f"traced_epsilon, {label}", evaluation(orders), z, q),
+      jit_case(f"grad traced_epsilon, {label}", gradient(orders), z, q),
+    ]
+    labels += [(label, "value"), (label, "gradient")]
+  inverse = functools.partial(accounting.traced_noise_multiplier, steps=steps, delta=delta)
+  cases += [
+    jit_case("traced_noise_multiplier (default orders)", inverse, eps, q),
+    jit_case("grad traced_noise_multiplier", jax.grad(lambda e, q: jnp.sum(inverse(e, q))), eps, q),
+  ]
+  labels += [
+    ("dp-accounting's default orders", "inverse"),
+    ("dp-accounting's default orders", "inverse grad"),
+  ]
+  measured, _ = measure(cases, repeats)
+  for row, (orders, what) in zip(measured, labels):
+    row.update(orders=orders, what=what, clients=clients, us_per_client=1e6 * row["median_s"] / clients)
+  for before, after in ((0, 2), (1, 3)):
+    measured[after]["over_integer_orders"] = measured[after]["median_s"] / measured[before]["median_s"]
+  print(
+    f"accountant: {clients} clients, float32, z in [0.5, 20], q in [1e-3, 1], eps in [0.05, 20], "
+    f"{steps:g} steps, delta = {delta}; {len(accounting.INTEGER_TRACED_ORDERS)} vs "
+    f"{len(accounting.TRACED_ORDERS)} orders ({accounting.FRACTIONAL_TERMS} terms per fractional series)"
+  )
+  return measured
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str]) -> None:
@@ -587,12 +643,14 @@ def main(argv: Sequence[str]) -> None:
     FLAGS.repeats, FLAGS.clients, FLAGS.local_steps, FLAGS.batch_size = 2, 8, 2, 16
     FLAGS.method_clients, FLAGS.logreg_clients, FLAGS.loop_subset, FLAGS.chunk_sizes = 4, 256, 32, ["2", "0"]
     FLAGS.capacities = ["24", "0"]
+    FLAGS.accountant_clients = 64
   builders = {
     "methods": methods_table,
     "overhead": overhead_table,
     "chunks": chunks_table,
     "loop": loop_table,
     "sampling": sampling_table,
+    "accountant": accountant_table,
   }
   tables = {}
   for mode in FLAGS.modes:

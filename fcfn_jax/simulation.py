@@ -262,6 +262,51 @@ def _participants_round(exp: Experiment, state: SimState, key: chex.PRNGKey):
   return SimState(server=server, steps_done=steps_done), metrics
 
 
+def _check_unmet_budgets(
+  eps: np.ndarray,
+  z: np.ndarray,
+  light: np.ndarray,
+  overflow: np.ndarray,
+  rates: np.ndarray,
+  cfg: SimulationConfig,
+  sampler: accounting.Sampler,
+) -> None:
+  """Why an in-program map gave z_i = inf to a budget eps_i > 0 (all [clients]; ``light``: too light to
+  change the float32 aggregate, skipped), and what happens.
+
+  Two causes. The truncation charge (1 + e^eps) p >= delta leaves no delta to spend: a configuration
+  error (B_max too small for this budget), refused naming it. A budget that needs more noise than the top
+  of ``accounting.CALIBRATION_Z_RANGE`` (at or just above the RDP conversion's floor, 0.0035 at delta =
+  1e-5 for the largest order 1024): the client sits out (z = inf releases nothing, within any budget),
+  as the round's program does with it every round; a warning says so, and its clients.csv row reads
+  noise_multiplier = inf, epsilon_spent = 0.
+  """
+  unmet = (eps > 0) & np.isinf(z) & ~light
+  charged = unmet & ((1.0 + np.exp(np.minimum(eps, 700.0))) * overflow >= cfg.privacy.delta)
+  bad = np.flatnonzero(charged)
+  require(
+    not bad.size,
+    f"eps[{bad[0] if bad.size else 0}]={float(eps[bad[0]]) if bad.size else 0.0!r} cannot be certified by "
+    f"calibration={cfg.privacy.calibration!r} at batch_capacity={sampler.capacity}: the truncation "
+    "charge (1 + e^eps) P[some step overflows] exceeds delta; raise batch_capacity",
+  )
+  out_of_range = np.flatnonzero(unmet)
+  if out_of_range.size:
+    i = out_of_range[0]
+    logger.warning(
+      "%d client(s) sit out (z = inf): their budgets need more noise than z = %g (calibration=%r, "
+      "delta=%g, %d steps), e.g. eps[%d]=%r at sampling rate %.4g",
+      out_of_range.size,
+      accounting.CALIBRATION_Z_RANGE[1],
+      cfg.privacy.calibration,
+      cfg.privacy.delta,
+      total_steps(cfg),
+      i,
+      float(eps[i]),
+      float(rates[i]),
+    )
+
+
 def prepare(
   cfg: SimulationConfig, fed_data: data.FederatedData | None = None, *, cost_factors: np.ndarray | None = None
 ) -> Experiment:
@@ -312,13 +357,7 @@ def prepare(
     # As for 'exact': a participant too light to change the float32 aggregate (e.g. eps = 1e-30, whose z
     # the map cannot certify) is not trained, and the round's program leaves out z = inf alike.
     light = aggregation < np.finfo(np.float32).eps * aggregation.max(initial=0.0)
-    bad = np.flatnonzero((eps > 0) & np.isinf(z) & ~light)
-    require(
-      not bad.size,
-      f"eps[{bad[0] if bad.size else 0}]={float(eps[bad[0]]) if bad.size else 0.0!r} cannot be certified by "
-      f"calibration={cfg.privacy.calibration!r} at batch_capacity={sampler.capacity}: the truncation "
-      "charge (1 + e^eps) P[some step overflows] exceeds delta; raise batch_capacity",
-    )
+    _check_unmet_budgets(eps, z, light, overflow, rates, cfg, sampler)
   model = _model(cfg.model, fed_data.input_shape, fed_data.num_classes)
   mesh = federated.client_mesh() if distributed.is_multiprocess() else None
   if mesh is None:

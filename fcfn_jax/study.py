@@ -409,7 +409,7 @@ def groups(results: Sequence[Result]) -> dict[str, list[Result]]:
 
 
 def _cfg(data_cfg: DataConfig, model: str, fed: FederatedConfig) -> SimulationConfig:
-  # 'traced': the tight RDP accountant at integer orders, vectorized over clients (dp-accounting's host
+  # 'traced': the tight RDP accountant at dp-accounting's orders, vectorized over clients (its host
   # inversion takes seconds per client: hours at N = 5000).
   return SimulationConfig(
     data=data_cfg, model=ModelConfig(model), federated=fed, privacy=PrivacyConfig(calibration="traced")

@@ -16,6 +16,7 @@ from scipy import stats
 
 from fcfn_jax import checkpoint, data, fingerprint, simulation, validate
 from fcfn_jax import config as fc
+from fcfn_jax.privacy import accounting
 
 
 def _cfg(tmp_path=None, **game) -> fc.SimulationConfig:
@@ -86,6 +87,23 @@ def test_in_program_calibration_solves_the_game_inside_the_round(fed_data, calib
   np.testing.assert_allclose(outcome.server_utility, exp.outcome.server_utility, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(outcome.budgets), np.asarray(exp.outcome.budgets), rtol=1e-2)
   assert int(metrics.participants) == int(exp.outcome.participants)
+
+
+def test_an_unmet_budget_sits_out_unless_the_truncation_charge_is_the_cause(caplog):
+  """z = inf from the in-program map for eps > 0: a budget that needs more noise than the range (eps =
+  0.003, the traced map's inf) sits out with a warning naming it; the truncation charge refuses the run,
+  naming that cause; a client too light to matter is skipped silently."""
+  cfg = dataclasses.replace(_cfg(), privacy=fc.PrivacyConfig(calibration="traced"))
+  sampler = accounting.sampler_of(cfg.federated, cfg.privacy)
+  eps, rates = np.array([1.0, 0.003, 2.0, 1e-30]), np.full(4, 0.3)
+  z, light = np.array([1.5, np.inf, 0.9, np.inf]), np.array([False, False, False, True])
+  overflow = np.array([0.0, 0.0, 1e-3, 0.0])  # client 2: (1 + e^2) 1e-3 > delta, but it got a finite z
+  with caplog.at_level("WARNING", logger=simulation.__name__):
+    simulation._check_unmet_budgets(eps, z, light, overflow, rates, cfg, sampler)
+  assert "1 client(s) sit out (z = inf)" in caplog.text and "eps[1]=0.003" in caplog.text
+  z[2] = np.inf
+  with pytest.raises(validate.ConfigError, match=r"eps\[2\]=2.0 cannot be certified .* truncation charge"):
+    simulation._check_unmet_budgets(eps, z, light, overflow, rates, cfg, sampler)
 
 
 def test_non_private_training_beats_chance(fed_data):
