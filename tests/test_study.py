@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -197,10 +196,10 @@ def test_quality_spearman_market_leaves_out_no_incentive_and_ranks_no_model_last
 
 
 def test_rescored_quality_is_the_outcomes_q_under_the_other_noise_map(monkeypatch):
-  """Under its own map the outcome's Q; under the accountant's, the Q of the game the run would build with
-  noise_model='accountant' (``simulation.game_of``), the table built once for a seed's mechanisms. The
-  table is a stand-in, the surrogate's z / 3 (the real one compiles for seconds; test_valuation.py holds
-  it against the accountant), so Q is the surrogate's Q / 9."""
+  """Under its own map the outcome's Q; under the accountant's, the Q with the clients' noise table, built
+  once for a seed's mechanisms from their sampling rates. The table is a stand-in, the surrogate's z / 3
+  (the real one compiles for seconds; test_valuation.py holds it against the accountant), so Q is the
+  surrogate's Q / 9."""
   setting = _setting()  # the study fixture's games: their solvers are compiled already
   fed = st.load_seeds(setting)[0]
   exps = [simulation.prepare(setting.config(0, m, 32), fed) for m in ("posted_price", "social_optimum")]
@@ -208,7 +207,7 @@ def test_rescored_quality_is_the_outcomes_q_under_the_other_noise_map(monkeypatc
   np.testing.assert_allclose(own, [e.outcome.quality for e in exps], rtol=1e-12)
 
   def table(rates, spec):
-    built.append(rates)
+    built.append((np.asarray(rates), spec))
     z = accounting.surrogate_noise_multiplier(jnp.exp(jnp.asarray(NOISE_LOG_EPS)), spec.steps, spec.delta)
     return jnp.broadcast_to(jnp.log(z / 3), (rates.shape[0], len(NOISE_LOG_EPS)))
 
@@ -216,13 +215,12 @@ def test_rescored_quality_is_the_outcomes_q_under_the_other_noise_map(monkeypatc
   monkeypatch.setattr(valuation, "noise_table", table)
   rescored = st.rescored_quality(exps, "accountant")
   assert len(built) == 1
+  rates, spec = built[0]
+  np.testing.assert_array_equal(rates, exps[0].sampling_rates)
+  assert (spec.noise_model, spec.steps, spec.delta) == ("accountant", 2, exps[0].cfg.privacy.delta)
   np.testing.assert_allclose(rescored, own / 9, rtol=1e-3)
-  cfg = exps[0].cfg
-  accountant = dataclasses.replace(cfg, game=dataclasses.replace(cfg.game, noise_model="accountant"))
-  with jax.enable_x64(True):
-    game, spec = simulation.game_of(accountant, exps[0].costs, exps[0].weights, fed.pool.num_examples)
-    expected = [float(valuation.quality(jnp.asarray(e.outcome.budgets), game, spec)) for e in exps]
-  np.testing.assert_allclose(rescored, expected, rtol=1e-12)
+  with pytest.raises(validate.ConfigError, match="noise_model='exact' is invalid"):
+    st.rescored_quality(exps, "exact")
 
 
 @pytest.mark.slow
