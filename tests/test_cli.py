@@ -256,6 +256,9 @@ _REPRODUCERS = [
     ["corrupt.npz' is not a readable .npz archive"],
   ),
   ("compare_mechanisms.py", ["--no_such_flag=1"], ["Unknown command line flag 'no_such_flag'"]),
+  ("valuation_study.py", ["--draws=0"], ["draws=0 is invalid: expected an integer >= 1"]),
+  ("valuation_study.py", ["--seeds=1,1"], ["seeds=[1, 1] is invalid: expected distinct"]),
+  ("valuation_study.py", ["--draw=1"], ["Unknown command line flag 'draw'"]),  # --draws sets the draws
   ("make_embedded_dataset.py", ["--source={files}/missing.npz"], ["missing.npz' is not a file"]),
   ("make_embedded_dataset.py", ["--source={files}/corrupt.npz"], ["corrupt.npz' is not a readable .npz"]),
   ("make_embedded_dataset.py", ["--output={files}"], ["is invalid: expected an .npz file path"]),

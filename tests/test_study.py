@@ -8,12 +8,16 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fcfn_jax import config as fc
-from fcfn_jax import report, stats, validate
+from fcfn_jax import report, simulation, stats, validate
 from fcfn_jax import study as st
+from fcfn_jax.game import valuation
+from fcfn_jax.game.spec import NOISE_LOG_EPS
+from fcfn_jax.privacy import accounting
 
 from . import cli
 
@@ -120,6 +124,103 @@ def test_settings_and_presets_are_validated():
   assert paper["femnist_logreg"].seeds >= 10 and paper["femnist_logreg"].draws >= 3
   assert [s.cfg.data.num_clients for s in paper.values() if s.group == "scaling"] == [100, 1000, 5000]
   assert paper["cifar10_iid_cnn"].cfg.data.path == "/d"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The valuation study (scripts/valuation_study.py): draws averaged, the pairs, Q re-valued.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _replica_rows(accuracy: np.ndarray, quality) -> list[dict]:
+  """Replica rows (one per seed, mechanism, draw) of accuracy [seeds, mechanisms, draws], with Q per
+  (seed, mechanism) = quality(seed, mechanism index, the draws' mean accuracy)."""
+  return [
+    {
+      "seed": s,
+      "mechanism": m,
+      "draw": d,
+      "test_accuracy": float(accuracy[s, i, d]),
+      "quality": quality(s, i, accuracy[s, i].mean()),
+    }
+    for s in range(accuracy.shape[0])
+    for i, m in enumerate(fc.MECHANISMS)
+    for d in reversed(range(accuracy.shape[2]))  # any order: rows are matched by their draw
+  ]
+
+
+def _by_pairs(rows: list[dict]) -> dict[str, dict]:
+  return {r["pairs"]: r for r in rows}
+
+
+def test_outcome_rows_average_the_draws_and_keep_each():
+  acc = np.random.default_rng(0).uniform(0.3, 0.7, (3, len(fc.MECHANISMS), 2))
+  rows = st.outcome_rows(_replica_rows(acc, lambda s, i, a: float(s)))
+  assert [(r["seed"], r["mechanism"]) for r in rows] == [(s, m) for s in range(3) for m in fc.MECHANISMS]
+  for r in rows:
+    i = fc.MECHANISMS.index(r["mechanism"])
+    assert r["test_accuracy"] == pytest.approx(acc[r["seed"], i].mean()) and r["draws"] == 2
+    assert (r["accuracy_draw_0"], r["accuracy_draw_1"]) == tuple(acc[r["seed"], i])
+
+
+def test_quality_spearman_is_one_for_q_monotone_in_the_draw_averaged_accuracy():
+  rng = np.random.default_rng(1)
+  acc = rng.uniform(0.3, 0.7, (4, len(fc.MECHANISMS), 3))
+  rows = st.outcome_rows(_replica_rows(acc, lambda s, i, a: -np.exp(-10 * a)))  # Q = -V, V falls with acc
+  rows = [dict(r, quality_flipped=-r["quality"]) for r in rows]
+  table = _by_pairs(st.quality_spearman(rows, ("quality", "quality_flipped")))
+  assert list(table) == list(st.QUALITY_PAIRS)
+  for pairs, count in zip(st.QUALITY_PAIRS, (24, 20, 4)):
+    assert table[pairs]["count"] == count
+    assert table[pairs]["spearman"] == pytest.approx(1.0)
+    assert table[pairs]["spearman_flipped"] == pytest.approx(-1.0)
+  # Q follows the draws' mean, not draw 0 alone (draw noise of the size of the spread breaks the ranks).
+  assert table[st.QUALITY_PAIRS[0]]["spearman_draw0"] < 0.99
+
+
+def test_quality_spearman_market_leaves_out_no_incentive_and_ranks_no_model_last():
+  acc = np.random.default_rng(2).uniform(0.3, 0.7, (3, len(fc.MECHANISMS), 1))
+  mandate = fc.MECHANISMS.index("no_incentive")
+  acc[:, mandate] = 0.1  # the mandate's model is the worst but its Q the best: only "all" pairs see it
+  rows = st.outcome_rows(_replica_rows(acc, lambda s, i, a: 10.0 if i == mandate else float(a)))
+  table = _by_pairs(st.quality_spearman(rows))
+  assert table["all but no_incentive"]["spearman"] == pytest.approx(1.0)
+  assert table["all (mechanism, seed)"]["spearman"] < 0.9
+  assert table["within a seed, mean"]["spearman"] < 0.9
+  # Q = -inf (nobody participates) ranks below every finite Q: with the lowest accuracy, rho stays 1.
+  rows = st.outcome_rows(_replica_rows(acc, lambda s, i, a: -np.inf if i == mandate else float(a)))
+  assert _by_pairs(st.quality_spearman(rows))["all (mechanism, seed)"]["spearman"] == pytest.approx(1.0)
+  with pytest.raises(validate.ConfigError, match="seeds=\\[0, 0\\] is invalid"):
+    st.check_valuation([0, 0], ["stackelberg"], 1)
+  with pytest.raises(validate.ConfigError, match="draws=0 is invalid: expected an integer >= 1"):
+    st.check_valuation([0, 1], ["stackelberg"], 0)
+
+
+def test_rescored_quality_is_the_outcomes_q_under_the_other_noise_map(monkeypatch):
+  """Under its own map the outcome's Q; under the accountant's, the Q with the clients' noise table, built
+  once for a seed's mechanisms from their sampling rates. The table is a stand-in, the surrogate's z / 3
+  (the real one compiles for seconds; test_valuation.py holds it against the accountant), so Q is the
+  surrogate's Q / 9."""
+  setting = _setting()  # the study fixture's games: their solvers are compiled already
+  fed = st.load_seeds(setting)[0]
+  exps = [simulation.prepare(setting.config(0, m, 32), fed) for m in ("posted_price", "social_optimum")]
+  own = st.rescored_quality(exps, "surrogate")
+  np.testing.assert_allclose(own, [e.outcome.quality for e in exps], rtol=1e-12)
+
+  def table(rates, spec):
+    built.append((np.asarray(rates), spec))
+    z = accounting.surrogate_noise_multiplier(jnp.exp(jnp.asarray(NOISE_LOG_EPS)), spec.steps, spec.delta)
+    return jnp.broadcast_to(jnp.log(z / 3), (rates.shape[0], len(NOISE_LOG_EPS)))
+
+  built = []
+  monkeypatch.setattr(valuation, "noise_table", table)
+  rescored = st.rescored_quality(exps, "accountant")
+  assert len(built) == 1
+  rates, spec = built[0]
+  np.testing.assert_array_equal(rates, exps[0].sampling_rates)
+  assert (spec.noise_model, spec.steps, spec.delta) == ("accountant", 2, exps[0].cfg.privacy.delta)
+  np.testing.assert_allclose(rescored, own / 9, rtol=1e-3)
+  with pytest.raises(validate.ConfigError, match="noise_model='exact' is invalid"):
+    st.rescored_quality(exps, "exact")
 
 
 @pytest.mark.slow
