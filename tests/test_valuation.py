@@ -107,7 +107,7 @@ def _accountant_game(rates=_RATES):
 def test_the_accountant_table_is_the_traced_accountant_within_one_percent():
   """z_i(eps) read off the table vs the traced root find, at budgets 0.035..eps_max (below ~0.03 the
   accountant's order conversion floors eps at delta 1e-5: it certifies nothing there). The largest errors
-  (1.3%) sit at the kinks where the accountant's optimal integer order jumps (spec.NOISE_LOG_EPS)."""
+  (1.0%) sit at the kinks where the accountant's optimal order jumps (63 -> 128 -> 256)."""
   g = _accountant_game()
   budgets = np.geomspace(0.035, 8.0, 23)
   table = np.stack(
