@@ -262,17 +262,24 @@ def main(argv: Sequence[str]) -> None:
       )
       print(f"{case} {layout}: {result['round_s']:.3f} s/round", flush=True)
   meta = {
-    **machine(),
-    "local_steps": FLAGS.local_steps,
-    "batch_size": FLAGS.batch_size,
-    "capacity": FLAGS.capacity,
-    "repeats": FLAGS.repeats,
+    **_settings(machine),
     "noise_multiplier": NOISE_MULTIPLIER,
     "note": "round_s = median round time (process 0); allreduce_s = median time of a psum of the round's "
     "totals alone over the same mesh; comm_share = allreduce_s / round_s; first_round_s includes the "
     "compilation; speedup_vs_1x1 = (1 process x 1 device round_s) / round_s, measured in the same run",
   }
   write_tables(FLAGS.out, "bench_multihost", {"multihost": rows}, meta)
+
+
+def _settings(machine) -> dict:
+  """The run's machine and the settings both modes share, for the tables' metadata."""
+  return {
+    **machine(),
+    "local_steps": FLAGS.local_steps,
+    "batch_size": FLAGS.batch_size,
+    "capacity": FLAGS.capacity,
+    "repeats": FLAGS.repeats,
+  }
 
 
 def bench_replicas(machine, write_tables) -> None:
@@ -300,11 +307,7 @@ def bench_replicas(machine, write_tables) -> None:
       )
       print(f"{case} {layout}: {result['run_s']:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)
   meta = {
-    **machine(),
-    "local_steps": FLAGS.local_steps,
-    "batch_size": FLAGS.batch_size,
-    "capacity": FLAGS.capacity,
-    "repeats": FLAGS.repeats,
+    **_settings(machine),
     "note": "run_s = median wall time of replicas.run in process 0 after a first compiling run "
     "(first_run_s), the final gather included; gather_s = median time of gathering the final states "
     "alone; comm_share = gather_s / run_s; speedup_vs_1p = (1 process run_s) / run_s, measured in the "
