@@ -6,17 +6,23 @@ One experiment (docs/model.md "What it is"):
   2. The mechanism (GameConfig.mechanism) sets every client's total budget eps_i and payment, on the game
      :func:`game_of` builds from the config (the valuation sees the run's steps, delta and sampling rates).
   3. eps_i -> noise multiplier z_i for the whole run (T rounds x S local steps of the configured sampler,
-     sampling rate q_i = min(1, B / n_i)): 'surrogate' and 'traced' calibration solve the mechanism and
-     the eps -> z map (closed-form surrogate, or the tight traced RDP accountant) inside the same jitted
-     program as the round; 'exact' inverts dp-accounting's accountant host-side once. Every map accounts
-     the sampler that runs (accounting.dp_event). Clients with eps_i = 0 sit out: z_i = inf, weight 0,
-     no payment.
+     sampling rate q_i = min(1, B / n_i)), once per experiment in :func:`prepare`, by the configured map:
+     'exact' inverts dp-accounting's accountant (numpy float64), 'traced' and 'surrogate' evaluate the
+     tight traced RDP accountant or the closed-form surrogate (jax, float64); once per distinct input of
+     the map, then scattered back. Every map accounts the sampler that runs (accounting.dp_event), and its
+     z_i is rounded up to float32 (:func:`trainable_noise`): the value every round trains with and the
+     ledger accounts. Clients with eps_i = 0 sit out: z_i = inf, weight 0, no payment.
   4. The server aggregates with the game's weights a_i (``valuation.aggregation_weights``: noise-aware by
      default, docs/model.md "Aggregation"), so the model trained is the one the valuation Q values; they
      reach the round as its per-client ``weights`` a_i / n_i (the round weighs client i by weight_i n_i).
-  5. T rounds of :func:`fcfn_jax.federated.federated_round`, evaluated on the test split; every K rounds the
-     state (model, optimizer, round, key, per-client privacy ledger) is checkpointed atomically, and a run
-     restarted with the same config resumes from the newest checkpoint with identical results.
+  5. T rounds of :func:`fcfn_jax.federated.federated_round` over the participants only, evaluated on the
+     test split; every K rounds the state (model, optimizer, round, key, per-client privacy ledger) is
+     checkpointed atomically, and a run restarted with the same config resumes from the newest checkpoint
+     with identical results.
+
+:func:`mechanism_round` is the differentiable variant: one program that solves the game, maps eps -> z
+('surrogate' or 'traced') and trains one round on every client, for studies that need the round as a
+function of the game's inputs.
 
 Resume (README "Resume, fingerprints and corrupt checkpoints"): every checkpoint carries the run's
 fingerprint (:func:`run_fingerprint`: every config field that can change results, the data's digest, the
@@ -41,7 +47,7 @@ import numpy as np
 import tqdm
 
 from fcfn_jax import checkpoint, data, distributed, federated, fingerprint, models
-from fcfn_jax.config import MECHANISM_LABELS, GameConfig, PrivacyConfig, SimulationConfig
+from fcfn_jax.config import MECHANISM_LABELS, GameConfig, SimulationConfig
 from fcfn_jax.game import baselines, misreport, valuation
 from fcfn_jax.game.outcome import Outcome
 from fcfn_jax.game.spec import Game, GameSpec, make_game, spec_from_config
@@ -53,8 +59,9 @@ _COST_STREAM = 1  # fold_in tags of the run key's independent streams
 _INIT_STREAM = 2
 _TRAIN_STREAM = 3
 _EVAL_BATCH = 512
-# Bump when the meaning of SimState's leaves changes: older checkpoints then no longer match.
-STATE_LAYOUT_VERSION = 1
+# Bump when the meaning of SimState's leaves changes (what a round trains with, e.g. its z_i): older
+# checkpoints then no longer match, and a resume refuses them naming state_layout.
+STATE_LAYOUT_VERSION = 2
 # Config fields that never change results (where files go; the data's digest stands for its path).
 _NOT_FINGERPRINTED = ("checkpoint_dir", "checkpoint_every", "data.path")
 OTHER_RUN = ".other-run"  # suffix of a checkpoint folder moved aside by restart_on_mismatch
@@ -89,11 +96,12 @@ class Experiment(NamedTuple):
 
   costs, weights, sampling_rates: [clients]. outcome: the mechanism's Outcome (budgets eps_i [clients]).
   sampler: the rounds' accounting.Sampler. overflow: p_i [clients], the probability that some step of
-    client i's run overflows B_max (0 for 'fixed'); the in-program maps pay (1 + e^eps_i) p_i from delta.
-  noise_multipliers: z_i [clients] used for training (inf = sits out).
+    client i's run overflows B_max (0 for 'fixed'); the 'traced' and 'surrogate' maps pay (1 + e^eps_i)
+    p_i from delta.
+  noise_multipliers: z_i [clients] float64 holding float32 values (:func:`trainable_noise`): what every
+    round trains with and the ledger accounts (inf = sits out).
   aggregation_weights: a_i [clients], the server's weights of the clients' updates (0 = sits out).
-  train_pool: the clients that train, on device: all clients when the mechanism is solved inside the
-    round ('surrogate', 'traced'), else only the participants (eps_i > 0), in client order.
+  train_pool: the clients that train (z_i < inf), on device, in client order.
   mesh: None in a single process; with several processes (docs/model.md "Multi-host") the client mesh
     over every process's devices: train_pool is then split over it (each process holds only its own
     block, padded with clients that have no examples) and every round meets in one all-reduce.
@@ -161,15 +169,22 @@ def round_weights(aggregation: chex.Array, num_examples: chex.Array) -> chex.Arr
   return aggregation / num_examples
 
 
-def _in_program(privacy: PrivacyConfig) -> bool:
-  """Whether the mechanism and eps -> z are solved inside the round's program ('surrogate', 'traced')."""
-  return privacy.calibration != "exact" and privacy.private
+def trainable_noise(z: chex.Array, xp=np) -> chex.Array:
+  """The least float32 value >= z_i, elementwise: float32 [...] (inf stays inf).
+
+  The round trains in float32, so the z_i it trains with is this rounding of the calibrated one, never
+  below it: more noise than the map asked for, so still within the budget; the ledger accounts this value
+  itself. ``xp``: ``np`` on the host, ``jnp`` inside a program.
+  """
+  z = xp.asarray(z)
+  nearest = z.astype(xp.float32)
+  return xp.where(nearest < z, xp.nextafter(nearest, xp.float32(np.inf)), nearest)
 
 
 def _program_noise(
   budgets: chex.Array, sampling_rates: chex.Array, overflow: chex.Array, cfg: SimulationConfig
 ) -> chex.Array:
-  """z_i of the in-program map ('surrogate' or 'traced') for the run's sampler; inf where eps_i = 0."""
+  """z_i of the jax map ('surrogate' or 'traced') for the run's sampler; inf where eps_i = 0."""
   return accounting.program_noise(
     budgets,
     sampling_rates,
@@ -179,6 +194,41 @@ def _program_noise(
     cfg.privacy.sampling,
     cfg.privacy.calibration,
   )
+
+
+def calibrate(
+  eps: np.ndarray,
+  num_examples: np.ndarray,
+  overflow: np.ndarray,
+  cfg: SimulationConfig,
+  sampler: accounting.Sampler,
+) -> np.ndarray:
+  """z_i = :func:`trainable_noise` of the configured map at eps_i > 0: float64 [clients] of float32 values.
+
+  'exact': ``accounting.calibrate_noise_multipliers`` (one search per distinct (n_i, eps_i): the event
+  depends on n_i beyond q_i). 'traced' / 'surrogate': the jax map in float64, once per distinct (eps_i,
+  q_i, p_i) (the run's T x S steps are every client's), scattered back; inf where it certifies nothing.
+
+  Args:
+    eps: budgets eps_i > 0 [clients]. num_examples: n_i [clients]. overflow: p_i [clients]
+      (``accounting.overflow_probability``). cfg: the run. sampler: its accounting.Sampler.
+  """
+  privacy = cfg.privacy
+  if privacy.calibration == "exact":
+    z = accounting.calibrate_noise_multipliers(
+      eps, num_examples, total_steps(cfg), privacy.delta, sampler, privacy.accountant
+    )
+  else:
+    rates = np.asarray(accounting.sampling_rates(num_examples, cfg.federated.batch_size), np.float64)
+    _, first, inverse = np.unique(
+      np.stack([eps, rates, overflow], axis=1), axis=0, return_index=True, return_inverse=True
+    )
+    # Padded to a power of two (repeating a row): few compiled programs whatever the distinct count.
+    rows = np.pad(first, (0, (1 << max(len(first) - 1, 0).bit_length()) - len(first)), mode="edge")
+    with jax.enable_x64(True):
+      distinct = np.asarray(_program_noise(eps[rows], rates[rows], overflow[rows], cfg), np.float64)
+    z = distinct[inverse.reshape(-1)]
+  return np.asarray(trainable_noise(z), np.float64)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "cfg", "mesh"))
@@ -195,21 +245,25 @@ def mechanism_round(
   mesh: jax.sharding.Mesh | None = None,
 ):
   """ONE traced program: solve the mechanism, map eps -> z ('surrogate' or 'traced'), run one DP round
-  aggregated with the game's weights a_i.
+  on every client aggregated with the game's weights a_i; differentiable in the game's inputs.
+
+  :func:`run` does not use it (it calibrates once in :func:`prepare` and trains the participants only);
+  it is the round as a function of the costs and weights, solved in the inputs' dtype each call.
 
   Args:
     state: SimState at round t. pool: all clients' data (with ``mesh``: [padded clients] split over it,
-      ``Experiment.train_pool``). costs, weights: c_i, w_i [clients]. overflow: p_i [clients]
+      e.g. ``federated.shard_clients``). costs, weights: c_i, w_i [clients]. overflow: p_i [clients]
       (``Experiment.overflow``). key: the run's training key. apply_fn, cfg: static.
-    mesh: static client mesh of the round (``Experiment.mesh``), or None.
+    mesh: static client mesh of the round, or None.
 
   Returns:
-    (SimState at t + 1, federated.RoundMetrics, Outcome).
+    (SimState at t + 1, federated.RoundMetrics, Outcome, z): z float32 [clients] the noise multipliers
+    the round trained with (:func:`trainable_noise` of the map's; inf = sat out), for the ledger.
   """
   num_examples = jnp.asarray(pool.num_examples[: costs.shape[0]], costs.dtype)  # without mesh padding
   game, spec = game_of(cfg, costs, weights, num_examples, costs.dtype)
   outcome = baselines.solve(game, spec)
-  z = _program_noise(outcome.budgets, game.sampling_rates, overflow, cfg)
+  z = trainable_noise(_program_noise(outcome.budgets, game.sampling_rates, overflow, cfg), jnp)
   joined = jnp.isfinite(z)
   aggregation = valuation.aggregation_weights(outcome.budgets, game, spec)
   round_z, round_w = z, round_weights(aggregation, num_examples).astype(jnp.float32)
@@ -227,11 +281,11 @@ def mechanism_round(
     mesh=mesh,
   )
   steps_done = state.steps_done + jnp.where(joined, cfg.federated.local_steps, 0).astype(jnp.int32)
-  return SimState(server=server, steps_done=steps_done), metrics, outcome
+  return SimState(server=server, steps_done=steps_done), metrics, outcome, z
 
 
 def _participants_round(exp: Experiment, state: SimState, key: chex.PRNGKey):
-  """One DP round over the participants only, with the host-calibrated z_i and the game's weights a_i.
+  """One DP round over the participants only, with the calibrated z_i and the game's weights a_i.
 
   Clients with eps_i = 0 would contribute nothing, so they are left out of the batch rather than computed
   and masked; the round's program depends only on the federated/privacy configs and the participant
@@ -271,15 +325,14 @@ def _check_unmet_budgets(
   cfg: SimulationConfig,
   sampler: accounting.Sampler,
 ) -> None:
-  """Why an in-program map gave z_i = inf to a budget eps_i > 0 (all [clients]; ``light``: too light to
-  change the float32 aggregate, skipped), and what happens.
+  """Why the map gave z_i = inf to a budget eps_i > 0 (all [clients]; ``light``: too light to change the
+  float32 aggregate, skipped), and what happens ('traced' and 'surrogate'; 'exact' refuses such budgets).
 
   Two causes. The truncation charge (1 + e^eps) p >= delta leaves no delta to spend: a configuration
   error (B_max too small for this budget), refused naming it. A budget that needs more noise than the top
   of ``accounting.CALIBRATION_Z_RANGE`` (at or just above the RDP conversion's floor, 0.0035 at delta =
-  1e-5 for the largest order 1024): the client sits out (z = inf releases nothing, within any budget),
-  as the round's program does with it every round; a warning says so, and its clients.csv row reads
-  noise_multiplier = inf, epsilon_spent = 0.
+  1e-5 for the largest order 1024): the client sits out (z = inf releases nothing, within any budget);
+  a warning says so, and its clients.csv row reads noise_multiplier = inf, epsilon_spent = 0.
   """
   unmet = (eps > 0) & np.isinf(z) & ~light
   charged = unmet & ((1.0 + np.exp(np.minimum(eps, 700.0))) * overflow >= cfg.privacy.delta)
@@ -310,17 +363,11 @@ def _check_unmet_budgets(
 def prepare(
   cfg: SimulationConfig, fed_data: data.FederatedData | None = None, *, cost_factors: np.ndarray | None = None
 ) -> Experiment:
-  """Loads data (unless given), draws costs, solves the mechanism and calibrates z_i (host side).
+  """Loads data (unless given), draws costs, solves the mechanism and calibrates z_i once (:func:`calibrate`).
 
   cost_factors: m_i >= 1 [clients] or None (honest). Client i reports the cost m_i c_i; the mechanism is
     solved on the reports and the outcome accounted with the true c_i (``misreport.misreported_outcome``).
   """
-  in_round = _in_program(cfg.privacy)
-  require(
-    cost_factors is None or not in_round,
-    f"cost_factors needs calibration='exact' or private=False: calibration={cfg.privacy.calibration!r} "
-    "re-solves the mechanism on the true costs inside the round",
-  )
   fed_data = data.load_federated(cfg.data) if fed_data is None else fed_data
   key = jax.random.PRNGKey(cfg.seed)
   n = np.asarray(fed_data.pool.num_examples)
@@ -340,31 +387,23 @@ def prepare(
     outcome = jax.tree.map(np.asarray, outcome)
   eps = outcome.budgets
   require(np.all(np.isfinite(eps)), f"mechanism {cfg.game.mechanism!r} returned non-finite budgets {eps}")
-  if cfg.privacy.calibration == "exact":
-    z = np.full(eps.shape, np.inf)
-    # A participant whose aggregation weight is below float32's epsilon relative to the largest cannot
-    # change the float32 aggregate: it is not trained (z = inf releases nothing, within any budget), which
-    # spares the accountant budgets like 1e-11 (a client just inside the participation threshold).
-    joined = (eps > 0) & (aggregation >= np.finfo(np.float32).eps * aggregation.max(initial=0.0))
-    aggregation = np.where(joined, aggregation, 0.0) / max(aggregation[joined].sum(), 1e-300)
-    if joined.any():
-      z[joined] = accounting.calibrate_noise_multipliers(
-        eps[joined], n[joined], total_steps(cfg), cfg.privacy.delta, sampler, cfg.privacy.accountant
-      )
-  else:
-    with jax.enable_x64(True):
-      z = np.asarray(_program_noise(jnp.asarray(eps), rates, overflow, cfg))
-    # As for 'exact': a participant too light to change the float32 aggregate (e.g. eps = 1e-30, whose z
-    # the map cannot certify) is not trained, and the round's program leaves out z = inf alike.
-    light = aggregation < np.finfo(np.float32).eps * aggregation.max(initial=0.0)
-    _check_unmet_budgets(eps, z, light, overflow, rates, cfg, sampler)
+  # A participant whose aggregation weight is below float32's epsilon relative to the largest cannot
+  # change the float32 aggregate: it is not trained (z = inf releases nothing, within any budget), which
+  # spares the maps budgets like 1e-11 (a client just inside the participation threshold).
+  light = aggregation < np.finfo(np.float32).eps * aggregation.max(initial=0.0)
+  calibrated = np.flatnonzero((eps > 0) & ~light)
+  z = np.full(eps.shape, np.inf)
+  if calibrated.size:
+    z[calibrated] = calibrate(eps[calibrated], n[calibrated], overflow[calibrated], cfg, sampler)
+  _check_unmet_budgets(eps, z, light, overflow, rates, cfg, sampler)
+  trains = np.isfinite(z)
+  aggregation = np.where(trains, aggregation, 0.0) / max(aggregation[trains].sum(), 1e-300)
   model = _model(cfg.model, fed_data.input_shape, fed_data.num_classes)
+  rows = np.flatnonzero(trains)
   mesh = federated.client_mesh() if distributed.is_multiprocess() else None
   if mesh is None:
-    rows = slice(None) if in_round else np.flatnonzero(np.isfinite(z))
     train_pool = jax.device_put(jax.tree.map(lambda a: a[rows], fed_data.pool))
   else:  # each process puts only its own block of the training clients on its devices
-    rows = np.arange(len(n)) if in_round else np.flatnonzero(np.isfinite(z))
     train_pool = federated.shard_clients(
       mesh, max(len(rows), 1), lambda block: jax.tree.map(lambda a: a[rows[block]], fed_data.pool)
     )
@@ -413,24 +452,6 @@ def privacy_spent(exp: Experiment, steps_done: np.ndarray) -> np.ndarray:
       cfg.privacy.accountant,
     )
   return spent
-
-
-def _step(exp: Experiment, state: SimState, key: chex.PRNGKey) -> tuple[SimState, Any]:
-  cfg = exp.cfg
-  if _in_program(cfg.privacy):
-    state, metrics, _ = mechanism_round(
-      state,
-      exp.train_pool,
-      exp.costs.astype(np.float32),
-      exp.weights.astype(np.float32),
-      exp.overflow.astype(np.float32),
-      key,
-      apply_fn=exp.apply_fn,
-      cfg=cfg,
-      mesh=exp.mesh,
-    )
-    return state, metrics
-  return _participants_round(exp, state, key)
 
 
 @dataclasses.dataclass
@@ -639,7 +660,7 @@ def run(
     rounds = range(start, cfg.federated.rounds)
     bar = tqdm.tqdm(rounds, desc=cfg.game.mechanism, disable=not progress, leave=False)
     for t in bar:
-      state, metrics = _step(exp, state, train_key)
+      state, metrics = _participants_round(exp, state, train_key)
       accuracy, loss = federated.evaluate(state.server.params, test.x, test.y, exp.apply_fn, _EVAL_BATCH)
       history.append(
         {

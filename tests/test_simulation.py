@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 import pathlib
@@ -10,11 +11,12 @@ import re
 import chex
 import dp_accounting
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
-from fcfn_jax import checkpoint, data, fingerprint, simulation, validate
+from fcfn_jax import checkpoint, data, federated, fingerprint, report, simulation, validate
 from fcfn_jax import config as fc
 from fcfn_jax.privacy import accounting
 
@@ -68,25 +70,128 @@ def test_non_participants_are_paid_nothing_and_spend_no_privacy(fed_data):
 
 
 @pytest.mark.parametrize("calibration", [pytest.param("surrogate", marks=pytest.mark.slow), "traced"])
-def test_in_program_calibration_solves_the_game_inside_the_round(fed_data, calibration):
+def test_mechanism_round_solves_the_game_inside_its_program_and_returns_its_z(fed_data, calibration):
+  """The program solves the game from the costs it is given (no host outcome enters it) and returns the
+  float32 z_i it trained with: the host's float64 calibration to float32 rounding of the solve."""
   cfg = dataclasses.replace(_cfg(), privacy=fc.PrivacyConfig(calibration=calibration))
   exp = simulation.prepare(cfg, fed_data)
   state = simulation.init_state(exp)
-  state, metrics, outcome = simulation.mechanism_round(
-    state,
-    exp.train_pool,
-    exp.costs.astype(np.float32),
-    exp.weights.astype(np.float32),
-    exp.overflow.astype(np.float32),
-    jax.random.PRNGKey(0),
-    apply_fn=exp.apply_fn,
-    cfg=cfg,
-  )
+
+  def round_at(costs):
+    return simulation.mechanism_round(
+      state,
+      jax.device_put(fed_data.pool),
+      costs.astype(np.float32),
+      exp.weights.astype(np.float32),
+      exp.overflow.astype(np.float32),
+      jax.random.PRNGKey(0),
+      apply_fn=exp.apply_fn,
+      cfg=cfg,
+    )
+
+  new_state, metrics, outcome, z = round_at(exp.costs)
   # float32 in the round, float64 on the host: U_s is flat at its optimum, so R* (and the one interior
   # budget) agree to ~sqrt(float32 eps) while U_s agrees far closer.
   np.testing.assert_allclose(outcome.server_utility, exp.outcome.server_utility, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(outcome.budgets), np.asarray(exp.outcome.budgets), rtol=1e-2)
   assert int(metrics.participants) == int(exp.outcome.participants)
+  assert z.dtype == np.float32
+  np.testing.assert_array_equal(np.isfinite(z), np.asarray(outcome.budgets) > 0)
+  np.testing.assert_allclose(np.asarray(z, np.float64), exp.noise_multipliers, rtol=1e-2)
+  np.testing.assert_array_equal(new_state.steps_done, np.where(np.isfinite(z), cfg.federated.local_steps, 0))
+  # Dearer privacy, same compiled program: the game it solves moves with its inputs.
+  _, _, dearer, dearer_z = round_at(exp.costs * 3.0)
+  assert float(dearer.total_payment) != float(outcome.total_payment)
+  assert not np.array_equal(np.asarray(dearer_z), np.asarray(z))
+
+
+def test_trainable_noise_is_the_least_float32_at_or_above_z():
+  rng = np.random.default_rng(0)
+  z = np.concatenate(
+    [
+      np.exp(rng.uniform(np.log(1e-3), np.log(1e6), 20_000)),
+      rng.uniform(0.05, 5.0, 20_000).astype(np.float32).astype(np.float64),  # already float32
+      [0.05, 1.0, 1e5],
+    ]
+  )
+  up = simulation.trainable_noise(z)
+  assert up.dtype == np.float32
+  assert np.all(up.astype(np.float64) >= z)
+  below = np.nextafter(up, np.float32(-np.inf)).astype(np.float64)
+  assert np.all(below < z)
+  exact = z.astype(np.float32).astype(np.float64) == z
+  assert exact[20_000:40_000].all()
+  np.testing.assert_array_equal(up[exact], z[exact])  # float32 values are their own rounding
+  assert simulation.trainable_noise(np.array([np.inf]))[0] == np.inf
+  # Inside a program (float32 z): the identity, as the round trains it.
+  traced = jax.jit(lambda a: simulation.trainable_noise(a, jnp))(up)
+  np.testing.assert_array_equal(np.asarray(traced), up)
+
+
+def test_calibrate_maps_each_distinct_input_once_and_scatters_back(monkeypatch):
+  """Clients sharing (eps, q, p) share one evaluation of the map; every client gets its own row back."""
+  cfg = dataclasses.replace(_cfg(), privacy=fc.PrivacyConfig(calibration="surrogate"))
+  sampler = accounting.sampler_of(cfg.federated, cfg.privacy)
+  eps = np.array([1.0, 2.0, 1.0, 1.0, 2.0, 0.5])
+  n = np.array([40, 40, 40, 4, 40, 4])  # n = 4 and n = 40 differ in q
+  overflow = np.zeros(6)
+  seen = []
+  program_noise = simulation._program_noise
+  monkeypatch.setattr(simulation, "_program_noise", lambda e, *a: seen.append(len(e)) or program_noise(e, *a))
+  z = simulation.calibrate(eps, n, overflow, cfg, sampler)
+  assert seen == [4]  # 4 distinct (eps, q, p) rows, padded to a power of two
+  alone = [simulation.calibrate(eps[[i]], n[[i]], overflow[[i]], cfg, sampler)[0] for i in range(6)]
+  np.testing.assert_array_equal(z, alone)
+  assert z[0] == z[2] != z[1]
+
+
+@pytest.mark.parametrize(
+  "calibration", ["exact", pytest.param("traced", marks=pytest.mark.slow), "surrogate"]
+)
+def test_clients_csv_records_the_z_each_round_trained_with(fed_data, tmp_path, monkeypatch, calibration):
+  """The z_i handed to every round (captured at federated_round) is, bit for bit, the noise_multiplier
+  of the client's clients.csv row, and what its epsilon_spent accounts."""
+  cfg = dataclasses.replace(
+    _cfg(),
+    federated=dataclasses.replace(_cfg().federated, rounds=2),
+    privacy=fc.PrivacyConfig(calibration=calibration),
+  )
+  trained = []
+  federated_round = federated.federated_round
+
+  def recording_round(server, pool, noise_multipliers, *args, **kwargs):
+    trained.append(np.asarray(noise_multipliers))
+    return federated_round(server, pool, noise_multipliers, *args, **kwargs)
+
+  monkeypatch.setattr(federated, "federated_round", recording_round)
+  out = simulation.run(cfg, fed_data=fed_data, progress=False)
+  path = tmp_path / "clients.csv"
+  report.write_csv_atomic(path, out.clients)
+  with open(path) as f:
+    rows = list(csv.DictReader(f))
+  recorded = np.array([float(row["noise_multiplier"]) for row in rows])
+  joined = np.isfinite(recorded)
+  assert len(trained) == cfg.federated.rounds and 0 < joined.sum() < len(rows)
+  for z in trained:
+    assert z.dtype == np.float32
+    np.testing.assert_array_equal(z.astype(np.float64), recorded[joined])  # participants, in client order
+  exp = simulation.prepare(cfg, fed_data)
+  steps = np.array([int(row["steps"]) for row in rows])
+  np.testing.assert_array_equal(steps, np.where(joined, simulation.total_steps(cfg), 0))
+  spent = simulation.privacy_spent(exp, steps)
+  np.testing.assert_array_equal(spent, [float(row["epsilon_spent"]) for row in rows])
+  assert np.all(spent <= np.asarray(exp.outcome.budgets))
+
+
+def test_a_checkpoint_of_another_state_layout_is_refused_naming_it(fed_data, tmp_path, monkeypatch):
+  cfg = _cfg(tmp_path)
+  monkeypatch.setattr(simulation, "STATE_LAYOUT_VERSION", simulation.STATE_LAYOUT_VERSION - 1)
+  simulation.run(cfg, fed_data=fed_data, progress=False, stop_after=1)
+  monkeypatch.undo()
+  layout = simulation.STATE_LAYOUT_VERSION
+  refused = rf"holds another run \(state_layout {layout - 1} -> {layout}\)"
+  with pytest.raises(validate.ConfigError, match=refused):
+    simulation.run(cfg, fed_data=fed_data, progress=False)
 
 
 def test_an_unmet_budget_sits_out_unless_the_truncation_charge_is_the_cause(caplog):
