@@ -276,8 +276,10 @@ def test_prepare_trains_with_the_misreported_budgets():
   chex.assert_trees_all_close(exp.outcome, jax.tree.map(np.asarray, expected), rtol=1e-12, atol=1e-12)
   np.testing.assert_array_equal(np.isfinite(exp.noise_multipliers), exp.aggregation_weights > 0)
   assert np.all(np.asarray(expected.budgets)[exp.aggregation_weights > 0] > 0)
-  with pytest.raises(ConfigError, match="cost_factors needs calibration='exact'"):
-    simulation.prepare(_sim_cfg("surrogate"), fed_data, cost_factors=factors)
+  # Every calibration maps the misreported budgets once, before any round.
+  surrogate = simulation.prepare(_sim_cfg("surrogate"), fed_data, cost_factors=factors)
+  chex.assert_trees_all_close(surrogate.outcome, exp.outcome, rtol=1e-12, atol=1e-12)
+  np.testing.assert_array_equal(np.isfinite(surrogate.noise_multipliers), np.isfinite(exp.noise_multipliers))
   # The experiment keeps the true costs.
   np.testing.assert_array_equal(exp.costs, simulation.client_costs(jax.random.PRNGKey(cfg.seed), 8, cfg.game))
 
