@@ -16,13 +16,10 @@ fit the backend's working-memory budget (``federated.chunk_clients``). The repli
 axis of every input: with several processes each trains its own block of every group and one gather at
 the end joins the results (:func:`run`; docs/model.md "Multi-host").
 
-A replica equals ``simulation.run`` of the same config (seed, mechanism, draw) to float rounding when the
-noise is calibrated host-side (``calibration='exact'``, or a non-private run): same initial model (fold_in
-of the seed), same per-client keys (fold_in(fold_in(key, t), position among the participants)), same noise
-multipliers and weights; only the order of the float sums differs. With 'traced' or 'surrogate' a replica
-trains the z_i that ``simulation.prepare`` computes on the host with the same map (float64) that
-``simulation.run`` evaluates inside its round (float32), over the participants only, so it is the same
-experiment but not the same random stream (``simulation.run`` keys its clients by pool row there).
+A replica equals ``simulation.run`` of the same config (seed, mechanism, draw) to float rounding, whatever
+the calibration: same initial model (fold_in of the seed), same per-client keys (fold_in(fold_in(key, t),
+position among the participants)), same noise multipliers (``simulation.prepare``'s, float32 values) and
+weights; only the order of the float sums differs.
 """
 
 from __future__ import annotations
