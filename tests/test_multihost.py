@@ -126,7 +126,7 @@ def test_two_process_sweep_equals_one_process_sweep_exactly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("calibration", ["exact", "traced"])  # participants only / all clients in-program
+@pytest.mark.parametrize("calibration", ["exact", "traced"])  # host accountant / jax map, once in prepare
 def test_checkpointed_run_resumed_in_two_processes_equals_one_uninterrupted_run(tmp_path, calibration):
   full = simulation.run(cases.simulation_config(calibration=calibration), progress=False)
   flags = ("--checks=simulate", f"--calibration={calibration}")
