@@ -102,6 +102,29 @@ def test_the_script_checks_the_readme_and_exits_0():
   assert "README's table is" in result.stdout
 
 
+def test_the_readme_shows_the_header_line_the_main_command_prints(tmp_path):
+  """The header line quoted in the README is what `compare_mechanisms.py --out=results/default` prints first
+  (its --dry_run prints it in seconds: the data loaded, nothing trained or written)."""
+  quoted = re.findall(r"^compare_mechanisms\.py: .*$", _read("README.md"), flags=re.M)
+  assert len(quoted) == 1
+  result = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO, "scripts", "compare_mechanisms.py"),
+      "--dry_run",
+      "--out=results/default",
+    ],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO),
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines()[0] == quoted[0]
+  assert not os.path.exists(tmp_path / "results")
+
+
 def test_the_generator_formats_a_comparison_file_as_the_run_prints_it(tmp_path):
   """comparison.json and comparison.csv (as report.write_results writes them) render the same table."""
   from fcfn_jax import report
