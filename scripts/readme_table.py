@@ -8,7 +8,9 @@
 manifest.json must show the default command: no flag but --out and --progress), writes the snapshot
 docs/default_comparison.json (every row as the run wrote it, the command, the commit and the machine) and
 rewrites the README between the two marker comments with :func:`render` of that snapshot: one line saying
-what produced it, then the markdown table of :data:`COLUMNS` in the run's own number format (``.4g``).
+what produced it, then the markdown table of :data:`COLUMNS` in the run's own number format (``.4g``). It
+also rewrites the header line the README quotes (``compare_mechanisms.py: ...``) with what the main
+command prints first (from its ``--dry_run``: seconds, nothing trained).
 tests/test_readme.py checks that the README block is the snapshot's rendering and (slow) that a fresh
 default run reproduces the snapshot: the game columns exactly as printed, the accuracies within
 :data:`ACCURACY_TOLERANCE`.
@@ -22,6 +24,8 @@ import os
 import platform
 import re
 import subprocess
+import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -105,6 +109,29 @@ def load_rows(path: str) -> list[dict[str, Any]]:
     f"comparison={path!r} is invalid: expected a list of rows",
   )
   return [dict(row) for row in rows]
+
+
+HEADER = re.compile(r"^compare_mechanisms\.py: .*$", flags=re.M)  # the header line the README quotes
+
+
+def header_line() -> str:
+  """The first line the main command prints (its ``--dry_run``, run in an empty folder: nothing written)."""
+  with tempfile.TemporaryDirectory() as empty:
+    result = subprocess.run(
+      [sys.executable, os.path.join(REPO, SCRIPT), "--dry_run", "--out=results/default"],
+      cwd=empty,
+      capture_output=True,
+      text=True,
+      check=True,
+      env=dict(os.environ, PYTHONPATH=REPO),
+    )
+  return result.stdout.splitlines()[0]
+
+
+def replace_header(readme: str, line: str) -> str:
+  """``readme`` with its one quoted header line replaced by ``line``."""
+  validate.require(len(HEADER.findall(readme)) == 1, "the README is invalid: expected one quoted header line")
+  return HEADER.sub(lambda _: line, readme)
 
 
 def main_command(out: str) -> str:
@@ -222,7 +249,8 @@ def main(argv):
       "rows": load_rows(COMPARISON.value),
     }
     report.write_json_atomic(SNAPSHOT.value, snapshot)
-    report.write_text_atomic(README.value, replace_block(readme, render(snapshot)))
+    readme = replace_header(replace_block(readme, render(snapshot)), header_line())
+    report.write_text_atomic(README.value, readme)
     print(f"wrote {os.path.relpath(SNAPSHOT.value)} and the table in {os.path.relpath(README.value)}")
     return
   with open(SNAPSHOT.value) as f:
