@@ -31,7 +31,7 @@ from typing import Any
 
 from absl import flags
 
-from fcfn_jax import report, validate
+from fcfn_jax import report, simulation, validate
 
 import sim_flags
 
@@ -51,18 +51,8 @@ COLUMNS = (
   "test_accuracy",
   "redundant_accuracy_loss",
 )
-# The game's columns (simulation.GAME_COLUMNS): host-side solvers, reproduced exactly as printed.
-GAME_COLUMNS = (
-  "quality",
-  "server_utility",
-  "mean_client_utility",
-  "social_welfare",
-  "average_utility",
-  "participants",
-  "total_payment",
-  "mean_epsilon",
-  "min_epsilon",
-)
+# The game's columns: host-side solvers, reproduced exactly as printed.
+GAME_COLUMNS = simulation.GAME_COLUMNS
 # Trained-model columns: |fresh - snapshot| allowed (test_accuracy: 0.005 = 18 of the 3,534 test images;
 # the loss is a difference of two accuracies).
 ACCURACY_TOLERANCE = {"test_accuracy": 0.005, "redundant_accuracy_loss": 0.01}
