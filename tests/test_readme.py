@@ -204,3 +204,12 @@ def test_the_default_command_reproduces_the_readme_table(tmp_path):
   )
   fresh = readme_table.load_rows(str(out))
   assert readme_table.differences(_snapshot()["rows"], fresh) == []
+
+
+def test_the_docs_quote_the_default_batch_capacity():
+  """docs/privacy.md's B -> B_max figures are accounting.default_capacity's."""
+  from fcfn_jax.privacy import accounting
+
+  quoted = re.search(r"\(B = 8 -> (\d+), 32 -> (\d+), 128 -> (\d+)\)", _read("docs", "privacy.md"))
+  assert quoted, "docs/privacy.md no longer quotes the default B_max"
+  assert [int(b) for b in quoted.groups()] == [accounting.default_capacity(b) for b in (8, 32, 128)]
