@@ -20,6 +20,8 @@ from absl import app, flags
 from fcfn_jax import distributed
 from fcfn_jax.validate import ConfigError
 
+import sim_flags
+
 flags.DEFINE_integer("num_processes", 2, "Processes to start (>= 1).")
 flags.DEFINE_string("logs", "results/launch_logs", "Folder of the per-process logs.")
 flags.DEFINE_float("timeout_s", 3600.0, "Stop every process after this many seconds.")
@@ -47,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=sim_flags.parse_flags)  # bad flags exit 2 with one line; --help exits 0

@@ -50,6 +50,8 @@ from fcfn_jax import config as fc
 from fcfn_jax import distributed, report, validate
 
 FLAGS = flags.FLAGS
+# The flags this module defines for a script are that script's key flags: its --help lists them.
+flags.disclaim_key_flags()
 # Field -> flag names that differ from the field's name (kept from the hand-written flags).
 RENAMED = {
   "DataConfig.path": "data_path",
@@ -265,6 +267,9 @@ def _exit_with(message: str) -> typing.NoReturn:
 def parse_flags(argv: list[str]) -> list[str]:
   """FLAGS(argv), or exit(2) with absl's one-line message naming the flag and value (no usage text).
 
+  ``--help`` (absl: the script's docstring and its own flags, i.e. those defined through this module or in
+  the script) and ``--helpfull`` exit with status 0 instead of absl's 1: asking for help is no error.
+
   Also quiets the logs: INFO lines (absl's default, which shows jax probing for a TPU on every CPU run,
   and orbax's progress) are hidden unless --verbosity is given; warnings read ``WARNING: ...``.
   """
@@ -272,6 +277,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     remaining = FLAGS(argv)
   except flags.Error as err:
     _exit_with(str(err))
+  except SystemExit as exit_:  # only absl's help flags exit while the flags are parsed
+    sys.exit(0 if exit_.code == 1 else exit_.code)
   if not FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
   absl_logging.get_absl_handler().setFormatter(logging.Formatter("%(levelname)s: %(message)s"))

@@ -12,7 +12,7 @@ and within each seed (over the mechanisms), averaged; for Q as trained (spearman
 (spearman_accountant), with the draws' mean accuracy and with draw 0's alone (..._draw0). Outputs in
 --out: valuation_study.{csv,json,md} (one row per mechanism and seed, each draw's accuracy in
 accuracy_draw_<d>) and valuation_study_summary.{csv,json,md}, written whole at the end, and
-manifest.json. The README's figures (10 seeds x 3 draws, about 30 minutes on a 2-core CPU):
+manifest.json. docs/RESULTS.md's figures (10 seeds x 3 draws, about 30 minutes on a 2-core CPU):
 
   python scripts/valuation_study.py --seeds=0,1,2,3,4,5,6,7,8,9 --draws=3 --out=results/valuation_study
 """

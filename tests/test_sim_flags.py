@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 import sys
 
 import pytest
@@ -12,7 +13,8 @@ from absl import flags
 from fcfn_jax import config as fc
 from fcfn_jax import validate
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
 import sim_flags  # noqa: E402  (scripts/ is not a package)
 
 SAMPLERS = ("poisson", "shuffle")  # the allowed tuple named after the field: makes --zz_sampler an enum
@@ -137,3 +139,27 @@ def test_the_list_parser_checks_every_element_and_refuses_empty():
   choices = sim_flags._ListParser("mechanisms", sim_flags.choice(fc.MECHANISMS))
   with pytest.raises(validate.ConfigError, match=r"mechanisms\[0\]='auction' is invalid: expected one of"):
     choices.parse("auction")
+
+
+@pytest.mark.parametrize(
+  "script, own_flags",
+  [
+    # Generated from the configs (sim_flags), from define_list, and the script's own absl flags.
+    ("compare_mechanisms.py", ("--num_clients", "--lam", "--mechanisms", "--out", "--dry_run")),
+    ("study.py", ("--preset", "--settings", "--seeds", "--out")),
+  ],
+)
+def test_help_lists_the_scripts_own_flags_and_exits_0(script, own_flags):
+  """--help shows the script's key flags (those sim_flags defines for it included), not only --helpfull."""
+  result = subprocess.run(
+    [sys.executable, os.path.join(REPO, "scripts", script), "--help"],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO),
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr
+  listed = {line.split(":")[0].strip() for line in result.stdout.splitlines() if line.startswith("  --")}
+  for flag in own_flags:
+    assert flag in listed or flag.replace("--", "--[no]") in listed, (flag, sorted(listed))
+  assert "-v,--verbosity" not in listed  # absl.logging's flags stay in --helpfull
