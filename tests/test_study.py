@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 
@@ -34,8 +35,24 @@ def _setting(n: int = 6, name: str = "tiny", **kw) -> st.Setting:
 
 
 @pytest.fixture(scope="module")
-def result():
-  return st.run_setting(_setting())
+def units(tmp_path_factory):
+  """The folder of the study fixture's units (one per seed)."""
+  return tmp_path_factory.mktemp("study") / "out.units"
+
+
+@pytest.fixture(scope="module")
+def result(units):
+  return st.run_setting(_setting(seeds_per_unit=1), units=units)
+
+
+def _tables(result: st.Result) -> list[list[dict]]:
+  return [
+    st.accuracy_table(result),
+    st.redundant_loss_table(result),
+    st.paired_table(result, "stackelberg"),
+    st.game_table(result),
+    st.curves(result),
+  ]
 
 
 def test_every_replica_and_the_ceiling_ran(result):
@@ -99,14 +116,81 @@ def test_curves_and_the_scaling_table(result):
 
 
 @pytest.mark.slow  # shares the study fixture (compiles the game solvers and replica rounds)
-def test_a_result_reloads_from_its_summary(result, tmp_path):
-  report.write_csv_atomic(tmp_path / "tiny_summary.csv", st.summary_rows(result))
-  report.write_json_atomic(tmp_path / "tiny_accuracy.json", {"clients": result.clients, "rows": []})
+def test_a_result_reloads_from_its_summary_and_only_for_its_setting(result, tmp_path):
+  def write(setting: st.Setting) -> None:
+    report.write_csv_atomic(tmp_path / "tiny_summary.csv", st.summary_rows(result))
+    meta = {"setting": dataclasses.asdict(setting), "clients": result.clients, "rows": []}
+    report.write_json_atomic(tmp_path / "tiny_accuracy.json", meta)
+
+  # Where the data lives and how the seeds were split into units do not change the rows.
+  cfg = result.setting.cfg
+  write(
+    dataclasses.replace(
+      result.setting,
+      seeds_per_unit=2,
+      cfg=dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path="/elsewhere")),
+    )
+  )
   loaded = st.load_result(tmp_path, result.setting)
   assert st.redundant_loss_table(loaded) == st.redundant_loss_table(result)
   assert st.accuracy_table(loaded) == st.accuracy_table(result)
+  assert loaded.clients == result.clients
+  fed = dataclasses.replace(cfg.federated, rounds=5)
+  write(dataclasses.replace(result.setting, draws=3, cfg=dataclasses.replace(cfg, federated=fed)))
+  with pytest.raises(validate.ConfigError, match=r"settings \(cfg.federated.rounds 5 -> 2; draws 3 -> 2\)"):
+    st.load_result(tmp_path, result.setting)
   with pytest.raises(validate.ConfigError, match="missing"):
     st.load_result(tmp_path / "nowhere", result.setting)
+
+
+def test_max_epsilon_spent_is_the_ledgers_within_the_budget(result):
+  """Every private replica's max_epsilon_spent is the accountant's ledger of its clients: finite, positive
+  where someone trained, at most eps_max (the calibration certifies each client's budget eps_i <= eps_max),
+  equal over the draws of a (seed, mechanism); the non-private ceiling spends without a guarantee (inf)."""
+  eps_max = result.setting.cfg.game.eps_max
+  for mech in MECHS:
+    spent = st.per_seed(result.summary, mech, "max_epsilon_spent", 2, 2)
+    assert np.all(np.isfinite(spent)) and np.all(spent > 0) and np.all(spent <= eps_max * (1 + 1e-6))
+    assert np.all(spent[:, 0] == spent[:, 1])
+  assert all(r["max_epsilon_spent"] == np.inf for r in result.ceiling)
+
+
+def test_a_resumed_setting_trains_only_its_missing_units_to_the_same_tables(result, units):
+  """A run killed after its first unit (here: the second unit's file removed) resumes: the rerun loads the
+  first unit (its file untouched), trains the second, and its tables are the uninterrupted run's."""
+  setting = result.setting
+  assert result.loaded == () and [r.start for r in st.unit_seeds(setting)] == [0, 1]
+  first, second = (st.unit_path(units, setting, seeds) for seeds in st.unit_seeds(setting))
+  os.remove(second)
+  stamp = os.stat(first).st_mtime_ns
+  resumed = st.run_setting(setting, units=units)
+  assert resumed.loaded == ("seeds-0-0",) and os.path.exists(second) and os.stat(first).st_mtime_ns == stamp
+  assert _tables(resumed) == _tables(result)
+  # Rerun once more: nothing left to train.
+  assert st.run_setting(setting, units=units).loaded == ("seeds-0-0", "seeds-1-1")
+
+
+def test_units_of_other_settings_are_refused_or_set_aside(result, units):
+  setting = result.setting
+  cfg = setting.cfg
+  game = dataclasses.replace(cfg.game, lam=5.0)
+  other = dataclasses.replace(setting, cfg=dataclasses.replace(cfg, game=game))
+  assert set(st.check_units(setting, units)) == {"seeds-0-0", "seeds-1-1"}  # before any data is loaded
+  with pytest.raises(validate.ConfigError) as refused:
+    st.check_units(other, units)
+  message = str(refused.value)
+  assert "\n" not in message and "setting 'tiny'" in message and "seeds-0-0.json" in message
+  assert "game.lam 50.0 -> 5.0" in message and "restart_on_mismatch" in message
+  # Other units of this setting (another seed grouping) are not this run's: left alone.
+  assert st.check_units(dataclasses.replace(setting, seeds_per_unit=2), units) == {}
+  copy = units.parent / "copy.units"
+  shutil.copytree(units, copy)
+  with open(st.unit_path(copy, setting, range(1, 2)), "w") as f:
+    f.write("{")  # a truncated file (not written by write_unit, whose files are whole or absent)
+  with pytest.raises(validate.ConfigError, match="seeds-1-1.json is unreadable"):
+    st.check_units(setting, copy)
+  assert set(st.check_units(other, copy, restart_on_mismatch=True)) == set()
+  assert sorted(os.listdir(copy / "tiny")) == ["seeds-0-0.other-run.json", "seeds-1-1.other-run.json"]
 
 
 def test_settings_and_presets_are_validated():
