@@ -3,11 +3,13 @@ presets, and the script's quick preset (slow)."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -329,3 +331,112 @@ def test_the_quick_preset_writes_every_table(tmp_path):
   ):
     assert name in files
   assert "scaling_gap_vs_clients.png" in files
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scripts/study.py: resuming after a kill, --dry_run, --combine.
+# ----------------------------------------------------------------------------------------------------------
+
+# A tiny study: the quick preset's writer setting (one unit per seed) at 1 round and 1 draw.
+TINY_STUDY = ["--preset=quick", "--settings=femnist_logreg", "--draws=1", "--rounds=1", "--progress=false"]
+TABLES = ("accuracy", "redundant_loss", "vs_stackelberg", "vs_social_optimum", "game", "game_vs_stackelberg")
+
+
+@pytest.fixture(scope="module")
+def study_script():
+  """scripts/study.py in one worker process (tests/cli.py): its import and compiled programs are shared."""
+  worker = cli.ScriptWorker("study.py")
+  yield worker
+  worker.close()
+
+
+def _one_line_error(result: cli.Result, *parts: str) -> None:
+  assert result.rc == 2, result
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  for part in parts:
+    assert part in lines[0], lines[0]
+
+
+def test_dry_run_loads_every_settings_data(study_script, tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  out = tmp_path / "out"
+  refused = study_script(
+    "--preset=paper", "--settings=femnist62_cnn", f"--data_dir={empty}", "--dry_run", f"--out={out}"
+  )
+  _one_line_error(refused, f"path='{empty / 'femnist_leaf_subset.npz'}' does not exist")
+  checked = study_script(*TINY_STUDY, "--seeds=2", "--dry_run", f"--out={out}")
+  assert checked.rc == 0, checked
+  assert "femnist_logreg: the data of 2 seeds loads (10 clients); 0 of 2 units finished" in checked.stdout
+  assert not os.path.exists(out) and not os.path.exists(f"{out}.units")
+
+
+def test_combine_refuses_a_folder_of_other_settings(study_script, tmp_path):
+  folder = tmp_path / "earlier"
+  folder.mkdir()
+  (setting,) = st.preset("quick", "", ["femnist_logreg"], rounds=1)
+  report.write_csv_atomic(folder / "femnist_logreg_summary.csv", [{"mechanism": "stackelberg"}])
+  meta = {"setting": dataclasses.asdict(setting), "clients": {}, "rows": []}
+  report.write_json_atomic(folder / "femnist_logreg_accuracy.json", meta)
+  refused = study_script(
+    "--preset=quick", "--settings=femnist_logreg", f"--combine={folder}", f"--out={tmp_path / 'out'}"
+  )
+  _one_line_error(refused, "setting 'femnist_logreg' made with other settings (cfg.federated.rounds 1 -> 2)")
+  assert not os.path.exists(tmp_path / "out")
+
+
+def _unit_files(folder) -> list[str]:
+  return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+@pytest.mark.slow  # three studies of 4 seeds x 6 mechanisms, one of them in a fresh process
+def test_a_killed_study_resumes_to_the_same_tables_and_refuses_other_settings(study_script, tmp_path):
+  run = [*TINY_STUDY, "--seeds=4"]
+  out, whole = tmp_path / "killed", tmp_path / "whole"
+  units = tmp_path / "killed.units" / "femnist_logreg"
+  script = os.path.join(cli.REPO, "scripts", "study.py")
+  killed = subprocess.Popen(
+    [sys.executable, script, *run, f"--out={out}"],
+    cwd=cli.REPO,
+    env=cli.env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  deadline = time.monotonic() + 900
+  while "seeds-0-0.json" not in _unit_files(units):
+    assert killed.poll() is None, "the study ended before its first unit was saved"
+    assert time.monotonic() < deadline, "no unit saved in 900 s"
+    time.sleep(0.01)
+  killed.kill()
+  killed.wait()
+  saved = _unit_files(units)
+  assert "seeds-3-3.json" not in saved and not out.exists()  # killed mid-study: no results folder
+  stamps = {name: os.stat(units / name).st_mtime_ns for name in saved}
+  resumed = study_script(*run, f"--out={out}")
+  assert resumed.rc == 0, resumed
+  assert f"femnist_logreg: loaded {len(saved)} finished units" in resumed.stdout
+  assert {name: os.stat(units / name).st_mtime_ns for name in saved} == stamps  # loaded, not retrained
+  assert _unit_files(units) == [f"seeds-{s}-{s}.json" for s in range(4)]
+  assert study_script(*run, f"--out={whole}").rc == 0
+  for table in (*TABLES, "curves"):
+    name = f"femnist_logreg_{table}.csv"
+    assert (out / name).read_text() == (whole / name).read_text(), name
+  # Another setting (2 rounds) is refused before any work, or with --restart_on_mismatch recomputed.
+  other = [*run, "--rounds=2", f"--out={out}"]
+  _one_line_error(
+    study_script(*other),
+    "setting 'femnist_logreg'",
+    "seeds-0-0.json",
+    "federated.rounds 1 -> 2",
+    "--restart_on_mismatch",
+  )
+  assert {name: os.stat(units / name).st_mtime_ns for name in saved} == stamps
+  restarted = study_script(*other, "--restart_on_mismatch")
+  assert restarted.rc == 0, restarted
+  assert _unit_files(units) == sorted(
+    f"seeds-{s}-{s}{suffix}" for s in range(4) for suffix in (".json", ".other-run.json")
+  )
+  with open(out / "femnist_logreg_curves.csv", newline="") as f:
+    assert {row["round"] for row in csv.DictReader(f)} == {"1", "2"}
+  assert "loaded" not in restarted.stdout
