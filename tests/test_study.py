@@ -281,6 +281,17 @@ def test_quality_spearman_market_leaves_out_no_incentive_and_ranks_no_model_last
     st.check_valuation([0, 1], ["stackelberg"], 0)
 
 
+@pytest.mark.slow  # trains 2 seeds x 3 mechanisms and builds the accountant's noise table
+def test_valuation_outcomes_carry_the_ledgers_max_epsilon_spent():
+  setting = _setting()
+  configs = [setting.config(seed, "stackelberg", 0) for seed in range(2)]
+  datasets = st.load_shared([cfg.data for cfg in configs])
+  rows = st.valuation_outcomes(configs, datasets, MECHS, 1)
+  assert len(rows) == 2 * len(MECHS)
+  for row in rows:
+    assert 0 < row["max_epsilon_spent"] <= setting.cfg.game.eps_max * (1 + 1e-6), row
+
+
 def test_rescored_quality_is_the_outcomes_q_under_the_other_noise_map(monkeypatch):
   """Under its own map the outcome's Q; under the accountant's, the Q with the clients' noise table, built
   once for a seed's mechanisms from their sampling rates. The table is a stand-in, the surrogate's z / 3
