@@ -252,7 +252,7 @@ def _train_unit(
       for seed in seeds
       for mech in setting.mechanisms
     ]
-  timings.append({"part": f"{label}: prepare (mechanisms, calibration)", "wall_time_s": prep.elapsed})
+  timings.append({"unit": label, "part": "prepare (mechanisms, calibration)", "wall_time_s": prep.elapsed})
   runs = [replicas.Replica(e, d) for e in range(len(experiments)) for d in range(setting.draws)]
   trained = replicas.run(
     experiments,
@@ -262,7 +262,7 @@ def _train_unit(
     progress=progress,
   )
   timings += [
-    {"part": f"{label}: train {t['replicas']} replicas x {t['cohort_size']} clients", **t}
+    {"unit": label, "part": f"train {t['replicas']} replicas x {t['cohort_size']} clients", **t}
     for t in trained.timings
   ]
   with Timer() as ceiling_time:
@@ -279,7 +279,7 @@ def _train_unit(
   # Non-private: no noise, no guarantee (epsilon = inf), whatever the ledger would count.
   ceiling = [dict(row, max_epsilon_spent=float("inf")) for row in top.summary]
   timings.append(
-    {"part": f"{label}: non-private ceiling, {len(seeds)} seeds", "wall_time_s": ceiling_time.elapsed}
+    {"unit": label, "part": f"non-private ceiling, {len(seeds)} seeds", "wall_time_s": ceiling_time.elapsed}
   )
   return {
     "summary": trained.summary,
