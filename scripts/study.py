@@ -130,11 +130,13 @@ def _check(settings: list[st.Setting], units: str, dry_run: bool) -> list[st.Res
   for setting in settings:
     if dry_run:
       loaded = st.check_data(setting)
-      finished = "units of other runs are recomputed" if RESTART.value else ""
-      if not RESTART.value:
-        finished = f"{len(st.check_units(setting, units))} of {len(st.unit_seeds(setting))} units finished"
+      units_done = (
+        "saved units of other settings would be recomputed"
+        if RESTART.value
+        else f"{len(st.check_units(setting, units))} of {len(st.unit_seeds(setting))} units finished"
+      )
       print(
-        f"{setting.name}: the data of {setting.seeds} seeds loads ({loaded['clients']} clients); {finished}"
+        f"{setting.name}: the data of {setting.seeds} seeds loads ({loaded['clients']} clients); {units_done}"
       )
     else:
       st.check_units(setting, units, restart_on_mismatch=RESTART.value)
