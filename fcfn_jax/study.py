@@ -3,9 +3,9 @@ confidence intervals and paired differences (docs/model.md "Metrics", "Study"; d
 
 A *setting* is one experiment design (data, model, schedule, privacy) run over ``seeds`` seeds (each seed
 draws the clients' costs and the data partition: ``SimulationConfig.seed`` = ``DataConfig.seed``) x
-``draws`` training-noise draws (``SimulationConfig.draw``) x every mechanism. All its private runs train
-as replicas of one program (:mod:`fcfn_jax.replicas`); the non-private ceiling (every client, no clipping,
-no noise, plain FedAvg) trains once per seed beside them.
+``draws`` training-noise draws (``SimulationConfig.draw``) x every mechanism. The private runs of a unit
+of seeds train as replicas of one program (:mod:`fcfn_jax.replicas`); the non-private ceiling (every
+client, no clipping, no noise, plain FedAvg) trains once per seed beside them.
 
 Tables (all statistics from :mod:`fcfn_jax.stats`: draws are averaged per seed, the interval is Student's t
 over the seeds, comparisons are paired by seed):
@@ -17,7 +17,7 @@ over the seeds, comparisons are paired by seed):
   curves: accuracy per round, mean and CI per mechanism (the plots' bands).
 
 Resuming (docs/model.md "Study"): a setting's seeds are trained in *units* of ``seeds_per_unit`` seeds
-(every mechanism x draw of those seeds and their ceiling runs, as replicas of one program). Each finished
+(every mechanism x draw of those seeds and their ceiling runs). Each finished
 unit is written whole (:func:`write_unit`: a temporary file renamed into place) to
 ``<units>/<setting>/seeds-<a>-<b>.json`` with its fingerprint (:func:`unit_fingerprint`: every config field
 that can change its results, its seeds, draws, mechanisms, evaluation and cohort settings, the pool
