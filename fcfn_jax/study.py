@@ -388,7 +388,8 @@ def _check_units(
       finished[unit_label(seeds)] = unit
       continue
     if stored is not None:
-      what = f"made with other settings: {fingerprint.differences(stored, expected)}"
+      changed = fingerprint.differences(stored, expected)
+      what = f"made with other settings: {changed}" if changed else "incomplete (rows missing)"
     if not restart_on_mismatch:
       fail(
         f"setting {setting.name!r}: unit {path} is {what}; rerun with the settings it was made with to "
