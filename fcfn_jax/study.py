@@ -3,9 +3,9 @@ confidence intervals and paired differences (docs/model.md "Metrics", "Study"; d
 
 A *setting* is one experiment design (data, model, schedule, privacy) run over ``seeds`` seeds (each seed
 draws the clients' costs and the data partition: ``SimulationConfig.seed`` = ``DataConfig.seed``) x
-``draws`` training-noise draws (``SimulationConfig.draw``) x every mechanism. All its private runs train
-as replicas of one program (:mod:`fcfn_jax.replicas`); the non-private ceiling (every client, no clipping,
-no noise, plain FedAvg) trains once per seed beside them.
+``draws`` training-noise draws (``SimulationConfig.draw``) x every mechanism. The private runs of a unit
+of seeds train as replicas of one program (:mod:`fcfn_jax.replicas`); the non-private ceiling (every
+client, no clipping, no noise, plain FedAvg) trains once per seed beside them.
 
 Tables (all statistics from :mod:`fcfn_jax.stats`: draws are averaged per seed, the interval is Student's t
 over the seeds, comparisons are paired by seed):
@@ -15,6 +15,16 @@ over the seeds, comparisons are paired by seed):
   game: the game-level metrics (deterministic per seed) with their CI over seeds, and the paired
     differences of server and average utility vs Stackelberg.
   curves: accuracy per round, mean and CI per mechanism (the plots' bands).
+
+Resuming (docs/model.md "Study"): a setting's seeds are trained in *units* of ``seeds_per_unit`` seeds
+(every mechanism x draw of those seeds and their ceiling runs). Each finished
+unit is written whole (:func:`write_unit`: a temporary file renamed into place) to
+``<units>/<setting>/seeds-<a>-<b>.json`` with its fingerprint (:func:`unit_fingerprint`: every config field
+that can change its results, its seeds, draws, mechanisms, evaluation and cohort settings, the pool
+capacity and its seeds' data digest). :func:`run_setting` loads every finished unit with the same
+fingerprint and trains only the others, so a killed study rerun with the same command gives the tables of
+an uninterrupted one; a unit with another fingerprint is refused (:func:`check_units`), or set aside and
+recomputed with ``restart_on_mismatch``.
 
 The valuation study (scripts/valuation_study.py) reuses the replicas for any list of seeds:
 :func:`valuation_outcomes` (one row per (seed, mechanism), draws averaged, Q also re-valued under the other
@@ -26,6 +36,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -34,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcfn_jax import data, replicas, simulation, stats
+from fcfn_jax import data, distributed, fingerprint, replicas, simulation, stats
 from fcfn_jax.config import (
   MECHANISM_LABELS,
   MECHANISMS,
@@ -47,10 +58,11 @@ from fcfn_jax.config import (
 )
 from fcfn_jax.game import valuation
 from fcfn_jax.game.spec import make_game, spec_from_config
-from fcfn_jax.report import Timer
-from fcfn_jax.validate import check_choice, check_int, require
+from fcfn_jax.report import Timer, write_json_atomic
+from fcfn_jax.validate import check_choice, check_int, fail, require
 
 Row = dict[str, Any]
+logger = logging.getLogger(__name__)
 REFERENCES = ("stackelberg", "social_optimum")
 GAME_METRICS = simulation.GAME_COLUMNS
 PAIRED_GAME_METRICS = ("server_utility", "average_utility", "social_welfare")
@@ -58,6 +70,12 @@ CEILING = "non_private"
 PAPER_LOGREG_ROUNDS = 20
 PAPER_CNN_ROUNDS = 10
 SCALING_DRAWS = 3
+PAPER_SEEDS_PER_UNIT = 2  # a killed paper study loses at most one unit of 2 seeds per setting
+# Bump when the meaning of a unit file's rows changes: older units then no longer match.
+UNIT_LAYOUT = 1
+# Fingerprint parts known only once the data is loaded (check_units without datasets skips them).
+DATA_PARTS = ("data_digest", "study.capacity")
+OTHER_RUN = ".other-run.json"  # suffix of a unit file set aside by restart_on_mismatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +91,7 @@ class Setting:
     eval_examples: test examples of the intermediate rounds' accuracy (0 = all; the last round uses all).
     group: settings of one group (e.g. 'scaling': one per N) form one table across them ('' = none).
     cohort_size: replicas' cohort size (0 = grouped by participant count; K = one program, padded to K).
+    seeds_per_unit: seeds trained together and saved as one unit (:func:`run_setting`; 0 = all seeds).
   """
 
   name: str
@@ -83,6 +102,7 @@ class Setting:
   eval_examples: int = 0
   group: str = ""
   cohort_size: int = 0
+  seeds_per_unit: int = 0
 
   def __post_init__(self):
     require(bool(self.name) and self.name.isidentifier(), f"name={self.name!r} is invalid: expected a word")
@@ -93,6 +113,7 @@ class Setting:
     check_int("draws", self.draws, minimum=1)
     check_int("eval_examples", self.eval_examples, minimum=0)
     check_int("cohort_size", self.cohort_size, minimum=0)
+    check_int("seeds_per_unit", self.seeds_per_unit, minimum=0)
     require(
       self.group == "" or self.group.isidentifier(), f"group={self.group!r} is invalid: expected a word"
     )
@@ -124,7 +145,8 @@ class Setting:
 
 class Result(NamedTuple):
   """A setting's raw results: one summary row per replica (private runs), their history rows, the
-  non-private ceiling's summary and history rows (one draw per seed), the data's sizes and the timings."""
+  non-private ceiling's summary and history rows (one draw per seed), the data's sizes, the timings, and
+  the labels of the units read back from disk instead of trained (:func:`run_setting`)."""
 
   setting: Setting
   summary: list[Row]
@@ -133,6 +155,7 @@ class Result(NamedTuple):
   ceiling_history: list[Row]
   clients: Row
   timings: list[Row]
+  loaded: tuple[str, ...] = ()
 
 
 def load_shared(configs: Sequence[DataConfig]) -> list[data.FederatedData]:
@@ -169,42 +192,34 @@ def _prepare(cfg: SimulationConfig, fed_data: data.FederatedData) -> simulation.
   return simulation.prepare(cfg, fed_data)._replace(train_pool=None)
 
 
-def run_setting(setting: Setting, *, progress: bool = False) -> Result:
-  """Trains every (seed, mechanism, draw) of ``setting`` as replicas, and the non-private ceiling."""
+def run_setting(
+  setting: Setting,
+  *,
+  progress: bool = False,
+  units: str | os.PathLike[str] | None = None,
+  restart_on_mismatch: bool = False,
+) -> Result:
+  """Trains every (seed, mechanism, draw) of ``setting`` as replicas, and the non-private ceiling, one
+  unit of seeds at a time (:func:`unit_seeds`).
+
+  With ``units`` (a folder) every finished unit is written there (:func:`write_unit`), and a unit written
+  there before with this run's fingerprint is read back instead of trained (:func:`check_units`: a unit of
+  another run is refused, or set aside and recomputed with ``restart_on_mismatch``). The rows are the
+  units' rows as read back, so a resumed setting's tables are those of an uninterrupted one.
+  """
   datasets = load_seeds(setting)
   capacity = capacity_of(datasets)
-  timings = []
-  with Timer() as prep:
-    experiments = []
-    for seed in range(setting.seeds):
-      for mech in setting.mechanisms:
-        experiments.append(_prepare(setting.config(seed, mech, capacity), datasets[seed]))
-  timings.append({"part": "prepare (mechanisms, calibration)", "wall_time_s": prep.elapsed})
-  runs = [replicas.Replica(e, d) for e in range(len(experiments)) for d in range(setting.draws)]
-  trained = replicas.run(
-    experiments,
-    runs,
-    eval_examples=setting.eval_examples,
-    cohort_size=setting.cohort_size,
-    progress=progress,
-    account=False,
+  finished = (
+    {} if units is None else check_units(setting, units, datasets, restart_on_mismatch=restart_on_mismatch)
   )
-  timings += [
-    {"part": f"train {t['replicas']} replicas x {t['cohort_size']} clients", **t} for t in trained.timings
-  ]
-  with Timer() as ceiling_time:
-    ceilings = [
-      _prepare(setting.config(seed, "no_incentive", capacity, ceiling=True), datasets[seed])
-      for seed in range(setting.seeds)
-    ]
-    top = replicas.run(
-      ceilings,
-      [replicas.Replica(s, 0) for s in range(setting.seeds)],
-      eval_examples=setting.eval_examples,
-      progress=progress,
-      account=False,
-    )
-  timings.append({"part": f"non-private ceiling, {setting.seeds} seeds", "wall_time_s": ceiling_time.elapsed})
+  parts = []
+  for seeds in unit_seeds(setting):
+    unit = finished.get(unit_label(seeds))
+    if unit is None:
+      unit = _train_unit(setting, seeds, datasets, capacity, progress)
+      if units is not None:
+        unit = write_unit(units, setting, seeds, unit, unit_fingerprint(setting, seeds, datasets))
+    parts.append(unit)
   sizes = np.concatenate([np.asarray(d.pool.num_examples) for d in datasets.values()])
   clients = {
     "clients": setting.cfg.data.num_clients,
@@ -215,7 +230,202 @@ def run_setting(setting: Setting, *, progress: bool = False) -> Result:
     "examples_max": int(sizes.max()),
     "test_examples": int(len(next(iter(datasets.values())).test.y)),
   }
-  return Result(setting, trained.summary, trained.history, top.summary, top.history, clients, timings)
+  rows = {key: [row for unit in parts for row in unit[key]] for key in _UNIT_ROWS}
+  return Result(setting, **rows, clients=clients, loaded=tuple(finished))
+
+
+def _train_unit(
+  setting: Setting,
+  seeds: range,
+  datasets: Mapping[int, data.FederatedData],
+  capacity: int,
+  progress: bool,
+) -> Row:
+  """One unit: every (seed, mechanism, draw) of ``seeds`` as replicas of one program and the seeds'
+  non-private ceiling runs; its rows by kind (``_UNIT_ROWS``). Each (seed, mechanism)'s spent epsilon is
+  accounted once (its draws share the noise multipliers): the summaries' max_epsilon_spent."""
+  label = unit_label(seeds)
+  timings = []
+  with Timer() as prep:
+    experiments = [
+      _prepare(setting.config(seed, mech, capacity), datasets[seed])
+      for seed in seeds
+      for mech in setting.mechanisms
+    ]
+  timings.append({"unit": label, "part": "prepare (mechanisms, calibration)", "wall_time_s": prep.elapsed})
+  runs = [replicas.Replica(e, d) for e in range(len(experiments)) for d in range(setting.draws)]
+  trained = replicas.run(
+    experiments,
+    runs,
+    eval_examples=setting.eval_examples,
+    cohort_size=setting.cohort_size,
+    progress=progress,
+  )
+  timings += [
+    {"unit": label, "part": f"train {t['replicas']} replicas x {t['cohort_size']} clients", **t}
+    for t in trained.timings
+  ]
+  with Timer() as ceiling_time:
+    ceilings = [
+      _prepare(setting.config(seed, "no_incentive", capacity, ceiling=True), datasets[seed]) for seed in seeds
+    ]
+    top = replicas.run(
+      ceilings,
+      [replicas.Replica(s, 0) for s in range(len(ceilings))],
+      eval_examples=setting.eval_examples,
+      progress=progress,
+      account=False,
+    )
+  # Non-private: no noise, no guarantee (epsilon = inf), whatever the ledger would count.
+  ceiling = [dict(row, max_epsilon_spent=float("inf")) for row in top.summary]
+  timings.append(
+    {"unit": label, "part": f"non-private ceiling, {len(seeds)} seeds", "wall_time_s": ceiling_time.elapsed}
+  )
+  return {
+    "summary": trained.summary,
+    "history": trained.history,
+    "ceiling": ceiling,
+    "ceiling_history": top.history,
+    "timings": timings,
+  }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Units: what a study saves as it goes, so that a rerun of the same command resumes (module docstring).
+# ----------------------------------------------------------------------------------------------------------
+
+_UNIT_ROWS = ("summary", "history", "ceiling", "ceiling_history", "timings")
+
+
+def unit_seeds(setting: Setting) -> list[range]:
+  """The setting's units: consecutive ranges of ``seeds_per_unit`` seeds (the last may be shorter)."""
+  size = setting.seeds_per_unit or setting.seeds
+  return [range(first, min(first + size, setting.seeds)) for first in range(0, setting.seeds, size)]
+
+
+def unit_label(seeds: range) -> str:
+  """``seeds-<first>-<last>``: a unit's name (its file is ``<label>.json``)."""
+  return f"seeds-{seeds[0]}-{seeds[-1]}"
+
+
+def unit_path(folder: str | os.PathLike[str], setting: Setting, seeds: range) -> str:
+  """Where a unit of ``setting`` is saved: ``<folder>/<setting>/seeds-<first>-<last>.json``."""
+  return os.path.join(os.fspath(folder), setting.name, f"{unit_label(seeds)}.json")
+
+
+def unit_fingerprint(
+  setting: Setting, seeds: range, datasets: Mapping[int, data.FederatedData] | None = None
+) -> fingerprint.Fingerprint:
+  """What determines a unit's rows: ``simulation.run_fingerprint`` of the setting's config (every field
+  that can change results), the unit's seeds, the draws, mechanisms, evaluation subsample, cohort size and
+  ``UNIT_LAYOUT``; with ``datasets`` (every seed's, :func:`load_seeds`) also ``DATA_PARTS``: the pool
+  capacity the seeds share and the digest of the unit's seeds' data (without them both are absent)."""
+  digest = None
+  if datasets is not None:
+    digest = fingerprint.digest({str(s): simulation.data_digest(datasets[s]) for s in seeds})
+  parts = simulation.run_fingerprint(setting.cfg, digest)
+  parts.update(
+    {
+      "study.seeds": list(seeds),
+      "study.draws": setting.draws,
+      "study.mechanisms": list(setting.mechanisms),
+      "study.eval_examples": setting.eval_examples,
+      "study.cohort_size": setting.cohort_size,
+      "study.unit_layout": UNIT_LAYOUT,
+    }
+  )
+  if datasets is None:
+    del parts["data_digest"]
+  else:
+    parts["study.capacity"] = capacity_of(datasets)
+  return fingerprint.canonical(parts)
+
+
+def check_units(
+  setting: Setting,
+  folder: str | os.PathLike[str],
+  datasets: Mapping[int, data.FederatedData] | None = None,
+  *,
+  restart_on_mismatch: bool = False,
+) -> dict[str, Row]:
+  """The finished units of ``setting`` saved in ``folder`` with this run's fingerprint: label -> unit.
+
+  A unit file with another fingerprint (other settings, rounds, seeds per unit..., or other data), or one
+  that cannot be read, is refused, or with ``restart_on_mismatch`` renamed to ``<label>.other-run.json``
+  (replacing an older one) so that the run recomputes it. Without ``datasets`` the parts that need the
+  data (``DATA_PARTS``) are not compared: a check before any data is loaded. Files of another seed
+  grouping are not this run's units and are left alone. Several processes: process 0 reads (and renames);
+  every process gets its answer.
+
+  Raises:
+    ConfigError: naming the setting, the file and the differing parts (without ``restart_on_mismatch``).
+  """
+  return distributed.run_on_coordinator(
+    lambda: _check_units(setting, os.fspath(folder), datasets, restart_on_mismatch)
+  )
+
+
+def _check_units(
+  setting: Setting,
+  folder: str,
+  datasets: Mapping[int, data.FederatedData] | None,
+  restart_on_mismatch: bool,
+) -> dict[str, Row]:
+  finished = {}
+  for seeds in unit_seeds(setting):
+    path = unit_path(folder, setting, seeds)
+    if not os.path.exists(path):
+      continue
+    expected = unit_fingerprint(setting, seeds, datasets)
+    try:
+      with open(path) as f:
+        unit = json.load(f)
+      stored = {k: v for k, v in unit["fingerprint"].items() if datasets is not None or k not in DATA_PARTS}
+      complete = all(isinstance(unit[key], list) for key in _UNIT_ROWS)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+      stored, complete, what = None, False, f"unreadable: {type(error).__name__}"
+    if stored == expected and complete:
+      finished[unit_label(seeds)] = unit
+      continue
+    if stored is not None:
+      changed = fingerprint.differences(stored, expected)
+      what = f"made with other settings: {changed}" if changed else "incomplete (rows missing)"
+    if not restart_on_mismatch:
+      fail(
+        f"setting {setting.name!r}: unit {path} is {what}; rerun with the settings it was made with to "
+        "resume, restart_on_mismatch=True (--restart_on_mismatch) to recompute it, or use another output "
+        "folder"
+      )
+    os.replace(path, path.removesuffix(".json") + OTHER_RUN)
+    logger.warning("setting %r: unit %s is %s: set aside, recomputing it", setting.name, path, what)
+  return finished
+
+
+def write_unit(
+  folder: str | os.PathLike[str], setting: Setting, seeds: range, unit: Row, parts: fingerprint.Fingerprint
+) -> Row:
+  """Saves a finished unit with its fingerprint ``parts`` atomically (a temporary file renamed into
+  place: a killed run leaves the whole file or none) and returns it as read back, so that its rows are
+  those a resumed run loads. Several processes: process 0 writes; every process gets what it read."""
+
+  def write() -> Row:
+    path = unit_path(folder, setting, seeds)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json_atomic(path, {"fingerprint": parts, "setting": setting.name, "seeds": list(seeds), **unit})
+    with open(path) as f:
+      return json.load(f)
+
+  return distributed.run_on_coordinator(write)
+
+
+def check_data(setting: Setting) -> Row:
+  """Loads every seed's data of ``setting`` (one at a time) as a run would: raises ConfigError where it is
+  missing or cannot be partitioned. Returns the clients and the examples of the largest client."""
+  largest = 0
+  for seed in range(setting.seeds):
+    fed = data.load_federated(dataclasses.replace(setting.cfg.data, seed=seed))
+    largest = max(largest, int(np.max(fed.pool.num_examples)))
+  return {"setting": setting.name, "clients": setting.cfg.data.num_clients, "examples_max": largest}
 
 
 def per_seed(rows: Sequence[Row], mechanism: str, metric: str, seeds: int, draws: int) -> np.ndarray:
@@ -410,7 +620,8 @@ def valuation_outcomes(
     for mech in mechanisms
   ]
   runs = [replicas.Replica(e, d) for e in range(len(experiments)) for d in range(draws)]
-  trained = replicas.run(experiments, runs, progress=progress, account=False)
+  # Accounted once per (seed, mechanism): max_epsilon_spent is the ledger's (as in compare_mechanisms.py).
+  trained = replicas.run(experiments, runs, progress=progress)
   other = next(m for m in NOISE_MODELS if m != configs[0].game.noise_model)
   rescored = dict(
     zip(((e.cfg.seed, e.cfg.game.mechanism) for e in experiments), rescored_quality(experiments, other))
@@ -529,19 +740,60 @@ def _cell(text: str) -> Any:
   return text
 
 
+# Setting fields that do not change a setting's rows: where its data file lives, how its seeds are split
+# into units.
+_NOT_COMPARED = ("cfg.data.path", "cfg.checkpoint_dir", "seeds_per_unit")
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def setting_parts(setting: Setting | Mapping[str, Any]) -> fingerprint.Fingerprint:
+  """Every field of a setting (or of its ``dataclasses.asdict``, as an output folder stores it) by dotted
+  path (``cfg.federated.rounds``, ``seeds``), but ``_NOT_COMPARED``: what its output folder's rows depend
+  on besides the data."""
+  tree = dataclasses.asdict(setting) if isinstance(setting, Setting) else setting
+  flat = _flat(fingerprint.canonical(tree))
+  return {key: value for key, value in flat.items() if key not in _NOT_COMPARED}
+
+
 def load_result(folder: str | os.PathLike[str], setting: Setting) -> Result:
   """The Result of an earlier run of ``setting`` from its output folder (``<name>_summary.csv``, the
   clients' sizes from ``<name>_accuracy.json``), e.g. to build a group's table from settings that ran in
-  separate processes. History and timings are not reloaded (empty)."""
+  separate processes. History and timings are not reloaded (empty).
+
+  Raises:
+    ConfigError: a file is missing, or the folder's setting (stored in ``<name>_accuracy.json``) differs
+      from ``setting`` (:func:`setting_parts`: other rounds, seeds, draws, clients...).
+  """
   path = os.path.join(folder, f"{setting.name}_summary.csv")
-  require(os.path.isfile(path), f"{path} is missing: expected an output folder of setting {setting.name!r}")
+  meta_path = os.path.join(folder, f"{setting.name}_accuracy.json")
+  require(
+    os.path.isfile(path) and os.path.isfile(meta_path),
+    f"{path} or {meta_path} is missing: expected an output folder of setting {setting.name!r}",
+  )
+  with open(meta_path) as f:
+    meta = json.load(f)
+  stored = meta.get("setting") if isinstance(meta, dict) else None
+  require(isinstance(stored, dict), f"{meta_path} holds no setting: expected a study's output folder")
+  what = fingerprint.differences(setting_parts(stored), setting_parts(setting))
+  require(
+    not what,
+    f"{folder} holds setting {setting.name!r} made with other settings ({what}): expected an output "
+    "folder of this setting run with the same seeds, draws, rounds and config",
+  )
   with open(path, newline="") as f:
     rows = [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
-  with open(os.path.join(folder, f"{setting.name}_accuracy.json")) as f:
-    clients = json.load(f)["clients"]
   summary = [r for r in rows if r["mechanism"] != CEILING]
   ceiling = [dict(r, mechanism="no_incentive") for r in rows if r["mechanism"] == CEILING]
-  return Result(setting, summary, [], ceiling, [], clients, [])
+  return Result(setting, summary, [], ceiling, [], meta["clients"], [])
 
 
 def groups(results: Sequence[Result]) -> dict[str, list[Result]]:
@@ -598,7 +850,7 @@ def _paper(data_dir: str) -> list[Setting]:
     )
     for n in (100, 1000, 5000)
   ]
-  return [
+  settings = [
     Setting("femnist_logreg", _cfg(digits, "logreg", logreg), seeds=10, draws=3),
     *scaling,
     Setting("femnist_cnn", _cfg(digits, "cnn", cnn), seeds=5, draws=2, eval_examples=500),
@@ -614,6 +866,7 @@ def _paper(data_dir: str) -> list[Setting]:
       "cifar10_iid_cnn", _cfg(dataclasses.replace(cifar, partition="iid"), "cnn", cnn), seeds=5, draws=2
     ),
   ]
+  return [dataclasses.replace(s, seeds_per_unit=PAPER_SEEDS_PER_UNIT) for s in settings]
 
 
 def _quick(data_dir: str) -> list[Setting]:
@@ -626,7 +879,14 @@ def _quick(data_dir: str) -> list[Setting]:
     )
 
   return [
-    Setting("femnist_logreg", _cfg(small(10, "writer"), "logreg", fed), seeds=3, draws=2, cohort_size=10),
+    Setting(
+      "femnist_logreg",
+      _cfg(small(10, "writer"), "logreg", fed),
+      seeds=3,
+      draws=2,
+      cohort_size=10,
+      seeds_per_unit=1,  # the resume path: one unit per seed
+    ),
     *(
       Setting(f"scaling_n{n}", _cfg(small(n, "dirichlet"), "logreg", fed), seeds=2, draws=1, group="scaling")
       for n in (10, 20)
@@ -645,13 +905,16 @@ def preset(
   seeds: int = 0,
   draws: int = 0,
   rounds: int = 0,
+  seeds_per_unit: int = 0,
 ) -> list[Setting]:
-  """The settings of preset ``name`` (those in ``names``; 'all' = every one), with the seeds, draws and
-  rounds overridden where > 0. Raises ConfigError naming an unknown preset or setting."""
+  """The settings of preset ``name`` (those in ``names``; 'all' = every one), with the seeds, draws,
+  rounds and seeds per unit overridden where > 0. Raises ConfigError naming an unknown preset or
+  setting."""
   require(name in PRESETS, f"preset={name!r} is invalid: expected one of {sorted(PRESETS)}")
   check_int("seeds", seeds, minimum=0)
   check_int("draws", draws, minimum=0)
   check_int("rounds", rounds, minimum=0)
+  check_int("seeds_per_unit", seeds_per_unit, minimum=0)
   settings = PRESETS[name](data_dir)
   known = [s.name for s in settings]
   unknown = [n for n in names if n != "all" and n not in known]
@@ -662,6 +925,7 @@ def preset(
       s,
       seeds=seeds or s.seeds,
       draws=draws or s.draws,
+      seeds_per_unit=seeds_per_unit or s.seeds_per_unit,
       cfg=dataclasses.replace(
         s.cfg, federated=dataclasses.replace(s.cfg.federated, rounds=rounds or s.cfg.federated.rounds)
       ),

@@ -11,6 +11,15 @@ and scaling.* with gap_vs_clients.png when the preset has a scaling group; timin
   python scripts/study.py --preset=quick --out=results/study_quick
   python scripts/study.py --preset=paper --settings=femnist_logreg --data_dir=../shared/data
 
+Resuming: each setting trains in units of --seeds_per_unit seeds, and every finished unit is saved at once
+to <out>.units/<setting>/seeds-<a>-<b>.json with its fingerprint. Rerunning the same command (after a
+kill, a preempted job) loads the finished units, trains only the others and writes the tables from all of
+them, the same tables as an uninterrupted run. A unit made with other settings (rounds, seeds per unit,
+data...) is refused (exit 2, one line naming the setting and the differing parts); --restart_on_mismatch
+sets it aside (seeds-<a>-<b>.other-run.json) and recomputes it. --dry_run loads every selected setting's
+data for every seed, checks the saved units and writes nothing. --combine checks that each folder was
+written for the same setting (seeds, draws, rounds, config) before using it.
+
 Several processes (README "Multi-device and multi-host"): every process prepares the experiments, trains
 its block of each group of replicas, and the results are gathered once, so the tables are the single-
 process ones (to float rounding); process 0 alone prints and writes the one results folder:
@@ -21,6 +30,7 @@ process ones (to float rounding); process 0 alone prints and writes the one resu
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from absl import flags
 
@@ -39,6 +49,16 @@ SETTINGS = sim_flags.define_list(
 SEEDS = flags.DEFINE_integer("seeds", 0, "Seeds per setting (0 = the preset's).")
 DRAWS = flags.DEFINE_integer("draws", 0, "Training-noise draws per seed (0 = the preset's).")
 ROUNDS = flags.DEFINE_integer("rounds", 0, "Federated rounds per run (0 = the preset's).")
+SEEDS_PER_UNIT = flags.DEFINE_integer(
+  "seeds_per_unit",
+  0,
+  "Seeds trained together and saved as one resumable unit in <out>.units (>= 0; 0 = the preset's).",
+)
+RESTART = flags.DEFINE_bool(
+  "restart_on_mismatch",
+  False,
+  "Recompute saved units made with other settings (set aside as *.other-run.json) instead of refusing them.",
+)
 DATA_DIR = flags.DEFINE_string(
   "data_dir", "../shared/data", "Folder of the offline .npz data (FEMNIST-62, CIFAR-10)."
 )
@@ -62,7 +82,12 @@ def _note(setting: st.Setting) -> str:
 
 def _write(out: report.ResultsFolder, result: st.Result) -> list[dict]:
   name, note = result.setting.name, _note(result.setting)
-  meta = {"setting": dataclasses.asdict(result.setting), "clients": result.clients, "timings": result.timings}
+  meta = {
+    "setting": dataclasses.asdict(result.setting),
+    "clients": result.clients,
+    "units_loaded": list(result.loaded),
+    "timings": result.timings,
+  }
   tables = {
     "accuracy": st.accuracy_table(result),
     "redundant_loss": st.redundant_loss_table(result),
@@ -92,28 +117,59 @@ def _write(out: report.ResultsFolder, result: st.Result) -> list[dict]:
   return [{"setting": name, "spearman_quality_accuracy": rho, **t} for t in result.timings]
 
 
+def _check(settings: list[st.Setting], units: str, dry_run: bool) -> list[st.Result]:
+  """Before any work: the --combine folders' results (refused unless made with these settings), or the
+  saved units (refused or set aside unless made with these settings); with --dry_run also every setting's
+  data, every seed, and no unit is set aside."""
+  if COMBINE.value != ["none"]:
+    validate.require(
+      len(COMBINE.value) == len(settings),
+      f"combine={COMBINE.value} is invalid: expected one folder per setting of {[s.name for s in settings]}",
+    )
+    return [st.load_result(folder, s) for folder, s in zip(COMBINE.value, settings)]
+  for setting in settings:
+    if dry_run:
+      loaded = st.check_data(setting)
+      units_done = (
+        "saved units of other settings would be recomputed"
+        if RESTART.value
+        else f"{len(st.check_units(setting, units))} of {len(st.unit_seeds(setting))} units finished"
+      )
+      print(
+        f"{setting.name}: the data of {setting.seeds} seeds loads ({loaded['clients']} clients); {units_done}"
+      )
+    else:
+      st.check_units(setting, units, restart_on_mismatch=RESTART.value)
+  return []
+
+
 def main(argv):
   del argv
   run = sim_flags.run_config(RUN)
   settings = st.preset(
-    PRESET.value, DATA_DIR.value, SETTINGS.value, seeds=SEEDS.value, draws=DRAWS.value, rounds=ROUNDS.value
+    PRESET.value,
+    DATA_DIR.value,
+    SETTINGS.value,
+    seeds=SEEDS.value,
+    draws=DRAWS.value,
+    rounds=ROUNDS.value,
+    seeds_per_unit=SEEDS_PER_UNIT.value,
   )
+  units = os.path.abspath(run.out).rstrip(os.sep) + ".units"
+  results = _check(settings, units, run.dry_run)
   header = f"preset {PRESET.value}: " + "; ".join(
     f"{s.name} ({s.seeds} seeds x {s.draws} draws, {s.cfg.federated.rounds} rounds)" for s in settings
   )
+  if not results:
+    header += f"; finished units in {units}"
   with sim_flags.results(
     run, header, {"preset": PRESET.value, "settings": [s.name for s in settings]}
   ) as out:
-    results, timings = [], []
-    if COMBINE.value != ["none"]:
-      validate.require(
-        len(COMBINE.value) == len(settings),
-        f"combine={COMBINE.value} is invalid: expected one folder per setting of "
-        f"{[s.name for s in settings]}",
-      )
-      results = [st.load_result(folder, s) for folder, s in zip(COMBINE.value, settings)]
+    timings = []
     for setting in settings if not results else ():
-      result = st.run_setting(setting, progress=run.progress)
+      result = st.run_setting(setting, progress=run.progress, units=units, restart_on_mismatch=RESTART.value)
+      if result.loaded:
+        print(f"{setting.name}: loaded {len(result.loaded)} finished units ({', '.join(result.loaded)})")
       timings += _write(out, result)
       results.append(result)
     for group, members in st.groups(results).items():

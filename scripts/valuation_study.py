@@ -1,14 +1,15 @@
 """Is the valuation Q what training produces? Rank correlation of Q with test accuracy over seeds.
 
-For every seed in --seeds (costs, data partition and training noise all follow the seed, as --seed does
-in compare_mechanisms.py) every --mechanisms mechanism is solved with the flags' settings and trained
---draws times (training-noise draws 0 .. D-1, as replicas of one program: ``fcfn_jax.replicas``); each
-(mechanism, seed) gives the valuation Q of the outcome (docs/model.md "Stage I") and the test accuracy,
-averaged over the draws. Each outcome's Q is also re-valued under the other eps -> noise map
-(--noise_model surrogate <-> accountant) on the same budgets: column quality_accountant (or
+For every seed in --seeds (costs, data partition and training noise all follow the seed, as --seed does in
+compare_mechanisms.py) every --mechanisms mechanism is solved with the flags' settings and trained --draws
+times (training-noise draws 0 .. D-1, as replicas of one program: ``fcfn_jax.replicas``); each (mechanism,
+seed) gives the valuation Q of the outcome (docs/model.md "Stage I") and the test accuracy, averaged over
+the draws, and max_epsilon_spent, the largest epsilon the accountant's ledger charges any of its clients
+for the steps they ran (at most the budget sold). Each outcome's Q is also re-valued under the other eps
+-> noise map (--noise_model surrogate <-> accountant) on the same budgets: column quality_accountant (or
 quality_surrogate). Reported (``fcfn_jax.study.quality_spearman``): Spearman's rank correlation of Q and
-accuracy over all pairs, over all pairs but no_incentive's (a mandate at one fixed budget: the easy ranks),
-and within each seed (over the mechanisms), averaged; for Q as trained (spearman) and re-valued
+accuracy over all pairs, over all pairs but no_incentive's (a mandate at one fixed budget: the easy
+ranks), and within each seed (over the mechanisms), averaged; for Q as trained (spearman) and re-valued
 (spearman_accountant), with the draws' mean accuracy and with draw 0's alone (..._draw0). Outputs in
 --out: valuation_study.{csv,json,md} (one row per mechanism and seed, each draw's accuracy in
 accuracy_draw_<d>) and valuation_study_summary.{csv,json,md}, written whole at the end, and
@@ -42,7 +43,16 @@ MECHANISMS = sim_flags.define_list(
 DRAWS = flags.DEFINE_integer("draws", 1, "Training-noise draws per (seed, mechanism) (>= 1), averaged.")
 sim_flags.FLAGS.set_default("out", "results/valuation_study")
 
-COLUMNS = ("seed", "label", "quality", "participants", "mean_epsilon", "min_epsilon", "test_accuracy")
+COLUMNS = (
+  "seed",
+  "label",
+  "quality",
+  "participants",
+  "mean_epsilon",
+  "min_epsilon",
+  "max_epsilon_spent",
+  "test_accuracy",
+)
 NOTE = (
   "spearman: Q as trained; spearman_<map>: Q re-valued under the other noise map on the same budgets; "
   "accuracy = the draws' mean, or draw 0's alone (_draw0). count: pairs (within a seed: seeds)."

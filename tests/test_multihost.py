@@ -233,7 +233,7 @@ def test_study_script_runs_in_two_processes(tmp_path):
   ]
   done = subprocess.run(launch + ["--", *script], env=_env(), capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr
-  assert sorted(os.listdir(tmp_path)) == ["logs", "study"]
+  assert sorted(os.listdir(tmp_path)) == ["logs", "study", "study.units"]
   assert "wrote" in (logs / "process_0.log").read_text()
   assert "wrote" not in (logs / "process_1.log").read_text()
   with open(out / "femnist_logreg_summary.csv") as f:

@@ -3,10 +3,13 @@ presets, and the script's quick preset (slow)."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -34,8 +37,24 @@ def _setting(n: int = 6, name: str = "tiny", **kw) -> st.Setting:
 
 
 @pytest.fixture(scope="module")
-def result():
-  return st.run_setting(_setting())
+def units(tmp_path_factory):
+  """The folder of the study fixture's units (one per seed)."""
+  return tmp_path_factory.mktemp("study") / "out.units"
+
+
+@pytest.fixture(scope="module")
+def result(units):
+  return st.run_setting(_setting(seeds_per_unit=1), units=units)
+
+
+def _tables(result: st.Result) -> list[list[dict]]:
+  return [
+    st.accuracy_table(result),
+    st.redundant_loss_table(result),
+    st.paired_table(result, "stackelberg"),
+    st.game_table(result),
+    st.curves(result),
+  ]
 
 
 def test_every_replica_and_the_ceiling_ran(result):
@@ -99,14 +118,81 @@ def test_curves_and_the_scaling_table(result):
 
 
 @pytest.mark.slow  # shares the study fixture (compiles the game solvers and replica rounds)
-def test_a_result_reloads_from_its_summary(result, tmp_path):
-  report.write_csv_atomic(tmp_path / "tiny_summary.csv", st.summary_rows(result))
-  report.write_json_atomic(tmp_path / "tiny_accuracy.json", {"clients": result.clients, "rows": []})
+def test_a_result_reloads_from_its_summary_and_only_for_its_setting(result, tmp_path):
+  def write(setting: st.Setting) -> None:
+    report.write_csv_atomic(tmp_path / "tiny_summary.csv", st.summary_rows(result))
+    meta = {"setting": dataclasses.asdict(setting), "clients": result.clients, "rows": []}
+    report.write_json_atomic(tmp_path / "tiny_accuracy.json", meta)
+
+  # Where the data lives and how the seeds were split into units do not change the rows.
+  cfg = result.setting.cfg
+  write(
+    dataclasses.replace(
+      result.setting,
+      seeds_per_unit=2,
+      cfg=dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path="/elsewhere")),
+    )
+  )
   loaded = st.load_result(tmp_path, result.setting)
   assert st.redundant_loss_table(loaded) == st.redundant_loss_table(result)
   assert st.accuracy_table(loaded) == st.accuracy_table(result)
+  assert loaded.clients == result.clients
+  fed = dataclasses.replace(cfg.federated, rounds=5)
+  write(dataclasses.replace(result.setting, draws=3, cfg=dataclasses.replace(cfg, federated=fed)))
+  with pytest.raises(validate.ConfigError, match=r"settings \(cfg.federated.rounds 5 -> 2; draws 3 -> 2\)"):
+    st.load_result(tmp_path, result.setting)
   with pytest.raises(validate.ConfigError, match="missing"):
     st.load_result(tmp_path / "nowhere", result.setting)
+
+
+def test_max_epsilon_spent_is_the_ledgers_within_the_budget(result):
+  """Every private replica's max_epsilon_spent is the accountant's ledger of its clients: finite, positive
+  where someone trained, at most eps_max (the calibration certifies each client's budget eps_i <= eps_max),
+  equal over the draws of a (seed, mechanism); the non-private ceiling spends without a guarantee (inf)."""
+  eps_max = result.setting.cfg.game.eps_max
+  for mech in MECHS:
+    spent = st.per_seed(result.summary, mech, "max_epsilon_spent", 2, 2)
+    assert np.all(np.isfinite(spent)) and np.all(spent > 0) and np.all(spent <= eps_max * (1 + 1e-6))
+    assert np.all(spent[:, 0] == spent[:, 1])
+  assert all(r["max_epsilon_spent"] == np.inf for r in result.ceiling)
+
+
+def test_a_resumed_setting_trains_only_its_missing_units_to_the_same_tables(result, units):
+  """A run killed after its first unit (here: the second unit's file removed) resumes: the rerun loads the
+  first unit (its file untouched), trains the second, and its tables are the uninterrupted run's."""
+  setting = result.setting
+  assert result.loaded == () and [r.start for r in st.unit_seeds(setting)] == [0, 1]
+  first, second = (st.unit_path(units, setting, seeds) for seeds in st.unit_seeds(setting))
+  os.remove(second)
+  stamp = os.stat(first).st_mtime_ns
+  resumed = st.run_setting(setting, units=units)
+  assert resumed.loaded == ("seeds-0-0",) and os.path.exists(second) and os.stat(first).st_mtime_ns == stamp
+  assert _tables(resumed) == _tables(result)
+  # Rerun once more: nothing left to train.
+  assert st.run_setting(setting, units=units).loaded == ("seeds-0-0", "seeds-1-1")
+
+
+def test_units_of_other_settings_are_refused_or_set_aside(result, units):
+  setting = result.setting
+  cfg = setting.cfg
+  game = dataclasses.replace(cfg.game, lam=5.0)
+  other = dataclasses.replace(setting, cfg=dataclasses.replace(cfg, game=game))
+  assert set(st.check_units(setting, units)) == {"seeds-0-0", "seeds-1-1"}  # before any data is loaded
+  with pytest.raises(validate.ConfigError) as refused:
+    st.check_units(other, units)
+  message = str(refused.value)
+  assert "\n" not in message and "setting 'tiny'" in message and "seeds-0-0.json" in message
+  assert "game.lam 50.0 -> 5.0" in message and "restart_on_mismatch" in message
+  # Other units of this setting (another seed grouping) are not this run's: left alone.
+  assert st.check_units(dataclasses.replace(setting, seeds_per_unit=2), units) == {}
+  copy = units.parent / "copy.units"
+  shutil.copytree(units, copy)
+  with open(st.unit_path(copy, setting, range(1, 2)), "w") as f:
+    f.write("{")  # a truncated file (not written by write_unit, whose files are whole or absent)
+  with pytest.raises(validate.ConfigError, match="seeds-1-1.json is unreadable"):
+    st.check_units(setting, copy)
+  assert set(st.check_units(other, copy, restart_on_mismatch=True)) == set()
+  assert sorted(os.listdir(copy / "tiny")) == ["seeds-0-0.other-run.json", "seeds-1-1.other-run.json"]
 
 
 def test_settings_and_presets_are_validated():
@@ -195,6 +281,17 @@ def test_quality_spearman_market_leaves_out_no_incentive_and_ranks_no_model_last
     st.check_valuation([0, 1], ["stackelberg"], 0)
 
 
+@pytest.mark.slow  # trains 2 seeds x 3 mechanisms and builds the accountant's noise table
+def test_valuation_outcomes_carry_the_ledgers_max_epsilon_spent():
+  setting = _setting()
+  configs = [setting.config(seed, "stackelberg", 0) for seed in range(2)]
+  datasets = st.load_shared([cfg.data for cfg in configs])
+  rows = st.valuation_outcomes(configs, datasets, MECHS, 1)
+  assert len(rows) == 2 * len(MECHS)
+  for row in rows:
+    assert 0 < row["max_epsilon_spent"] <= setting.cfg.game.eps_max * (1 + 1e-6), row
+
+
 def test_rescored_quality_is_the_outcomes_q_under_the_other_noise_map(monkeypatch):
   """Under its own map the outcome's Q; under the accountant's, the Q with the clients' noise table, built
   once for a seed's mechanisms from their sampling rates. The table is a stand-in, the surrogate's z / 3
@@ -245,3 +342,112 @@ def test_the_quick_preset_writes_every_table(tmp_path):
   ):
     assert name in files
   assert "scaling_gap_vs_clients.png" in files
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scripts/study.py: resuming after a kill, --dry_run, --combine.
+# ----------------------------------------------------------------------------------------------------------
+
+# A tiny study: the quick preset's writer setting (one unit per seed) at 1 round and 1 draw.
+TINY_STUDY = ["--preset=quick", "--settings=femnist_logreg", "--draws=1", "--rounds=1", "--progress=false"]
+TABLES = ("accuracy", "redundant_loss", "vs_stackelberg", "vs_social_optimum", "game", "game_vs_stackelberg")
+
+
+@pytest.fixture(scope="module")
+def study_script():
+  """scripts/study.py in one worker process (tests/cli.py): its import and compiled programs are shared."""
+  worker = cli.ScriptWorker("study.py")
+  yield worker
+  worker.close()
+
+
+def _one_line_error(result: cli.Result, *parts: str) -> None:
+  assert result.rc == 2, result
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  for part in parts:
+    assert part in lines[0], lines[0]
+
+
+def test_dry_run_loads_every_settings_data(study_script, tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  out = tmp_path / "out"
+  refused = study_script(
+    "--preset=paper", "--settings=femnist62_cnn", f"--data_dir={empty}", "--dry_run", f"--out={out}"
+  )
+  _one_line_error(refused, f"path='{empty / 'femnist_leaf_subset.npz'}' does not exist")
+  checked = study_script(*TINY_STUDY, "--seeds=2", "--dry_run", f"--out={out}")
+  assert checked.rc == 0, checked
+  assert "femnist_logreg: the data of 2 seeds loads (10 clients); 0 of 2 units finished" in checked.stdout
+  assert not os.path.exists(out) and not os.path.exists(f"{out}.units")
+
+
+def test_combine_refuses_a_folder_of_other_settings(study_script, tmp_path):
+  folder = tmp_path / "earlier"
+  folder.mkdir()
+  (setting,) = st.preset("quick", "", ["femnist_logreg"], rounds=1)
+  report.write_csv_atomic(folder / "femnist_logreg_summary.csv", [{"mechanism": "stackelberg"}])
+  meta = {"setting": dataclasses.asdict(setting), "clients": {}, "rows": []}
+  report.write_json_atomic(folder / "femnist_logreg_accuracy.json", meta)
+  refused = study_script(
+    "--preset=quick", "--settings=femnist_logreg", f"--combine={folder}", f"--out={tmp_path / 'out'}"
+  )
+  _one_line_error(refused, "setting 'femnist_logreg' made with other settings (cfg.federated.rounds 1 -> 2)")
+  assert not os.path.exists(tmp_path / "out")
+
+
+def _unit_files(folder) -> list[str]:
+  return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+@pytest.mark.slow  # three studies of 4 seeds x 6 mechanisms, one of them in a fresh process
+def test_a_killed_study_resumes_to_the_same_tables_and_refuses_other_settings(study_script, tmp_path):
+  run = [*TINY_STUDY, "--seeds=4"]
+  out, whole = tmp_path / "killed", tmp_path / "whole"
+  units = tmp_path / "killed.units" / "femnist_logreg"
+  script = os.path.join(cli.REPO, "scripts", "study.py")
+  killed = subprocess.Popen(
+    [sys.executable, script, *run, f"--out={out}"],
+    cwd=cli.REPO,
+    env=cli.env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  deadline = time.monotonic() + 900
+  while "seeds-0-0.json" not in _unit_files(units):
+    assert killed.poll() is None, "the study ended before its first unit was saved"
+    assert time.monotonic() < deadline, "no unit saved in 900 s"
+    time.sleep(0.01)
+  killed.kill()
+  killed.wait()
+  saved = _unit_files(units)
+  assert "seeds-3-3.json" not in saved and not out.exists()  # killed mid-study: no results folder
+  stamps = {name: os.stat(units / name).st_mtime_ns for name in saved}
+  resumed = study_script(*run, f"--out={out}")
+  assert resumed.rc == 0, resumed
+  assert f"femnist_logreg: loaded {len(saved)} finished units" in resumed.stdout
+  assert {name: os.stat(units / name).st_mtime_ns for name in saved} == stamps  # loaded, not retrained
+  assert _unit_files(units) == [f"seeds-{s}-{s}.json" for s in range(4)]
+  assert study_script(*run, f"--out={whole}").rc == 0
+  for table in (*TABLES, "curves"):
+    name = f"femnist_logreg_{table}.csv"
+    assert (out / name).read_text() == (whole / name).read_text(), name
+  # Another setting (2 rounds) is refused before any work, or with --restart_on_mismatch recomputed.
+  other = [*run, "--rounds=2", f"--out={out}"]
+  _one_line_error(
+    study_script(*other),
+    "setting 'femnist_logreg'",
+    "seeds-0-0.json",
+    "federated.rounds 1 -> 2",
+    "--restart_on_mismatch",
+  )
+  assert {name: os.stat(units / name).st_mtime_ns for name in saved} == stamps
+  restarted = study_script(*other, "--restart_on_mismatch")
+  assert restarted.rc == 0, restarted
+  assert _unit_files(units) == sorted(
+    f"seeds-{s}-{s}{suffix}" for s in range(4) for suffix in (".json", ".other-run.json")
+  )
+  with open(out / "femnist_logreg_curves.csv", newline="") as f:
+    assert {row["round"] for row in csv.DictReader(f)} == {"1", "2"}
+  assert "loaded" not in restarted.stdout
