@@ -28,6 +28,9 @@ losses, norms). Two implementations compute the same sum:
   2023), or c^T times the materialized per-example kernels: no second backward pass, and no per-example
   gradient of the large (ghost-norm) layers is ever formed.
 
+:func:`blocked_clipped_sum` computes any of them over a step's slots in blocks, skipping the blocks that
+hold no joined slot; :func:`privatize` adds the noise once to the summed blocks.
+
 :func:`make_clipped_sum_fn` picks the tapped path when the model allows it. On a 2-core CPU, for the EMNIST
 CNN it is ~15x faster than vmap(grad) through ``nn.Conv`` and about as fast as a non-private gradient
 (benchmarks/README.md).
