@@ -48,6 +48,7 @@ import numpy as np
 from flax import traverse_util
 
 from fcfn_jax.models import TAP_INPUTS, TAP_OUTPUTS, ApplyFn, LossFn, cross_entropy, make_loss_fn
+from fcfn_jax.validate import check_int
 
 PerExampleFn = Callable[[chex.ArrayTree, chex.Array, chex.Array], tuple[chex.Array, chex.ArrayTree]]
 
@@ -341,6 +342,7 @@ def blocked_clipped_sum(
   Returns:
     ClippedSum with losses and norms [B] (0 at masked slots).
   """
+  check_int("block", block)
   size = mask.shape[0]
   if block >= size:
     return clipped_sum_fn(params, *load(slots), mask, clip_norm)
