@@ -471,6 +471,11 @@ def test_blocked_skip_stays_a_branch_under_the_named_client_vmap():
   assert "cond[" not in str(unnamed)
   lowered = jax.jit(lambda: _chunk_updates(LOGREG, fed, (12, 5, 1))).lower().as_text()
   assert "stablehlo.case" in lowered
+  pool, state, z, w = _pool(), _state(), np.ones(CLIENTS), np.ones(CLIENTS)
+  for chunk in (1, 3):  # the round: its chunk's vmap is named (chunk 3), or there is none (chunk 1)
+    chunked = dataclasses.replace(fed, chunk_size=chunk)
+    jaxpr = jax.make_jaxpr(lambda f=chunked: _round(state, pool, z, w, jax.random.key(0), fed=f))()
+    assert "cond[" in str(jaxpr), chunk
 
 
 # ----------------------------------------------------------------------------------------------------------
