@@ -1,4 +1,4 @@
-"""Federated round: sampling, vmapped round == per-client loop, chunking, sit-outs, determinism, training."""
+"""Federated round: sampling, round == client loop, chunks, slot blocks, sit-outs, determinism, training."""
 
 from __future__ import annotations
 
