@@ -23,6 +23,13 @@ Modes (--modes, a comma list):
             default) vs fixed-size batches of B, CNN and logistic regression on the same --clients
             writers; each row also gives the epsilon of the largest writer at z = --noise_multiplier over
             --accounting_rounds rounds (RDP with the truncation charge, PLD of the truncated event).
+  blocks    the Poisson round with slot blocks (--slot_block, 0 = automatic) vs the same round computing
+            every one of its B_max slots (slot_block = B_max: the same samples, so the same update) vs
+            fixed-size batches of B, CNN and logistic regression on the same --clients writers, for each
+            chunk size of --poisson_chunk_sizes (0 = automatic): a block is skipped only when no client of
+            the chunk joined it, so smaller chunks skip more. Each row gives the chunk it ran with, the
+            slots it computed per client-step (from round 0's samples), and the ratios to the all-slots
+            and fixed rounds of the same chunk size.
   accountant the traced accountant for --accountant_clients clients (float32, as in the round): one
             evaluation of accounting.traced_epsilon (value; value and gradient w.r.t. z) at the integer
             orders it used before (INTEGER_TRACED_ORDERS) vs dp-accounting's default orders (fractional,
@@ -52,7 +59,7 @@ from fcfn_jax.privacy import accounting, clipping
 
 from common import Case, flops_of, jit_case, machine, matmul_peak_case, measure, resampled_pool, write_tables
 
-MODES = ("methods", "overhead", "chunks", "loop", "sampling", "accountant")
+MODES = ("methods", "overhead", "chunks", "loop", "sampling", "blocks", "accountant")
 
 flags.DEFINE_list("modes", list(MODES), f"Which tables to measure, from {list(MODES)}.")
 flags.DEFINE_string("out", "results/bench_round", "Folder for bench_round.{json,md} and one CSV per table.")
@@ -81,6 +88,12 @@ flags.DEFINE_float("clip_norm", 1.0, "Clipping bound C.")
 flags.DEFINE_float("noise_multiplier", 1.0, "Noise multiplier z of every client.")
 flags.DEFINE_list("capacities", ["40", "48", "64", "0", "96"], "B_max of the 'sampling' table (0 = default).")
 flags.DEFINE_integer("accounting_rounds", 10, "Rounds T of the 'sampling' table's epsilon columns.")
+flags.DEFINE_integer(
+  "slot_block", 0, "Slots per block of the 'blocks' table's blocked rounds (0 = automatic)."
+)
+flags.DEFINE_list(
+  "poisson_chunk_sizes", ["0", "1", "4", "16"], "Chunk sizes of the 'blocks' table (0 = automatic)."
+)
 flags.DEFINE_integer("accountant_clients", 1000, "Clients of the 'accountant' table.")
 FLAGS = flags.FLAGS
 
@@ -582,6 +595,122 @@ def sampling_table(repeats: int) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Table: the Poisson round's slot blocks vs all slots vs fixed-size batches.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def computed_slots(setup: Setup, fed: FederatedConfig, privacy: PrivacyConfig, chunk: int) -> float:
+  """Slots per client-step the round computes at its first round: per chunk and step, the blocks up to the
+  chunk's largest joined count (the samples of federated.client_update's keys; the last chunk's padding
+  clients join nothing)."""
+  sampler = accounting.sampler_of(fed, privacy)
+  block = federated.slot_block(fed, sampler)
+  if block >= sampler.capacity:  # one block: nothing is skipped
+    return float(sampler.capacity)
+  round_key = jax.random.fold_in(setup.key, 0)
+  pool = setup.pool
+
+  def joined(i):
+    size = jnp.maximum(pool.num_examples[i], 1)
+    _, masks = federated.sample_client_indices(
+      jax.random.split(jax.random.fold_in(round_key, i))[0],
+      pool.num_examples[i],
+      accounting.sampling_rates(size, fed.batch_size),
+      pool.y.shape[1],
+      fed.local_steps,
+      sampler,
+    )
+    return jnp.sum(masks, axis=1)
+
+  clients = pool.y.shape[0]
+  counts = np.asarray(jax.jit(jax.vmap(joined))(jnp.arange(clients)))  # [clients, S]
+  counts = np.pad(counts, ((0, -clients % chunk), (0, 0))).reshape(-1, chunk, fed.local_steps).max(axis=1)
+  slots = np.minimum(-(-counts // block) * block, sampler.capacity)
+  return float(slots.mean() * chunk * slots.shape[0] / clients)
+
+
+def round_only_case(
+  name: str, setup: Setup, model: Any, fed: FederatedConfig, privacy: PrivacyConfig
+) -> Case:
+  """Case of one federated_round without FLOPs (XLA's cost analysis counts neither skipped blocks nor
+  loop trips)."""
+  round_fn = functools.partial(federated.federated_round, apply_fn=model.apply, fed=fed, privacy=privacy)
+  args = (federated.init_server_state(setup.params, fed), setup.pool, setup.z, setup.weights, setup.key)
+
+  def prepare():
+    compiled = jax.jit(round_fn).lower(*args).compile()
+    return (lambda: jax.block_until_ready(compiled(*args))), None
+
+  return Case(name, prepare)
+
+
+def blocks_table(repeats: int) -> list[dict[str, Any]]:
+  cnn_setup = writer_setup(FLAGS.clients, FLAGS.local_steps, FLAGS.batch_size, FLAGS.chunk_size)
+  logreg = models.LogisticRegression(cnn_setup.num_classes)
+  models_ = (
+    ("CNN", models.CNN(cnn_setup.num_classes), cnn_setup),
+    (
+      "logreg",
+      logreg,
+      cnn_setup._replace(params=models.init_params(logreg, jax.random.key(0), cnn_setup.input_shape)),
+    ),
+  )
+  poisson = PrivacyConfig(clip_norm=FLAGS.clip_norm)
+  fixed = PrivacyConfig(clip_norm=FLAGS.clip_norm, sampling="fixed")
+  capacity = accounting.sampler_of(cnn_setup.fed, poisson).capacity
+  clients = cnn_setup.pool.y.shape[0]
+  row_shape = jax.ShapeDtypeStruct(cnn_setup.pool.x.shape[1:], cnn_setup.pool.x.dtype)
+  rows = []
+  for label, model, setup in models_:
+    cases, info = [], []
+    for chunk_size in map(int, FLAGS.poisson_chunk_sizes):
+      base = dataclasses.replace(setup.fed, chunk_size=chunk_size)
+      for kind, fed, privacy in (
+        ("fixed", base, fixed),
+        ("poisson, all slots", dataclasses.replace(base, slot_block=capacity), poisson),
+        ("poisson, blocks", dataclasses.replace(base, slot_block=FLAGS.slot_block), poisson),
+      ):
+        chunk = federated.chunk_clients(fed, privacy, model.apply, setup.params, row_shape, clients)
+        block = federated.slot_block(fed, accounting.sampler_of(fed, privacy))
+        cases.append(
+          round_only_case(
+            f"{label}: {kind}, chunk {chunk_size or 'auto'} ({chunk})", setup, model, fed, privacy
+          )
+        )
+        info.append(
+          dict(
+            model=label,
+            chunk_size=chunk_size,
+            chunk=chunk,
+            sampler=kind,
+            slot_block=block,
+            slots_per_client_step=computed_slots(setup, fed, privacy, chunk),
+          )
+        )
+    measured, outputs = measure(cases, repeats)
+    for first in range(0, len(cases), 3):
+      fixed_row, all_row, blocks_row = measured[first : first + 3]
+      for row, extra in zip(measured[first : first + 3], info[first : first + 3]):
+        row.update(extra)
+      blocks_row["blocks_over_all_slots"] = blocks_row["median_s"] / all_row["median_s"]
+      blocks_row["blocks_over_fixed"] = blocks_row["median_s"] / fixed_row["median_s"]
+      all_row["all_slots_over_fixed"] = all_row["median_s"] / fixed_row["median_s"]
+      blocks_row["max_abs_diff_vs_all_slots"] = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(
+          jax.tree.leaves(outputs[first + 2][0].params), jax.tree.leaves(outputs[first + 1][0].params)
+        )
+      )
+    rows += measured
+  print(
+    f"blocks: {FLAGS.clients} writers x {FLAGS.local_steps} steps, B = {FLAGS.batch_size}, B_max = "
+    f"{capacity}; slots_per_client_step: the slots a round computes per client and step (fixed: B; all "
+    "slots: B_max; blocks: the chunk's blocks up to its largest joined count, from round 0's samples)"
+  )
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Table: the traced accountant, integer orders vs dp-accounting's orders.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -643,6 +772,7 @@ def main(argv: Sequence[str]) -> None:
     FLAGS.repeats, FLAGS.clients, FLAGS.local_steps, FLAGS.batch_size = 2, 8, 2, 16
     FLAGS.method_clients, FLAGS.logreg_clients, FLAGS.loop_subset, FLAGS.chunk_sizes = 4, 256, 32, ["2", "0"]
     FLAGS.capacities = ["24", "0"]
+    FLAGS.poisson_chunk_sizes = ["0", "2"]
     FLAGS.accountant_clients = 64
   builders = {
     "methods": methods_table,
@@ -650,6 +780,7 @@ def main(argv: Sequence[str]) -> None:
     "chunks": chunks_table,
     "loop": loop_table,
     "sampling": sampling_table,
+    "blocks": blocks_table,
     "accountant": accountant_table,
   }
   tables = {}
@@ -666,6 +797,7 @@ def main(argv: Sequence[str]) -> None:
     "chunk_size": FLAGS.chunk_size,
     "clip_norm": FLAGS.clip_norm,
     "noise_multiplier": FLAGS.noise_multiplier,
+    "slot_block": FLAGS.slot_block,
     "timing": "cases interleaved, median of repeats; compile_s = AOT lower + compile (Python loops: "
     "the first, compiling run)",
   }

@@ -181,6 +181,9 @@ class FederatedConfig:
     chunk_size: clients per vmapped chunk; bounds memory. 0 = automatic: the most clients whose working
       memory fits the backend's budget (CPU: 16 MiB, the cache-sized chunk that is fastest there; GPU/TPU: a
       quarter of the device memory); a value >= the number of clients runs them all at once.
+    slot_block: slots per block of a local step: a block runs only when some client of the chunk has a
+      joined example in it (the sampler puts them first). 0 = automatic: ceil(B / 4) for poisson, all
+      slots for fixed; a value >= batch_capacity runs every slot as one block.
   """
 
   rounds: int = 10
@@ -190,6 +193,7 @@ class FederatedConfig:
   server_lr: float = 1.0
   server_optimizer: str = "sgd"
   chunk_size: int = 0
+  slot_block: int = 0
 
   def __post_init__(self):
     check_int("rounds", self.rounds)
@@ -199,6 +203,7 @@ class FederatedConfig:
     check_positive("server_lr", self.server_lr)
     check_choice("server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
     check_int("chunk_size", self.chunk_size, minimum=0)
+    check_int("slot_block", self.slot_block, minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)

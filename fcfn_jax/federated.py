@@ -8,8 +8,10 @@ multiplier z_i; it returns Delta_i = theta_i^S - theta. The server forms the Fed
   g = -(sum_i a_i Delta_i) / (sum_i a_i),   a_i = weight_i * n_i * [z_i < inf]
 
 and applies its optax optimizer (``FederatedConfig.server_optimizer``). Clients with a_i = 0 sit out:
-their work is computed (shapes are fixed) but contributes exactly nothing. Keys: client i of round t uses
-fold_in(fold_in(key, t), i).
+they run (shapes are fixed) with no examples and contribute exactly nothing. A local step's slots run in
+blocks (``FederatedConfig.slot_block``): a block no client of the vmapped chunk has joined is skipped, so a
+Poisson step costs about the examples it samples rather than its B_max slots. Keys: client i of round t
+uses fold_in(fold_in(key, t), i).
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ from fcfn_jax.config import FederatedConfig, PrivacyConfig
 from fcfn_jax.data import ClientPool
 from fcfn_jax.models import ApplyFn, LossFn, cross_entropy, make_loss_fn, normalize_pixels
 from fcfn_jax.privacy import accounting
-from fcfn_jax.privacy.clipping import dp_gradient, make_clipped_sum_fn
+from fcfn_jax.privacy.clipping import (
+  ClippedSum,
+  ClippedSumFn,
+  blocked_clipped_sum,
+  make_clipped_sum_fn,
+  privatize,
+)
 from fcfn_jax.validate import check_int, require
 
 _SERVER_MOMENTUM = 0.9
@@ -132,17 +140,29 @@ def sample_client_batches(
   return normalize_pixels(x[index]), y[index], mask
 
 
-def _mean_gradient(
-  loss_fn: LossFn, params: chex.ArrayTree, x: chex.Array, y: chex.Array, mask: chex.Array
-) -> tuple[chex.ArrayTree, chex.Array]:
-  """Non-private (grad of mean_{j: m_j} loss_j, losses [B] with 0 at masked slots)."""
+def slot_block(fed: FederatedConfig, sampler: accounting.Sampler) -> int:
+  """Slots per block of a local step (:func:`fcfn_jax.privacy.clipping.blocked_clipped_sum`), at most the
+  step's slots: ``fed.slot_block``, or (0 = automatic) ceil(B / 4) for 'poisson', whose B_max slots hold
+  about B joined examples, and all slots for 'fixed', whose batches are full."""
+  automatic = -(-sampler.batch_size // 4) if sampler.kind == "poisson" else sampler.capacity
+  return min(fed.slot_block or automatic, sampler.capacity)
 
-  def mean_loss(p):
-    losses = jnp.where(mask, loss_fn(p, x, y), 0.0)
-    return jnp.sum(losses) / jnp.maximum(jnp.sum(mask), 1), losses
 
-  grad, losses = jax.grad(mean_loss, has_aux=True)(params)
-  return grad, losses
+def _summed_gradient(loss_fn: LossFn) -> ClippedSumFn:
+  """The non-private counterpart of a :data:`ClippedSumFn`: (grad of sum_j m_j loss_j, losses [B] with 0
+  at masked slots, norms 0); the clipping bound is ignored."""
+
+  def summed_gradient(params, x, y, mask, clip_norm):
+    del clip_norm
+
+    def total_loss(p):
+      losses = jnp.where(mask, loss_fn(p, x, y), 0.0)
+      return jnp.sum(losses), losses
+
+    grad, losses = jax.grad(total_loss, has_aux=True)(params)
+    return ClippedSum(summed=grad, losses=losses, norms=jnp.zeros_like(losses))
+
+  return summed_gradient
 
 
 def client_update(
@@ -157,14 +177,22 @@ def client_update(
   apply_fn: ApplyFn,
   fed: FederatedConfig,
   privacy: PrivacyConfig,
+  axis_name: str | None = None,
 ) -> ClientResult:
   """ONE client's round: S local steps theta <- theta - client_lr * g~ from the server model.
 
   Each step samples with :func:`sample_client_indices` (the sampler of ``privacy``) at q = min(1, B / n);
-  g~ is the DP-SGD gradient of :func:`fcfn_jax.privacy.clipping.dp_gradient` with multiplier z divided by
-  the expected batch size q n = min(B, n), or the plain mean gradient over the step's examples when
-  ``privacy.private`` is False (static). z = inf means the client sits out (epsilon_i = 0): its delta is
-  exactly zero and nothing is NaN.
+  g~ is the DP-SGD gradient (:func:`fcfn_jax.privacy.clipping.privatize` of the clipped sum) with
+  multiplier z divided by the expected batch size q n = min(B, n), or the plain mean gradient over the
+  step's examples when ``privacy.private`` is False (static). z = inf means the client sits out
+  (epsilon_i = 0): its delta is exactly zero and nothing is NaN.
+
+  The step's slots run in blocks of :func:`slot_block` slots
+  (:func:`fcfn_jax.privacy.clipping.blocked_clipped_sum`): the sampler puts the joined examples first, so
+  a block past the step's joined count is skipped. With ``axis_name`` (a vmap over clients named so) the
+  count is the largest over that axis, the same for every client of the vmap, so a block is skipped when
+  no client needs it and the skip stays a branch. The sampled examples and the update do not depend on the
+  blocks beyond float rounding.
 
   n is the public ``dataset_size`` (default: num_examples): q and the divisor are constants of the
   mechanism, so a neighbouring dataset (one example added or replaced, as in an audit) runs with the
@@ -175,6 +203,7 @@ def client_update(
       (one row of a ClientPool). noise_multiplier: scalar z. key: this client's key for this round.
     dataset_size: int32 scalar n >= 1, or None (= num_examples).
     apply_fn, fed, privacy: static model apply function and configs.
+    axis_name: static name of the vmapped client axis this call runs under, or None.
   """
   x, y = jnp.asarray(x), jnp.asarray(y)
   sampler = accounting.sampler_of(fed, privacy)
@@ -182,32 +211,36 @@ def client_update(
   sampling_rate = accounting.sampling_rates(size, fed.batch_size)
   expected_batch = jnp.minimum(size, fed.batch_size).astype(jnp.float32)  # q n, exactly
   sample_key, noise_key = jax.random.split(key)
-  # Indices up front, examples gathered inside each step: under vmap a pre-gathered [clients, S, B, ...]
+  # Indices up front, examples gathered inside each block: under vmap a pre-gathered [clients, S, B, ...]
   # stack is transposed to the scan's [S, clients, ...] layout (a full copy, 25% of a logreg round).
   indices, masks = sample_client_indices(
     sample_key, num_examples, sampling_rate, x.shape[0], fed.local_steps, sampler
   )
+  used = jnp.sum(masks, axis=1, dtype=jnp.int32)
+  if axis_name is not None:
+    used = jax.lax.pmax(used, axis_name)
   skip = ~jnp.isfinite(noise_multiplier)
   noise_multiplier = jnp.where(skip, 0.0, noise_multiplier)
-  loss_fn = make_loss_fn(apply_fn)
-  clipped_sum_fn = make_clipped_sum_fn(apply_fn)
+  summed_fn = make_clipped_sum_fn(apply_fn) if privacy.private else _summed_gradient(make_loss_fn(apply_fn))
+  block = slot_block(fed, sampler)
+
+  def load(index):
+    return normalize_pixels(x[index]), y[index]
 
   def local_step(p, inputs):
-    index, mb, step_key = inputs
-    xb, yb = normalize_pixels(x[index]), y[index]
+    index, mb, step_used, step_key = inputs
+    out = blocked_clipped_sum(summed_fn, p, load, index, mb, privacy.clip_norm, block, step_used)
     if privacy.private:
-      out = dp_gradient(
-        clipped_sum_fn, p, xb, yb, mb, noise_multiplier, step_key, privacy.clip_norm, expected_batch
-      )
-      grad, losses, clipped = out.grad, out.losses, out.norms > privacy.clip_norm
+      grad = privatize(out.summed, noise_multiplier, step_key, privacy.clip_norm, expected_batch)
+      clipped = out.norms > privacy.clip_norm
     else:
-      grad, losses = _mean_gradient(loss_fn, p, xb, yb, mb)
+      grad = jax.tree.map(lambda g: g / jnp.maximum(jnp.sum(mb), 1), out.summed)
       clipped = jnp.zeros_like(mb)
     p = jax.tree.map(lambda w, g: w - fed.client_lr * g, p, grad)
-    return p, (losses, clipped)
+    return p, (out.losses, clipped)
 
   step_keys = jax.random.split(noise_key, fed.local_steps)
-  final, (losses, clipped) = jax.lax.scan(local_step, params, (indices, masks, step_keys))
+  final, (losses, clipped) = jax.lax.scan(local_step, params, (indices, masks, used, step_keys))
   count = jnp.maximum(jnp.sum(masks), 1)
   return ClientResult(
     delta=jax.tree.map(lambda new, old: jnp.where(skip, 0.0, new - old), final, params),
@@ -238,6 +271,9 @@ def _check_round_inputs(
   clients = pool.y.shape[0] if rows is None else jnp.shape(rows)[0]
   for name, arr in (("noise_multipliers", noise_multipliers), ("weights", weights)):
     require(jnp.shape(arr) == (clients,), f"{name} has shape {jnp.shape(arr)}: expected [{clients}]")
+
+
+_CHUNK_AXIS = "fcfn_chunk"  # the vmapped client axis of a chunk, for the pmax of the joined counts
 
 
 class _Totals(NamedTuple):
@@ -323,7 +359,13 @@ def chunk_clients(
 ) -> int:
   """Clients per vmapped chunk of a round over ``clients`` clients: ``fed.chunk_size`` when it is set,
   else (0 = automatic) the most whose working memory, ``replicas`` rounds side by side, fits the backend's
-  budget: clamp(floor(chunk_budget / (replicas x client_bytes)), 1, clients) (docs/model.md "Scale")."""
+  budget: clamp(floor(chunk_budget / (replicas x client_bytes)), 1, clients) (docs/model.md "Scale").
+
+  The automatic chunk is not capped for the Poisson sampler's slot blocks, although a block runs when any
+  client of the chunk needs it: the chunk's largest joined count exceeds the mean B by only about
+  sigma sqrt(2 ln c) for c clients (sigma = sqrt(B (1 - q))), so with B = 32, q = 0.2 and blocks of 8 of
+  81 slots a step computes about 36 slots per client at c = 1, 48 at c = 64 and 56 at c = 4096, while a
+  cap would give up the vectorization that large chunks exist for."""
   if fed.chunk_size:
     return min(fed.chunk_size, clients)
   per_client = client_bytes(apply_fn, params, row, fed, privacy) * replicas
@@ -348,7 +390,9 @@ def _client_totals(
   Client j is pool row ``rows[j]`` (rows: int [clients]), or row j when rows is None: a round over a
   cohort of a shared pool (e.g. one replica of :mod:`fcfn_jax.replicas`) indexes it without a copy.
   Chunks of :func:`chunk_clients` clients run under a scan that accumulates the totals, so memory holds
-  one chunk of deltas at a time; the last chunk is filled with weight-0 copies of the last client.
+  one chunk of deltas at a time; the last chunk is filled with weight-0 copies of the last client. A chunk
+  is one vmap with its axis named, so each local step's slot blocks run iff some client of the chunk
+  joined an example in them.
   """
   clients = noise_multipliers.shape[0]
   row_shape = jax.ShapeDtypeStruct(pool.x.shape[1:], pool.x.dtype)
@@ -356,29 +400,33 @@ def _client_totals(
   num_chunks = -(-clients // chunk)
   num_examples = jnp.asarray(pool.num_examples, jnp.int32)
 
-  def one_client(position):
+  def one_client(position, axis_name=None):
     i = jnp.minimum(position, clients - 1)
     row = i if rows is None else rows[i]
     z = noise_multipliers[i]
+    real = (position < clients) & jnp.isfinite(z)
+    agg_weight = jnp.where(real, weights[i] * num_examples[row], 0.0).astype(jnp.float32)
+    # A client that sits out runs with no examples: its result is discarded, and it needs no slot block.
     result = client_update(
       params,
       pool.x[row],
       pool.y[row],
-      num_examples[row],
+      jnp.where(agg_weight > 0, num_examples[row], 0),
       z,
       jax.random.fold_in(round_key, first_id + position),
       apply_fn=apply_fn,
       fed=fed,
       privacy=privacy,
+      axis_name=axis_name,
     )
-    real = (position < clients) & jnp.isfinite(z)
-    return result, jnp.where(real, weights[i] * num_examples[row], 0.0).astype(jnp.float32)
+    return result, agg_weight
 
   def run_chunk(totals, positions):
     if chunk == 1:  # A size-1 vmap makes every matmul a batched one, ~20% slower on XLA:CPU.
       results, agg_weights = jax.tree.map(lambda a: a[None], one_client(positions[0]))
     else:
-      results, agg_weights = jax.vmap(one_client)(positions)
+      one = functools.partial(one_client, axis_name=_CHUNK_AXIS)
+      results, agg_weights = jax.vmap(one, axis_name=_CHUNK_AXIS)(positions)
     joined = agg_weights > 0
     # where() rather than a bare product: a non-participant's delta must not leak NaN or inf.
     delta_sum = jax.tree.map(
@@ -517,7 +565,8 @@ def federated_round(
   clients), jitted once.
 
   Clients run in chunks of ``fed.chunk_size`` (0 = automatic: :func:`chunk_clients`) under a scan that
-  accumulates the weighted delta sum (see :func:`_client_totals`). With ``mesh``, the client axis is split
+  accumulates the weighted delta sum (see :func:`_client_totals`); a local step computes only the slot
+  blocks some client of the chunk has joined (:func:`client_update`). With ``mesh``, the client axis is split
   over the mesh's devices and their partial sums meet in one psum. A round with no participant leaves
   params and optimizer state unchanged. The result does not depend on chunking or sharding beyond float
   rounding: client i always uses the key fold_in(fold_in(key, t), i).

@@ -100,6 +100,42 @@ class ClippingTest(chex.TestCase):
     # Divided by the expected batch size q n = 4.5, neither by the 3 valid examples nor by the 6 slots.
     chex.assert_trees_all_close(out.grad, jax.tree.map(lambda s: s / 4.5, summed), atol=1e-7)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_blocked_clipped_sum_equals_one_block_and_runs_only_the_used_blocks(self):
+    """Blocks of 1 and 4 slots (4 does not divide 6): the clipped sum, losses and norms of one call over all
+    slots; a block runs iff it starts below ``used`` (counted by a callback in the branch): none at 0."""
+    loss_fn, params, x, y = _setup()
+    clipped_sum_fn = clipping.vmap_clipped_sum(clipping.per_example_value_and_grad(loss_fn))
+    mask = jnp.arange(BATCH) < 4  # joined slots first, as the sampler puts them
+    runs = []
+
+    def load(slots):
+      xs, ys = slots
+      jax.debug.callback(lambda: runs.append(1))
+      return xs, ys
+
+    reference = jax.jit(clipped_sum_fn)(params, x, y, mask, CLIP)
+    blocked_fn = self.variant(clipping.blocked_clipped_sum, static_argnums=(0, 2, 6))
+    for block in (1, 4):
+      for used in (0, 3, BATCH):
+        runs.clear()
+        blocked = blocked_fn(clipped_sum_fn, params, load, (x, y), mask, CLIP, block, jnp.int32(used))
+        jax.effects_barrier()
+        self.assertEqual(len(runs), -(-used // block), (block, used))
+        if used == 0:
+          chex.assert_trees_all_equal(blocked.summed, jax.tree.map(jnp.zeros_like, params))
+          np.testing.assert_array_equal(blocked.norms, 0.0)
+        elif used == BATCH or block == 4:  # every joined slot is in a block that runs: exact
+          chex.assert_trees_all_close(blocked, reference, atol=1e-6)
+
+  def test_privatize_is_dp_gradient_after_the_clipped_sum(self):
+    loss_fn, params, x, y = _setup()
+    mask = jnp.arange(BATCH) < 5
+    clipped_sum_fn = clipping.vmap_clipped_sum(clipping.per_example_value_and_grad(loss_fn))
+    out = clipping.dp_gradient(clipped_sum_fn, params, x, y, mask, 1.3, jax.random.key(2), CLIP, 4.0)
+    summed = clipped_sum_fn(params, x, y, mask, CLIP).summed
+    chex.assert_trees_all_equal(out.grad, clipping.privatize(summed, 1.3, jax.random.key(2), CLIP, 4.0))
+
   def test_noise_std_is_z_times_c_per_client(self):
     """Zero-signal batches: b * g~ is pure noise with std z C; z and b are vmapped per-client arrays."""
     params = {"w": jnp.zeros((100, 50)), "b": jnp.zeros((50,))}

@@ -1,4 +1,4 @@
-"""Federated round: sampling, vmapped round == per-client loop, chunking, sit-outs, determinism, training."""
+"""Federated round: sampling, round == client loop, chunks, slot blocks, sit-outs, determinism, training."""
 
 from __future__ import annotations
 
@@ -379,6 +379,103 @@ def test_rounds_do_not_recompile():
 def test_round_rejects_mismatched_shapes():
   with pytest.raises(ConfigError, match="weights"):
     _round(_state(), _pool(), np.zeros(CLIENTS), np.ones(CLIENTS + 1), jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocked slots: a local step computes only the blocks of slots some client of the chunk has joined.
+# ----------------------------------------------------------------------------------------------------------
+
+ALL_SLOTS = accounting.sampler_of(FED, PRIVATE).capacity  # B_max = 27 for B = 4: one block of every slot
+
+
+def test_blocked_slot_block_is_validated_and_resolved():
+  with pytest.raises(ConfigError, match=r"slot_block=-1 is invalid: expected an integer >= 0"):
+    FederatedConfig(slot_block=-1)
+  with pytest.raises(ConfigError, match=r"slot_block=2.0 is invalid"):
+    FederatedConfig(slot_block=2.0)
+  poisson, fixed = accounting.Sampler("poisson", 32, 81), accounting.Sampler("fixed", 32, 32)
+  auto = FederatedConfig(batch_size=32)
+  assert federated.slot_block(auto, poisson) == 8  # ceil(B / 4)
+  assert federated.slot_block(auto, fixed) == 32  # fixed batches are full: one block
+  assert federated.slot_block(dataclasses.replace(auto, slot_block=100), poisson) == 81
+  assert federated.slot_block(dataclasses.replace(auto, slot_block=5), fixed) == 5
+
+
+def test_blocked_round_equals_all_slots_round():
+  """Noise on, logistic regression: blocks of 1 and 5 slots (5 does not divide B_max = 27), in vmapped
+  chunks of 3 (a padded last chunk) and unvmapped chunks of 1, give the all-slots round's update and metrics;
+  so does the non-private round. Client 2 has no examples (no joined slot at any step) and clients 3
+  (z = inf) and 4 (weight 0) sit out."""
+  pool, state, key = _pool(), _state(), jax.random.key(6)
+  z = np.array([0.8, 0.8, 0.8, np.inf, 0.8, 0.8, 0.8])
+  w = np.array([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+  private = [(ALL_SLOTS, 3), (1, 3), (5, 3), (5, 1)]
+  non_private = [(ALL_SLOTS, 3), (5, 3)]
+
+  def run(settings, privacy):
+    return [
+      _round(
+        state, pool, z, w, key, fed=dataclasses.replace(FED, slot_block=b, chunk_size=c), privacy=privacy
+      )
+      for b, c in settings
+    ]
+
+  rounds = jax.jit(lambda: (run(private, PRIVATE), run(non_private, NON_PRIVATE)))()
+  for settings, (reference, *blocked) in zip((private, non_private), rounds):
+    assert int(reference[1].participants) == 4
+    for (block, chunk), result in zip(settings[1:], blocked):
+      chex.assert_trees_all_close(result, reference, atol=1e-6, custom_message=f"{block=} {chunk=}")
+  assert 0 < float(rounds[0][0][1].clip_fraction) <= 1
+
+
+def _chunk_updates(model, fed, dataset_sizes, axis_name="chunk"):
+  """client_update of pool clients 0..2 under one vmap named ``axis_name``, noise on, public sizes
+  ``dataset_sizes``: client 0 at n = 100 joins each of its 12 examples with q = 0.04 (often none in a step),
+  client 2 has no examples."""
+  pool = _pool()
+  params = models.init_params(model, jax.random.key(0), SHAPE)
+
+  def one(x, y, num, size, key):
+    return federated.client_update(
+      params, x, y, num, 0.9, key, size, apply_fn=model.apply, fed=fed, privacy=PRIVATE, axis_name=axis_name
+    )
+
+  keys = jax.random.split(jax.random.key(8), 3)
+  sizes = jnp.asarray(dataset_sizes, jnp.int32)
+  return jax.vmap(one, axis_name=axis_name)(pool.x[:3], pool.y[:3], pool.num_examples[:3], sizes, keys)
+
+
+@pytest.mark.parametrize("block", [pytest.param(1, marks=pytest.mark.slow), 5])  # each a CNN compile
+def test_blocked_cnn_client_updates_equal_all_slots(block):
+  """The CNN (tapped clipped sum) under a named client vmap: blocks of 1 or 5 slots == all slots."""
+  fed = FederatedConfig(local_steps=1, batch_size=4, client_lr=0.5)
+  sizes = (100, 12, 1)
+
+  @jax.jit
+  def updates():
+    return [_chunk_updates(CNN, dataclasses.replace(fed, slot_block=b), sizes) for b in (ALL_SLOTS, block)]
+
+  reference, blocked = updates()
+  chex.assert_tree_all_finite(reference)
+  chex.assert_trees_all_close(blocked, reference, atol=1e-6)
+
+
+def test_blocked_skip_stays_a_branch_under_the_named_client_vmap():
+  """With the chunk's vmap axis named, the blocks' predicate is the pmax of the joined counts (unbatched):
+  the jaxpr keeps a cond and its lowering a stablehlo.case; unnamed, the predicate is batched and the cond
+  becomes a select of both branches (no cond left)."""
+  fed = dataclasses.replace(FED, slot_block=5)
+  named = jax.make_jaxpr(lambda: _chunk_updates(LOGREG, fed, (12, 5, 1)))()
+  unnamed = jax.make_jaxpr(lambda: _chunk_updates(LOGREG, fed, (12, 5, 1), axis_name=None))()
+  assert "cond[" in str(named) and "pmax" in str(named)
+  assert "cond[" not in str(unnamed)
+  lowered = jax.jit(lambda: _chunk_updates(LOGREG, fed, (12, 5, 1))).lower().as_text()
+  assert "stablehlo.case" in lowered
+  pool, state, z, w = _pool(), _state(), np.ones(CLIENTS), np.ones(CLIENTS)
+  for chunk in (1, 3):  # the round: its chunk's vmap is named (chunk 3), or there is none (chunk 1)
+    chunked = dataclasses.replace(fed, chunk_size=chunk)
+    jaxpr = jax.make_jaxpr(lambda f=chunked: _round(state, pool, z, w, jax.random.key(0), fed=f))()
+    assert "cond[" in str(jaxpr), chunk
 
 
 # ----------------------------------------------------------------------------------------------------------
