@@ -133,9 +133,10 @@ class PrivacyConfig:
     batch_capacity: B_max >= B, the Poisson step's slots; 0 = automatic, the smallest keeping every step's
       overflow probability <= 1e-12 (B = 32 -> 81; README "Privacy"). Ignored by fixed, which has B slots.
     accountant: dp-accounting's accountant (rdp or pld) for the exact calibration and the reports.
-    calibration: exact: host-side accountant inversion of eps_i -> z_i (tight); surrogate: the
-      differentiable closed form inside the jitted round (conservative: more noise); traced: the tight RDP
-      accountant of the Poisson-subsampled Gaussian inside the jitted round (poisson only).
+    calibration: how eps_i -> z_i is solved, once per experiment (then rounded up to float32: the z
+      trained is the z accounted): exact: host-side accountant inversion (tight); surrogate: the
+      differentiable closed form in jax (conservative: more noise); traced: the tight RDP accountant of the
+      Poisson-subsampled Gaussian in jax, differentiable (poisson only).
     private: False turns DP off entirely (no clipping, no noise: the non-private reference).
   """
 

@@ -384,6 +384,7 @@ def _client_totals(
   apply_fn: ApplyFn,
   fed: FederatedConfig,
   privacy: PrivacyConfig,
+  outer_axes: tuple[str, ...] = (),
 ) -> _Totals:
   """_Totals of the round's clients (global ids first_id + [0, clients)): the one vmap over clients.
 
@@ -423,9 +424,9 @@ def _client_totals(
 
   def run_chunk(totals, positions):
     if chunk == 1:  # A size-1 vmap makes every matmul a batched one, ~20% slower on XLA:CPU.
-      results, agg_weights = jax.tree.map(lambda a: a[None], one_client(positions[0]))
+      results, agg_weights = jax.tree.map(lambda a: a[None], one_client(positions[0], outer_axes or None))
     else:
-      one = functools.partial(one_client, axis_name=_CHUNK_AXIS)
+      one = functools.partial(one_client, axis_name=(_CHUNK_AXIS, *outer_axes))
       results, agg_weights = jax.vmap(one, axis_name=_CHUNK_AXIS)(positions)
     joined = agg_weights > 0
     # where() rather than a bare product: a non-participant's delta must not leak NaN or inf.
@@ -547,7 +548,7 @@ def _sharded_totals(
   )(params, pool, noise_multipliers, weights, round_key)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "fed", "privacy", "mesh"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "fed", "privacy", "mesh", "outer_axes"))
 def federated_round(
   state: ServerState,
   pool: ClientPool,
@@ -560,6 +561,7 @@ def federated_round(
   fed: FederatedConfig,
   privacy: PrivacyConfig,
   mesh: jax.sharding.Mesh | None = None,
+  outer_axes: tuple[str, ...] = (),
 ) -> tuple[ServerState, RoundMetrics]:
   """One FedAvg round over all clients of ``pool``, or over its rows ``rows`` (the only vmap over
   clients), jitted once.
@@ -584,16 +586,21 @@ def federated_round(
       It may span processes (docs/model.md "Multi-host"): then give the pool as global arrays built by
       :func:`shard_clients` over :func:`client_mesh` (each process loads only its own clients) and z,
       weights padded to match (:func:`pad_sit_outs`); the state comes back replicated in every process.
+    outer_axes: static names of vmaps this round runs under (e.g. replicas side by side): a slot block is
+      skipped only when no client of any of them joined it, so the skip stays a branch, not a select.
 
   Returns:
     (state at round t + 1, RoundMetrics).
   """
   _check_round_inputs(pool, noise_multipliers, weights, rows)
   require(rows is None or mesh is None, "rows= is invalid with mesh=: a sharded round splits the pool itself")
+  require(not outer_axes or mesh is None, "outer_axes= is invalid with mesh=: a sharded round is not vmapped")
   round_key = jax.random.fold_in(key, state.round)
   static = dict(apply_fn=apply_fn, fed=fed, privacy=privacy)
   if mesh is None:
-    totals = _client_totals(state.params, pool, noise_multipliers, weights, round_key, 0, rows, **static)
+    totals = _client_totals(
+      state.params, pool, noise_multipliers, weights, round_key, 0, rows, outer_axes=outer_axes, **static
+    )
   else:
     totals = _sharded_totals(state.params, pool, noise_multipliers, weights, round_key, mesh, **static)
 

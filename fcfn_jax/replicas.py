@@ -157,16 +157,20 @@ def layout(
   return chunk, -(-replicas // batches)
 
 
+_REPLICA_AXIS = "fcfn_replica"  # the vmapped replica axis, named so a round's slot-block skips see it
+
+
 def _map(fn, xs, group: int, replicas: int):
   """fn over the leading (replica) axis of xs, R a multiple of ``group``: one vmap when the group holds
   every replica, a scan of single replicas when group = 1 (no size-1 vmap: batched matmuls are slower on
-  XLA:CPU), else a scan over batches of ``group`` vmapped replicas."""
+  XLA:CPU), else a scan over batches of ``group`` vmapped replicas. The vmap's axis is named
+  ``_REPLICA_AXIS``."""
   if group >= replicas:
-    return jax.vmap(fn)(xs)
+    return jax.vmap(fn, axis_name=_REPLICA_AXIS)(xs)
   if group == 1:
     return jax.lax.map(fn, xs)
   batched = jax.tree.map(lambda a: a.reshape(replicas // group, group, *a.shape[1:]), xs)
-  out = jax.lax.map(jax.vmap(fn), batched)
+  out = jax.lax.map(jax.vmap(fn, axis_name=_REPLICA_AXIS), batched)
   return jax.tree.map(lambda a: a.reshape(replicas, *a.shape[2:]), out)
 
 
@@ -205,6 +209,7 @@ def replica_round(
       apply_fn=apply_fn,
       fed=fed,
       privacy=privacy,
+      outer_axes=(_REPLICA_AXIS,) if group > 1 or group >= keys.shape[0] else (),
     )
 
   return _map(one, (states, cohorts, keys), group, keys.shape[0])

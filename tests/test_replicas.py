@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fcfn_jax import config as fc
-from fcfn_jax import data, federated, replicas, simulation, validate
+from fcfn_jax import data, federated, models, replicas, simulation, validate
 
 MECHANISMS = ("stackelberg", "no_incentive")
 
@@ -129,3 +129,30 @@ def test_automatic_layout_fills_the_budget(study):
   assert chunk == min(4, fit) and group == max(fit // chunk, 1)
   explicit = exp._replace(cfg=_cfg(chunk_size=2))
   assert replicas.layout(explicit, state, cohort_size=4, replicas=3)[0] == 2
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_replicas_side_by_side_keep_the_slot_block_skip_a_branch(group):
+  """A round vmapped over replicas names the replica axis too: the blocks' predicate stays unbatched (a
+  cond in the jaxpr), whether replicas run side by side (group 2) or one after another (group 1)."""
+  rng = np.random.default_rng(0)
+  sizes = np.array([12, 5, 9, 1], np.int32)
+  pool = data.ClientPool(
+    rng.integers(0, 256, (4, 12, 28, 28, 1), dtype=np.uint8),
+    rng.integers(0, 10, (4, 12)).astype(np.int32),
+    sizes,
+  )
+  model = models.LogisticRegression(10)
+  fed = fc.FederatedConfig(local_steps=2, batch_size=4, chunk_size=2, slot_block=3)
+  params = models.init_params(model, jax.random.key(0), (28, 28, 1))
+  states = jax.tree.map(lambda a: np.stack([a, a]), federated.init_server_state(params, fed))
+  cohorts = replicas.Cohort(
+    np.tile(np.arange(4, dtype=np.int32), (2, 1)), np.ones((2, 4), np.float32), np.ones((2, 4), np.float32)
+  )
+  keys = jax.random.split(jax.random.key(0), 2)
+  jaxpr = jax.make_jaxpr(
+    lambda: replicas.replica_round(
+      states, pool, cohorts, keys, apply_fn=model.apply, fed=fed, privacy=fc.PrivacyConfig(), group=group
+    )
+  )()
+  assert "cond[" in str(jaxpr)
