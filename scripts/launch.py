@@ -55,7 +55,8 @@ def _parse(argv: list[str]) -> list[str]:
 
 
 def _check_logs(path: str) -> None:
-  """The log folder: an existing writable folder, or created now (its nearest existing parent is one)."""
+  """The log folder: an existing writable folder, or one that can be made (its nearest existing parent is a
+  writable folder); nothing is created here."""
   validate.require(path, f"logs={path!r} is invalid: expected a folder path")
   validate.require(
     not os.path.exists(path) or os.path.isdir(path), f"logs={path!r} is a file: expected a folder"
@@ -68,8 +69,6 @@ def _check_logs(path: str) -> None:
     f"logs={path!r} is not writable: {existing!r} is "
     + ("a file" if not os.path.isdir(existing) else "a folder this user cannot write"),
   )
-  with validate.reraise(OSError, lambda e: f"logs={path!r} is not writable: {e}"):
-    os.makedirs(path, exist_ok=True)
 
 
 def check(command: list[str]) -> None:
@@ -77,11 +76,11 @@ def check(command: list[str]) -> None:
   validate.require(command, f"the command is missing: expected it after --, {_EXAMPLE}")
   validate.check_int("num_processes", FLAGS.num_processes, maximum=MAX_PROCESSES)
   validate.check_positive("timeout_s", FLAGS.timeout_s)
-  _check_logs(FLAGS.logs)
   validate.require(
     shutil.which(command[0]) is not None,
     f"command {command[0]!r} was not found: expected a program on PATH or the path of an executable file",
   )
+  _check_logs(FLAGS.logs)
 
 
 def main(argv):
@@ -89,6 +88,8 @@ def main(argv):
   command = argv[1:]
   try:
     check(command)
+    with validate.reraise(OSError, lambda e: f"logs={FLAGS.logs!r} is not writable: {e}"):
+      os.makedirs(FLAGS.logs, exist_ok=True)
     with validate.reraise(OSError, lambda e: f"command {command[0]!r} could not be started: {e}"):
       result = distributed.launch_local(command, FLAGS.num_processes, FLAGS.logs, FLAGS.timeout_s)
   except ConfigError as error:
