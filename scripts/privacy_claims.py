@@ -259,8 +259,8 @@ def read_rows(path: str | None) -> Rows:
     lines,
     ~np.isclose(rows.sampling_rate, rate, rtol=1e-9, atol=0),
     lambda i: (
-      f"sampling_rate={rows.sampling_rate[i]!r} is invalid: expected min(1, batch_size / num_examples)"
-      f" = {rate[i]!r}, the rate the run samples at"
+      f"sampling_rate={float(rows.sampling_rate[i])!r} is invalid: expected min(1, batch_size / num_examples)"
+      f" = {float(rate[i])!r}, the rate the run samples at"
     ),
   )
   _first(
@@ -268,8 +268,9 @@ def read_rows(path: str | None) -> Rows:
     lines,
     rows.participant & (rows.budget_epsilon == 0),
     lambda i: (
-      f"budget_epsilon=0.0 is invalid for a participant (noise_multiplier={rows.noise_multiplier[i]!r}, "
-      f"steps={rows.steps[i]}): expected a budget > 0 (a client that sold none sits out)"
+      "budget_epsilon=0.0 is invalid for a participant "
+      f"(noise_multiplier={float(rows.noise_multiplier[i])!r}, steps={rows.steps[i]}): expected a "
+      "budget > 0 (a client that sold none sits out)"
     ),
   )
   return rows
