@@ -12,7 +12,7 @@ mechanism) and manifest.json.
 
 Every row is validated before any work (exit 2 and one line naming the line, column and what is allowed):
 counts are integers (steps <= MAX_STEPS), sampling_rate = min(1, batch_size / num_examples) in (0, 1],
-noise_multiplier inf (sat out) or >= the calibration's smallest, budgets and epsilons finite and >= 0.
+noise_multiplier inf (sat out) or in the calibration's range, budgets and epsilons finite and >= 0.
 Identical rows are computed once. Empty cells: eps_pld for the fixed sampler (dp-accounting has no PLD of
 it) or when the RDP epsilon exceeds PLD_EPSILON_LIMIT (PLD's cost grows with epsilon); a statistic over no
 row. inf: the RDP accountant finds no finite epsilon at the row's delta (said in its note).
@@ -91,7 +91,7 @@ LONG_TABLE = 10_000
 _MEMORY_PER_BYTE = 60
 
 _NEEDED = (*CLIENT_COLUMNS[:10], "delta", "batch_size")
-_Z_MIN = accounting.CALIBRATION_Z_RANGE[0]
+_Z_MIN, _Z_MAX = accounting.CALIBRATION_Z_RANGE  # dp-accounting fails beyond (z = 1e23: math domain error)
 
 
 class Rows(NamedTuple):
@@ -228,8 +228,8 @@ def read_rows(path: str | None) -> Rows:
     sampling_rate=number("sampling_rate", lambda a: (a > 0) & (a <= 1), "a number in (0, 1]"),
     noise_multiplier=number(
       "noise_multiplier",
-      lambda a: (a == math.inf) | ((a >= _Z_MIN) & (a < math.inf)),
-      f"inf (sat out) or a number >= {_Z_MIN} (the calibration's smallest noise multiplier)",
+      lambda a: (a == math.inf) | ((a >= _Z_MIN) & (a <= _Z_MAX)),
+      f"inf (sat out) or a number in [{_Z_MIN:g}, {_Z_MAX:g}] (the calibration's range)",
     ),
     steps=integer("steps", 0, MAX_STEPS),
     sampler=_choice(path, lines, "sampler", cells["sampler"], fc.SAMPLERS),

@@ -349,8 +349,9 @@ _CLAIMS_MISUSE = [
   ({"steps": 2.5}, "steps='2.5' is invalid"),
   (
     {"noise_multiplier": 1e-9},
-    "noise_multiplier='1e-09' is invalid: expected inf (sat out) or a number >= 0.05",
+    "noise_multiplier='1e-09' is invalid: expected inf (sat out) or a number in [0.05, 100000]",
   ),
+  ({"noise_multiplier": 1e23}, "noise_multiplier='1e+23' is invalid"),  # found by the fuzz below
   ({"noise_multiplier": "nan"}, "noise_multiplier='nan' is invalid"),  # was counted as a non-participant
   ({"noise_multiplier": "-inf"}, "noise_multiplier='-inf' is invalid"),
   ({"budget_epsilon": -3}, "budget_epsilon='-3' is invalid: expected a finite number >= 0"),
