@@ -8,7 +8,8 @@ the draws of each seed, and its interval is Student's t interval over the per-se
   mean +- t_{(1 + c) / 2, m - 1} s / sqrt(m),   s = the sample std of the m per-seed means.
 
 Two mechanisms are compared PAIRED by seed: the interval is that of the per-seed differences, and
-"A beats B" is claimed only when it excludes 0.
+"A beats B" is claimed only when it excludes 0 AND is evidence: it rests on at least ``MIN_SEEDS`` seeds and
+a nonzero sample variance (a t interval from 2 seeds, or from equal values, is no evidence of anything).
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ import numpy as np
 from scipy import stats as sps
 
 from fcfn_jax.validate import check_open_unit, require
+
+# Seeds an interval needs before any verdict: with m = 2 the t interval has one degree of freedom (its
+# quantile is 12.7) and a single coincidence decides it.
+MIN_SEEDS = 3
+# A half width below this fraction of |mean| is float rounding of equal values: zero sample variance.
+_ROUNDING = 1e-12
+INSUFFICIENT_SEEDS = f"insufficient seeds (n < {MIN_SEEDS})"
+ZERO_VARIANCE = "zero variance"
+NOT_SIGNIFICANT = "not significant"
 
 
 class Interval(NamedTuple):
@@ -36,6 +46,23 @@ class Interval(NamedTuple):
 
   def excludes_zero(self) -> bool:
     return self.low > 0 or self.high < 0
+
+  def weakness(self) -> str | None:
+    """Why the interval is no evidence: ``INSUFFICIENT_SEEDS`` (n < MIN_SEEDS), ``ZERO_VARIANCE`` (half
+    width <= 1e-12 |mean|: the replicates are equal), or None when it is evidence."""
+    if self.n < MIN_SEEDS:
+      return INSUFFICIENT_SEEDS
+    if self.half_width <= _ROUNDING * abs(self.mean):
+      return ZERO_VARIANCE
+    return None
+
+  def is_evidence(self) -> bool:
+    """n >= MIN_SEEDS replicates with a nonzero sample variance: the interval may support a verdict."""
+    return self.weakness() is None
+
+  def significant(self) -> bool:
+    """The interval is evidence and excludes 0."""
+    return self.is_evidence() and self.excludes_zero()
 
   def __format__(self, spec: str) -> str:
     spec = spec or ".3g"
@@ -76,12 +103,16 @@ def paired_difference(
 
 
 def verdict(difference: Interval, first: str, second: str) -> str:
-  """'first > second', 'first < second' when the paired interval excludes 0, else 'not significant'."""
+  """'first > second' / 'first < second' when the paired interval is evidence and excludes 0; else why not:
+  ``INSUFFICIENT_SEEDS``, ``ZERO_VARIANCE`` (Interval.weakness) or ``NOT_SIGNIFICANT``."""
+  weakness = difference.weakness()
+  if weakness is not None:
+    return weakness
   if difference.low > 0:
     return f"{first} > {second}"
   if difference.high < 0:
     return f"{first} < {second}"
-  return "not significant"
+  return NOT_SIGNIFICANT
 
 
 def pairwise_table(

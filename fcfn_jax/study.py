@@ -503,7 +503,7 @@ def redundant_loss_table(result: Result) -> list[Row]:
         "label": MECHANISM_LABELS[mech],
         **_interval_row(loss, "redundant_accuracy_loss"),
         "summary": format(loss, ".3f"),
-        "significant": loss.excludes_zero(),
+        "significant": loss.significant(),
       }
     )
   return rows

@@ -46,7 +46,7 @@ PRESET = flags.DEFINE_enum("preset", "quick", list(st.PRESETS), "The study's pre
 SETTINGS = sim_flags.define_list(
   "settings", ["all"], lambda name, text: text, "Settings of the preset to run (all = every one)."
 )
-SEEDS = flags.DEFINE_integer("seeds", 0, "Seeds per setting (0 = the preset's).")
+SEEDS = flags.DEFINE_integer("seeds", 0, "Seeds per setting, >= 2 (a verdict needs >= 3); 0 = the preset's.")
 DRAWS = flags.DEFINE_integer("draws", 0, "Training-noise draws per seed (0 = the preset's).")
 ROUNDS = flags.DEFINE_integer("rounds", 0, "Federated rounds per run (0 = the preset's).")
 SEEDS_PER_UNIT = flags.DEFINE_integer(

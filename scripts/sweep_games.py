@@ -15,6 +15,7 @@ compiling):
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 from absl import flags
@@ -31,11 +32,21 @@ GAME = sim_flags.ConfigFlags(fc.GameConfig, skip=("mechanism", "lam", "cost_low"
 RUN = sim_flags.ConfigFlags(fc.RunConfig, skip=sim_flags.CHECKPOINT_FLAGS)
 
 
-def _cost_range(name: str, text: str) -> tuple[float, float]:
+class CostRange(NamedTuple):
+  """Costs ~ Uniform[low, high]; written ``low:high`` as the flag takes it (its help shows the default so)."""
+
+  low: float
+  high: float
+
+  def __str__(self) -> str:
+    return f"{self.low:g}:{self.high:g}"
+
+
+def _cost_range(name: str, text: str) -> CostRange:
   validate.require(text.count(":") == 1, f"{name}={text!r} is invalid: expected low:high")
   low, high = (sim_flags.number(validate.check_positive)(name, part) for part in text.split(":"))
   validate.require(low <= high, f"{name}={text!r} is invalid: expected low <= high")
-  return low, high
+  return CostRange(low, high)
 
 
 flags.DEFINE_integer(
@@ -52,7 +63,10 @@ MECHANISMS = sim_flags.define_list(
 )
 flags.DEFINE_integer("num_clients", 40, "Clients per game.")
 EPS_MAXES = sim_flags.define_list(
-  "eps_maxes", [8], sim_flags.number(validate.check_positive), "Budget caps eps_max to sweep."
+  "eps_maxes",
+  [8],
+  sim_flags.number(validate.check_positive),
+  "Budget caps eps_max to sweep (each >= eps_min).",
 )
 flags.DEFINE_integer("batch_size", 32, "DP-SGD batch size B of the eps -> noise map (q_i = min(1, B / n_i)).")
 flags.DEFINE_integer("steps", 30, "DP-SGD steps of a participant's run (rounds x local steps).")
@@ -80,6 +94,12 @@ def _grid_and_settings() -> tuple[sweep.SweepConfigs, sweep.SweepSettings]:
   validate.require(
     FLAGS.weight_spread >= 1, f"weight_spread={FLAGS.weight_spread!r} is invalid: expected a number >= 1"
   )
+  for i, eps_max in enumerate(EPS_MAXES.value):  # GameConfig's rule, as tune_pricing.py applies it
+    validate.require(
+      FLAGS.eps_min <= eps_max,
+      f"eps_min={FLAGS.eps_min!r} > eps_maxes[{i}]={eps_max!r}: expected eps_min <= every eps_max (lower "
+      "--eps_min, the no-incentive mandate)",
+    )
   games = FLAGS.num_seeds * len(LAMS.value) * len(COST_RANGES.value) * len(EPS_MAXES.value)
   chunk = min(games, FLAGS.games_per_chunk or games)
   # Per game: its grid point and metrics, and a table row per mechanism (~1 KB of Python); per client of
@@ -94,8 +114,8 @@ def _grid_and_settings() -> tuple[sweep.SweepConfigs, sweep.SweepSettings]:
     "memory); lower them or set games_per_chunk",
   )
   settings = sweep.SweepSettings(
-    # The no-incentive mandate never exceeds a swept cap.
-    game=GAME.value({"eps_min": min(FLAGS.eps_min, *EPS_MAXES.value)}),
+    # Every game's cap is swept; the largest keeps the GameConfig valid (eps_min <= eps_max).
+    game=GAME.value({"eps_max": max(EPS_MAXES.value)}),
     num_clients=FLAGS.num_clients,
     weight_spread=FLAGS.weight_spread,
     batch_size=FLAGS.batch_size,
@@ -114,10 +134,11 @@ def main(_):
     games = int(configs.lam.shape[0])
     header = (
       f"{games} games x {len(settings.mechanisms)} mechanisms of {settings.num_clients} clients "
-      f"(lams {LAMS.value}, cost ranges {COST_RANGES.value}, eps_maxes {EPS_MAXES.value}, "
+      f"(lams {LAMS.value}, cost ranges {','.join(map(str, COST_RANGES.value))}, "
+      f"eps_maxes {EPS_MAXES.value}, "
       f"{FLAGS.num_seeds} seeds) on "
       f"{1 if mesh is None else mesh.size} device(s), game: "
-      f"{sim_flags.fields(settings.game, skip=('mechanism', 'lam', 'cost_low', 'cost_high'))}"
+      f"{sim_flags.fields(settings.game, skip=('mechanism', 'lam', 'cost_low', 'cost_high', 'eps_max'))}"
     )
     setup = {
       "settings": dataclasses.asdict(settings),

@@ -5,7 +5,8 @@ One game of --num_clients clients (costs ~ Uniform[--cost_low, --cost_high], dat
 split into equal groups; 1 = one uniform price, i.e. only the payment R is tuned). Adam on (log R,
 log pi) starts from --start_payment, or from the best point of a --grid_points log-grid over the uniform
 payment when it is 0. Also reported: the grid's best uniform payment, ``leader.solve_leader`` with the
-same groups and, for --valuation=log, the closed form R* = max(0, lam - K_S / (|S|-1)).
+same groups and, for --valuation=log, the closed form R* = max(0, lam - K_S / (|S|-1)) with the tuned
+payment's absolute error |R - R*| and, where R* > 0, its relative error.
 
 Outputs in --out (written whole at the end): trajectory.{csv,json,md} (one row per step), summary.json,
 trajectory.png (objective and parameters per step) and manifest.json. Example (about a minute on a CPU):
@@ -39,7 +40,9 @@ SIM = sim_flags.ConfigFlags(
 RUN = sim_flags.ConfigFlags(fc.RunConfig, skip=sim_flags.CHECKPOINT_FLAGS)
 flags.DEFINE_integer("num_clients", 12, "Clients in the game.")
 flags.DEFINE_integer(
-  "price_groups", 4, "Price groups by data-weight rank (1 = uniform price; num_clients = one per client)."
+  "price_groups",
+  4,
+  "Price groups by data-weight rank, in [1, num_clients] (1 = uniform price; num_clients = one per client).",
 )
 flags.DEFINE_integer("steps", 300, "Adam steps.")
 flags.DEFINE_float("learning_rate", 0.05, "Adam's initial step on (log R, log pi).")
@@ -70,7 +73,12 @@ def _problem() -> tuple[Game, GameSpec, jax.Array, fc.SimulationConfig]:
   # Caps far above any useful run keep a typo from allocating the machine away (the grid solves
   # grid_points games of num_clients clients; the trajectory keeps steps x price_groups values).
   validate.check_int("num_clients", FLAGS.num_clients, minimum=2, maximum=_MAX)
-  validate.check_int("price_groups", FLAGS.price_groups, maximum=FLAGS.num_clients)
+  validate.check_int("price_groups", FLAGS.price_groups)
+  validate.require(
+    FLAGS.price_groups <= FLAGS.num_clients,
+    f"price_groups={FLAGS.price_groups} is invalid for num_clients={FLAGS.num_clients}: expected an "
+    f"integer in [1, {FLAGS.num_clients}] (every price group needs a client)",
+  )
   validate.check_int("steps", FLAGS.steps, maximum=_MAX)
   validate.check_positive("learning_rate", FLAGS.learning_rate)
   validate.check_int("decay_steps", FLAGS.decay_steps)
@@ -136,10 +144,13 @@ def _tune(game: Game, spec: GameSpec, groups: jax.Array) -> tuple[dict, list]:
     }
     if spec.valuation == "log":
       r_star = equilibrium.closed_form_payment(game.lam, game.costs, game.weights)
+      error = abs(summary["tuned_payment"] - float(r_star))
       summary.update(
         closed_form_payment=float(r_star),
         closed_form_utility=float(leader.server_utility(r_star, game, spec)),
-        tuned_payment_relative_error=abs(summary["tuned_payment"] / float(r_star) - 1.0),
+        tuned_payment_error=error,
+        # |R - R*| / R*; None where R* = 0 (no payment is optimal: the absolute error is the measure).
+        tuned_payment_relative_error=error / float(r_star) if r_star > 0 else None,
       )
   rows = [
     {

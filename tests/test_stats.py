@@ -72,6 +72,27 @@ def test_spearman_matches_scipy_and_is_rank_invariant():
   assert stats.spearman(x, -(x**3)) == pytest.approx(-1.0)
 
 
+def test_two_seeds_or_equal_values_give_no_verdict():
+  """Issue 22: 2 seeds with equal differences gave "0.010 +- 0.000" marked significant."""
+  two = stats.paired_difference([0.51, 0.62], [0.50, 0.61])
+  assert two.excludes_zero() and two.n == 2  # the interval itself is still reported...
+  assert not two.is_evidence() and not two.significant()  # ...but it is no evidence
+  assert two.weakness() == stats.INSUFFICIENT_SEEDS == "insufficient seeds (n < 3)"
+  assert stats.verdict(two, "a", "b") == "insufficient seeds (n < 3)"
+  # Three seeds, all differences equal: a zero-width interval that excludes 0 but is no evidence.
+  flat = stats.paired_difference([0.51, 0.62, 0.73], [0.50, 0.61, 0.72])
+  assert flat.n == 3 and flat.half_width < 1e-12 and flat.excludes_zero()
+  assert flat.weakness() == stats.ZERO_VARIANCE and not flat.significant()
+  assert stats.verdict(flat, "a", "b") == "zero variance"
+  zeros = stats.mean_interval(np.zeros(4))
+  assert zeros.weakness() == stats.ZERO_VARIANCE and stats.verdict(zeros, "a", "b") == "zero variance"
+  # The same differences with some spread over 3 seeds: evidence, and a verdict.
+  spread = stats.paired_difference([0.51, 0.621, 0.732], [0.50, 0.61, 0.72])
+  assert spread.is_evidence() and spread.significant() and stats.verdict(spread, "a", "b") == "a > b"
+  rows = stats.pairwise_table({"ref": [0.50, 0.61], "up": [0.51, 0.62]}, "ref")
+  assert rows[0]["verdict"] == "insufficient seeds (n < 3)" and rows[0]["seeds"] == 2
+
+
 @pytest.mark.parametrize(
   "call, message",
   [
