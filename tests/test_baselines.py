@@ -407,6 +407,20 @@ def test_three_party_with_one_aggregator_buys_nothing():
   assert int(many.participants) >= 2 and float(many.social_welfare) > 0
 
 
+@pytest.mark.parametrize("clients", [2, 3])
+def test_three_party_below_four_clients_has_no_market_and_says_why(clients):
+  g = take(games(16, 1, clients=clients, lam=30.0), 0)
+  out = baselines.solve(g, spec("dp", "three_party"))
+  assert int(out.participants) == 0 and float(out.total_payment) == 0.0
+  note = baselines.no_market("three_party", 4, clients, int(out.participants))
+  assert note.startswith(f"no market: three_party has one aggregator at N={clients} clients")
+  assert baselines.no_market("three_party", 1, 8, 0).startswith("no market: three_party has one aggregator")
+  assert baselines.no_market("posted_price", 4, 8, 0) == (
+    "no market: posted_price buys no budget from any of the 8 clients"
+  )
+  assert baselines.no_market("three_party", 4, 8, 2) == ""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Dispatcher and input errors.
 # ---------------------------------------------------------------------------------------------------------
