@@ -483,6 +483,10 @@ def three_party(game: Game, spec: GameSpec) -> Outcome:
   full = jnp.sum(caps, axis=1)
   options = spec.search.solver
 
+  # The payment search evaluates several R per step with one vmapped call; batched, the solver's nested
+  # data-dependent loops run every lane to the slowest lane's count (several times the cost of solving the
+  # lanes one after another), so a batch of payments is solved in a loop.
+  @jax.custom_batching.sequential_vmap
   def play(payment):
     """(budgets [N], client payments [N], margins [M]) at the server's payment R > 0."""
     params = _Groups(payment, k_groups, caps)
