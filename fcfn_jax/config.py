@@ -221,7 +221,8 @@ class GameConfig:
     eps_min: the mandated budget of 'no_incentive' (1: the usual reference of strong privacy).
     num_types: contract theory's cost types K (quantile bins of the empirical cost distribution);
       0 = one type per client (K = N).
-    num_aggregators: the three-party game's edge aggregators M (at most N // 2).
+    num_aggregators: the three-party game's edge aggregators M, in [1, N // 2] for N clients; the
+      default 4 becomes max(1, N // 2) below 8 clients (with M = 1 three_party buys nothing).
     valuation: dp (Q = -V, the noise variance of the aggregate the server forms; the default) or log
       (Q = log(1 + sum_i w_i eps_i), kept for verification against the closed forms).
     aggregation: noise_aware (weights a_i proportional to 1 / sigma_i^2, sigma_i^2 = v(eps_i) +
@@ -318,6 +319,12 @@ class SimulationConfig:
       not (self.game.noise_model == "accountant" and self.privacy.sampling == "fixed"),
       "noise_model='accountant' is invalid with sampling='fixed': the game's accountant is the "
       "Poisson-subsampled Gaussian's; use noise_model='surrogate'",
+    )
+    most = max(1, self.data.num_clients // 2)
+    require(
+      self.game.num_aggregators <= most or self.game.num_aggregators == GameConfig.num_aggregators,
+      f"num_aggregators={self.game.num_aggregators} is invalid with num_clients={self.data.num_clients}: "
+      f"expected an integer in [1, {most}] (N // 2)",
     )
     require(
       not (self.checkpoint_every and not self.checkpoint_dir),

@@ -60,7 +60,8 @@ def bars(summary: Sequence[Row], columns: Sequence[str], path: str | os.PathLike
   fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6), squeeze=False)
   names = [_label(r["mechanism"]) for r in summary]
   for ax, col in zip(axes[0], columns):
-    ax.bar(range(len(names)), [r[col] for r in summary], color=plt.cm.tab10.colors[: len(names)])
+    heights = [np.nan if r[col] is None else r[col] for r in summary]  # None: a mechanism with no market
+    ax.bar(range(len(names)), heights, color=plt.cm.tab10.colors[: len(names)])
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     ax.set_title(col, fontsize=9)
     ax.axhline(0, color="black", lw=0.5)

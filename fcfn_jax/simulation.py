@@ -508,11 +508,14 @@ def client_rows(exp: Experiment, steps_done: np.ndarray, spent: np.ndarray) -> l
 
 def summary_row(exp: Experiment, accuracy: float, wall_time: float, spent: np.ndarray) -> dict[str, Any]:
   """One comparison-table row: the mechanism's valuation Q, utilities (``outcome.AVERAGE_UTILITY`` defines
-  the average) and the trained model's accuracy; ``label`` names no_incentive a mandate."""
+  the average) and the trained model's accuracy; ``label`` names no_incentive a mandate. An outcome that
+  buys nothing says why in ``note`` and leaves its non-finite values (-inf under 'dp') empty (None)."""
   o = exp.outcome
   eps = np.asarray(o.budgets)
   joined = eps > 0
-  return {
+  game = exp.cfg.game
+  note = baselines.no_market(game.mechanism, game.num_aggregators, len(eps), int(o.participants))
+  row = {
     "mechanism": exp.cfg.game.mechanism,
     "label": MECHANISM_LABELS[exp.cfg.game.mechanism],
     "quality": float(o.quality),
@@ -530,7 +533,11 @@ def summary_row(exp: Experiment, accuracy: float, wall_time: float, spent: np.nd
     ),
     "test_accuracy": accuracy,
     "wall_time_s": wall_time,
+    "note": note,
   }
+  if note:
+    row = {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in row.items()}
+  return row
 
 
 def data_digest(fed_data: data.FederatedData) -> str:

@@ -32,6 +32,7 @@ COLUMNS = (
   "test_accuracy",
   "redundant_accuracy_loss",
   "wall_time_s",
+  "note",
 )
 
 

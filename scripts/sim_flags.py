@@ -46,8 +46,8 @@ from typing import Any
 from absl import app, flags
 from absl import logging as absl_logging
 
+from fcfn_jax import compile_cache, distributed, report, validate
 from fcfn_jax import config as fc
-from fcfn_jax import distributed, report, validate
 
 FLAGS = flags.FLAGS
 # The flags this module defines for a script are that script's key flags: its --help lists them.
@@ -307,6 +307,7 @@ def run(main: Callable[[list[str]], None]) -> None:
   Joins the distributed runtime first when the environment describes one (``distributed.initialize``):
   the same script then runs as one process of a multi-process program (module docstring).
   """
+  compile_cache.enable()  # FCFN_JAX_CACHE_DIR moves it, '' turns it off (fcfn_jax/compile_cache.py)
   distributed.initialize()
   app.run(functools.partial(_coordinated, main), flags_parser=parse_flags)
 

@@ -94,6 +94,59 @@ def test_contract_is_individually_rational_and_incentive_compatible(valuation_na
     np.testing.assert_allclose(out.client_utilities, np.maximum(client_value.max(axis=1), 0.0), atol=1e-8)
 
 
+def _brute_iron(values, weights):
+  """The isotonic regression by its min-max formula, O(K^3): max_{a<=k} min_{b>=k} mean of a..b."""
+  k = len(values)
+  mean = lambda a, b: values[a : b + 1].sum() / weights[a : b + 1].sum()
+  return np.array([max(min(mean(a, b) for b in range(j, k)) for a in range(j + 1)) for j in range(k)])
+
+
+def _iron_cases():
+  """Random weighted values, rounded values (ties), unit weights, and long chains of violators that
+  outlast the parallel pooling rounds (the sequential pass finishes them)."""
+  rng = np.random.default_rng(21)
+  for k in (1, 2, 3, 7, 40, 120):
+    for case in range(8):
+      values = rng.normal(size=k)
+      weights = rng.uniform(0.1, 3.0, k) if case % 2 else np.ones(k)
+      if case in (2, 3):
+        values = np.round(2.0 * values) / 2.0
+      if case in (4, 5):
+        values = np.r_[np.arange(k - 1.0), -10.0 * k][-k:]  # one violator pooled with every block
+      if case == 6:
+        values = -np.sort(values)  # decreasing: one pool
+      yield values, weights
+
+
+def test_iron_is_the_isotonic_regression():
+  iron = jax.jit(baselines._iron)
+  for values, weights in _iron_cases():
+    got = np.asarray(iron(jnp.asarray(values), jnp.asarray(weights)))
+    np.testing.assert_allclose(got, _brute_iron(values, weights), rtol=1e-12, atol=1e-12)
+    assert np.all(np.diff(got) >= 0)
+
+
+def test_iron_under_vmap_matches_one_at_a_time():
+  rng = np.random.default_rng(22)
+  values, weights = rng.normal(size=(5, 30)), rng.uniform(0.5, 2.0, (5, 30))
+  values[0] = np.r_[np.arange(29.0), -100.0]  # needs the sequential pass, beside games that do not
+  batched = jax.vmap(baselines._iron)(jnp.asarray(values), jnp.asarray(weights))
+  for i in range(5):
+    np.testing.assert_allclose(batched[i], _brute_iron(values[i], weights[i]), rtol=1e-12, atol=1e-12)
+
+
+def test_monotone_projection_is_the_closest_monotone_menu():
+  """Against random points of the set {eps_max >= e_1 >= ... >= e_K >= 0}: none is closer."""
+  rng = np.random.default_rng(23)
+  project = jax.jit(baselines._monotone_projection(2.0))
+  for _ in range(10):
+    e = rng.uniform(-1.0, 3.0, 6)
+    p = np.asarray(project(jnp.asarray(e)))
+    assert np.all(np.diff(p) <= 0) and np.all((p >= 0) & (p <= 2.0))
+    trials = -np.sort(-rng.uniform(0.0, 2.0, (5000, 6)), axis=1)
+    assert np.sum((p - e) ** 2) <= np.min(np.sum((trials - e) ** 2, axis=1)) + 1e-12
+
+
 def test_contract_irregular_types_are_ironed_and_the_menu_is_optimal():
   # One client per type; the third type brings most of the data, so its virtual cost per unit of
   # contribution (C_k / W_k = [1, 6, 0.28, 1.6]) is below the second's: the two are pooled.
@@ -352,6 +405,20 @@ def test_three_party_with_one_aggregator_buys_nothing():
   assert int(alone.participants) == 0 and float(alone.total_payment) == 0.0
   many = baselines.solve(take(gs, 0), spec("log", "three_party", num_aggregators=10))  # M = N // 2 = 4
   assert int(many.participants) >= 2 and float(many.social_welfare) > 0
+
+
+@pytest.mark.parametrize("clients", [2, 3])
+def test_three_party_below_four_clients_has_no_market_and_says_why(clients):
+  g = take(games(16, 1, clients=clients, lam=30.0), 0)
+  out = baselines.solve(g, spec("dp", "three_party"))
+  assert int(out.participants) == 0 and float(out.total_payment) == 0.0
+  note = baselines.no_market("three_party", 4, clients, int(out.participants))
+  assert note.startswith(f"no market: three_party has one aggregator at N={clients} clients")
+  assert baselines.no_market("three_party", 1, 8, 0).startswith("no market: three_party has one aggregator")
+  assert baselines.no_market("posted_price", 4, 8, 0) == (
+    "no market: posted_price buys no budget from any of the 8 clients"
+  )
+  assert baselines.no_market("three_party", 4, 8, 2) == ""
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -790,3 +790,27 @@ def test_checkpoint_with_checkpoint_every_is_accepted(workers, tmp_path):
   result = worker(*TINY, "--checkpoint", "--checkpoint_every=1", f"--out={tmp_path / 'o'}", "--dry_run")
   assert result.rc == 0, result
   assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# three_party at small N: the flag's range is checked; a market that cannot form says so in its row.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_three_party_aggregators_above_half_the_clients_exit_2_and_a_missing_market_is_a_note(
+  workers, tmp_path
+):
+  worker = workers("compare_mechanisms.py")
+  refused = worker(*TINY, "--num_clients=8", "--num_aggregators=5", f"--out={tmp_path / 'r'}", "--dry_run")
+  _assert_misuse(refused, "num_aggregators=5 is invalid with num_clients=8", "[1, 4]")
+  out = tmp_path / "o"
+  result = worker(*TINY, "--num_clients=2", "--mechanisms=three_party,posted_price", f"--out={out}")
+  assert result.rc == 0, result
+  text = (out / "comparison.csv").read_text()
+  assert "inf" not in text.lower() and "nan" not in text.lower(), text
+  rows = {row["mechanism"]: row for row in csv.DictReader(io.StringIO(text))}
+  assert rows["three_party"]["participants"] == "0"
+  assert rows["three_party"]["note"].startswith("no market: three_party has one aggregator at N=2")
+  assert rows["three_party"]["server_utility"] == ""  # -inf under 'dp': no trained model to value
+  assert float(rows["three_party"]["test_accuracy"]) >= 0.0
+  assert rows["posted_price"]["note"] == "" or rows["posted_price"]["participants"] == "0"

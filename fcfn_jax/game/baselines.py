@@ -54,7 +54,7 @@ import numpy as np
 from fcfn_jax.config import MECHANISMS
 from fcfn_jax.game import equilibrium, leader, solver, valuation
 from fcfn_jax.game.outcome import Outcome, build_outcome
-from fcfn_jax.game.spec import Game, GameSpec, num_types, validate_game
+from fcfn_jax.game.spec import Game, GameSpec, num_intermediaries, num_types, validate_game
 from fcfn_jax.validate import check_choice, fail, is_traced, require
 
 _T = TypeVar("_T")
@@ -63,6 +63,9 @@ _T = TypeVar("_T")
 _TIE_ULPS = 1e3
 # Prefix evaluations (posted price, social optimum) run in batches of this many to bound memory at O(N).
 _PREFIX_BATCH = 256
+# Parallel pooling rounds before the sequential pass: each round is O(K) vectorized work and typical inputs
+# (a monotone point plus a gradient step) are monotone after a few; the sequential pass bounds the worst case.
+_POOL_ROUNDS = 16
 
 
 class Menu(NamedTuple):
@@ -175,13 +178,15 @@ def _projected_ascent(
 
   Each step tries x' = project(x + s g), halving s until the objective rises (Armijo, 1e-4), and doubles
   s after an accepted step; ``scale`` is the largest move of the first trial. For a concave objective it
-  converges to the maximum; otherwise to a stationary point above the start.
+  converges to the maximum; otherwise to a stationary point above the start. It stops at ``iters`` steps
+  or at the first rejected step: from the same point, with the same gradient, every later step could only
+  retry smaller moves than the 40 just rejected.
   """
   value0 = objective(start)
   dtype = start.dtype
 
-  def step(_, state):
-    x, value, size = state
+  def step(state):
+    count, x, value, size, _ = state
     grad = jax.grad(objective)(x)
     grad = jnp.where(jnp.isfinite(grad), grad, 0.0)
     norm = jnp.max(jnp.abs(grad))
@@ -203,12 +208,15 @@ def _projected_ascent(
     )
     better = ok & (new_value > value)
     return (
+      count + 1,
       jnp.where(better, new, x),
       jnp.where(better, new_value, value),
       jnp.where(better, 2.0 * s, 0.5 * s).astype(dtype),
+      better,
     )
 
-  x, value, _ = jax.lax.fori_loop(0, iters, step, (start, value0, jnp.zeros((), dtype)))
+  init = (jnp.zeros((), jnp.int32), start, value0, jnp.zeros((), dtype), jnp.asarray(True))
+  _, x, value, _, _ = jax.lax.while_loop(lambda s: s[-1] & (s[0] < iters), step, init)
   return x, value
 
 
@@ -243,20 +251,77 @@ def water_fill(k: chex.Array, caps: chex.Array, lam: chex.Numeric) -> chex.Array
   return jnp.zeros_like(filled).at[order].set(filled)
 
 
+def _block_sums(values, weights, label):
+  """Per-block sums of values and weights: ([K], [K]) for a block label [K] (non-decreasing, from 0)."""
+  k = values.shape[-1]
+  total = lambda x: jax.ops.segment_sum(x, label, num_segments=k, indices_are_sorted=True)
+  return total(values), total(weights)
+
+
+def _violations(sum_v, sum_w):
+  """[K] bool: block b >= 1 has a mean at or below block b - 1's (empty blocks, sum_w = 0, never do)."""
+  below = (sum_v[:-1] * sum_w[1:] >= sum_v[1:] * sum_w[:-1]) & (sum_w[1:] > 0)
+  return jnp.concatenate([jnp.zeros(1, bool), below])
+
+
+def _stack_pool(sum_v, sum_w, count):
+  """Sequential pool-adjacent-violators over ``count`` blocks (sums [K]): each block's pooled block [K].
+
+  A stack of pooled blocks: push the next block, merge the top two while their means are not increasing;
+  at most 2 count - 1 steps (every block is pushed once and merged at most once).
+  """
+  k = sum_v.shape[-1]
+
+  def violated(state):
+    _, top, stack_v, stack_w, _ = state
+    a, b = jnp.maximum(top - 2, 0), jnp.maximum(top - 1, 0)
+    return (top >= 2) & (stack_v[a] * stack_w[b] >= stack_v[b] * stack_w[a])
+
+  def step(state):
+    i, top, stack_v, stack_w, first = state
+    merge = violated(state)
+    a, b, j = jnp.maximum(top - 2, 0), jnp.maximum(top - 1, 0), jnp.minimum(i, k - 1)
+    at = jnp.where(merge, a, top)
+    return (
+      jnp.where(merge, i, i + 1),
+      jnp.where(merge, top - 1, top + 1),
+      stack_v.at[at].set(jnp.where(merge, stack_v[a] + stack_v[b], sum_v[j])),
+      stack_w.at[at].set(jnp.where(merge, stack_w[a] + stack_w[b], sum_w[j])),
+      first.at[at].set(jnp.where(merge, first[a], j)),
+    )
+
+  zero = jnp.zeros((), jnp.int32)
+  init = (zero, zero, jnp.zeros_like(sum_v), jnp.zeros_like(sum_w), jnp.zeros(k, jnp.int32))
+  _, top, _, _, first = jax.lax.while_loop(lambda s: (s[0] < count) | violated(s), step, init)
+  starts = jnp.zeros(k, jnp.int32).at[jnp.where(jnp.arange(k) < top, first, k)].add(1, mode="drop")
+  return jnp.cumsum(starts, dtype=jnp.int32) - 1
+
+
 def _iron(values: chex.Array, weights: chex.Array) -> chex.Array:
-  """Weighted non-decreasing isotonic regression of values_k / weights_k: [K].
+  """Weighted non-decreasing isotonic regression of values_k / weights_k (weights > 0): [K].
 
   bar_k = max_{a<=k} min_{b>=k} sum_{a..b} values / sum_{a..b} weights, the slopes of the greatest convex
-  minorant of the cumulative diagram (sum_{j<=k} weights, sum_{j<=k} values). O(K^2) memory.
+  minorant of the cumulative diagram (sum_{j<=k} weights, sum_{j<=k} values), by pool-adjacent-violators
+  (pooling adjacent blocks whose means are not increasing, in any order, reaches it): up to _POOL_ROUNDS
+  rounds that pool every maximal run of such blocks at once, then the sequential stack pass; O(K) time
+  and memory.
   """
-  zero = jnp.zeros(1, values.dtype)
-  cum_v = jnp.concatenate([zero, jnp.cumsum(values)])
-  cum_w = jnp.concatenate([zero, jnp.cumsum(weights)])
-  ordered = np.triu(np.ones((values.shape[-1],) * 2, dtype=bool))  # [a, b]: a <= b
-  spread = jnp.where(ordered, cum_w[None, 1:] - cum_w[:-1, None], 1.0)
-  average = jnp.where(ordered, (cum_v[None, 1:] - cum_v[:-1, None]) / spread, jnp.inf)
-  lowest_after = jax.lax.cummin(average, axis=1, reverse=True)  # [a, k]: min over b >= k
-  return jnp.max(jnp.where(ordered, lowest_after, -jnp.inf), axis=0)
+  k = values.shape[-1]
+
+  def pool_runs(state):
+    label, below, rounds = state
+    label = (jnp.cumsum(~below, dtype=jnp.int32) - 1)[label]
+    return label, _violations(*_block_sums(values, weights, label)), rounds + 1
+
+  label = jnp.arange(k, dtype=jnp.int32)
+  below = _violations(*_block_sums(values, weights, label))
+  label, below, _ = jax.lax.while_loop(
+    lambda s: jnp.any(s[1]) & (s[2] < _POOL_ROUNDS), pool_runs, (label, below, jnp.zeros((), jnp.int32))
+  )
+  sum_v, sum_w = _block_sums(values, weights, label)
+  label = jax.lax.cond(jnp.any(below), lambda: _stack_pool(sum_v, sum_w, label[-1] + 1)[label], lambda: label)
+  sum_v, sum_w = _block_sums(values, weights, label)
+  return (sum_v / jnp.where(sum_w > 0, sum_w, 1.0))[label]
 
 
 def _log_menu_budgets(game, type_weights, payment_rates):
@@ -265,11 +330,12 @@ def _log_menu_budgets(game, type_weights, payment_rates):
   slopes = _iron(payment_rates, type_weights)
   # Pools are runs of equal ironed slope; merging slopes equal up to roundoff costs nothing.
   tol = jnp.sqrt(jnp.finfo(slopes.dtype).eps) * jnp.abs(slopes[1:])
-  pool = jnp.cumsum(jnp.concatenate([jnp.ones(1, bool), slopes[1:] > slopes[:-1] + tol]))
-  same_pool = pool[:, None] == pool[None, :]
+  pool = jnp.cumsum(jnp.concatenate([jnp.zeros(1, bool), slopes[1:] > slopes[:-1] + tol]))
+  k_types = slopes.shape[-1]
   cum_w = jnp.cumsum(type_weights)
-  pool_start = jnp.min(jnp.where(same_pool, cum_w - type_weights, jnp.inf), axis=1)
-  pool_end = jnp.max(jnp.where(same_pool, cum_w, -jnp.inf), axis=1)
+  # Each type's pool spans cumulative weight [pool_start, pool_end] (pools are contiguous runs of types).
+  pool_start = jax.ops.segment_min(cum_w - type_weights, pool, k_types, indices_are_sorted=True)[pool]
+  pool_end = jax.ops.segment_max(cum_w, pool, k_types, indices_are_sorted=True)[pool]
   total = jnp.sum(water_fill(slopes, type_weights * game.eps_max, game.lam))
   fill = jnp.clip((total / game.eps_max - pool_start) / (pool_end - pool_start), 0.0, 1.0)
   return game.eps_max * fill
@@ -417,6 +483,10 @@ def three_party(game: Game, spec: GameSpec) -> Outcome:
   full = jnp.sum(caps, axis=1)
   options = spec.search.solver
 
+  # The payment search evaluates several R per step with one vmapped call; batched, the solver's nested
+  # data-dependent loops run every lane to the slowest lane's count (several times the cost of solving the
+  # lanes one after another), so a batch of payments is solved in a loop.
+  @jax.custom_batching.sequential_vmap
   def play(payment):
     """(budgets [N], client payments [N], margins [M]) at the server's payment R > 0."""
     params = _Groups(payment, k_groups, caps)
@@ -524,6 +594,20 @@ _MECHANISMS: dict[str, Callable[[Game, GameSpec], Outcome]] = {
   "no_incentive": no_incentive,
   "social_optimum": social_optimum,
 }
+
+
+def no_market(mechanism: str, num_aggregators: int, num_clients: int, participants: int) -> str:
+  """Why an outcome buys nothing: '' when someone participates, else one line for the results' tables
+  (whose utilities then have no trained model to value: Q = -inf under 'dp')."""
+  if participants > 0:
+    return ""
+  spec = GameSpec(mechanism=mechanism, num_aggregators=num_aggregators)
+  if num_intermediaries(spec, num_clients) == 1:
+    return (
+      f"no market: three_party has one aggregator at N={num_clients} clients (M = max(1, min("
+      f"num_aggregators={num_aggregators}, N // 2)) = 1) and a lone aggregator buys nothing"
+    )
+  return f"no market: {mechanism} buys no budget from any of the {num_clients} clients"
 
 
 def solve(game: Game, spec: GameSpec) -> Outcome:

@@ -102,7 +102,9 @@ def capped_level(total: chex.Numeric, k: chex.Array, caps: chex.Array) -> chex.A
   sum_interior k_i (differentiable in X, k and caps). Slots with cap_i = 0 never contribute (padding).
   Needs 0 < X <= sum_i cap_i.
   """
-  breaks = jnp.sort(jnp.maximum(jnp.concatenate([(total - caps) / k, total / k, jnp.zeros(1, k.dtype)]), 0.0))
+  candidates = jnp.concatenate([(total - caps) / k, total / k, jnp.zeros(1, k.dtype)])
+  # Only to locate the segment (inside is a constant for autodiff): sorted without tangents.
+  breaks = jnp.sort(jax.lax.stop_gradient(jnp.maximum(candidates, 0.0)))
 
   def excess(y):
     return jnp.sum(jnp.clip(total - k * y, 0.0, caps)) - total
