@@ -31,10 +31,10 @@ Modes (--modes, a comma list):
             slots it computed per client-step (from round 0's samples), and the ratios to the all-slots
             and fixed rounds of the same chunk size.
   accountant the traced accountant for --accountant_clients clients (float32, as in the round): one
-            evaluation of accounting.traced_epsilon (value; value and gradient w.r.t. z) at the integer
+            evaluation of traced.traced_epsilon (value; value and gradient w.r.t. z) at the integer
             orders it used before (INTEGER_TRACED_ORDERS) vs dp-accounting's default orders (fractional,
             integer, 512, 1024: TRACED_ORDERS, the default), side by side; and the inverse
-            accounting.traced_noise_multiplier (value; gradient w.r.t. eps), ~10 evaluations per client.
+            traced.traced_noise_multiplier (value; gradient w.r.t. eps), ~10 evaluations per client.
 
 Example:
   python benchmarks/bench_round.py --quick
@@ -55,7 +55,7 @@ from absl import app, flags
 
 from fcfn_jax import data, federated, models
 from fcfn_jax.config import DataConfig, FederatedConfig, PrivacyConfig
-from fcfn_jax.privacy import accounting, clipping
+from fcfn_jax.privacy import clipping, events, ledger, traced
 
 from common import Case, flops_of, jit_case, machine, matmul_peak_case, measure, resampled_pool, write_tables
 
@@ -148,7 +148,7 @@ def round_case(
   """Case of one federated_round; flops = clients x local steps x one local step's cost analysis."""
   fed = fed or setup.fed
   state = federated.init_server_state(setup.params, fed)
-  slots = accounting.sampler_of(fed, privacy).capacity
+  slots = events.sampler_of(fed, privacy).capacity
   flops = setup.pool.y.shape[0] * fed.local_steps * step_flops(setup, model.apply, privacy.private, slots)
   return jit_case(
     name,
@@ -166,7 +166,7 @@ def sampled_batches(setup: Setup) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The examples round 0 samples with fixed-size batches: x [clients, S, B, H, W, C], y, mask [clients, S,
   B] (the round's keys). Fixed-size, so every method's table sees exactly B examples per step."""
   round_key = jax.random.fold_in(setup.key, 0)
-  sampler = accounting.Sampler("fixed", setup.fed.batch_size, setup.fed.batch_size)
+  sampler = events.Sampler("fixed", setup.fed.batch_size, setup.fed.batch_size)
 
   def one(i):
     sample_key = jax.random.split(jax.random.fold_in(round_key, i))[0]
@@ -565,7 +565,7 @@ def sampling_table(repeats: int) -> list[dict[str, Any]]:
   variants = [("fixed", batch, PrivacyConfig(clip_norm=FLAGS.clip_norm, sampling="fixed"))]
   for capacity in map(int, FLAGS.capacities):
     privacy = PrivacyConfig(clip_norm=FLAGS.clip_norm, batch_capacity=capacity)
-    variants.append(("poisson", accounting.sampler_of(cnn_setup.fed, privacy).capacity, privacy))
+    variants.append(("poisson", events.sampler_of(cnn_setup.fed, privacy).capacity, privacy))
   rows = []
   for label, model, setup in models_:
     cases = [
@@ -574,16 +574,16 @@ def sampling_table(repeats: int) -> list[dict[str, Any]]:
     ]
     measured, _ = measure(cases, repeats)
     for row, (kind, slots, privacy) in zip(measured, variants):
-      sampler = accounting.sampler_of(setup.fed, privacy)
+      sampler = events.sampler_of(setup.fed, privacy)
       row.update(
         sampler=kind,
         slots=slots,
         slots_over_batch=slots / batch,
         time_over_fixed=row["median_s"] / measured[0]["median_s"],
-        overflow_per_step=float(accounting.overflow_probability(n, 1, sampler)[0]),
+        overflow_per_step=float(events.overflow_probability(n, 1, sampler)[0]),
       )
       for accountant in ("rdp", "pld") if kind == "poisson" else ("rdp",):
-        eps = accounting.accountant_epsilon(FLAGS.noise_multiplier, n, steps, delta, sampler, accountant)
+        eps = ledger.accountant_epsilon(FLAGS.noise_multiplier, n, steps, delta, sampler, accountant)
         row[f"eps_{accountant}"] = eps
     rows += measured
   print(
@@ -603,7 +603,7 @@ def computed_slots(setup: Setup, fed: FederatedConfig, privacy: PrivacyConfig, c
   """Slots per client-step the round computes at its first round: per chunk and step, the blocks up to the
   chunk's largest joined count (the samples of federated.client_update's keys; the last chunk's padding
   clients join nothing)."""
-  sampler = accounting.sampler_of(fed, privacy)
+  sampler = events.sampler_of(fed, privacy)
   block = federated.slot_block(fed, sampler)
   if block >= sampler.capacity:  # one block: nothing is skipped
     return float(sampler.capacity)
@@ -615,7 +615,7 @@ def computed_slots(setup: Setup, fed: FederatedConfig, privacy: PrivacyConfig, c
     _, masks = federated.sample_client_indices(
       jax.random.split(jax.random.fold_in(round_key, i))[0],
       pool.num_examples[i],
-      accounting.sampling_rates(size, fed.batch_size),
+      events.sampling_rates(size, fed.batch_size),
       pool.y.shape[1],
       fed.local_steps,
       sampler,
@@ -657,7 +657,7 @@ def blocks_table(repeats: int) -> list[dict[str, Any]]:
   )
   poisson = PrivacyConfig(clip_norm=FLAGS.clip_norm)
   fixed = PrivacyConfig(clip_norm=FLAGS.clip_norm, sampling="fixed")
-  capacity = accounting.sampler_of(cnn_setup.fed, poisson).capacity
+  capacity = events.sampler_of(cnn_setup.fed, poisson).capacity
   clients = cnn_setup.pool.y.shape[0]
   row_shape = jax.ShapeDtypeStruct(cnn_setup.pool.x.shape[1:], cnn_setup.pool.x.dtype)
   rows = []
@@ -671,7 +671,7 @@ def blocks_table(repeats: int) -> list[dict[str, Any]]:
         ("poisson, blocks", dataclasses.replace(base, slot_block=FLAGS.slot_block), poisson),
       ):
         chunk = federated.chunk_clients(fed, privacy, model.apply, setup.params, row_shape, clients)
-        block = federated.slot_block(fed, accounting.sampler_of(fed, privacy))
+        block = federated.slot_block(fed, events.sampler_of(fed, privacy))
         cases.append(
           round_only_case(
             f"{label}: {kind}, chunk {chunk_size or 'auto'} ({chunk})", setup, model, fed, privacy
@@ -723,22 +723,22 @@ def accountant_table(repeats: int) -> list[dict[str, Any]]:
   eps = jnp.asarray(np.exp(rng.uniform(np.log(0.05), np.log(20.0), clients)), jnp.float32)
 
   def evaluation(orders):
-    return lambda z, q: accounting.traced_epsilon(z, q, steps, delta, orders)
+    return lambda z, q: traced.traced_epsilon(z, q, steps, delta, orders)
 
   def gradient(orders):
-    return jax.grad(lambda z, q: jnp.sum(accounting.traced_epsilon(z, q, steps, delta, orders)))
+    return jax.grad(lambda z, q: jnp.sum(traced.traced_epsilon(z, q, steps, delta, orders)))
 
   cases, labels = [], []
   for label, orders in (
-    ("integer orders 2..63, 128, 256", accounting.INTEGER_TRACED_ORDERS),
-    ("dp-accounting's default orders", accounting.TRACED_ORDERS),
+    ("integer orders 2..63, 128, 256", traced.INTEGER_TRACED_ORDERS),
+    ("dp-accounting's default orders", traced.TRACED_ORDERS),
   ):
     cases += [
       jit_case(f"traced_epsilon, {label}", evaluation(orders), z, q),
       jit_case(f"grad traced_epsilon, {label}", gradient(orders), z, q),
     ]
     labels += [(label, "value"), (label, "gradient")]
-  inverse = functools.partial(accounting.traced_noise_multiplier, steps=steps, delta=delta)
+  inverse = functools.partial(traced.traced_noise_multiplier, steps=steps, delta=delta)
   cases += [
     jit_case("traced_noise_multiplier (default orders)", inverse, eps, q),
     jit_case("grad traced_noise_multiplier", jax.grad(lambda e, q: jnp.sum(inverse(e, q))), eps, q),
@@ -754,8 +754,8 @@ def accountant_table(repeats: int) -> list[dict[str, Any]]:
     measured[after]["over_integer_orders"] = measured[after]["median_s"] / measured[before]["median_s"]
   print(
     f"accountant: {clients} clients, float32, z in [0.5, 20], q in [1e-3, 1], eps in [0.05, 20], "
-    f"{steps:g} steps, delta = {delta}; {len(accounting.INTEGER_TRACED_ORDERS)} vs "
-    f"{len(accounting.TRACED_ORDERS)} orders ({accounting.FRACTIONAL_TERMS} terms per fractional series)"
+    f"{steps:g} steps, delta = {delta}; {len(traced.INTEGER_TRACED_ORDERS)} vs "
+    f"{len(traced.TRACED_ORDERS)} orders ({traced.FRACTIONAL_TERMS} terms per fractional series)"
   )
   return measured
 

@@ -4,7 +4,8 @@ Architecture (one module per concept, see docs/model.md):
   config       frozen, validated configuration dataclasses
   data         tfds / .npz / embedded loading, client partitioning, padded packing
   models       flax CNNs and logistic regression
-  privacy/     per-example clipping + Gaussian noise (clipping), epsilon <-> noise (accounting)
+  privacy/     per-example clipping + Gaussian noise (clipping); epsilon <-> noise: the sampler's events
+               (events), the surrogate, the traced accountant (traced), the ledger, the calibration
   game/        follower equilibrium and leader (equilibrium, solver, leader), baselines, outcomes
   federated    one client's DP-SGD update, vmapped once into a round, FedAvg aggregation
   simulation   the loop joining mechanism, privacy calibration, rounds and evaluation

@@ -33,7 +33,6 @@ need not be shared (only process 0's disk holds the checkpoints).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -44,13 +43,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fcfn_jax import distributed
+from fcfn_jax.report import file_sha256, rename_aside, write_json_atomic
 from fcfn_jax.validate import ConfigError, check_int, require, reraise
 
 _STATE = "state"
 _METADATA = "metadata"
 CHECKSUMS = "checksums.json"
 SET_ASIDE = ".set-aside"  # suffix of a step directory that failed its checks
-_CHUNK = 1 << 20
 _MAX_LISTED = 5  # mismatching leaves named in a template error
 _MAX_ERROR_CHARS = 300  # tensorstore errors embed whole specs; the full one stays chained
 
@@ -79,22 +78,8 @@ def _file_digests(directory: str) -> dict[str, str]:
       relative = os.path.relpath(path, directory)
       if relative == CHECKSUMS:
         continue
-      digest = hashlib.sha256()
-      with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-          digest.update(block)
-      digests[relative] = digest.hexdigest()
+      digests[relative] = file_sha256(path)
   return digests
-
-
-def _write_json_durably(path: str, obj: Any) -> None:
-  """Writes JSON to ``path`` through a temporary file renamed over it (fsynced), so it is whole or absent."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _summary(error: BaseException) -> str:
@@ -235,7 +220,7 @@ class Checkpointer:
       ),
     )
     self._manager.wait_until_finished()
-    _write_json_durably(os.path.join(self.step_path(step), CHECKSUMS), _file_digests(self.step_path(step)))
+    write_json_atomic(os.path.join(self.step_path(step), CHECKSUMS), _file_digests(self.step_path(step)))
 
   def check_step(self, step: int) -> str | None:
     """None if every file of ``step`` matches its checksums, else what is wrong (one line)."""
@@ -270,12 +255,7 @@ class Checkpointer:
     return distributed.run_on_coordinator(lambda: self._set_aside(step, reason))
 
   def _set_aside(self, step: int, reason: str) -> str:
-    path = self.step_path(step)
-    target, n = path + SET_ASIDE, 1
-    while os.path.exists(target):
-      n += 1
-      target = f"{path}{SET_ASIDE}-{n}"
-    os.rename(path, target)
+    target = rename_aside(self.step_path(step), SET_ASIDE)
     self._manager.reload()
     logger.warning("%s: set aside as %s", reason, target)
     return target

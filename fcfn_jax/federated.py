@@ -31,7 +31,7 @@ from fcfn_jax import distributed
 from fcfn_jax.config import FederatedConfig, PrivacyConfig
 from fcfn_jax.data import ClientPool
 from fcfn_jax.models import ApplyFn, LossFn, cross_entropy, make_loss_fn, normalize_pixels
-from fcfn_jax.privacy import accounting
+from fcfn_jax.privacy import events
 from fcfn_jax.privacy.clipping import (
   ClippedSum,
   ClippedSumFn,
@@ -42,6 +42,8 @@ from fcfn_jax.privacy.clipping import (
 from fcfn_jax.validate import check_int, require
 
 _SERVER_MOMENTUM = 0.9
+# Test examples per batch of :func:`evaluate` in the runs (simulation, replicas: one value for both).
+EVAL_BATCH = 512
 
 
 class ServerState(NamedTuple):
@@ -93,7 +95,7 @@ def sample_client_indices(
   sampling_rate: chex.Array,
   capacity: int,
   steps: int,
-  sampler: accounting.Sampler,
+  sampler: events.Sampler,
 ) -> tuple[chex.Array, chex.Array]:
   """Slots of S batches of ONE client (docs/model.md "From epsilon_i to noise"): index, mask [S, slots].
 
@@ -107,7 +109,7 @@ def sample_client_indices(
     key: PRNG key of this client and round.
     num_examples: int32 scalar n, the number of valid slots; slots >= n of the client's row are padding.
     sampling_rate: float scalar q in (0, 1] ('poisson'; ignored by 'fixed').
-    capacity, steps: static row length and S. sampler: static accounting.Sampler.
+    capacity, steps: static row length and S. sampler: static events.Sampler.
 
   Returns:
     index int32 [S, slots] into the client's row and mask bool [S, slots].
@@ -132,7 +134,7 @@ def sample_client_batches(
   num_examples: chex.Array,
   sampling_rate: chex.Array,
   steps: int,
-  sampler: accounting.Sampler,
+  sampler: events.Sampler,
 ) -> tuple[chex.Array, chex.Array, chex.Array]:
   """The examples of :func:`sample_client_indices`: x float32 [S, slots, H, W, C] in [0, 1], y int32
   [S, slots], mask bool [S, slots], from one client's row x uint8 [capacity, H, W, C], y int32 [capacity]."""
@@ -140,7 +142,7 @@ def sample_client_batches(
   return normalize_pixels(x[index]), y[index], mask
 
 
-def slot_block(fed: FederatedConfig, sampler: accounting.Sampler) -> int:
+def slot_block(fed: FederatedConfig, sampler: events.Sampler) -> int:
   """Slots per block of a local step (:func:`fcfn_jax.privacy.clipping.blocked_clipped_sum`), at most the
   step's slots: ``fed.slot_block``, or (0 = automatic) ceil(B / 4) for 'poisson', whose B_max slots hold
   about B joined examples, and all slots for 'fixed', whose batches are full."""
@@ -206,9 +208,9 @@ def client_update(
     axis_name: static name of the vmapped client axis this call runs under, or None.
   """
   x, y = jnp.asarray(x), jnp.asarray(y)
-  sampler = accounting.sampler_of(fed, privacy)
+  sampler = events.sampler_of(fed, privacy)
   size = jnp.maximum(jnp.asarray(num_examples if dataset_size is None else dataset_size), 1)
-  sampling_rate = accounting.sampling_rates(size, fed.batch_size)
+  sampling_rate = events.sampling_rates(size, fed.batch_size)
   expected_batch = jnp.minimum(size, fed.batch_size).astype(jnp.float32)  # q n, exactly
   sample_key, noise_key = jax.random.split(key)
   # Indices up front, examples gathered inside each block: under vmap a pre-gathered [clients, S, B, ...]

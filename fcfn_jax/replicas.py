@@ -39,8 +39,6 @@ from fcfn_jax import data, distributed, federated, simulation
 from fcfn_jax.report import Timer
 from fcfn_jax.validate import check_int, require
 
-_EVAL_BATCH = 512
-
 
 class Replica(NamedTuple):
   """One run: ``experiment`` indexes the prepared experiments (a (seed, mechanism)), ``draw`` its draw."""
@@ -227,8 +225,8 @@ def replica_accuracy(
   def one(args):
     p, i = args
     if tests.x.shape[0] == 1:  # one split for all: never gathered per replica (a copy under vmap)
-      return federated.evaluate(p, tests.x[0], tests.y[0], apply_fn, _EVAL_BATCH, tests.count[0])
-    return federated.evaluate(p, tests.x[i], tests.y[i], apply_fn, _EVAL_BATCH, tests.count[i])
+      return federated.evaluate(p, tests.x[0], tests.y[0], apply_fn, federated.EVAL_BATCH, tests.count[0])
+    return federated.evaluate(p, tests.x[i], tests.y[i], apply_fn, federated.EVAL_BATCH, tests.count[i])
 
   return _map(one, (params, tests.index), group, tests.index.shape[0])
 

@@ -245,12 +245,28 @@ def check_output_folder(out: str | os.PathLike[str]) -> str:
   return path
 
 
-def _file_record(path: str) -> dict[str, Any]:
+def file_sha256(path: str | os.PathLike[str]) -> str:
+  """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     while block := f.read(1 << 20):
       digest.update(block)
-  return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+  return digest.hexdigest()
+
+
+def rename_aside(path: str, suffix: str) -> str:
+  """Renames ``path`` to ``<path><suffix>`` (``-2``, ``-3``, ... if taken), keeping what it held; returns
+  the new path."""
+  target, n = path + suffix, 1
+  while os.path.exists(target):
+    n += 1
+    target = f"{path}{suffix}-{n}"
+  os.rename(path, target)
+  return target
+
+
+def _file_record(path: str) -> dict[str, Any]:
+  return {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
 
 
 def _pid_alive(pid: int) -> bool:

@@ -9,7 +9,7 @@ One experiment (docs/model.md "What it is"):
      sampling rate q_i = min(1, B / n_i)), once per experiment in :func:`prepare`, by the configured map:
      'exact' inverts dp-accounting's accountant (numpy float64), 'traced' and 'surrogate' evaluate the
      tight traced RDP accountant or the closed-form surrogate (jax, float64); once per distinct input of
-     the map, then scattered back. Every map accounts the sampler that runs (accounting.dp_event), and its
+     the map, then scattered back. Every map accounts the sampler that runs (events.dp_event), and its
      z_i is rounded up to float32 (:func:`trainable_noise`): the value every round trains with and the
      ledger accounts. Clients with eps_i = 0 sit out: z_i = inf, weight 0, no payment.
   4. The server aggregates with the game's weights a_i (``valuation.aggregation_weights``: noise-aware by
@@ -51,14 +51,13 @@ from fcfn_jax.config import MECHANISM_LABELS, GameConfig, SimulationConfig
 from fcfn_jax.game import baselines, misreport, valuation
 from fcfn_jax.game.outcome import Outcome
 from fcfn_jax.game.spec import Game, GameSpec, make_game, spec_from_config
-from fcfn_jax.privacy import accounting
-from fcfn_jax.report import Timer
+from fcfn_jax.privacy import calibration, events, ledger, traced
+from fcfn_jax.report import Timer, rename_aside
 from fcfn_jax.validate import fail, require
 
 _COST_STREAM = 1  # fold_in tags of the run key's independent streams
 _INIT_STREAM = 2
 _TRAIN_STREAM = 3
-_EVAL_BATCH = 512
 # Bump when the meaning of SimState's leaves changes (what a round trains with, e.g. its z_i): older
 # checkpoints then no longer match, and a resume refuses them naming state_layout.
 STATE_LAYOUT_VERSION = 2
@@ -95,7 +94,7 @@ class Experiment(NamedTuple):
   """A prepared experiment (host side): data, model, the clients' game and their noise multipliers.
 
   costs, weights, sampling_rates: [clients]. outcome: the mechanism's Outcome (budgets eps_i [clients]).
-  sampler: the rounds' accounting.Sampler. overflow: p_i [clients], the probability that some step of
+  sampler: the rounds' events.Sampler. overflow: p_i [clients], the probability that some step of
     client i's run overflows B_max (0 for 'fixed'); the 'traced' and 'surrogate' maps pay (1 + e^eps_i)
     p_i from delta.
   noise_multipliers: z_i [clients] float64 holding float32 values (:func:`trainable_noise`): what every
@@ -113,7 +112,7 @@ class Experiment(NamedTuple):
   costs: np.ndarray
   weights: np.ndarray
   sampling_rates: np.ndarray
-  sampler: accounting.Sampler
+  sampler: events.Sampler
   overflow: np.ndarray
   outcome: Outcome
   noise_multipliers: np.ndarray
@@ -159,7 +158,7 @@ def game_of(
   """The game the run plays (docs/model.md "The game"): the clients' costs, quality weights and sampling
   rates with the GameConfig's scalars (and, for noise_model='accountant', the clients' noise table), and
   the spec with the run's DP-SGD steps and delta."""
-  rates = accounting.sampling_rates(jnp.asarray(num_examples), cfg.federated.batch_size)
+  rates = events.sampling_rates(jnp.asarray(num_examples), cfg.federated.batch_size)
   spec = spec_from_config(cfg.game, total_steps(cfg), cfg.privacy.delta)
   return valuation.with_noise_table(make_game(costs, weights, rates, cfg.game, dtype), spec), spec
 
@@ -185,7 +184,7 @@ def _program_noise(
   budgets: chex.Array, sampling_rates: chex.Array, overflow: chex.Array, cfg: SimulationConfig
 ) -> chex.Array:
   """z_i of the jax map ('surrogate' or 'traced') for the run's sampler; inf where eps_i = 0."""
-  return accounting.program_noise(
+  return traced.program_noise(
     budgets,
     sampling_rates,
     overflow,
@@ -201,25 +200,25 @@ def calibrate(
   num_examples: np.ndarray,
   overflow: np.ndarray,
   cfg: SimulationConfig,
-  sampler: accounting.Sampler,
+  sampler: events.Sampler,
 ) -> np.ndarray:
   """z_i = :func:`trainable_noise` of the configured map at eps_i > 0: float64 [clients] of float32 values.
 
-  'exact': ``accounting.calibrate_noise_multipliers`` (one search per distinct (n_i, eps_i): the event
+  'exact': ``calibration.calibrate_noise_multipliers`` (one search per distinct (n_i, eps_i): the event
   depends on n_i beyond q_i). 'traced' / 'surrogate': the jax map in float64, once per distinct (eps_i,
   q_i, p_i) (the run's T x S steps are every client's), scattered back; inf where it certifies nothing.
 
   Args:
     eps: budgets eps_i > 0 [clients]. num_examples: n_i [clients]. overflow: p_i [clients]
-      (``accounting.overflow_probability``). cfg: the run. sampler: its accounting.Sampler.
+      (``events.overflow_probability``). cfg: the run. sampler: its events.Sampler.
   """
   privacy = cfg.privacy
   if privacy.calibration == "exact":
-    z = accounting.calibrate_noise_multipliers(
+    z = calibration.calibrate_noise_multipliers(
       eps, num_examples, total_steps(cfg), privacy.delta, sampler, privacy.accountant
     )
   else:
-    rates = np.asarray(accounting.sampling_rates(num_examples, cfg.federated.batch_size), np.float64)
+    rates = np.asarray(events.sampling_rates(num_examples, cfg.federated.batch_size), np.float64)
     _, first, inverse = np.unique(
       np.stack([eps, rates, overflow], axis=1), axis=0, return_index=True, return_inverse=True
     )
@@ -323,19 +322,19 @@ def _check_unmet_budgets(
   overflow: np.ndarray,
   rates: np.ndarray,
   cfg: SimulationConfig,
-  sampler: accounting.Sampler,
+  sampler: events.Sampler,
 ) -> None:
   """Why the map gave z_i = inf to a budget eps_i > 0 (all [clients]; ``light``: too light to change the
   float32 aggregate, skipped), and what happens ('traced' and 'surrogate'; 'exact' refuses such budgets).
 
   Two causes. The truncation charge (1 + e^eps) p >= delta leaves no delta to spend: a configuration
   error (B_max too small for this budget), refused naming it. A budget that needs more noise than the top
-  of ``accounting.CALIBRATION_Z_RANGE`` (at or just above the RDP conversion's floor, 0.0035 at delta =
+  of ``calibration.CALIBRATION_Z_RANGE`` (at or just above the RDP conversion's floor, 0.0035 at delta =
   1e-5 for the largest order 1024): the client sits out (z = inf releases nothing, within any budget);
   a warning says so, and its clients.csv row reads noise_multiplier = inf, epsilon_spent = 0.
   """
   unmet = (eps > 0) & np.isinf(z) & ~light
-  charged = unmet & ((1.0 + np.exp(np.minimum(eps, 700.0))) * overflow >= cfg.privacy.delta)
+  charged = unmet & (events.charged_delta(eps, cfg.privacy.delta, overflow) <= 0)
   bad = np.flatnonzero(charged)
   require(
     not bad.size,
@@ -350,7 +349,7 @@ def _check_unmet_budgets(
       "%d client(s) sit out (z = inf): their budgets need more noise than z = %g (calibration=%r, "
       "delta=%g, %d steps), e.g. eps[%d]=%r at sampling rate %.4g",
       out_of_range.size,
-      accounting.CALIBRATION_Z_RANGE[1],
+      calibration.CALIBRATION_Z_RANGE[1],
       cfg.privacy.calibration,
       cfg.privacy.delta,
       total_steps(cfg),
@@ -373,8 +372,8 @@ def prepare(
   n = np.asarray(fed_data.pool.num_examples)
   costs = client_costs(key, n.shape[0], cfg.game)
   weights = quality_weights(n)
-  sampler = accounting.sampler_of(cfg.federated, cfg.privacy)
-  overflow = accounting.overflow_probability(n, total_steps(cfg), sampler)
+  sampler = events.sampler_of(cfg.federated, cfg.privacy)
+  overflow = events.overflow_probability(n, total_steps(cfg), sampler)
   with jax.enable_x64(True):
     game, spec = game_of(cfg, costs, weights, n)
     rates = np.asarray(game.sampling_rates)
@@ -443,7 +442,7 @@ def privacy_spent(exp: Experiment, steps_done: np.ndarray) -> np.ndarray:
   spent = np.zeros(exp.costs.shape)
   joined = np.isfinite(exp.noise_multipliers) & (np.asarray(steps_done) > 0)
   if joined.any() and cfg.privacy.private:
-    spent[joined] = accounting.epsilon_spent(
+    spent[joined] = ledger.epsilon_spent(
       exp.noise_multipliers[joined],
       np.asarray(exp.data.pool.num_examples)[joined],
       np.asarray(steps_done)[joined],
@@ -480,7 +479,7 @@ def client_rows(exp: Experiment, steps_done: np.ndarray, spent: np.ndarray) -> l
   client: row of the (size-sorted) pool; num_examples n_i; cost c_i; budget_epsilon eps_i sold;
   noise_multiplier z_i (inf = sat out); sampling_rate q_i = min(1, B / n_i); steps: DP-SGD steps taken;
   sampler, batch_size B, batch_capacity B_max (the step's slots), delta and accountant: the rest of what
-  ``accounting.dp_event`` needs; epsilon_spent: the accountant's epsilon of those steps at ``delta``
+  ``events.dp_event`` needs; epsilon_spent: the accountant's epsilon of those steps at ``delta``
   (0 for clients that sat out). Adjacency: add/remove one example for 'poisson', replace one for 'fixed'.
   """
   cfg = exp.cfg
@@ -598,11 +597,7 @@ def _check_checkpoint(
       f"checkpoint {directory} holds another run ({what}): expected the same settings to resume; "
       "restart_on_mismatch=True keeps it aside and starts fresh"
     )
-  target, n = directory + OTHER_RUN, 1
-  while os.path.exists(target):
-    n += 1
-    target = f"{directory}{OTHER_RUN}-{n}"
-  os.rename(directory, target)
+  target = rename_aside(directory, OTHER_RUN)
   logger.warning("checkpoint %s holds another run (%s): moved to %s; starting fresh", directory, what, target)
 
 
@@ -668,7 +663,9 @@ def run(
     bar = tqdm.tqdm(rounds, desc=cfg.game.mechanism, disable=not progress, leave=False)
     for t in bar:
       state, metrics = _participants_round(exp, state, train_key)
-      accuracy, loss = federated.evaluate(state.server.params, test.x, test.y, exp.apply_fn, _EVAL_BATCH)
+      accuracy, loss = federated.evaluate(
+        state.server.params, test.x, test.y, exp.apply_fn, federated.EVAL_BATCH
+      )
       history.append(
         {
           "mechanism": cfg.game.mechanism,

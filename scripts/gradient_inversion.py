@@ -26,7 +26,7 @@ from absl import flags
 from fcfn_jax import config as fc
 from fcfn_jax import data, models, plotting, report, validate
 from fcfn_jax.attacks import inversion
-from fcfn_jax.privacy import accounting
+from fcfn_jax.privacy import calibration, events
 
 import sim_flags
 
@@ -85,8 +85,8 @@ def main(argv):
   )
   sampling_rate, steps = min(1.0, fed.batch_size / n0), fed.rounds * fed.local_steps
   with validate.reraise(validate.ConfigError, lambda e: f"epsilons={epsilons} is invalid: {e}"):
-    noise = accounting.calibrate_noise_multipliers(
-      np.asarray(epsilons), n0, steps, privacy.delta, accounting.sampler_of(fed, privacy), privacy.accountant
+    noise = calibration.calibrate_noise_multipliers(
+      np.asarray(epsilons), n0, steps, privacy.delta, events.sampler_of(fed, privacy), privacy.accountant
     )
   settings = [("no noise", math.inf, None)] + [(f"eps={e:g}", e, float(z)) for e, z in zip(epsilons, noise)]
   header = (

@@ -1,6 +1,6 @@
 """Empirical privacy audit of one client's DP-SGD round: claimed epsilon vs a 95% epsilon lower bound.
 
-For each claimed budget eps, the noise multiplier z is calibrated (accounting.dp_event: the configured
+For each claimed budget eps, the noise multiplier z is calibrated (events.dp_event: the configured
 sampler, Poisson by default) for one round of S = --local_steps steps of a client holding the first
 --client_examples examples of client 0, at sampling rate q = min(1, batch_size / client_examples);
 ``fcfn_jax.attacks.audit.audit_client`` then runs --trials real rounds without and with the canary (added
@@ -26,7 +26,7 @@ from absl import flags
 from fcfn_jax import config as fc
 from fcfn_jax import data, models, report, validate
 from fcfn_jax.attacks import audit
-from fcfn_jax.privacy import accounting
+from fcfn_jax.privacy import calibration, events, ledger
 
 import sim_flags
 
@@ -94,12 +94,12 @@ def main(argv):
     fd.pool.num_examples[0] >= n,
     f"client_examples={n} is invalid: client 0 has {fd.pool.num_examples[0]} examples",
   )
-  sampler = accounting.sampler_of(fed, privacy)
+  sampler = events.sampler_of(fed, privacy)
   validate.check_int("canary_label", FLAGS.canary_label, minimum=0, maximum=fd.num_classes - 1)
   x, y = fd.pool.x[0, :n], fd.pool.y[0, :n]
   canary = audit.make_canary(x, FLAGS.canary_label, FLAGS.canary_pixels)
   with validate.reraise(validate.ConfigError, lambda e: f"epsilons={epsilons} is invalid: {e}"):
-    claimed_noise = accounting.calibrate_noise_multipliers(
+    claimed_noise = calibration.calibrate_noise_multipliers(
       np.asarray(epsilons), n, steps, delta, sampler, privacy.accountant
     )
   model = models.make_model(cfg.model, fd.input_shape, fd.num_classes)
@@ -138,10 +138,10 @@ def _setup(cfg: fc.SimulationConfig, n: int) -> dict:
     "model": cfg.model.name,
     "client_examples": n,
     "batch_size": fed.batch_size,
-    "sampling_rate": float(accounting.sampling_rates(np.int64(n), fed.batch_size)),
+    "sampling_rate": float(events.sampling_rates(np.int64(n), fed.batch_size)),
     "sampler": privacy.sampling,
-    "batch_capacity": accounting.sampler_of(fed, privacy).capacity,
-    "eps_accountant": _tightest(accounting.sampler_of(fed, privacy)),
+    "batch_capacity": events.sampler_of(fed, privacy).capacity,
+    "eps_accountant": _tightest(events.sampler_of(fed, privacy)),
     "local_steps": fed.local_steps,
     "client_lr": fed.client_lr,
     "clip_norm": privacy.clip_norm,
@@ -155,7 +155,7 @@ def _setup(cfg: fc.SimulationConfig, n: int) -> dict:
   }
 
 
-def _tightest(sampler: accounting.Sampler) -> str:
+def _tightest(sampler: events.Sampler) -> str:
   """The tightest accountant dp-accounting has for the sampler (PLD models Poisson truncation exactly)."""
   return "pld" if sampler.kind == "poisson" else "rdp"
 
@@ -165,7 +165,7 @@ def _audit(runs, params, x, y, canary, model, key, cfg) -> list[dict]:
   tightest accountant for the sampler."""
   fed, privacy = cfg.federated, cfg.privacy
   steps, delta, n = fed.local_steps, privacy.delta, x.shape[0]
-  sampler = accounting.sampler_of(fed, privacy)
+  sampler = events.sampler_of(fed, privacy)
   rows = []
   for i, (run, eps, z) in enumerate(runs):
     with report.Timer() as timer:
@@ -184,7 +184,7 @@ def _audit(runs, params, x, y, canary, model, key, cfg) -> list[dict]:
         chunk_size=FLAGS.trial_chunk,
       )
     tight = _tightest(sampler)
-    eps_tight = accounting.accountant_epsilon(z, n, steps, delta, sampler, tight) if z > 0 else math.inf
+    eps_tight = ledger.accountant_epsilon(z, n, steps, delta, sampler, tight) if z > 0 else math.inf
     rows.append(
       {
         "run": run,

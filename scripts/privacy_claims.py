@@ -1,7 +1,7 @@
 """Recomputes every client's privacy claim from a run's own record (clients.csv): sold vs accounted epsilon.
 
 For each participant row of --clients_csv (written by compare_mechanisms.py), the epsilon its noise
-multiplier spends over its steps, for the sampler recorded in the row (``accounting.dp_event``): by RDP
+multiplier spends over its steps, for the sampler recorded in the row (``events.dp_event``): by RDP
 (the run's ledger, truncation charge included), by PLD where dp-accounting supports the sampler (Poisson:
 the truncated event itself), and, for contrast, what the same noise would spend under fixed-size batches
 (replace-one adjacency, the sampler the project used before issue 11). The row's recorded epsilon_spent is
@@ -38,7 +38,7 @@ from dp_accounting import rdp as dp_rdp
 
 from fcfn_jax import config as fc
 from fcfn_jax import data, report, validate
-from fcfn_jax.privacy import accounting
+from fcfn_jax.privacy import calibration, events, ledger
 
 import sim_flags
 
@@ -92,7 +92,7 @@ LONG_TABLE = 10_000
 _MEMORY_PER_BYTE = 40
 
 _NEEDED = (*CLIENT_COLUMNS[:10], "delta", "batch_size")
-_Z_MIN, _Z_MAX = accounting.CALIBRATION_Z_RANGE  # dp-accounting fails beyond (z = 1e23: math domain error)
+_Z_MIN, _Z_MAX = calibration.CALIBRATION_Z_RANGE  # dp-accounting fails beyond (z = 1e23: math domain error)
 
 
 class Rows(NamedTuple):
@@ -254,7 +254,7 @@ def read_rows(path: str | None) -> Rows:
       + f"={rows.batch_size[i]}"
     ),
   )
-  rate = np.minimum(1.0, rows.batch_size / rows.num_examples)  # accounting.sampling_rates, per row
+  rate = np.minimum(1.0, rows.batch_size / rows.num_examples)  # events.sampling_rates, per row
   _first(
     path,
     lines,
@@ -286,20 +286,20 @@ class Claim(NamedTuple):
   note: str
 
 
-def _uncharged_rdp(z: float, n: int, steps: int, delta: float, sampler: accounting.Sampler) -> float:
+def _uncharged_rdp(z: float, n: int, steps: int, delta: float, sampler: events.Sampler) -> float:
   """The RDP epsilon of the untruncated event without the truncation charge (a bound on the PLD's)."""
-  client = accounting.dp_event(z, n, steps, sampler, "rdp")
+  client = events.dp_event(z, n, steps, sampler, "rdp")
   acc = dp_rdp.RdpAccountant(neighboring_relation=client.relation)
   acc.compose(client.event)
   return float(acc.get_epsilon(delta))
 
 
 @functools.lru_cache(maxsize=4096)
-def recompute(z: float, n: int, steps: int, delta: float, sampler: accounting.Sampler) -> Claim:
+def recompute(z: float, n: int, steps: int, delta: float, sampler: events.Sampler) -> Claim:
   """One participant's claim, recomputed from its row alone (a pure function of it: cached)."""
-  rdp = accounting.accountant_epsilon(z, n, steps, delta, sampler, "rdp")
-  fixed = accounting.Sampler("fixed", sampler.batch_size, sampler.batch_size)
-  fixed_batches = accounting.accountant_epsilon(z, n, steps, delta, fixed, "rdp")
+  rdp = ledger.accountant_epsilon(z, n, steps, delta, sampler, "rdp")
+  fixed = events.Sampler("fixed", sampler.batch_size, sampler.batch_size)
+  fixed_batches = ledger.accountant_epsilon(z, n, steps, delta, fixed, "rdp")
   notes = []
   if math.isinf(rdp):
     notes.append("RDP: no finite epsilon at this delta")
@@ -309,7 +309,7 @@ def recompute(z: float, n: int, steps: int, delta: float, sampler: accounting.Sa
   if sampler.kind == "fixed":
     notes.append("PLD: no event for fixed batches")
   elif rdp <= PLD_EPSILON_LIMIT or _uncharged_rdp(z, n, steps, delta, sampler) <= PLD_EPSILON_LIMIT:
-    pld = accounting.accountant_epsilon(z, n, steps, delta, sampler, "pld")
+    pld = ledger.accountant_epsilon(z, n, steps, delta, sampler, "pld")
   else:
     notes.append(f"PLD skipped: RDP epsilon > {PLD_EPSILON_LIMIT:g}")
   return Claim(rdp, pld, fixed_batches, "; ".join(notes))
@@ -347,7 +347,7 @@ def claims(rows: Rows, progress: bool = False) -> tuple[list[Claim | None], int]
   try:
     for key in tqdm.tqdm(list(distinct), desc="distinct rows", disable=not progress, leave=False):
       kind, batch, capacity, delta, n, steps, z = key
-      distinct[key] = recompute(z, n, steps, delta, accounting.Sampler(kind, batch, capacity))
+      distinct[key] = recompute(z, n, steps, delta, events.Sampler(kind, batch, capacity))
   finally:
     logger.removeFilter(warnings)
   return [None if key is None else distinct[key] for key in keys], warnings.count

@@ -18,7 +18,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import stats
 
 from fcfn_jax import config as fc
-from fcfn_jax.privacy import accounting
+from fcfn_jax.privacy import calibration, events, ledger, surrogate, traced
 from fcfn_jax.validate import ConfigError
 
 # Surrogate budgets where the surrogate is documented to upper-bound the accountants.
@@ -26,12 +26,12 @@ CONSERVATIVE_RANGE = (0.02, 220.0)
 NO_TRUNCATION = 10**9  # a capacity no client reaches: the untruncated Poisson sampler
 
 
-def poisson(batch: int, capacity: int = NO_TRUNCATION) -> accounting.Sampler:
-  return accounting.Sampler("poisson", batch, capacity)
+def poisson(batch: int, capacity: int = NO_TRUNCATION) -> events.Sampler:
+  return events.Sampler("poisson", batch, capacity)
 
 
-def fixed(batch: int) -> accounting.Sampler:
-  return accounting.Sampler("fixed", batch, batch)
+def fixed(batch: int) -> events.Sampler:
+  return events.Sampler("fixed", batch, batch)
 
 
 def _random_run(rng: np.random.Generator) -> tuple[int, int, int, float, float]:
@@ -50,10 +50,10 @@ def _check_calibrated(z, eps, n, steps, delta, sampler, accountant, rtol):
     if ei == 0:
       assert zi == np.inf
       continue
-    spent = accounting.accountant_epsilon(zi, ni, steps, delta, sampler, accountant)
+    spent = ledger.accountant_epsilon(zi, ni, steps, delta, sampler, accountant)
     assert spent <= ei, (zi, ei, ni, spent)
     if spent < ei * (1 - rtol):  # Allowed only where one lattice step down already exceeds eps_i.
-      below = accounting.accountant_epsilon(zi / (1 + rtol / 4), ni, steps, delta, sampler, accountant)
+      below = ledger.accountant_epsilon(zi / (1 + rtol / 4), ni, steps, delta, sampler, accountant)
       assert below > ei, (zi, ei, ni, spent, below)
 
 
@@ -93,9 +93,9 @@ class SurrogateTest(chex.TestCase):
       for _ in range(20):
         steps, delta = int(rng.integers(1, 100_000)), float(10 ** rng.uniform(-12, -0.3))
         z = jnp.asarray(np.exp(rng.uniform(math.log(0.05), math.log(1e3), 64)))
-        eps = accounting.surrogate_epsilon(z, steps, delta)
-        chex.assert_trees_all_close(accounting.surrogate_noise_multiplier(eps, steps, delta), z, rtol=1e-12)
-        chex.assert_trees_all_close(accounting.noise_variance(eps, steps, delta), z**2, rtol=1e-11)
+        eps = surrogate.surrogate_epsilon(z, steps, delta)
+        chex.assert_trees_all_close(surrogate.surrogate_noise_multiplier(eps, steps, delta), z, rtol=1e-12)
+        chex.assert_trees_all_close(surrogate.noise_variance(eps, steps, delta), z**2, rtol=1e-11)
 
   def test_closed_form_is_the_optimal_order_rdp_bound(self):
     # eps(z) = min over alpha > 1 of k alpha / (2 z^2) + log(1/delta) / (alpha - 1).
@@ -103,17 +103,17 @@ class SurrogateTest(chex.TestCase):
     for steps, z, delta in ((1, 1.0, 1e-5), (1000, 0.7, 1e-6), (50, 20.0, 1e-3), (10_000, 3.0, 0.1)):
       grid_min = np.min(steps * alpha / (2 * z * z) + math.log(1 / delta) / (alpha - 1))
       with jax.enable_x64(True):
-        closed = float(accounting.surrogate_epsilon(z, steps, delta))
+        closed = float(surrogate.surrogate_epsilon(z, steps, delta))
       np.testing.assert_allclose(closed, grid_min, rtol=1e-8)
 
   def test_zero_budget_is_infinite_noise_with_zero_gradient(self):
     eps = jnp.array([0.0, 0.5, 4.0])
-    for fn in (accounting.surrogate_noise_multiplier, accounting.noise_variance):
+    for fn in (surrogate.surrogate_noise_multiplier, surrogate.noise_variance):
       value = fn(eps, 100, 1e-5)
       assert value[0] == jnp.inf and bool(jnp.all(jnp.isfinite(value[1:])))
       grad = jax.jit(jax.grad(lambda e, fn=fn: jnp.sum(jnp.where(e > 0, fn(e, 100, 1e-5), 0.0))))(eps)
       assert bool(jnp.all(jnp.isfinite(grad))) and grad[0] == 0 and bool(jnp.all(grad[1:] < 0))
-    self.assertEqual(float(accounting.surrogate_epsilon(jnp.inf, 100, 1e-5)), 0.0)
+    self.assertEqual(float(surrogate.surrogate_epsilon(jnp.inf, 100, 1e-5)), 0.0)
 
   def test_gradient_matches_finite_differences_in_float64(self):
     rng = np.random.default_rng(1)
@@ -121,7 +121,7 @@ class SurrogateTest(chex.TestCase):
       for _ in range(10):
         steps, delta = int(rng.integers(1, 5000)), float(10 ** rng.uniform(-9, -2))
         eps = float(np.exp(rng.uniform(math.log(0.01), math.log(50))))
-        for fn in (accounting.surrogate_noise_multiplier, accounting.noise_variance):
+        for fn in (surrogate.surrogate_noise_multiplier, surrogate.noise_variance):
           f = functools.partial(fn, steps=steps, delta=delta)
           h = 1e-6 * eps
           fd = (f(eps + h) - f(eps - h)) / (2 * h)
@@ -132,20 +132,20 @@ class SurrogateTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_jit_matches_eager(self):
     eps = jnp.array([0.0, 0.1, 1.0, 8.0, 300.0])
-    for fn in (accounting.surrogate_noise_multiplier, accounting.noise_variance):
+    for fn in (surrogate.surrogate_noise_multiplier, surrogate.noise_variance):
       fast = self.variant(functools.partial(fn, steps=250, delta=1e-5))
       chex.assert_trees_all_close(fast(eps), fn(eps, 250, 1e-5), rtol=1e-6)
     z = jnp.array([0.3, 1.0, jnp.inf])
     chex.assert_trees_all_close(
-      self.variant(functools.partial(accounting.surrogate_epsilon, steps=250, delta=1e-5))(z),
-      accounting.surrogate_epsilon(z, 250, 1e-5),
+      self.variant(functools.partial(surrogate.surrogate_epsilon, steps=250, delta=1e-5))(z),
+      surrogate.surrogate_epsilon(z, 250, 1e-5),
       rtol=1e-6,
     )
 
   def test_vmap_over_clients_and_games(self):
     eps = jnp.linspace(0.0, 8.0, 12).reshape(3, 4)
-    z = jax.vmap(functools.partial(accounting.surrogate_noise_multiplier, steps=40, delta=1e-5))(eps)
-    chex.assert_trees_all_close(z, accounting.surrogate_noise_multiplier(eps, 40, 1e-5))
+    z = jax.vmap(functools.partial(surrogate.surrogate_noise_multiplier, steps=40, delta=1e-5))(eps)
+    chex.assert_trees_all_close(z, surrogate.surrogate_noise_multiplier(eps, 40, 1e-5))
     chex.assert_shape(z, (3, 4))
 
 
@@ -159,10 +159,10 @@ class ConservativeTest(chex.TestCase):
     orders = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
     log_inv = math.log(1 / delta)
     for beta in np.exp(np.linspace(math.log(0.05), math.log(5000), 3000)):
-      surrogate = log_inv * (1 + 2 * beta) / beta**2
-      if CONSERVATIVE_RANGE[0] <= surrogate <= CONSERVATIVE_RANGE[1]:
+      closed = log_inv * (1 + 2 * beta) / beta**2
+      if CONSERVATIVE_RANGE[0] <= closed <= CONSERVATIVE_RANGE[1]:
         rdp, _ = rdp_privacy_accountant.compute_epsilon(orders, orders * log_inv / beta**2, delta)
-        assert rdp <= surrogate, (beta, surrogate, rdp)
+        assert rdp <= closed, (beta, closed, rdp)
 
   @parameterized.parameters("rdp", "pld")
   def test_randomized_runs(self, accountant):
@@ -170,12 +170,12 @@ class ConservativeTest(chex.TestCase):
     compared = 0
     while compared < (30 if accountant == "rdp" else 12):
       n, batch, steps, z, delta = _random_run(rng)
-      surrogate = float(accounting.surrogate_epsilon(z, steps, delta))
-      if not CONSERVATIVE_RANGE[0] <= surrogate <= CONSERVATIVE_RANGE[1]:
+      closed = float(surrogate.surrogate_epsilon(z, steps, delta))
+      if not CONSERVATIVE_RANGE[0] <= closed <= CONSERVATIVE_RANGE[1]:
         continue
       compared += 1
-      exact = accounting.accountant_epsilon(z, n, steps, delta, poisson(batch), accountant)
-      assert exact <= surrogate, (n, batch, steps, z, delta, surrogate, exact)
+      exact = ledger.accountant_epsilon(z, n, steps, delta, poisson(batch), accountant)
+      assert exact <= closed, (n, batch, steps, z, delta, closed, exact)
 
   def test_in_program_surrogate_is_conservative_for_each_sampler(self):
     """program_noise('surrogate'): twice the noise for replace-one, delta minus the truncation charge for
@@ -190,28 +190,26 @@ class ConservativeTest(chex.TestCase):
       for _ in range(2 if kind == "fixed" or accountant == "pld" else 6):
         batch = int(rng.integers(4, 40))
         n, steps = int(batch * rng.uniform(1.5, 20)), int(rng.integers(5, 300))
-        sampler = accounting.Sampler(kind, batch, math.ceil(capacity_factor * batch))
+        sampler = events.Sampler(kind, batch, math.ceil(capacity_factor * batch))
         eps = float(np.exp(rng.uniform(math.log(0.3), math.log(8))))
-        overflow = accounting.overflow_probability(n, steps, sampler)
+        overflow = events.overflow_probability(n, steps, sampler)
         with jax.enable_x64(True):
-          z = float(
-            accounting.program_noise(eps, min(1, batch / n), overflow, steps, 1e-5, kind, "surrogate")[0]
-          )
+          z = float(traced.program_noise(eps, min(1, batch / n), overflow, steps, 1e-5, kind, "surrogate")[0])
         if not np.isfinite(z):  # the charge leaves no delta: nothing may be released
           assert kind == "poisson" and (1 + math.exp(eps)) * overflow[0] >= 1e-5
           continue
-        spent = accounting.accountant_epsilon(z, n, steps, 1e-5, sampler, accountant)
+        spent = ledger.accountant_epsilon(z, n, steps, 1e-5, sampler, accountant)
         assert spent <= eps, (kind, accountant, n, batch, steps, eps, z, spent)
 
   def test_known_failure_beyond_the_range(self):
     # Budget ~2300: the continuous optimal order 1.07 lies below dp-accounting's smallest order 1.1.
-    surrogate = float(accounting.surrogate_epsilon(0.5, 1000, 1e-5))
-    rdp = accounting.accountant_epsilon(0.5, 4, 1000, 1e-5, poisson(4), "rdp")
-    np.testing.assert_allclose([surrogate, rdp], [2303.49, 2311.78], atol=0.01)
+    closed = float(surrogate.surrogate_epsilon(0.5, 1000, 1e-5))
+    rdp = ledger.accountant_epsilon(0.5, 4, 1000, 1e-5, poisson(4), "rdp")
+    np.testing.assert_allclose([closed, rdp], [2303.49, 2311.78], atol=0.01)
 
 
 class EventTest(chex.TestCase):
-  """accounting.dp_event: the one source of truth of what is accounted."""
+  """events.dp_event: the one source of truth of what is accounted."""
 
   def test_event_table(self):
     z, n, steps = 1.3, 100, 30
@@ -235,15 +233,15 @@ class EventTest(chex.TestCase):
       ),
     }
     for (kind, capacity, accountant), (step, charged) in cases.items():
-      client = accounting.dp_event(z, n, steps, accounting.Sampler(kind, 16, capacity), accountant)
+      client = events.dp_event(z, n, steps, events.Sampler(kind, 16, capacity), accountant)
       self.assertEqual(client.event, dp_accounting.SelfComposedDpEvent(step, steps))
       relation = "REPLACE_ONE" if kind == "fixed" else "ADD_OR_REMOVE_ONE"
       self.assertEqual(client.relation.name, relation)
       self.assertEqual(client.overflow > 0, charged)
-    nothing = accounting.dp_event(np.inf, n, steps, poisson(16), "rdp")
+    nothing = events.dp_event(np.inf, n, steps, poisson(16), "rdp")
     self.assertIsInstance(nothing.event, dp_accounting.NoOpDpEvent)
     with self.assertRaisesRegex(ConfigError, "accountant='pld' has no sampling-without-replacement"):
-      accounting.dp_event(z, n, steps, fixed(16), "pld")
+      events.dp_event(z, n, steps, fixed(16), "pld")
 
   def test_overflow_probability_matches_the_round_sampler(self):
     """p = 1 - (1 - P[Bin(n + 1, q) > B_max])^steps: the sampler's overflow frequency on the n + 1 examples of
@@ -260,25 +258,25 @@ class EventTest(chex.TestCase):
     overflowed = np.asarray(mask).sum(axis=1) > capacity
     low, high = stats.binom.interval(0.999, draws, per_step)
     assert low <= overflowed.sum() <= high, (overflowed.sum(), low, high)
-    p = accounting.overflow_probability(np.array([n, capacity - 1]), 7, sampler)
+    p = events.overflow_probability(np.array([n, capacity - 1]), 7, sampler)
     np.testing.assert_allclose(p[0], 1 - (1 - per_step) ** 7, rtol=1e-12)
     assert p[1] == 0.0  # B_max > n: the larger neighbour (n + 1 <= B_max examples) never overflows
-    np.testing.assert_array_equal(accounting.overflow_probability([n], 7, fixed(batch)), 0.0)
+    np.testing.assert_array_equal(events.overflow_probability([n], 7, fixed(batch)), 0.0)
 
   def test_default_capacity_bounds_every_clients_overflow(self):
     """B_max = default_capacity(B): P[some step overflows] <= CAPACITY_TAIL per step for EVERY dataset size
     (the Poisson(B + 1) tail dominates each Bin(n + 1, B / n)), and it is the smallest such capacity."""
     for batch in (1, 4, 32, 100):
-      capacity = accounting.default_capacity(batch)
+      capacity = events.default_capacity(batch)
       n = np.arange(1, 20 * batch + 200)
-      per_step = accounting.overflow_probability(n, 1, poisson(batch, capacity))
-      assert per_step.max() <= accounting.CAPACITY_TAIL, (batch, per_step.max())
-      assert stats.poisson.sf(capacity - 1, batch + 1) > accounting.CAPACITY_TAIL
-    config = accounting.sampler_of(fc.FederatedConfig(batch_size=32), fc.PrivacyConfig(batch_capacity=0))
-    self.assertEqual(config, accounting.Sampler("poisson", 32, 81))
+      per_step = events.overflow_probability(n, 1, poisson(batch, capacity))
+      assert per_step.max() <= events.CAPACITY_TAIL, (batch, per_step.max())
+      assert stats.poisson.sf(capacity - 1, batch + 1) > events.CAPACITY_TAIL
+    config = events.sampler_of(fc.FederatedConfig(batch_size=32), fc.PrivacyConfig(batch_capacity=0))
+    self.assertEqual(config, events.Sampler("poisson", 32, 81))
     self.assertEqual(
-      accounting.sampler_of(fc.FederatedConfig(batch_size=32), fc.PrivacyConfig(sampling="fixed")),
-      accounting.Sampler("fixed", 32, 32),
+      events.sampler_of(fc.FederatedConfig(batch_size=32), fc.PrivacyConfig(sampling="fixed")),
+      events.Sampler("fixed", 32, 32),
     )
 
   def test_truncation_charge_is_paid_from_delta(self):
@@ -286,18 +284,18 @@ class EventTest(chex.TestCase):
     upper-bounds the PLD accountant of the truncated event (which models the truncation exactly)."""
     n, batch, capacity, steps, z, delta = 150, 32, 64, 60, 2.5, 1e-5
     sampler = poisson(batch, capacity)
-    client = accounting.dp_event(z, n, steps, sampler, "rdp")
+    client = events.dp_event(z, n, steps, sampler, "rdp")
     assert 1e-8 < client.overflow < 1e-6  # the charge (1 + e^eps) p is ~1/3 of delta
-    spent = accounting.accountant_epsilon(z, n, steps, delta, sampler, "rdp")
-    untruncated = accounting.accountant_epsilon(z, n, steps, delta, poisson(batch), "rdp")
+    spent = ledger.accountant_epsilon(z, n, steps, delta, sampler, "rdp")
+    untruncated = ledger.accountant_epsilon(z, n, steps, delta, poisson(batch), "rdp")
     acc = rdp_privacy_accountant.RdpAccountant()
     acc.compose(client.event)
     assert acc.get_epsilon(delta - (1 + math.exp(spent)) * client.overflow) <= spent
     assert acc.get_epsilon(delta - (1 + math.exp(spent * 0.999)) * client.overflow) > spent * 0.999
     assert spent > untruncated
-    assert spent >= accounting.accountant_epsilon(z, n, steps, delta, sampler, "pld")
+    assert spent >= ledger.accountant_epsilon(z, n, steps, delta, sampler, "pld")
     with self.assertRaisesRegex(ConfigError, r"cannot be certified at batch_capacity=40"):
-      accounting.calibrate_noise_multipliers([8.0], [n], steps, delta, poisson(batch, 40), "rdp")
+      calibration.calibrate_noise_multipliers([8.0], [n], steps, delta, poisson(batch, 40), "rdp")
 
 
 class LedgerTest(chex.TestCase):
@@ -308,8 +306,8 @@ class LedgerTest(chex.TestCase):
       n, batch, steps, _, delta = _random_run(rng)
       z = np.exp(rng.uniform(math.log(0.5), math.log(20), 2))
       capacity = int(rng.choice([NO_TRUNCATION, math.ceil(2.5 * batch)]))
-      spent = accounting.epsilon_spent(z, n, steps, delta, poisson(batch, capacity))
-      full = [accounting.accountant_epsilon(zi, n, steps, delta, poisson(batch, capacity)) for zi in z]
+      spent = ledger.epsilon_spent(z, n, steps, delta, poisson(batch, capacity))
+      full = [ledger.accountant_epsilon(zi, n, steps, delta, poisson(batch, capacity)) for zi in z]
       np.testing.assert_allclose(spent, full, rtol=1e-12)
 
   @parameterized.parameters(("poisson", "rdp"), ("poisson", "pld"), ("fixed", "rdp"))
@@ -317,28 +315,28 @@ class LedgerTest(chex.TestCase):
     z = np.array([1.1, np.inf, 0.9, 2.0])
     n = np.array([800, 800, 320, 16])
     t = np.array([300, 300, 0, 40])
-    sampler = accounting.Sampler(kind, 16, 16 if kind == "fixed" else 40)
-    spent = accounting.epsilon_spent(z, n, t, 1e-5, sampler, accountant)
+    sampler = events.Sampler(kind, 16, 16 if kind == "fixed" else 40)
+    spent = ledger.epsilon_spent(z, n, t, 1e-5, sampler, accountant)
     chex.assert_shape(spent, (4,))
     self.assertEqual(spent[1], 0.0)
     self.assertEqual(spent[2], 0.0)
     for i in (0, 3):
       self.assertAlmostEqual(
-        spent[i], accounting.accountant_epsilon(z[i], n[i], int(t[i]), 1e-5, sampler, accountant), places=10
+        spent[i], ledger.accountant_epsilon(z[i], n[i], int(t[i]), 1e-5, sampler, accountant), places=10
       )
 
   def test_monotone_in_noise_steps_and_rate(self):
-    spent = accounting.epsilon_spent(np.array([0.7, 1.0, 1.5, 3.0]), 640, 200, 1e-5, poisson(32))
+    spent = ledger.epsilon_spent(np.array([0.7, 1.0, 1.5, 3.0]), 640, 200, 1e-5, poisson(32))
     assert np.all(np.diff(spent) < 0)
-    spent = accounting.epsilon_spent(1.0, 640, np.array([1, 10, 100, 1000]), 1e-5, poisson(32))
+    spent = ledger.epsilon_spent(1.0, 640, np.array([1, 10, 100, 1000]), 1e-5, poisson(32))
     assert np.all(np.diff(spent) > 0)
-    spent = accounting.epsilon_spent(1.0, np.array([32000, 3200, 320, 32]), 100, 1e-5, poisson(32))
+    spent = ledger.epsilon_spent(1.0, np.array([32000, 3200, 320, 32]), 100, 1e-5, poisson(32))
     assert np.all(np.diff(spent) > 0)
 
   def test_fixed_batches_cost_more_than_poisson(self):
     """Replace-one with sensitivity 2C: several times the Poisson epsilon at the same noise."""
-    poisson_eps = accounting.accountant_epsilon(1.43, 110, 30, 1e-5, poisson(32), "rdp")
-    fixed_eps = accounting.accountant_epsilon(1.43, 110, 30, 1e-5, fixed(32), "rdp")
+    poisson_eps = ledger.accountant_epsilon(1.43, 110, 30, 1e-5, poisson(32), "rdp")
+    fixed_eps = ledger.accountant_epsilon(1.43, 110, 30, 1e-5, fixed(32), "rdp")
     assert fixed_eps > 3 * poisson_eps
 
 
@@ -350,29 +348,29 @@ class CalibrationTest(chex.TestCase):
     n = rng.choice([8000, 1600, 320, 64, 32], eps.size)
     n[:6] = rng.integers(100, 3200, 6)  # Some clients with a sampling rate of their own.
     delta = float(10 ** rng.uniform(-8, -4))
-    z = accounting.calibrate_noise_multipliers(eps, n, steps, delta, poisson(32), "rdp")
+    z = calibration.calibrate_noise_multipliers(eps, n, steps, delta, poisson(32), "rdp")
     chex.assert_shape(z, eps.shape)
     _check_calibrated(z, eps, n, steps, delta, poisson(32), "rdp", 1e-3)
 
   def test_pld_is_admissible_and_tight(self):
     eps = np.array([0.0, 0.3, 1.0, 2.5, 6.0, 9.0])
     n = np.array([50, 50, 20, 1, 20, 4])
-    z = accounting.calibrate_noise_multipliers(eps, n, 100, 1e-5, poisson(1), "pld", rtol=1e-3)
+    z = calibration.calibrate_noise_multipliers(eps, n, 100, 1e-5, poisson(1), "pld", rtol=1e-3)
     _check_calibrated(z, eps, n, 100, 1e-5, poisson(1), "pld", 1e-3)
     # PLD is tighter than RDP, so it needs less noise.
-    z_rdp = accounting.calibrate_noise_multipliers(eps, n, 100, 1e-5, poisson(1), "rdp")
+    z_rdp = calibration.calibrate_noise_multipliers(eps, n, 100, 1e-5, poisson(1), "rdp")
     assert np.all(z[1:] < z_rdp[1:])
 
   def test_monotone_and_deduplicated(self):
     eps = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 4.0, 1.0])
-    z = accounting.calibrate_noise_multipliers(eps, 1600, 500, 1e-5, poisson(32))
+    z = calibration.calibrate_noise_multipliers(eps, 1600, 500, 1e-5, poisson(32))
     assert np.all(np.diff(z[:5]) > 0)
     self.assertEqual(z[1], z[5])
     self.assertEqual(z[3], z[6])
 
   def test_coarser_tolerance(self):
     eps = np.array([0.5, 3.0])
-    z = accounting.calibrate_noise_multipliers(eps, 640, 200, 1e-6, poisson(32), rtol=0.05)
+    z = calibration.calibrate_noise_multipliers(eps, 640, 200, 1e-6, poisson(32), rtol=0.05)
     _check_calibrated(z, eps, 640, 200, 1e-6, poisson(32), "rdp", 0.05)
 
   @pytest.mark.slow
@@ -384,7 +382,7 @@ class CalibrationTest(chex.TestCase):
       sizes = (("one size", np.full(n, 800)), ("~200 sizes", rng.integers(50, 250, n)))
       for label, size in sizes[:1] if accountant == "pld" else sizes:
         start = time.perf_counter()
-        z = accounting.calibrate_noise_multipliers(eps, size, 500, 1e-5, poisson(16), accountant)
+        z = calibration.calibrate_noise_multipliers(eps, size, 500, 1e-5, poisson(16), accountant)
         print(f"calibrate {n} clients, {label}, {accountant}: {time.perf_counter() - start:.1f} s")
         idx = rng.choice(n, 5, replace=False)
         _check_calibrated(z[idx], eps[idx], size[idx], 500, 1e-5, poisson(16), accountant, 1e-3)
@@ -407,10 +405,10 @@ def _verify_randomized(seed: int, clients: int, pld_clients: int) -> None:
     elif accountant == "pld":  # PLD models any truncation: small capacities too
       capacity = math.ceil(rng.choice([1.5, 2.0, 2.5]) * batch)
     else:  # RDP pays (1 + e^eps) P[overflow] from delta: the default capacity, or one that never truncates
-      capacity = int(rng.choice([accounting.default_capacity(batch), int(n.max()) + 1]))
+      capacity = int(rng.choice([events.default_capacity(batch), int(n.max()) + 1]))
     eps = np.exp(rng.uniform(math.log(0.5), math.log(8), count))
-    sampler = accounting.Sampler(kind, batch, int(capacity))
-    z = accounting.calibrate_noise_multipliers(eps, n, steps, delta, sampler, accountant)
+    sampler = events.Sampler(kind, batch, int(capacity))
+    z = calibration.calibrate_noise_multipliers(eps, n, steps, delta, sampler, accountant)
     for zi, ni, ei in zip(z, n, eps):
       spent = _independent_epsilon(zi, int(ni), batch, capacity, kind, steps, delta, accountant, ei)
       assert ei * 0.99 <= spent <= ei, (kind, accountant, batch, capacity, steps, delta, ni, ei, zi, spent)
@@ -435,12 +433,12 @@ def _traced_vs_dp_accounting(seed: int, configs: int) -> None:
   z = 10 ** rng.uniform(math.log10(0.3), 4, configs)
   steps = np.floor(10 ** rng.uniform(0, 4, configs))
   delta = 10 ** rng.uniform(-9, -3, configs)
-  both = jax.jit(lambda *a: (accounting.traced_rdp(*a[:2]), accounting.traced_epsilon(*a)))
+  both = jax.jit(lambda *a: (traced.traced_rdp(*a[:2]), traced.traced_epsilon(*a)))
   with jax.enable_x64(True):
     rdp, eps = map(np.asarray, both(z, q, steps, delta))
   eps32 = np.asarray(both(*(a.astype(np.float32) for a in (z, q, steps, delta)))[1])
   for i in range(configs):
-    acc = rdp_privacy_accountant.RdpAccountant()  # default orders = accounting.TRACED_ORDERS
+    acc = rdp_privacy_accountant.RdpAccountant()  # default orders = traced.TRACED_ORDERS
     event = dp_accounting.PoissonSampledDpEvent(q[i], dp_accounting.GaussianDpEvent(z[i]))
     acc.compose(event)
     # Orders dp-accounting gives up on (inf) are left out here too. Where a fractional series converges
@@ -471,38 +469,40 @@ def _traced_calibration_vs_host(seed: int, clients: int, steps: int, delta: floa
   n = rng.integers(40, 3000, clients)
   eps = np.exp(rng.uniform(math.log(0.05), math.log(20), clients))
   sampler = poisson(32, 80)  # B_max = 80: the charge is paid by the large clients
-  overflow = accounting.overflow_probability(n, steps, sampler)
+  overflow = events.overflow_probability(n, steps, sampler)
   ok = (1 + np.exp(eps)) * overflow < 0.5 * delta  # budgets the charge leaves certifiable
   n, eps, overflow = n[ok], eps[ok], overflow[ok]
   tiny_eps, tiny_n = np.array([0.0055, 0.004, 0.02, 0.003]), np.array([107, 32, 32, 107])
   args = [
     np.concatenate([eps, tiny_eps]),
-    accounting.sampling_rates(np.concatenate([n, tiny_n]), 32),
+    events.sampling_rates(np.concatenate([n, tiny_n]), 32),
     np.concatenate([np.full(n.size, steps), np.full(4, 100)]),
     np.concatenate([np.full(n.size, delta), np.full(4, 1e-5)]),
     np.concatenate([overflow, np.zeros(4)]),
   ]
-  traced = jax.jit(accounting.traced_noise_multiplier)
-  z = np.asarray(traced(*(np.asarray(a, np.float32) for a in args)))
+  inverse = jax.jit(traced.traced_noise_multiplier)
+  z = np.asarray(inverse(*(np.asarray(a, np.float32) for a in args)))
   z, tiny_z = z[: n.size], z[n.size :]
-  host = accounting.calibrate_noise_multipliers(eps, n, steps, delta, sampler, "rdp", rtol=1e-4)
+  host = calibration.calibrate_noise_multipliers(eps, n, steps, delta, sampler, "rdp", rtol=1e-4)
   ratio = z / host
   assert np.all(np.abs(ratio - 1) <= 1e-3), (ratio, eps, n)
   for zi, ni, ei in zip(z, n, eps):
     spent = _independent_epsilon(float(zi), int(ni), 32, 80, "poisson", steps, delta, "rdp", ei)
     assert spent <= ei, (zi, ni, ei, spent)
-  host = accounting.calibrate_noise_multipliers(tiny_eps[:3], tiny_n[:3], 100, 1e-5, poisson(32), "rdp", 1e-4)
+  host = calibration.calibrate_noise_multipliers(
+    tiny_eps[:3], tiny_n[:3], 100, 1e-5, poisson(32), "rdp", 1e-4
+  )
   np.testing.assert_allclose(tiny_z[:3], host, rtol=1e-3)
   assert tiny_z[3] == np.inf
   with pytest.raises(ConfigError, match="needs a noise multiplier outside"):
-    accounting.calibrate_noise_multipliers(tiny_eps[3:], tiny_n[3:], 100, 1e-5, poisson(32), "rdp")
+    calibration.calibrate_noise_multipliers(tiny_eps[3:], tiny_n[3:], 100, 1e-5, poisson(32), "rdp")
 
 
 class TracedTest(chex.TestCase):
   """The traced accountant: RDP at dp-accounting's orders in jnp, its epsilon, and the inverse eps -> z."""
 
   def test_rdp_and_epsilon_agree_with_dp_accounting_at_its_default_orders(self):
-    assert tuple(rdp_privacy_accountant.DEFAULT_RDP_ORDERS) == accounting.TRACED_ORDERS
+    assert tuple(rdp_privacy_accountant.DEFAULT_RDP_ORDERS) == traced.TRACED_ORDERS
     _traced_vs_dp_accounting(50, configs=12)
 
   @pytest.mark.slow
@@ -512,11 +512,11 @@ class TracedTest(chex.TestCase):
   def test_fractional_series_bound_its_rest(self):
     """The tail bound of the fixed-length fractional series: sum_{i >= N} |C(alpha, i)| = |C(alpha, N)|
     N / alpha (checked by summing 10^6 terms), and the traced log A is never below dp-accounting's."""
-    i = np.arange(accounting.FRACTIONAL_TERMS, 10**6, dtype=np.float64)
+    i = np.arange(traced.FRACTIONAL_TERMS, 10**6, dtype=np.float64)
     for alpha in (1.1, 2.5, 10.9):
-      log_c = accounting._log_abs_binomial(np.float64(alpha), i)
+      log_c = traced._log_abs_binomial(np.float64(alpha), i)
       rest = np.sum(np.exp(log_c)) + np.exp(log_c[-1]) * 1e6 / alpha  # the sum past 10^6, by the identity
-      bound = np.exp(accounting._order_tables((alpha,)).log_tail_coef[0])
+      bound = np.exp(traced._order_tables((alpha,)).log_tail_coef[0])
       np.testing.assert_allclose(bound, rest, rtol=1e-9)
 
   def test_calibration_matches_the_host_and_is_certified(self):
@@ -536,7 +536,7 @@ class TracedTest(chex.TestCase):
     steps, delta = 200.0, 1e-5
 
     def noise(e, r, p):
-      return accounting.traced_noise_multiplier(e, r, steps, delta, p)
+      return traced.traced_noise_multiplier(e, r, steps, delta, p)
 
     def finite_total(e, r, p):
       z = noise(e, r, p)
@@ -570,8 +570,8 @@ class TracedTest(chex.TestCase):
   def test_vmap_over_games(self):
     eps = jnp.linspace(0.5, 8.0, 12).reshape(3, 4)
     rates = jnp.full((3, 4), 0.1)
-    z = jax.jit(jax.vmap(lambda e, r: accounting.traced_noise_multiplier(e, r, 50.0, 1e-5)))(eps, rates)
-    chex.assert_trees_all_close(z, accounting.traced_noise_multiplier(eps, rates, 50.0, 1e-5), rtol=1e-5)
+    z = jax.jit(jax.vmap(lambda e, r: traced.traced_noise_multiplier(e, r, 50.0, 1e-5)))(eps, rates)
+    chex.assert_trees_all_close(z, traced.traced_noise_multiplier(eps, rates, 50.0, 1e-5), rtol=1e-5)
     chex.assert_shape(z, (3, 4))
     assert bool(jnp.all(jnp.diff(z, axis=1) < 0))
 
@@ -580,88 +580,88 @@ class InputTest(chex.TestCase):
   @parameterized.named_parameters(
     (
       "nan_eps",
-      lambda: accounting.surrogate_noise_multiplier(jnp.array([1.0, jnp.nan]), 10, 1e-5),
+      lambda: surrogate.surrogate_noise_multiplier(jnp.array([1.0, jnp.nan]), 10, 1e-5),
       r"eps\[1\]=nan",
     ),
     (
       "negative_eps",
-      lambda: accounting.calibrate_noise_multipliers([1.0, -0.5], 10, 10, 1e-5, poisson(1)),
+      lambda: calibration.calibrate_noise_multipliers([1.0, -0.5], 10, 10, 1e-5, poisson(1)),
       r"eps\[1\]=-0.5 .*>= 0",
     ),
-    ("infinite_eps", lambda: accounting.noise_variance(np.inf, 10, 1e-5), r"eps=inf .*finite"),
-    ("delta_zero", lambda: accounting.surrogate_epsilon(1.0, 10, 0.0), r"delta=0.0 .*\(0, 1\)"),
-    ("delta_one", lambda: accounting.accountant_epsilon(1.0, 10, 10, 1.0, poisson(1)), r"delta=1.0"),
-    ("delta_nan", lambda: accounting.epsilon_spent([1.0], 10, 10, math.nan, poisson(1)), r"delta=nan"),
+    ("infinite_eps", lambda: surrogate.noise_variance(np.inf, 10, 1e-5), r"eps=inf .*finite"),
+    ("delta_zero", lambda: surrogate.surrogate_epsilon(1.0, 10, 0.0), r"delta=0.0 .*\(0, 1\)"),
+    ("delta_one", lambda: ledger.accountant_epsilon(1.0, 10, 10, 1.0, poisson(1)), r"delta=1.0"),
+    ("delta_nan", lambda: ledger.epsilon_spent([1.0], 10, 10, math.nan, poisson(1)), r"delta=nan"),
     (
       "examples_zero",
-      lambda: accounting.accountant_epsilon(1.0, 0, 10, 1e-5, poisson(1)),
+      lambda: ledger.accountant_epsilon(1.0, 0, 10, 1e-5, poisson(1)),
       r"num_examples=0 .*integers >= 1",
     ),
     (
       "examples_float",
-      lambda: accounting.calibrate_noise_multipliers([1.0], [1.5], 10, 1e-5, poisson(1)),
+      lambda: calibration.calibrate_noise_multipliers([1.0], [1.5], 10, 1e-5, poisson(1)),
       r"num_examples has dtype float64",
     ),
     (
       "sampler_kind",
-      lambda: accounting.epsilon_spent([1.0], [9], 10, 1e-5, poisson(1)._replace(kind="x")),
+      lambda: ledger.epsilon_spent([1.0], [9], 10, 1e-5, poisson(1)._replace(kind="x")),
       "kind='x'",
     ),
-    ("capacity", lambda: accounting.epsilon_spent([1.0], [9], 10, 1e-5, poisson(8, 4)), r"capacity=4 .*>= 8"),
+    ("capacity", lambda: ledger.epsilon_spent([1.0], [9], 10, 1e-5, poisson(8, 4)), r"capacity=4 .*>= 8"),
     (
       "fixed_capacity",
-      lambda: accounting.epsilon_spent([1.0], [9], 10, 1e-5, poisson(8, 9)._replace(kind="fixed")),
+      lambda: ledger.epsilon_spent([1.0], [9], 10, 1e-5, poisson(8, 9)._replace(kind="fixed")),
       "capacity=9",
     ),
     (
       "sampler_type",
-      lambda: accounting.epsilon_spent([1.0], [9], 10, 1e-5, ("poisson", 1, 2)),
-      "accounting.Sampler",
+      lambda: ledger.epsilon_spent([1.0], [9], 10, 1e-5, ("poisson", 1, 2)),
+      "events.Sampler",
     ),
     (
       "steps_zero",
-      lambda: accounting.calibrate_noise_multipliers([1.0], 10, 0, 1e-5, poisson(1)),
+      lambda: calibration.calibrate_noise_multipliers([1.0], 10, 0, 1e-5, poisson(1)),
       r"steps=0 .*>= 1",
     ),
-    ("steps_float", lambda: accounting.surrogate_epsilon(1.0, 2.5, 1e-5), r"steps=2.5 .*integer"),
+    ("steps_float", lambda: surrogate.surrogate_epsilon(1.0, 2.5, 1e-5), r"steps=2.5 .*integer"),
     (
       "negative_steps_done",
-      lambda: accounting.epsilon_spent([1.0], 10, [-1], 1e-5, poisson(1)),
+      lambda: ledger.epsilon_spent([1.0], 10, [-1], 1e-5, poisson(1)),
       r"steps_done\[0\]=-1",
     ),
     (
       "zero_noise",
-      lambda: accounting.epsilon_spent([0.0], 10, 10, 1e-5, poisson(1)),
+      lambda: ledger.epsilon_spent([0.0], 10, 10, 1e-5, poisson(1)),
       r"noise_multiplier\[0\]=0.0",
     ),
     (
       "accountant",
-      lambda: accounting.accountant_epsilon(1.0, 10, 10, 1e-5, poisson(1), "gdp"),
+      lambda: ledger.accountant_epsilon(1.0, 10, 10, 1e-5, poisson(1), "gdp"),
       r"accountant='gdp'",
     ),
     (
       "rtol",
-      lambda: accounting.calibrate_noise_multipliers([1.0], 10, 10, 1e-5, poisson(1), rtol=0.0),
+      lambda: calibration.calibrate_noise_multipliers([1.0], 10, 10, 1e-5, poisson(1), rtol=0.0),
       r"rtol=0.0",
     ),
     (
       "shapes",
-      lambda: accounting.calibrate_noise_multipliers([1.0, 2.0], [10, 5, 3], 10, 1e-5, poisson(1)),
+      lambda: calibration.calibrate_noise_multipliers([1.0, 2.0], [10, 5, 3], 10, 1e-5, poisson(1)),
       r"share one length",
     ),
     (
       "unreachable_budget",
-      lambda: accounting.calibrate_noise_multipliers([1e-4], 1, 10, 1e-5, poisson(1)),
+      lambda: calibration.calibrate_noise_multipliers([1e-4], 1, 10, 1e-5, poisson(1)),
       r"eps\[0\]=0.0001 .*noise multiplier outside",
     ),
     (
       "traced_rate",
-      lambda: accounting.traced_noise_multiplier(1.0, 1.5, 10, 1e-5),
+      lambda: traced.traced_noise_multiplier(1.0, 1.5, 10, 1e-5),
       r"sampling_rate=1.5 .*\(0, 1\]",
     ),
     (
       "traced_overflow",
-      lambda: accounting.traced_noise_multiplier(1.0, 0.5, 10, 1e-5, -1.0),
+      lambda: traced.traced_noise_multiplier(1.0, 0.5, 10, 1e-5, -1.0),
       r"overflow=-1.0 .*probabilities",
     ),
   )

@@ -13,7 +13,7 @@ from scipy import stats
 from fcfn_jax import models
 from fcfn_jax.attacks import audit
 from fcfn_jax.config import FederatedConfig, PrivacyConfig
-from fcfn_jax.privacy import accounting
+from fcfn_jax.privacy import calibration, events, ledger
 from fcfn_jax.validate import ConfigError
 
 DELTA = 1e-5
@@ -85,14 +85,14 @@ def _scores(noise_multiplier: float, seed: int) -> np.ndarray:
 
 def _claimed_noise(eps: float, fed: FederatedConfig = FED, privacy: PrivacyConfig = PRIVACY) -> float:
   """z whose RDP epsilon over the client's STEPS steps of the configured sampler is eps (the claim)."""
-  sampler = accounting.sampler_of(fed, privacy)
-  return float(accounting.calibrate_noise_multipliers(eps, N, STEPS, DELTA, sampler)[0])
+  sampler = events.sampler_of(fed, privacy)
+  return float(calibration.calibrate_noise_multipliers(eps, N, STEPS, DELTA, sampler)[0])
 
 
 def _claim(z: float, fed: FederatedConfig = FED, privacy: PrivacyConfig = PRIVACY) -> float:
   """The tightest accountant's epsilon of the audited client: PLD where supported, else RDP."""
   accountant = "rdp" if privacy.sampling == "fixed" else "pld"
-  return accounting.accountant_epsilon(z, N, STEPS, DELTA, accounting.sampler_of(fed, privacy), accountant)
+  return ledger.accountant_epsilon(z, N, STEPS, DELTA, events.sampler_of(fed, privacy), accountant)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def test_epsilon_bound_uses_the_better_of_both_tails():
 def test_gaussian_scores_bound_is_valid_and_powerful():
   """N(mu, 1) vs N(0, 1) is one Gaussian-mechanism step with z = 1/mu; its exact epsilon bounds the audit."""
   mu, n = 1.5, 20_000
-  exact = accounting.accountant_epsilon(1 / mu, 1, 1, DELTA, accounting.Sampler("poisson", 1, 2), "pld")
+  exact = ledger.accountant_epsilon(1 / mu, 1, 1, DELTA, events.Sampler("poisson", 1, 2), "pld")
   for seed in range(3):
     rng = np.random.default_rng(seed)
     result = audit.audit_scores(rng.normal(size=n), rng.normal(mu, 1.0, size=n), DELTA)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from fcfn_jax import config as fc
 from fcfn_jax import report
-from fcfn_jax.privacy import accounting
+from fcfn_jax.privacy import events, ledger
 
 from .cli import REPO, SCRIPTS, TINY, ScriptWorker, env, import_script
 
@@ -315,15 +315,15 @@ def _claims_row(**cells: object) -> dict[str, str]:
   )
   row.update(cells)
   if "epsilon_spent" not in cells:
-    sampler = accounting.Sampler(row["sampler"], row["batch_size"], row["batch_capacity"])
+    sampler = events.Sampler(row["sampler"], row["batch_size"], row["batch_capacity"])
     row["epsilon_spent"] = _spent(float(row["noise_multiplier"]), row["num_examples"], row["steps"], sampler)
   return {k: str(v) for k, v in row.items()}
 
 
 @functools.cache
-def _spent(z: float, n: int, steps: int, sampler: accounting.Sampler) -> float:
+def _spent(z: float, n: int, steps: int, sampler: events.Sampler) -> float:
   """What the run's ledger records (RDP at delta = 1e-5; 0 for a client that sat out)."""
-  return accounting.accountant_epsilon(z, n, steps, 1e-5, sampler) if math.isfinite(z) and steps > 0 else 0.0
+  return ledger.accountant_epsilon(z, n, steps, 1e-5, sampler) if math.isfinite(z) and steps > 0 else 0.0
 
 
 _SAT_OUT = dict(client=1, noise_multiplier=math.inf, steps=0, budget_epsilon=0.0)

@@ -16,7 +16,7 @@ from scipy import stats
 from fcfn_jax import federated, models
 from fcfn_jax.config import FederatedConfig, PrivacyConfig
 from fcfn_jax.data import ClientPool
-from fcfn_jax.privacy import accounting, clipping
+from fcfn_jax.privacy import clipping, events
 from fcfn_jax.validate import ConfigError
 
 SHAPE = (8, 8, 1)
@@ -79,7 +79,7 @@ def _drawn_slots(capacity, n, steps, sampler, q=1.0, seed=0):
 @pytest.mark.parametrize("kind", ["fixed", "poisson"])
 @pytest.mark.parametrize("capacity,n", [(12, 12), (12, 5), (12, 3), (12, 1), (12, 0), (3, 3), (3, 2)])
 def test_sampling_masks_distinct_valid_slots(kind, capacity, n):
-  sampler = accounting.Sampler(kind, 4, 4 if kind == "fixed" else 7)
+  sampler = events.Sampler(kind, 4, 4 if kind == "fixed" else 7)
   drawn, mask = _drawn_slots(capacity, n, 20, sampler, q=0.6)
   if kind == "fixed":
     np.testing.assert_array_equal(mask.sum(axis=1), min(4, n))
@@ -92,7 +92,7 @@ def test_sampling_masks_distinct_valid_slots(kind, capacity, n):
 
 def test_fixed_sampling_is_uniform_over_valid_slots():
   n, steps = 6, 3000
-  drawn, mask = _drawn_slots(10, n, steps, accounting.Sampler("fixed", 2, 2))
+  drawn, mask = _drawn_slots(10, n, steps, events.Sampler("fixed", 2, 2))
   counts = np.bincount(drawn[mask], minlength=10)
   np.testing.assert_allclose(counts[:n] / (steps * 2), 1 / n, atol=0.02)
   np.testing.assert_array_equal(counts[n:], 0)
@@ -102,7 +102,7 @@ def test_poisson_inclusion_frequency_is_q_for_every_example():
   """Each example joins each step independently with probability q: its count over the steps is
   Bin(steps, q), inside the two-sided interval of level 1 - 0.001 / n (so all n are, with prob >= 0.999)."""
   n, steps, q = 20, 4000, 0.3
-  drawn, mask = _drawn_slots(24, n, steps, accounting.Sampler("poisson", 6, 24), q=q)  # no truncation
+  drawn, mask = _drawn_slots(24, n, steps, events.Sampler("poisson", 6, 24), q=q)  # no truncation
   counts = np.bincount(drawn[mask], minlength=24)
   low, high = stats.binom.interval(1 - 0.001 / n, steps, q)
   assert np.all((low <= counts[:n]) & (counts[:n] <= high)), (counts[:n], low, high)
@@ -113,7 +113,7 @@ def test_poisson_batch_sizes_follow_the_truncated_binomial():
   """Step sizes are min(Bin(n, q), B_max) (chi-square goodness of fit), and a truncated step keeps a
   uniform subset: every example's inclusion rate is E[min(X, B_max)] / n."""
   n, steps, q, cap = 30, 6000, 0.4, 13
-  drawn, mask = _drawn_slots(32, n, steps, accounting.Sampler("poisson", 12, cap), q=q)
+  drawn, mask = _drawn_slots(32, n, steps, events.Sampler("poisson", 12, cap), q=q)
   sizes = mask.sum(axis=1)
   pmf = stats.binom.pmf(np.arange(cap + 1), n, q)
   pmf[cap] += stats.binom.sf(cap, n, q)  # the truncated mass piles up at B_max
@@ -133,7 +133,7 @@ def test_poisson_batch_sizes_follow_the_truncated_binomial():
 def test_masked_out_slots_contribute_exactly_nothing():
   """A Poisson step's unjoined and padding slots: NaN or huge pixels there leave the DP gradient, its
   losses and norms bitwise unchanged."""
-  sampler = accounting.Sampler("poisson", 4, 10)
+  sampler = events.Sampler("poisson", 4, 10)
   pool, params = _pool(), _state().params
   xs, ys, mask = _sample(jax.random.key(3), pool.x[0], pool.y[0], jnp.int32(12), jnp.float32(0.3), 5, sampler)
   assert 0 < int(mask.sum()) < mask.size
@@ -385,7 +385,7 @@ def test_round_rejects_mismatched_shapes():
 # Blocked slots: a local step computes only the blocks of slots some client of the chunk has joined.
 # ----------------------------------------------------------------------------------------------------------
 
-ALL_SLOTS = accounting.sampler_of(FED, PRIVATE).capacity  # B_max = 27 for B = 4: one block of every slot
+ALL_SLOTS = events.sampler_of(FED, PRIVATE).capacity  # B_max = 27 for B = 4: one block of every slot
 
 
 def test_blocked_slot_block_is_validated_and_resolved():
@@ -393,7 +393,7 @@ def test_blocked_slot_block_is_validated_and_resolved():
     FederatedConfig(slot_block=-1)
   with pytest.raises(ConfigError, match=r"slot_block=2.0 is invalid"):
     FederatedConfig(slot_block=2.0)
-  poisson, fixed = accounting.Sampler("poisson", 32, 81), accounting.Sampler("fixed", 32, 32)
+  poisson, fixed = events.Sampler("poisson", 32, 81), events.Sampler("fixed", 32, 32)
   auto = FederatedConfig(batch_size=32)
   assert federated.slot_block(auto, poisson) == 8  # ceil(B / 4)
   assert federated.slot_block(auto, fixed) == 32  # fixed batches are full: one block

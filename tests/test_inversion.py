@@ -13,7 +13,7 @@ import pytest
 from fcfn_jax import data, models
 from fcfn_jax.attacks import inversion
 from fcfn_jax.config import PrivacyConfig
-from fcfn_jax.privacy import accounting
+from fcfn_jax.privacy import calibration, events
 
 SHAPE = (28, 28, 1)
 CLASSES = 10
@@ -132,7 +132,7 @@ def test_dp_noise_defeats_the_attack():
   blank = float(inversion.psnr(jnp.zeros_like(target), target)[0])
   # eps = 8 over 25 steps at sampling rate 1/8, as a client of a short federated run would spend it.
   z_eps8 = float(
-    accounting.calibrate_noise_multipliers(8.0, 256, 25, 1e-5, accounting.Sampler("poisson", 32, 81))[0]
+    calibration.calibrate_noise_multipliers(8.0, 256, 25, 1e-5, events.Sampler("poisson", 32, 81))[0]
   )
   clean = float(inversion.psnr(_attack(_gradient(x[:1], y[:1])).x, target)[0])
   quality = {}

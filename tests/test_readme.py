@@ -207,9 +207,9 @@ def test_the_default_command_reproduces_the_readme_table(tmp_path):
 
 
 def test_the_docs_quote_the_default_batch_capacity():
-  """docs/privacy.md's B -> B_max figures are accounting.default_capacity's."""
-  from fcfn_jax.privacy import accounting
+  """docs/privacy.md's B -> B_max figures are events.default_capacity's."""
+  from fcfn_jax.privacy import events
 
   quoted = re.search(r"\(B = 8 -> (\d+), 32 -> (\d+), 128 -> (\d+)\)", _read("docs", "privacy.md"))
   assert quoted, "docs/privacy.md no longer quotes the default B_max"
-  assert [int(b) for b in quoted.groups()] == [accounting.default_capacity(b) for b in (8, 32, 128)]
+  assert [int(b) for b in quoted.groups()] == [events.default_capacity(b) for b in (8, 32, 128)]

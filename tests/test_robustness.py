@@ -30,7 +30,7 @@ from fcfn_jax import checkpoint, data, simulation, validate
 from fcfn_jax import config as fc
 from fcfn_jax.game import baselines, misreport, solver
 from fcfn_jax.game.spec import Game, GameSpec, spec_from_config, validate_game
-from fcfn_jax.privacy import accounting
+from fcfn_jax.privacy import calibration, events, ledger, surrogate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -225,21 +225,21 @@ def test_game_input_errors(costs, weights, match):
     baselines.solve(_game(costs, weights), _spec("posted_price"))
 
 
-SAMPLER = accounting.Sampler("poisson", 2, 20)  # q = 2 / n for the fuzzed dataset sizes n
+SAMPLER = events.Sampler("poisson", 2, 20)  # q = 2 / n for the fuzzed dataset sizes n
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_arrays(max_side=3), st.sampled_from([50, 1, 0, -3, 2.5, math.nan]))
 def test_fuzzed_budgets_calibrate_or_raise_a_config_error(eps, num_examples):
   try:
-    z = accounting.calibrate_noise_multipliers(eps, num_examples, 20, 1e-5, SAMPLER, "rdp")
+    z = calibration.calibrate_noise_multipliers(eps, num_examples, 20, 1e-5, SAMPLER, "rdp")
   except validate.ConfigError as err:
     assert "\n" not in str(err), str(err)
   else:
     eps, z = np.atleast_1d(eps), np.atleast_1d(z)
     np.testing.assert_array_equal(np.isinf(z), eps == 0)
     assert np.all(z > 0)
-    spent = accounting.epsilon_spent(z[eps > 0], num_examples, 20, 1e-5, SAMPLER, "rdp")
+    spent = ledger.epsilon_spent(z[eps > 0], num_examples, 20, 1e-5, SAMPLER, "rdp")
     assert np.all(spent <= eps[eps > 0] * (1 + 1e-9))
 
 
@@ -247,18 +247,18 @@ def test_fuzzed_budgets_calibrate_or_raise_a_config_error(eps, num_examples):
   "build, match",
   [
     (
-      lambda: accounting.calibrate_noise_multipliers(np.array([-1.0]), 10, 10, 1e-5, SAMPLER),
+      lambda: calibration.calibrate_noise_multipliers(np.array([-1.0]), 10, 10, 1e-5, SAMPLER),
       r"eps\[0\]=-1.0 is invalid",
     ),
     (
-      lambda: accounting.calibrate_noise_multipliers(np.array(["1"]), 10, 10, 1e-5, SAMPLER),
+      lambda: calibration.calibrate_noise_multipliers(np.array(["1"]), 10, 10, 1e-5, SAMPLER),
       r"eps has dtype <U1",
     ),
     (
-      lambda: accounting.calibrate_noise_multipliers(np.array([1e300]), 10, 10, 1e-5, SAMPLER),
+      lambda: calibration.calibrate_noise_multipliers(np.array([1e300]), 10, 10, 1e-5, SAMPLER),
       r"eps\[0\]=1e\+300 .* needs a noise multiplier outside",
     ),
-    (lambda: accounting.surrogate_noise_multiplier(np.array([1.0, np.nan]), 10, 1e-5), r"eps\[1\]=nan"),
+    (lambda: surrogate.surrogate_noise_multiplier(np.array([1.0, np.nan]), 10, 1e-5), r"eps\[1\]=nan"),
     (lambda: solver.validate_game(np.ones(3), 0.0), r"eps_max=0.0 is invalid: expected finite values > 0"),
     (
       lambda: misreport.misreported_outcome(_game(np.ones(3), np.ones(3)), _spec("posted_price"), [1.0, 2.0]),

@@ -18,7 +18,7 @@ from scipy import stats
 
 from fcfn_jax import checkpoint, data, federated, fingerprint, report, simulation, validate
 from fcfn_jax import config as fc
-from fcfn_jax.privacy import accounting
+from fcfn_jax.privacy import events
 
 
 def _cfg(tmp_path=None, **game) -> fc.SimulationConfig:
@@ -131,7 +131,7 @@ def test_trainable_noise_is_the_least_float32_at_or_above_z():
 def test_calibrate_maps_each_distinct_input_once_and_scatters_back(monkeypatch):
   """Clients sharing (eps, q, p) share one evaluation of the map; every client gets its own row back."""
   cfg = dataclasses.replace(_cfg(), privacy=fc.PrivacyConfig(calibration="surrogate"))
-  sampler = accounting.sampler_of(cfg.federated, cfg.privacy)
+  sampler = events.sampler_of(cfg.federated, cfg.privacy)
   eps = np.array([1.0, 2.0, 1.0, 1.0, 2.0, 0.5])
   n = np.array([40, 40, 40, 4, 40, 4])  # n = 4 and n = 40 differ in q
   overflow = np.zeros(6)
@@ -199,7 +199,7 @@ def test_an_unmet_budget_sits_out_unless_the_truncation_charge_is_the_cause(capl
   0.003, the traced map's inf) sits out with a warning naming it; the truncation charge refuses the run,
   naming that cause; a client too light to matter is skipped silently."""
   cfg = dataclasses.replace(_cfg(), privacy=fc.PrivacyConfig(calibration="traced"))
-  sampler = accounting.sampler_of(cfg.federated, cfg.privacy)
+  sampler = events.sampler_of(cfg.federated, cfg.privacy)
   eps, rates = np.array([1.0, 0.003, 2.0, 1e-30]), np.full(4, 0.3)
   z, light = np.array([1.5, np.inf, 0.9, np.inf]), np.array([False, False, False, True])
   overflow = np.array([0.0, 0.0, 1e-3, 0.0])  # client 2: (1 + e^2) 1e-3 > delta, but it got a finite z

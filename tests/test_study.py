@@ -20,7 +20,7 @@ from fcfn_jax import report, simulation, stats, validate
 from fcfn_jax import study as st
 from fcfn_jax.game import valuation
 from fcfn_jax.game.spec import NOISE_LOG_EPS
-from fcfn_jax.privacy import accounting
+from fcfn_jax.privacy import surrogate
 
 from . import cli
 
@@ -308,7 +308,7 @@ def test_rescored_quality_is_the_outcomes_q_under_the_other_noise_map(monkeypatc
 
   def table(rates, spec):
     built.append((np.asarray(rates), spec))
-    z = accounting.surrogate_noise_multiplier(jnp.exp(jnp.asarray(NOISE_LOG_EPS)), spec.steps, spec.delta)
+    z = surrogate.surrogate_noise_multiplier(jnp.exp(jnp.asarray(NOISE_LOG_EPS)), spec.steps, spec.delta)
     return jnp.broadcast_to(jnp.log(z / 3), (rates.shape[0], len(NOISE_LOG_EPS)))
 
   built = []

@@ -11,7 +11,7 @@ from fcfn_jax import simulation
 from fcfn_jax.config import MECHANISMS, GameConfig, PrivacyConfig, SimulationConfig
 from fcfn_jax.game import baselines, leader, valuation
 from fcfn_jax.game.spec import validate_game
-from fcfn_jax.privacy import accounting
+from fcfn_jax.privacy import surrogate, traced
 from fcfn_jax.validate import ConfigError
 from tests.games import costs_and_weights, game, spec
 
@@ -22,8 +22,8 @@ DP, FEDAVG, LOG = spec("dp"), spec("dp", aggregation="fedavg"), spec("log")
 
 def _variances(budgets, g, s):
   """sigma_i^2 = z(eps_i)^2 + z(data_epsilon)^2 / w_i, written out from the accountant's surrogate."""
-  z = accounting.surrogate_noise_multiplier(budgets, s.steps, s.delta)
-  return z**2 + accounting.surrogate_noise_multiplier(g.data_epsilon, s.steps, s.delta) ** 2 / g.weights
+  z = surrogate.surrogate_noise_multiplier(budgets, s.steps, s.delta)
+  return z**2 + surrogate.surrogate_noise_multiplier(g.data_epsilon, s.steps, s.delta) ** 2 / g.weights
 
 
 def test_noise_aware_weights_are_inverse_variance_and_sum_to_one():
@@ -113,15 +113,15 @@ def test_the_accountant_table_is_the_traced_accountant_within_one_percent():
   table = np.stack(
     [np.asarray(valuation.noise_multiplier(jnp.full(len(_RATES), e), g, ACCOUNTANT)) for e in budgets]
   )
-  traced = np.asarray(accounting.traced_noise_multiplier(budgets[:, None], _RATES, 30, 1e-5))
-  finite = np.isfinite(traced)
+  tight = np.asarray(traced.traced_noise_multiplier(budgets[:, None], _RATES, 30, 1e-5))
+  finite = np.isfinite(tight)
   assert finite.mean() > 0.9
-  error = np.abs(table[finite] / traced[finite] - 1)
+  error = np.abs(table[finite] / tight[finite] - 1)
   assert error.max() < 1.5e-2 and np.median(error) < 2e-3, (error.max(), np.median(error))
   # The surrogate ignores q: at q = 0.05 and eps = 0.05 it asks for ~30x the accountant's noise.
-  surrogate = accounting.surrogate_noise_multiplier(0.05, 30, 1e-5)
+  closed = surrogate.surrogate_noise_multiplier(0.05, 30, 1e-5)
   accountant = valuation.noise_multiplier(jnp.full(len(_RATES), 0.05), g, ACCOUNTANT)[0]
-  assert surrogate > 20 * accountant
+  assert closed > 20 * accountant
 
 
 @pytest.mark.slow  # ~10 s of compiles

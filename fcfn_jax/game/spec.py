@@ -33,9 +33,9 @@ from fcfn_jax.validate import (
 
 # The budgets of the noise table (``Game.noise_table``, docs/model.md "Stage I"): a uniform grid in log eps,
 # 32 points a decade over [1e-2, 1e2] (the budgets games use; outside it the table continues with the
-# surrogate's slope). Linear interpolation in (log eps, log z) is within 1.3% of the traced accountant's z
-# for q in [0.05, 1] and eps in [0.035, 8] (median 0.02%): the largest errors sit at the kinks where its
-# optimal integer order jumps (63 -> 128 -> 256, eps ~ 0.07 and 0.16); 16 a decade gave 2.1%.
+# surrogate's slope). Linear interpolation in (log eps, log z): its error against the traced accountant's z
+# is docs/model.md's ("Stage I", tested in tests/test_valuation.py); the largest errors sit at the kinks
+# where the accountant's optimal order jumps.
 NOISE_LOG_EPS = np.linspace(math.log(1e-2), math.log(1e2), 129)
 
 

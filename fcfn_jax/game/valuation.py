@@ -40,13 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from fcfn_jax.game.spec import NOISE_LOG_EPS, Game, GameSpec
-from fcfn_jax.privacy import accounting
+from fcfn_jax.privacy import calibration, surrogate, traced
 from fcfn_jax.validate import require
 
 # The noise multipliers at which the accountant's forward map eps_i(z) is evaluated to build the table: the
 # traced accountant's calibration range, 256 points (its inverse, read off by linear interpolation in
 # log-log, then sits within the table's interpolation error of the root find's; 192 points lost ~0.1%).
-_TABLE_LOG_Z = np.linspace(*(math.log(z) for z in accounting.CALIBRATION_Z_RANGE), 256)
+_TABLE_LOG_Z = np.linspace(*(math.log(z) for z in calibration.CALIBRATION_Z_RANGE), 256)
 # A table budget counts as certified by the accountant only this far (relative) above the budget of the
 # largest z of the range: the order -> DP conversion floors eps (~0.02 at delta 1e-5) and z(eps) is ill
 # defined near that floor; below it the table follows the surrogate's slope.
@@ -55,13 +55,13 @@ _TABLE_CLIENTS_PER_BATCH = 16  # bounds the forward map's [clients, z grid, RDP 
 
 
 def _surrogate_log_noise(eps: chex.Array, steps: int, delta: float) -> chex.Array:
-  return jnp.log(accounting.surrogate_noise_multiplier(eps, steps, delta))
+  return jnp.log(surrogate.surrogate_noise_multiplier(eps, steps, delta))
 
 
 def noise_table(sampling_rates: chex.Array, spec: GameSpec) -> jax.Array:
   """log z_i at the budgets exp(NOISE_LOG_EPS): [..., N, len(NOISE_LOG_EPS)] for rates q_i [..., N].
 
-  z_i(eps) is the traced accountant's noise multiplier (``accounting.traced_epsilon``: ``spec.steps``
+  z_i(eps) is the traced accountant's noise multiplier (``traced.traced_epsilon``: ``spec.steps``
   Poisson-subsampled Gaussian steps at rate q_i, delta ``spec.delta``; docs/model.md "From epsilon_i to
   noise") read off its forward map: eps_i(z_j) on a log-grid of z, inverted by linear interpolation in
   (log eps, log z). Budgets the accountant cannot certify in its z range (below 1.5 x its floor, or
@@ -81,7 +81,7 @@ def _noise_table(q: jax.Array, steps: int, delta: float) -> jax.Array:
   index = jnp.arange(grid.shape[0])
 
   def one(rate):
-    eps = accounting.traced_epsilon(jnp.exp(log_z), rate, steps, delta)
+    eps = traced.traced_epsilon(jnp.exp(log_z), rate, steps, delta)
     # Increasing in eps once reversed (z decreasing); eps = 0 (the KL branch at huge z) stays finite.
     log_eps = jnp.log(jnp.maximum(eps, jnp.finfo(dtype).tiny))[::-1]
     table = jnp.interp(grid, log_eps, log_z[::-1])
@@ -134,7 +134,7 @@ def noise_multiplier(budgets: chex.Array, game: Game, spec: GameSpec) -> chex.Ar
   'accountant': the traced accountant at q_i, interpolated on ``game.noise_table`` (:func:`noise_table`).
   """
   if spec.noise_model == "surrogate":
-    return accounting.surrogate_noise_multiplier(budgets, spec.steps, spec.delta)
+    return surrogate.surrogate_noise_multiplier(budgets, spec.steps, spec.delta)
   require(
     game.noise_table is not None,
     "noise_model='accountant' needs game.noise_table: build the game with valuation.with_noise_table",

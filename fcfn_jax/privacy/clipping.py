@@ -31,9 +31,9 @@ losses, norms). Two implementations compute the same sum:
 :func:`blocked_clipped_sum` computes any of them over a step's slots in blocks, skipping the blocks that
 hold no joined slot; :func:`privatize` adds the noise once to the summed blocks.
 
-:func:`make_clipped_sum_fn` picks the tapped path when the model allows it. On a 2-core CPU, for the EMNIST
-CNN it is ~15x faster than vmap(grad) through ``nn.Conv`` and about as fast as a non-private gradient
-(benchmarks/README.md).
+:func:`make_clipped_sum_fn` picks the tapped path when the model allows it: for the EMNIST CNN the fastest
+of the methods, measured against vmap(grad) through ``nn.Conv`` and a non-private gradient in
+benchmarks/README.md ("Targets", bench_round.py).
 """
 
 from __future__ import annotations
