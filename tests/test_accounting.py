@@ -670,5 +670,15 @@ class InputTest(chex.TestCase):
       call()
 
 
+def test_accounting_re_exports_each_public_name_from_its_module():
+  """privacy/accounting.py holds no code: every public name is the object of the module that defines it."""
+  from fcfn_jax.privacy import accounting
+
+  assert {n for n in vars(accounting) if not n.startswith("_")} == set(accounting.__all__)
+  modules = (calibration, events, ledger, surrogate, traced)
+  for name in accounting.__all__:
+    assert any(getattr(m, name, None) is getattr(accounting, name) for m in modules), name
+
+
 if __name__ == "__main__":
   absltest.main()
