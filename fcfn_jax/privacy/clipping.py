@@ -93,7 +93,14 @@ def per_example_value_and_grad(loss_fn: LossFn) -> PerExampleFn:
 def per_example_norms(grads: chex.ArrayTree) -> chex.Array:
   """||g_j||_2 over all leaves of a pytree with leading example axis [B, ...] -> [B]."""
   squares = [jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1) for g in jax.tree.leaves(grads)]
-  return jnp.sqrt(sum(squares))
+  return _norm_of_squares(sum(squares))
+
+
+def _norm_of_squares(squares: chex.Array) -> chex.Array:
+  """sqrt(s) with a zero (not NaN) derivative at s = 0: a masked slot's zero gradient stays differentiable
+  (``fcfn_jax.hypergrad`` differentiates the rounds through the clipping)."""
+  positive = squares > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
 
 
 def _clip_factors(norms: chex.Array, clip_norm: chex.Numeric) -> chex.Array:
@@ -214,7 +221,7 @@ def _norms_and_kernel_grads(
       gram_grads = jnp.einsum("bte,bse->bts", t.out_grads, t.out_grads)
       squares.append(jnp.sum(gram_inputs * gram_grads, axis=(1, 2)))
     squares.append(jnp.sum(jnp.square(jnp.sum(t.out_grads, axis=1)), axis=1))
-  return jnp.sqrt(sum(squares)), kernel_grads
+  return _norm_of_squares(sum(squares)), kernel_grads
 
 
 def tapped_norms(taps: dict[tuple[str, ...], LayerTaps]) -> chex.Array:

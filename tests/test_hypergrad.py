@@ -1,0 +1,109 @@
+"""Hypergradients of the trained model's validation loss w.r.t. the payment R (fcfn_jax.hypergrad).
+
+Tolerances: for fixed keys U(R) is float64 end to end except the z_i the rounds train with (rounded up
+to float32, relative 6e-8, straight-through in the gradient) and the rounds' float32 aggregation
+weights; z_i only scales the noise, so one evaluation's rounding stays below ROUNDING |U| (at h = 1e-4
+the differences jitter by ~3e-10 |U| / h). U is piecewise smooth: the clipping has kinks where a
+per-example norm crosses C, which central differences with h >~ 0.05 straddle (they then drift by ~0.1
+here), so the steps are small. Central differences with common random numbers (the same keys) then have
+a truncation error estimated by the change between steps h and h / 2, plus ROUNDING |U| / h; the check is
+that the reverse-mode gradient lies within twice the former plus the latter of the finer difference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fcfn_jax import config as fc
+from fcfn_jax import data, hypergrad
+from fcfn_jax.game import leader
+
+LAMBDA_ACC = 1000.0  # large enough that the trained model, not the payment, dominates dU/dR
+ROUNDING = 1e-9  # relative rounding of one evaluation of U (float32 z and aggregation weights)
+
+
+def _cfg() -> fc.SimulationConfig:
+  return fc.SimulationConfig(
+    data=fc.DataConfig(num_clients=10, capacity=32, test_examples=200),
+    model=fc.ModelConfig(name="logreg"),
+    federated=fc.FederatedConfig(rounds=3, local_steps=2, batch_size=8, client_lr=0.5),
+    privacy=fc.PrivacyConfig(calibration="traced"),
+  )
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg = _cfg()
+  fed_data = data.load_federated(cfg.data)
+  problem, spec, apply_fn, held_out = hypergrad.make_problem(cfg, fed_data)
+  kw = dict(lambda_acc=LAMBDA_ACC, apply_fn=apply_fn, cfg=cfg, spec=spec)
+  with jax.enable_x64(True):
+    keys = hypergrad.draw_keys(cfg, 2)
+  return cfg, fed_data, problem, spec, keys, kw, held_out
+
+
+def _objective(setup, payment):
+  _, _, problem, _, keys, kw, _ = setup
+  return np.asarray(hypergrad.objective_draws(jnp.float64(payment), problem, keys, **kw))
+
+
+def _central(setup, payment, h):
+  return (_objective(setup, payment + h) - _objective(setup, payment - h)) / (2 * h)
+
+
+def test_validation_split_is_disjoint_from_the_held_out_test(setup):
+  _, fed_data, problem, _, _, _, held_out = setup
+  n = 200
+  ids = np.arange(n)
+  test = data.Dataset(ids.astype(np.uint8).reshape(n, 1, 1, 1), ids.astype(np.int32), None, n)
+  validation, rest = hypergrad.split_validation(test, 0.3, jax.random.PRNGKey(0))
+  assert len(validation.y) == 60 and len(rest.y) == 140
+  assert not set(validation.y) & set(rest.y) and set(validation.y) | set(rest.y) == set(ids)
+  assert len(problem.validation_y) + len(held_out.y) == len(fed_data.test.y)
+
+
+def test_hypergradient_matches_central_differences_with_common_random_numbers(setup, x64):
+  _, _, problem, _, keys, kw, _ = setup
+  payment = 35.0  # client 4 interior (0 < eps < eps_max), no cap or entry within the steps
+  hg = hypergrad.hypergradient(jnp.float64(payment), problem, keys, **kw)
+  coarse, fine = _central(setup, payment, 0.004), _central(setup, payment, 0.002)
+  rounding = ROUNDING * np.abs(_objective(setup, payment)) / 0.002
+  error = 2 * np.abs(coarse - fine) + rounding
+  print("grad", np.asarray(hg.grads), "fd", coarse, fine, "error", error, "stderr", float(hg.stderr))
+  assert np.all(np.abs(np.asarray(hg.grads) - fine) <= error)
+  np.testing.assert_allclose(float(hg.grad), np.mean(np.asarray(hg.grads)))
+  np.testing.assert_allclose(float(hg.value), np.mean(_objective(setup, payment)), rtol=1e-12)
+  # The trained model's part of dU/dR (the payment's is -1) is resolved far beyond the error.
+  assert np.all(np.abs(np.asarray(hg.grads) + 1.0) > 10 * error)
+  assert np.isfinite(float(hg.stderr)) and float(hg.stderr) > 0
+
+
+def test_gradient_at_a_participation_threshold_is_the_one_sided_derivative_with_the_client_out(setup, x64):
+  """Client 4 enters at R0 (eps_4 = 0 at R0, > 0 just above). The gradient at R0 is finite and equals the
+  left derivative (the configuration with client 4 out: d eps_4 / dR = 0, z_4 = inf with zero gradient)."""
+  _, _, problem, spec, keys, kw, _ = setup
+  budget = lambda r: float(leader.follower_budgets(jnp.float64(r), problem.game, spec)[4])
+  lo, hi = 21.5, 31.6
+  assert budget(lo) == 0 < budget(hi)
+  for _ in range(60):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if budget(mid) == 0 else (lo, mid)
+  threshold = lo
+  hg = hypergrad.hypergradient(jnp.float64(threshold), problem, keys, **kw)
+  assert np.all(np.isfinite(np.asarray(hg.grads)))
+  at = _objective(setup, threshold)
+  left = lambda h: (at - _objective(setup, threshold - h)) / h
+  right = lambda h: (_objective(setup, threshold + h) - at) / h
+  # Richardson on the one-sided differences (error O(h) -> O(h^2)).
+  left_d = 2 * left(0.05) - left(0.1)
+  right_d = 2 * right(0.05) - right(0.1)
+  error = 2 * np.abs(left(0.05) - left(0.1)) + ROUNDING * np.abs(at) / 0.05
+  print(
+    "threshold", threshold, "grad", np.asarray(hg.grads), "left", left_d, "right", right_d, "error", error
+  )
+  assert np.all(np.abs(np.asarray(hg.grads) - left_d) <= error)
+  # A kink: the right derivative (client 4 in; the others' slopes change) is another number.
+  assert np.any(np.abs(right_d - left_d) > 2 * error)
