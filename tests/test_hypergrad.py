@@ -107,3 +107,17 @@ def test_gradient_at_a_participation_threshold_is_the_one_sided_derivative_with_
   assert np.all(np.abs(np.asarray(hg.grads) - left_d) <= error)
   # A kink: the right derivative (client 4 in; the others' slopes change) is another number.
   assert np.any(np.abs(right_d - left_d) > 2 * error)
+
+
+def test_price_gradient_is_scale_free_and_uniform_prices_are_the_plain_game(setup, x64):
+  """U(R, s pi) = U(R, pi) (only price ratios matter), so sum_i pi_i dU/dpi_i = 0 (Euler); pi = 1 gives
+  the game without prices."""
+  _, _, problem, _, keys, kw, _ = setup
+  prices = jnp.ones(problem.game.costs.shape, jnp.float64)
+  plain = hypergrad.hypergradient(jnp.float64(35.0), problem, keys, **kw)
+  priced = hypergrad.hypergradient(jnp.float64(35.0), problem, keys, prices, **kw)
+  np.testing.assert_allclose(float(priced.value), float(plain.value), rtol=1e-12)
+  np.testing.assert_allclose(float(priced.grad), float(plain.grad), rtol=1e-6)
+  price_grad = np.asarray(priced.price_grad)
+  assert np.all(np.isfinite(price_grad)) and np.abs(price_grad).max() > 0
+  np.testing.assert_allclose(np.sum(price_grad), 0.0, atol=1e-6 * np.abs(price_grad).sum())
