@@ -281,3 +281,19 @@ def hypergradient(
 def draw_keys(cfg: SimulationConfig, num_draws: int) -> chex.PRNGKey:
   """K training keys [K, 2]: fold_in(fold_in(fold_in(PRNGKey(seed), TRAIN), draw), k), k < K."""
   return jax.vmap(lambda k: jax.random.fold_in(simulation.training_key(cfg), k))(jnp.arange(num_draws))
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "cfg", "spec"))
+def trained_draws(
+  payment: chex.Numeric,
+  problem: TrainedProblem,
+  keys: chex.PRNGKey,
+  prices: chex.Array | None = None,
+  *,
+  apply_fn,
+  cfg: SimulationConfig,
+  spec: GameSpec,
+) -> Trained:
+  """:func:`train` for each key of keys [K, 2]: a Trained with a leading [K] axis on every leaf."""
+  one = functools.partial(train, apply_fn=apply_fn, cfg=cfg, spec=spec, outer_axes=(_DRAW_AXIS,))
+  return jax.vmap(one, in_axes=(None, None, 0, None), axis_name=_DRAW_AXIS)(payment, problem, keys, prices)

@@ -8,6 +8,14 @@ payment when it is 0. Also reported: the grid's best uniform payment, ``leader.s
 same groups and, for --valuation=log, the closed form R* = max(0, lam - K_S / (|S|-1)) with the tuned
 payment's absolute error |R - R*| and, where R* > 0, its relative error.
 
+--objective=trained (issue 23) prices against the trained model instead of Q: the game is the data's
+(--num_clients clients of the embedded FEMNIST digits, costs and weights as ``simulation.prepare`` draws
+them), and Adam on log R maximizes U = lambda_acc (-validation loss after T rounds) - R
+(``fcfn_jax.hypergrad``, --draws noise draws, uniform prices) from the Q-optimal R*
+(``leader.solve_leader``). Both R are then evaluated on --draws held-out noise draws (keys the tuning
+never saw): server utility lam Q - R, U, validation loss, held-out test accuracy, payment. Outputs:
+trajectory.{csv,json,md} and summary.json ('traced' calibration; 'exact' is replaced by it).
+
 Outputs in --out (written whole at the end): trajectory.{csv,json,md} (one row per step), summary.json,
 trajectory.png (objective and parameters per step) and manifest.json. Example (about a minute on a CPU):
 
@@ -27,7 +35,7 @@ import optax
 from absl import flags
 
 from fcfn_jax import config as fc
-from fcfn_jax import plotting, report, validate
+from fcfn_jax import data, federated, hypergrad, plotting, report, validate
 from fcfn_jax.game import equilibrium, leader, sweep, tuning
 from fcfn_jax.game.spec import Game, GameSpec
 
@@ -59,6 +67,14 @@ flags.DEFINE_bool(
 flags.DEFINE_float(
   "weight_spread", 4.0, "Data sizes d_i ~ Uniform[1, weight_spread] (finite, >= 1), w = d / mean(d)."
 )
+flags.DEFINE_enum(
+  "objective",
+  "proxy",
+  ["proxy", "trained"],
+  "proxy: lam Q - R on a drawn game; trained: lambda_acc (-validation loss of the trained model) - R.",
+)
+flags.DEFINE_integer("draws", 4, "--objective=trained: noise draws averaged per hypergradient (>= 2).")
+flags.DEFINE_float("lambda_acc", 100.0, "--objective=trained: payment units per nat of validation loss.")
 FLAGS = flags.FLAGS
 FLAGS.set_default("out", "results/tune")
 FLAGS.set_default("lam", 200.0)
@@ -165,8 +181,97 @@ def _tune(game: Game, spec: GameSpec, groups: jax.Array) -> tuple[dict, list]:
   return summary, rows
 
 
+def _evaluate_trained(payment, problem, spec, apply_fn, cfg, keys, held_out) -> dict:
+  """One R on the noise draws ``keys``: the game's utility, U (mean and standard error over the draws),
+  the validation loss and the held-out test accuracy (means over the draws)."""
+  trained = hypergrad.trained_draws(
+    jnp.float64(payment), problem, keys, apply_fn=apply_fn, cfg=cfg, spec=spec
+  )
+  draw = lambda k: jax.tree.map(lambda a: np.asarray(a[k], np.float32), trained.params)
+  with jax.enable_x64(False):  # the evaluation runs in float32, as in the simulation
+    accuracy = [
+      float(federated.evaluate(draw(k), held_out.x, held_out.y, apply_fn, 512)[0])
+      for k in range(keys.shape[0])
+    ]
+  values = -FLAGS.lambda_acc * np.asarray(trained.loss) - payment * bool(np.any(trained.budgets > 0))
+  return {
+    "payment": float(payment),
+    "server_utility": float(leader.server_utility(jnp.float64(payment), problem.game, spec)),
+    "trained_objective": float(values.mean()),
+    "trained_objective_stderr": float(values.std(ddof=1) / np.sqrt(len(values))),
+    "validation_loss": float(np.mean(trained.loss)),
+    "test_accuracy": float(np.mean(accuracy)),
+    "participants": int(np.sum(np.asarray(trained.budgets[0]) > 0)),
+  }
+
+
+def _tune_trained(cfg: fc.SimulationConfig) -> tuple[dict, list]:
+  """Adam on log R for the trained objective from the Q-optimal R*; both evaluated on held-out draws."""
+  validate.check_int("draws", FLAGS.draws, minimum=2, maximum=_MAX)
+  validate.check_positive("lambda_acc", FLAGS.lambda_acc)
+  privacy = cfg.privacy
+  if privacy.calibration == "exact":
+    privacy = dataclasses.replace(privacy, calibration="traced")
+  cfg = dataclasses.replace(
+    cfg, data=dataclasses.replace(cfg.data, num_clients=FLAGS.num_clients), privacy=privacy
+  )
+  fed_data = data.load_federated(cfg.data)
+  problem, spec, apply_fn, held_out = hypergrad.make_problem(cfg, fed_data)
+  with jax.enable_x64(True):
+    keys = hypergrad.draw_keys(cfg, 2 * FLAGS.draws)
+    tune_keys, eval_keys = keys[: FLAGS.draws], keys[FLAGS.draws :]
+    start = float(leader.solve_leader(problem.game, spec).payment)
+    optimizer = optax.adam(optax.exponential_decay(FLAGS.learning_rate, FLAGS.decay_steps, 0.5))
+    theta = jnp.log(jnp.float64(start))
+    state = optimizer.init(theta)
+    rows, best = [], (-np.inf, start)
+    for t in range(FLAGS.steps + 1):
+      payment = jnp.exp(theta)
+      hg = hypergrad.hypergradient(
+        payment, problem, tune_keys, lambda_acc=FLAGS.lambda_acc, apply_fn=apply_fn, cfg=cfg, spec=spec
+      )
+      rows.append(
+        {
+          "step": t,
+          "payment": float(payment),
+          "objective": float(hg.value),
+          "grad": float(hg.grad),
+          "grad_stderr": float(hg.stderr),
+        }
+      )
+      best = max(best, (float(hg.value), float(payment)))
+      if t < FLAGS.steps:  # ascent on U in log R: dU/dlog R = R dU/dR
+        updates, state = optimizer.update(-payment * hg.grad, state, theta)
+        theta = optax.apply_updates(theta, updates)
+    summary = {
+      "objective": "trained",
+      "lambda_acc": FLAGS.lambda_acc,
+      "draws": FLAGS.draws,
+      "steps": FLAGS.steps,
+      "tuned_for_Q": _evaluate_trained(start, problem, spec, apply_fn, cfg, eval_keys, held_out),
+      "tuned_for_training": _evaluate_trained(best[1], problem, spec, apply_fn, cfg, eval_keys, held_out),
+    }
+  return summary, rows
+
+
 def main(_):
   run = sim_flags.run_config(RUN)
+  if FLAGS.objective == "trained":
+    cfg = SIM.value({"game.mechanism": "stackelberg"})
+    validate.check_int("num_clients", FLAGS.num_clients, minimum=2, maximum=_MAX)
+    validate.check_int("steps", FLAGS.steps, maximum=_MAX)
+    header = (
+      f"trained objective: {FLAGS.num_clients} clients, lambda_acc {FLAGS.lambda_acc}, {FLAGS.draws} draws, "
+      f"{FLAGS.steps} Adam steps on log R; {cfg.federated.rounds} x {cfg.federated.local_steps} steps, "
+      f"seed {cfg.seed}"
+    )
+    with sim_flags.results(run, header, dataclasses.asdict(cfg)) as out:
+      summary, rows = _tune_trained(cfg)
+      out.table("trajectory", rows)
+      out.json("summary", summary)
+    table = [{"tuned_for": k, **summary[k]} for k in ("tuned_for_Q", "tuned_for_training")]
+    print(report.format_table(table, floatfmt=".6g"))
+    return
   with jax.enable_x64(True):
     game, spec, groups, cfg = _problem()
   header = (

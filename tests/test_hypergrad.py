@@ -12,6 +12,10 @@ that the reverse-mode gradient lies within twice the former plus the latter of t
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +24,8 @@ import pytest
 from fcfn_jax import config as fc
 from fcfn_jax import data, hypergrad
 from fcfn_jax.game import leader
+
+from .cli import REPO, env
 
 LAMBDA_ACC = 1000.0  # large enough that the trained model, not the payment, dominates dU/dR
 ROUNDING = 1e-9  # relative rounding of one evaluation of U (float32 z and aggregation weights)
@@ -121,3 +127,28 @@ def test_price_gradient_is_scale_free_and_uniform_prices_are_the_plain_game(setu
   price_grad = np.asarray(priced.price_grad)
   assert np.all(np.isfinite(price_grad)) and np.abs(price_grad).max() > 0
   np.testing.assert_allclose(np.sum(price_grad), 0.0, atol=1e-6 * np.abs(price_grad).sum())
+
+
+@pytest.mark.slow  # compiles the hypergradient and the training program: ~1 minute on a loaded CPU
+def test_tune_pricing_trained_objective_reports_both_payments(tmp_path):
+  out = tmp_path / "tune"
+  flags = ["--objective=trained", "--num_clients=6", "--rounds=2", "--local_steps=1", "--steps=2"]
+  proc = subprocess.run(
+    [sys.executable, "scripts/tune_pricing.py", *flags, "--draws=2", f"--out={out}", "--progress=false"],
+    cwd=REPO,
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((out / "summary.json").read_text())
+  trajectory = json.loads((out / "trajectory.json").read_text())
+  assert len(trajectory) == 3 and all(np.isfinite(row["grad"]) for row in trajectory)
+  q, trained = summary["tuned_for_Q"], summary["tuned_for_training"]
+  # The tuned R is the best of the trajectory, which starts at the Q-optimal R*.
+  assert trajectory[0]["payment"] == pytest.approx(q["payment"])
+  assert max(row["objective"] for row in trajectory) >= trajectory[0]["objective"]
+  assert any(row["payment"] == pytest.approx(trained["payment"]) for row in trajectory)
+  for row in (q, trained):
+    assert 0 <= row["test_accuracy"] <= 1 and row["validation_loss"] > 0 and row["participants"] >= 1
