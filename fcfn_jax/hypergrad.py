@@ -12,7 +12,7 @@ model loss and money; the proxy objective's lam plays the same role for Q). R is
 What is differentiated (reverse mode, one traced program, float64 under ``jax.enable_x64``):
   R, pi -> eps_i: the capped follower equilibrium (``leader.follower_budgets``; implicit function theorem
     on its first-order conditions, ``solver.share_equilibrium``);
-  eps_i -> z_i: the traced accountant's inverse (``accounting.program_noise``: 'traced' is implicit,
+  eps_i -> z_i: the traced accountant's inverse (``traced.program_noise``: 'traced' is implicit,
     'surrogate' a closed form); the float32 rounding the rounds train with (``simulation.trainable_noise``,
     a step function with zero derivative) enters as a straight-through value z + stop_gradient(round(z) -
     z): the forward pass trains with the rounded z, the gradient is dz/deps of the map;
@@ -27,7 +27,7 @@ Where it is not differentiable:
     the equilibrium holds eps_i = 0 with d eps_i / dR = 0 and z_i = inf with zero gradient (double
     where), so the gradient there is the ONE-SIDED derivative of the configuration with client i out
     (the left derivative in R); the right derivative differs (the other clients' slopes change when i
-    enters). A budget below the accountant's floor (``accounting.CALIBRATION_Z_RANGE``) also sits out.
+    enters). A budget below the accountant's floor (``calibration.CALIBRATION_Z_RANGE``) also sits out.
   * the clipping min(1, C / |g_j|) has a kink where a per-example norm equals C (measure zero);
   * a cap eps_i = eps_max starting to bind (a kink of the equilibrium, as for the proxy objective);
   * the samplers (which examples a step draws) are piecewise constant in nothing: they depend only on
@@ -48,7 +48,7 @@ from fcfn_jax import data, federated, models, simulation
 from fcfn_jax.config import SimulationConfig
 from fcfn_jax.game import leader, valuation
 from fcfn_jax.game.spec import Game, GameSpec
-from fcfn_jax.privacy import accounting
+from fcfn_jax.privacy import events, traced
 from fcfn_jax.validate import check_open_unit, require
 
 _VALIDATION_STREAM = 4  # fold_in tag of the run key's validation/test split (simulation uses 1..3)
@@ -118,8 +118,8 @@ def make_problem(
   n = np.asarray(fed_data.pool.num_examples)
   costs = simulation.client_costs(key, n.shape[0], cfg.game)
   weights = simulation.quality_weights(n)
-  sampler = accounting.sampler_of(cfg.federated, cfg.privacy)
-  overflow = accounting.overflow_probability(n, simulation.total_steps(cfg), sampler)
+  sampler = events.sampler_of(cfg.federated, cfg.privacy)
+  overflow = events.overflow_probability(n, simulation.total_steps(cfg), sampler)
   validation, held_out = split_validation(fed_data.test, validation_fraction, key)
   model = simulation._model(cfg.model, fed_data.input_shape, fed_data.num_classes)
   params = models.init_params(model, jax.random.fold_in(key, simulation._INIT_STREAM), fed_data.input_shape)
@@ -173,7 +173,7 @@ def train(
   game = problem.game
   n = jnp.asarray(problem.pool.num_examples, game.costs.dtype)
   budgets = leader.follower_budgets(payment, game, spec, prices)
-  z = accounting.program_noise(
+  z = traced.program_noise(
     budgets,
     game.sampling_rates,
     problem.overflow,
