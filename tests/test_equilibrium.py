@@ -107,6 +107,71 @@ def test_invalid_clients_raise_config_error(costs, weights, message):
     equilibrium.closed_form_payment(1.0, np.asarray(costs), np.asarray(weights))
 
 
+def _capped_level_by_full_sort(total, k, caps):
+  """The reference capped_level (before k_sorted): binary search over all 2K + 1 breakpoints, sorted."""
+  breaks = jnp.sort(
+    jax.lax.stop_gradient(jnp.maximum(jnp.concatenate([(total - caps) / k, total / k, jnp.zeros(1)]), 0.0))
+  )
+  slack = 64 * jnp.finfo(k.dtype).eps * total
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = (lo + hi) // 2
+    up = jnp.sum(jnp.clip(total - k * breaks[mid], 0.0, caps)) - total >= -slack
+    return jnp.where(up, mid, lo), jnp.where(up, hi, mid)
+
+  n = breaks.shape[-1]
+  lo, hi = jax.lax.fori_loop(0, int(np.ceil(np.log2(n))), halve, (0, n - 1))
+  inside = jax.lax.stop_gradient(0.5 * (breaks[lo] + breaks[hi]))
+  capped = total - k * inside >= caps
+  interior = ~capped & (total - k * inside > 0)
+  slope = jnp.sum(jnp.where(interior, k, 0.0))
+  level = (jnp.sum(jnp.where(capped, caps, 0.0)) + (jnp.sum(interior) - 1) * total) / jnp.where(
+    slope > 0, slope, 1.0
+  )
+  return jnp.where(slope > 0, level, inside)
+
+
+def _group_costs_and_slopes(level_fn, total, k, caps):
+  """(C(X) = X^2 / y(X), C'(X), C''(X)) per group, as the three-party aggregators' solver sees them."""
+
+  def cost(t):
+    return t**2 / level_fn(t, k, caps)
+
+  def slope(t):
+    return jax.jvp(cost, (t,), (jnp.ones_like(t),))[1]
+
+  return (cost(total), *jax.jvp(slope, (total,), (jnp.ones_like(total),)))
+
+
+@pytest.mark.parametrize("slots", [7, 64])
+def test_capped_level_with_sorted_k_is_the_full_sort_search(slots):
+  """k_sorted (only the K cap breakpoints sorted, the entry breakpoints X / k_i in order) gives the level
+  of the search over all 2K + 1 sorted breakpoints and the same first and second derivatives in X, also
+  with tied k, padding slots (cap 0, largest k) and totals on flat stretches (a sum of caps)."""
+  rng = np.random.default_rng(slots)
+  groups = 96
+  k = np.sort(rng.uniform(0.2, 5.0, (groups, slots)) / rng.lognormal(0.0, 1.0, (groups, slots)), axis=-1)
+  k[::4, 1:3] = k[::4, 1:2]  # ties
+  caps = rng.lognormal(1.0, 1.0, (groups, slots))
+  caps[1::4, -2:] = 0.0  # padding
+  k[1::4, -2:] = k[1::4, -3:-2]
+  full = caps.sum(-1)
+  totals = full[:, None] * np.concatenate([rng.uniform(1e-4, 1.0, (groups, 6)), np.ones((groups, 1))], -1)
+  firsts = np.cumsum(caps, -1)[:, : min(slots, 6)]  # every client of a prefix at its cap
+  totals = np.concatenate([totals, firsts], -1)
+  k, caps, totals = (jnp.asarray(a) for a in (k, caps, totals))
+  sorted_level = lambda t, k, c: equilibrium.capped_level(t, k, c, k_sorted=True)
+  fns = {"old": _capped_level_by_full_sort, "sorted": sorted_level, "generic": equilibrium.capped_level}
+  run = lambda fn: jax.jit(
+    jax.vmap(jax.vmap(lambda t, k, c: _group_costs_and_slopes(fn, t, k, c), (0, None, None)))
+  )
+  old, *news = (np.asarray(run(fn)(totals, k, caps)) for fn in fns.values())
+  assert np.all(np.isfinite(old)) and np.all(old[0] > 0)
+  for new in news:
+    np.testing.assert_array_equal(new, old)
+
+
 def test_capped_level_gives_the_capped_equilibrium_and_its_least_payment():
   """x_i = clip(X - k_i y, 0, cap_i) with P = X^2 / y reproduces the generic solver's capped equilibrium;
   where several payments support the same profile, y is the largest (the least payment)."""

@@ -431,10 +431,11 @@ class _Groups(NamedTuple):
 
 
 def _group_cost(total, k, caps):
-  """C_m(X): the least payment P whose capped equilibrium in the group has total X: P = X^2 / y(X)."""
+  """C_m(X): the least payment P whose capped equilibrium in the group has total X: P = X^2 / y(X) (k
+  non-decreasing, as every group of :func:`three_party` is)."""
   positive = total > 0
   safe = jnp.where(positive, total, 1.0)
-  return jnp.where(positive, safe**2 / equilibrium.capped_level(safe, k, caps), 0.0)
+  return jnp.where(positive, safe**2 / equilibrium.capped_level(safe, k, caps, k_sorted=True), 0.0)
 
 
 def _aggregator_utility(totals, aggregate, weights, params: _Groups):
@@ -492,8 +493,8 @@ def three_party(game: Game, spec: GameSpec) -> Outcome:
     params = _Groups(payment, k_groups, caps)
     totals = solver.solve_equilibrium(_aggregator_utility, jnp.ones(groups, dtype), params, full, options)
     group_payments = jax.vmap(_group_cost)(totals, k_groups, caps)
-    levels = jax.vmap(lambda t, kk, cc: equilibrium.capped_level(jnp.where(t > 0, t, 1.0), kk, cc))(
-      totals, k_groups, caps
+    levels = jax.vmap(functools.partial(equilibrium.capped_level, k_sorted=True))(
+      jnp.where(totals > 0, totals, 1.0), k_groups, caps
     )
     x = equilibrium.capped_contributions(totals[:, None], levels[:, None], k_groups, caps)
     x = jnp.where(totals[:, None] > 0, x, 0.0)

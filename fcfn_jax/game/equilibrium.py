@@ -89,7 +89,7 @@ def follower_utilities(payment: chex.Numeric, x: chex.Array, k: chex.Array) -> c
   return payment * share - k * x
 
 
-def capped_level(total: chex.Numeric, k: chex.Array, caps: chex.Array) -> chex.Array:
+def capped_level(total: chex.Numeric, k: chex.Array, caps: chex.Array, k_sorted: bool = False) -> chex.Array:
   """y >= 0 with sum_i clip(X - k_i y, 0, cap_i) = X for a group's total contribution X: [].
 
   The capped proportional-share equilibrium in contribution units (docs/model.md "Stage II"): at payment
@@ -100,11 +100,10 @@ def capped_level(total: chex.Numeric, k: chex.Array, caps: chex.Array) -> chex.A
   interior) and X / k_i (interior -> out): a binary search over the sorted breakpoints finds the
   segment, and the equation is solved exactly on it, y = (sum_capped cap_i + (|I| - 1) X) /
   sum_interior k_i (differentiable in X, k and caps). Slots with cap_i = 0 never contribute (padding).
-  Needs 0 < X <= sum_i cap_i.
+  Needs 0 < X <= sum_i cap_i. With ``k_sorted`` (static; k must be non-decreasing) the breakpoints X / k_i
+  are already in (reverse) order: only the K breakpoints (X - cap_i) / k_i are sorted and each list is
+  searched on its own (the sort is most of the cost; same answer).
   """
-  candidates = jnp.concatenate([(total - caps) / k, total / k, jnp.zeros(1, k.dtype)])
-  # Only to locate the segment (inside is a constant for autodiff): sorted without tangents.
-  breaks = jnp.sort(jax.lax.stop_gradient(jnp.maximum(candidates, 0.0)))
 
   def excess(y):
     return jnp.sum(jnp.clip(total - k * y, 0.0, caps)) - total
@@ -113,15 +112,31 @@ def capped_level(total: chex.Numeric, k: chex.Array, caps: chex.Array) -> chex.A
   # a few ulps, and the largest y there is wanted.
   slack = 64 * jnp.finfo(k.dtype).eps * total
 
-  def halve(_, bounds):  # invariant: excess(breaks[lo]) >= -slack > excess(breaks[hi])
-    lo, hi = bounds
-    mid = (lo + hi) // 2
-    up = excess(breaks[mid]) >= -slack
-    return jnp.where(up, mid, lo), jnp.where(up, hi, mid)
+  def search(breaks):  # sorted, excess(breaks[0]) >= -slack > excess(breaks[-1]): the segment's ends
+    def halve(_, bounds):  # invariant: excess(breaks[lo]) >= -slack > excess(breaks[hi])
+      lo, hi = bounds
+      mid = (lo + hi) // 2
+      up = excess(breaks[mid]) >= -slack
+      return jnp.where(up, mid, lo), jnp.where(up, hi, mid)
 
-  n = breaks.shape[-1]
-  lo, hi = jax.lax.fori_loop(0, max(1, int(np.ceil(np.log2(n)))), halve, (0, n - 1))
-  inside = jax.lax.stop_gradient(0.5 * (breaks[lo] + breaks[hi]))
+    n = breaks.shape[-1]
+    lo, hi = jax.lax.fori_loop(0, max(1, int(np.ceil(np.log2(n)))), halve, (0, n - 1))
+    return breaks[lo], breaks[hi]
+
+  zero = jnp.zeros(1, k.dtype)
+  # Only to locate the segment (inside is a constant for autodiff): sorted without tangents.
+  entering = jax.lax.stop_gradient(jnp.maximum(total / k, 0.0))
+  leaving_cap = jax.lax.stop_gradient(jnp.maximum((total - caps) / k, 0.0))
+  if k_sorted:
+    # The excess is non-increasing, so the segment is the tightest of the two lists' brackets; every
+    # client is out at y = X / k_1 = max entering, which closes the capped list.
+    top = entering[:1]
+    lo_cap, hi_cap = search(jnp.concatenate([zero, jnp.sort(leaving_cap), top]))
+    lo_out, hi_out = search(jnp.concatenate([zero, entering[::-1]]))
+    lo, hi = jnp.maximum(lo_cap, lo_out), jnp.minimum(hi_cap, hi_out)
+  else:
+    lo, hi = search(jnp.sort(jnp.concatenate([leaving_cap, entering, zero])))
+  inside = jax.lax.stop_gradient(0.5 * (lo + hi))
   capped = total - k * inside >= caps
   interior = ~capped & (total - k * inside > 0)
   slope = jnp.sum(jnp.where(interior, k, 0.0))
