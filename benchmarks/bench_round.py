@@ -604,7 +604,7 @@ def computed_slots(setup: Setup, fed: FederatedConfig, privacy: PrivacyConfig, c
   chunk's largest joined count (the samples of federated.client_update's keys; the last chunk's padding
   clients join nothing)."""
   sampler = events.sampler_of(fed, privacy)
-  block = federated.slot_block(fed, sampler)
+  block, head = federated.slot_block(fed, sampler), federated.head_slots(fed, sampler)
   if block >= sampler.capacity:  # one block: nothing is skipped
     return float(sampler.capacity)
   round_key = jax.random.fold_in(setup.key, 0)
@@ -625,7 +625,8 @@ def computed_slots(setup: Setup, fed: FederatedConfig, privacy: PrivacyConfig, c
   clients = pool.y.shape[0]
   counts = np.asarray(jax.jit(jax.vmap(joined))(jnp.arange(clients)))  # [clients, S]
   counts = np.pad(counts, ((0, -clients % chunk), (0, 0))).reshape(-1, chunk, fed.local_steps).max(axis=1)
-  slots = np.minimum(-(-counts // block) * block, sampler.capacity)
+  tail = np.maximum(counts - head, 0)
+  slots = np.minimum(head + -(-tail // block) * block, sampler.capacity)
   return float(slots.mean() * chunk * slots.shape[0] / clients)
 
 

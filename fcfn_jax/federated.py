@@ -150,6 +150,14 @@ def slot_block(fed: FederatedConfig, sampler: events.Sampler) -> int:
   return min(fed.slot_block or automatic, sampler.capacity)
 
 
+def head_slots(fed: FederatedConfig, sampler: events.Sampler) -> int:
+  """Slots of a local step that always run before its blocks: with the automatic block size and the
+  'poisson' sampler, the expected batch B (joined about half the time in full, and nearly always in part),
+  so that only the tail past B runs in conditional blocks; 0 otherwise."""
+  automatic = not fed.slot_block and sampler.kind == "poisson"
+  return min(sampler.batch_size, sampler.capacity) if automatic else 0
+
+
 def _summed_gradient(loss_fn: LossFn) -> ClippedSumFn:
   """The non-private counterpart of a :data:`ClippedSumFn`: (grad of sum_j m_j loss_j, losses [B] with 0
   at masked slots, norms 0); the clipping bound is ignored."""
@@ -224,14 +232,14 @@ def client_update(
   skip = ~jnp.isfinite(noise_multiplier)
   noise_multiplier = jnp.where(skip, 0.0, noise_multiplier)
   summed_fn = make_clipped_sum_fn(apply_fn) if privacy.private else _summed_gradient(make_loss_fn(apply_fn))
-  block = slot_block(fed, sampler)
+  block, head = slot_block(fed, sampler), head_slots(fed, sampler)
 
   def load(index):
     return normalize_pixels(x[index]), y[index]
 
   def local_step(p, inputs):
     index, mb, step_used, step_key = inputs
-    out = blocked_clipped_sum(summed_fn, p, load, index, mb, privacy.clip_norm, block, step_used)
+    out = blocked_clipped_sum(summed_fn, p, load, index, mb, privacy.clip_norm, block, step_used, head)
     if privacy.private:
       grad = privatize(out.summed, noise_multiplier, step_key, privacy.clip_norm, expected_batch)
       clipped = out.norms > privacy.clip_norm

@@ -115,7 +115,7 @@ class ClippingTest(chex.TestCase):
       return xs, ys
 
     reference = jax.jit(clipped_sum_fn)(params, x, y, mask, CLIP)
-    blocked_fn = self.variant(clipping.blocked_clipped_sum, static_argnums=(0, 2, 6))
+    blocked_fn = self.variant(clipping.blocked_clipped_sum, static_argnums=(0, 2, 6, 8))
     for block in (1, 4):
       for used in (0, 3, BATCH):
         runs.clear()
@@ -127,6 +127,13 @@ class ClippingTest(chex.TestCase):
           np.testing.assert_array_equal(blocked.norms, 0.0)
         elif used == BATCH or block == 4:  # every joined slot is in a block that runs: exact
           chex.assert_trees_all_close(blocked, reference, atol=1e-6)
+    for head, used in ((2, 4), (2, 1), (BATCH, 4)):  # a head of slots that always runs, then the blocks
+      runs.clear()
+      blocked = blocked_fn(clipped_sum_fn, params, load, (x, y), mask, CLIP, 1, jnp.int32(used), head)
+      jax.effects_barrier()
+      self.assertEqual(len(runs), 1 + (-(-(used - head) // 1) if head < BATCH and used > head else 0))
+      if used >= 4:  # every joined slot is in the head or a block that runs: exact
+        chex.assert_trees_all_close(blocked, reference, atol=1e-6)
 
   def test_privatize_is_dp_gradient_after_the_clipped_sum(self):
     loss_fn, params, x, y = _setup()

@@ -399,6 +399,9 @@ def test_blocked_slot_block_is_validated_and_resolved():
   assert federated.slot_block(auto, fixed) == 32  # fixed batches are full: one block
   assert federated.slot_block(dataclasses.replace(auto, slot_block=100), poisson) == 81
   assert federated.slot_block(dataclasses.replace(auto, slot_block=5), fixed) == 5
+  assert federated.head_slots(auto, poisson) == 32  # the expected batch always runs, the tail in blocks
+  assert federated.head_slots(auto, fixed) == 0
+  assert federated.head_slots(dataclasses.replace(auto, slot_block=5), poisson) == 0
 
 
 def test_blocked_round_equals_all_slots_round():
@@ -409,7 +412,7 @@ def test_blocked_round_equals_all_slots_round():
   pool, state, key = _pool(), _state(), jax.random.key(6)
   z = np.array([0.8, 0.8, 0.8, np.inf, 0.8, 0.8, 0.8])
   w = np.array([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0])
-  private = [(ALL_SLOTS, 3), (1, 3), (5, 3), (5, 1)]
+  private = [(ALL_SLOTS, 3), (1, 3), (5, 3), (5, 1), (0, 3)]  # 0: automatic, a head of B slots + blocks
   non_private = [(ALL_SLOTS, 3), (5, 3)]
 
   def run(settings, privacy):

@@ -328,9 +328,10 @@ def blocked_clipped_sum(
   clip_norm: chex.Numeric,
   block: int,
   used: chex.Array,
+  head: int = 0,
 ) -> ClippedSum:
-  """The :data:`ClippedSumFn` sum over B slots, computed in blocks of ``block`` slots, skipping every block
-  that starts at or after ``used``.
+  """The :data:`ClippedSumFn` sum over B slots: the first ``head`` slots in one plain call, the rest in
+  blocks of ``block`` slots, skipping every block that starts at or after ``used``.
 
   sum_j m_j clip_C(g_j) = sum_k sum_{j in block k}, block k = slots [k b, (k + 1) b) (the last one padded
   with masked slots); block k runs under ``lax.cond`` iff used > k b and adds 0 otherwise. Exact whenever
@@ -344,15 +345,34 @@ def blocked_clipped_sum(
     load: per-slot inputs of a block (pytree of [b, ...]) -> its examples (x [b, ...], y [b]), e.g. a
       gather of the client's examples by index, so only the blocks that run read their examples.
     slots: pytree of per-slot inputs [B, ...] (e.g. indices int32 [B]). mask: bool [B].
-    clip_norm: C. block: static b >= 1. used: int scalar.
+    clip_norm: C. block: static b >= 1. used: int scalar. head: static h >= 0, slots that always run
+      (e.g. the expected batch B, nearly always joined: one call instead of B / b conditional blocks).
 
   Returns:
     ClippedSum with losses and norms [B] (0 at masked slots).
   """
   check_int("block", block)
+  check_int("head", head, minimum=0)
   size = mask.shape[0]
-  if block >= size:
+  if block >= size or head >= size:
     return clipped_sum_fn(params, *load(slots), mask, clip_norm)
+  if head:
+    first = clipped_sum_fn(params, *load(jax.tree.map(lambda a: a[:head], slots)), mask[:head], clip_norm)
+    rest = blocked_clipped_sum(
+      clipped_sum_fn,
+      params,
+      load,
+      jax.tree.map(lambda a: a[head:], slots),
+      mask[head:],
+      clip_norm,
+      block,
+      used - head,
+    )
+    return ClippedSum(
+      summed=jax.tree.map(jnp.add, first.summed, rest.summed),
+      losses=jnp.concatenate([first.losses, rest.losses]),
+      norms=jnp.concatenate([first.norms, rest.norms]),
+    )
   blocks = -(-size // block)
   pad = blocks * block - size
 
