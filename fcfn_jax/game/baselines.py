@@ -54,7 +54,7 @@ import numpy as np
 from fcfn_jax.config import MECHANISMS
 from fcfn_jax.game import equilibrium, leader, solver, valuation
 from fcfn_jax.game.outcome import Outcome, build_outcome
-from fcfn_jax.game.spec import Game, GameSpec, num_intermediaries, num_types, validate_game
+from fcfn_jax.game.spec import Game, GameSpec, num_aggregators, num_intermediaries, num_types, validate_game
 from fcfn_jax.validate import check_choice, fail, is_traced, require
 
 _T = TypeVar("_T")
@@ -97,11 +97,7 @@ def _canonical(spec: GameSpec, num_clients: int, uses: str | None) -> GameSpec:
   num_aggregators 10 and 4 both give M = 4 for 8 clients; stackelberg ignores both)."""
   default = GameSpec()
   k_types = num_types(spec, num_clients) if uses == "num_types" else default.num_types
-  aggregators = (
-    max(1, min(spec.num_aggregators, num_clients // 2))
-    if uses == "num_aggregators"
-    else default.num_aggregators
-  )
+  aggregators = num_aggregators(spec, num_clients) if uses == "num_aggregators" else default.num_aggregators
   return dataclasses.replace(spec, num_types=k_types, num_aggregators=aggregators)
 
 
@@ -597,16 +593,16 @@ _MECHANISMS: dict[str, Callable[[Game, GameSpec], Outcome]] = {
 }
 
 
-def no_market(mechanism: str, num_aggregators: int, num_clients: int, participants: int) -> str:
+def no_market(mechanism: str, aggregators: int, num_clients: int, participants: int) -> str:
   """Why an outcome buys nothing: '' when someone participates, else one line for the results' tables
   (whose utilities then have no trained model to value: Q = -inf under 'dp')."""
   if participants > 0:
     return ""
-  spec = GameSpec(mechanism=mechanism, num_aggregators=num_aggregators)
+  spec = GameSpec(mechanism=mechanism, num_aggregators=aggregators)
   if num_intermediaries(spec, num_clients) == 1:
     return (
       f"no market: three_party has one aggregator at N={num_clients} clients (M = max(1, min("
-      f"num_aggregators={num_aggregators}, N // 2)) = 1) and a lone aggregator buys nothing"
+      f"num_aggregators={aggregators}, N // 2)) = 1) and a lone aggregator buys nothing"
     )
   return f"no market: {mechanism} buys no budget from any of the {num_clients} clients"
 

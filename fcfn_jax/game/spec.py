@@ -214,9 +214,14 @@ def num_types(spec: GameSpec, num_clients: int) -> int:
   return num_clients if spec.num_types == 0 else min(spec.num_types, num_clients)
 
 
+def num_aggregators(spec: GameSpec, num_clients: int) -> int:
+  """M = max(1, min(num_aggregators, N // 2)): the three-party game's edge aggregators for N clients."""
+  return max(1, min(spec.num_aggregators, num_clients // 2))
+
+
 def num_intermediaries(spec: GameSpec, num_clients: int) -> int:
-  """M, the intermediaries between the server and N clients: max(1, min(num_aggregators, N // 2)) edge
-  aggregators in the three-party game, 0 in every other mechanism."""
+  """M, the intermediaries between the server and N clients: :func:`num_aggregators` in the three-party
+  game, 0 in every other mechanism."""
   if spec.mechanism != "three_party":
     return 0
-  return max(1, min(spec.num_aggregators, num_clients // 2))
+  return num_aggregators(spec, num_clients)
