@@ -132,6 +132,16 @@ def write_csv_atomic(
   _atomic_write(path, write)
 
 
+def csv_value(text: str) -> Any:
+  """A cell of a CSV written by :func:`write_csv_atomic`, back as int, float or (else) the string."""
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
 def _format(value: Any, floatfmt: str) -> str:
   """One cell: empty for None, ``floatfmt`` for non-integral numbers, ``str`` otherwise."""
   if value is None:

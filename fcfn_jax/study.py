@@ -58,7 +58,7 @@ from fcfn_jax.config import (
 )
 from fcfn_jax.game import valuation
 from fcfn_jax.game.spec import make_game, spec_from_config
-from fcfn_jax.report import Timer, write_json_atomic
+from fcfn_jax.report import Timer, csv_value, write_json_atomic
 from fcfn_jax.validate import check_choice, check_int, fail, require
 
 Row = dict[str, Any]
@@ -730,16 +730,6 @@ def summary_rows(result: Result) -> list[Row]:
   return result.summary + [dict(r, mechanism=CEILING) for r in result.ceiling]
 
 
-def _cell(text: str) -> Any:
-  """A CSV cell back as int, float or str."""
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  return text
-
-
 # Setting fields that do not change a setting's rows: where its data file lives, how its seeds are split
 # into units.
 _NOT_COMPARED = ("cfg.data.path", "cfg.checkpoint_dir", "seeds_per_unit")
@@ -790,7 +780,7 @@ def load_result(folder: str | os.PathLike[str], setting: Setting) -> Result:
     "folder of this setting run with the same seeds, draws, rounds and config",
   )
   with open(path, newline="") as f:
-    rows = [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    rows = [{k: csv_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
   summary = [r for r in rows if r["mechanism"] != CEILING]
   ceiling = [dict(r, mechanism="no_incentive") for r in rows if r["mechanism"] == CEILING]
   return Result(setting, summary, [], ceiling, [], meta["clients"], [])

@@ -72,15 +72,8 @@ MACHINE = flags.DEFINE_string("machine", None, "Machine the run used (default: t
 
 
 def _cell(text: str) -> Any:
-  """A CSV cell as the JSON would hold it: int, float, None (empty) or the string."""
-  if text == "":
-    return None
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  return text
+  """A CSV cell as the JSON would hold it: None when empty, else :func:`report.csv_value`."""
+  return None if text == "" else report.csv_value(text)
 
 
 def load_rows(path: str) -> list[dict[str, Any]]:
