@@ -698,27 +698,39 @@ def curves(result: Result) -> list[Row]:
 
 
 def gap_vs_clients(results: Sequence[Result]) -> list[Row]:
-  """Each mechanism's accuracy gap to the social optimum (the redundant accuracy loss) and its server and
-  average utility per number of clients N, mean and 95% CI over seeds: the scaling table."""
+  """Each mechanism's accuracy gap to the social optimum (the redundant accuracy loss), its accuracy,
+  participants, mean eps, Q, server and average utility per number of clients N (and the setting's
+  lambda), mean and 95% CI over seeds: the scaling table."""
   rows = []
   for result in results:
     n = result.setting.cfg.data.num_clients
     games = {r["mechanism"]: r for r in game_table(result)}
+    accuracy = {
+      r["mechanism"]: {
+        "accuracy": r["accuracy"],
+        "accuracy_ci": (r["accuracy_ci_high"] - r["accuracy_ci_low"]) / 2,
+      }
+      for r in accuracy_table(result)
+    }
     for loss in redundant_loss_table(result):
       mech = loss["mechanism"]
       rows.append(
         {
           "clients": n,
+          "lam": result.setting.cfg.game.lam,
           "examples_per_client": result.clients["examples_median"],
           "mechanism": mech,
           "label": loss["label"],
+          "accuracy": accuracy[mech]["accuracy"],
+          "accuracy_ci": accuracy[mech]["accuracy_ci"],
           "redundant_accuracy_loss": loss["redundant_accuracy_loss"],
           "ci_low": loss["redundant_accuracy_loss_ci_low"],
           "ci_high": loss["redundant_accuracy_loss_ci_high"],
           "significant": loss["significant"],
-          "participants": games[mech]["participants"],
-          "server_utility": games[mech]["server_utility"],
-          "average_utility": games[mech]["average_utility"],
+          **{
+            key: games[mech][key]
+            for key in ("participants", "mean_epsilon", "quality", "server_utility", "average_utility")
+          },
         }
       )
   return rows
@@ -825,19 +837,25 @@ def _paper(data_dir: str) -> list[Setting]:
   cnn = FederatedConfig(rounds=PAPER_CNN_ROUNDS, local_steps=3, client_lr=0.1)
   # FEMNIST-62 (the shared LEAF subset, 49k training examples): the embedded digits (31k) cannot give
   # 5,000 Dirichlet(0.5) clients an example each; 62 classes can (min 1, median 10 examples).
+  # lambda scaled with N (lambda = lambda_40 x N / 40: the server values its population as the 40-client
+  # settings do) and, as the contrast, held at lambda_40 (a server that stops buying as N grows).
   scaling = [
     Setting(
-      f"scaling_n{n}",
-      _cfg(
-        dataclasses.replace(femnist62, partition="dirichlet", num_clients=n, min_examples_per_client=1),
-        "logreg",
-        logreg,
+      f"scaling_{rule}n{n}",
+      dataclasses.replace(
+        cfg := _cfg(
+          dataclasses.replace(femnist62, partition="dirichlet", num_clients=n, min_examples_per_client=1),
+          "logreg",
+          logreg,
+        ),
+        game=dataclasses.replace(cfg.game, lam=cfg.game.lam * (n / 40 if rule == "" else 1.0)),
       ),
       seeds=10,
       draws=SCALING_DRAWS,
-      group="scaling",
+      group="scaling" if rule == "" else "scaling_fixed_lambda",
       eval_examples=500,
     )
+    for rule in ("", "fixed_lambda_")
     for n in (100, 1000, 5000)
   ]
   settings = [

@@ -117,6 +117,11 @@ def test_curves_and_the_scaling_table(result):
   other = result._replace(setting=dataclasses.replace(result.setting, group="scaling"))
   rows = st.gap_vs_clients([other, other])
   assert len(rows) == 2 * (len(MECHS) - 1) and {r["clients"] for r in rows} == {6}
+  for row in rows:
+    assert row["lam"] == result.setting.cfg.game.lam and row["accuracy"] == pytest.approx(
+      table[row["mechanism"]]
+    )
+    assert row["accuracy_ci"] >= 0 and np.isfinite(row["quality"]) and row["mean_epsilon"] >= 0
   assert list(st.groups([result, other])) == ["scaling"]
 
 
@@ -454,3 +459,13 @@ def test_a_killed_study_resumes_to_the_same_tables_and_refuses_other_settings(st
   with open(out / "femnist_logreg_curves.csv", newline="") as f:
     assert {row["round"] for row in csv.DictReader(f)} == {"1", "2"}
   assert "loaded" not in restarted.stdout
+
+
+def test_the_paper_scaling_groups_scale_lambda_with_n_or_hold_it():
+  settings = {s.name: s for s in st.preset("paper", "data")}
+  for n in (100, 1000, 5000):
+    scaled, fixed = settings[f"scaling_n{n}"], settings[f"scaling_fixed_lambda_n{n}"]
+    assert (scaled.group, fixed.group) == ("scaling", "scaling_fixed_lambda")
+    assert scaled.cfg.game.lam == pytest.approx(fixed.cfg.game.lam * n / 40)
+    assert fixed.cfg.game.lam == settings["femnist_logreg"].cfg.game.lam
+    assert dataclasses.replace(scaled.cfg, game=fixed.cfg.game) == fixed.cfg
