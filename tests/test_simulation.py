@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fcfn_jax import checkpoint, data, federated, fingerprint, report, simulation, validate
+from fcfn_jax import checkpoint, data, federated, fingerprint, report, resume, simulation, validate
 from fcfn_jax import config as fc
 from fcfn_jax.privacy import events
 
@@ -185,10 +185,10 @@ def test_clients_csv_records_the_z_each_round_trained_with(fed_data, tmp_path, m
 
 def test_a_checkpoint_of_another_state_layout_is_refused_naming_it(fed_data, tmp_path, monkeypatch):
   cfg = _cfg(tmp_path)
-  monkeypatch.setattr(simulation, "STATE_LAYOUT_VERSION", simulation.STATE_LAYOUT_VERSION - 1)
+  monkeypatch.setattr(resume, "STATE_LAYOUT_VERSION", resume.STATE_LAYOUT_VERSION - 1)
   simulation.run(cfg, fed_data=fed_data, progress=False, stop_after=1)
   monkeypatch.undo()
-  layout = simulation.STATE_LAYOUT_VERSION
+  layout = resume.STATE_LAYOUT_VERSION
   refused = rf"holds another run \(state_layout {layout - 1} -> {layout}\)"
   with pytest.raises(validate.ConfigError, match=refused):
     simulation.run(cfg, fed_data=fed_data, progress=False)
