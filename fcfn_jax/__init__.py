@@ -9,6 +9,8 @@ Architecture (one module per concept, see docs/model.md):
   game/        follower equilibrium and leader (equilibrium, solver, leader), baselines, outcomes
   federated    one client's DP-SGD update, vmapped once into a round, FedAvg aggregation
   simulation   the loop joining mechanism, privacy calibration, rounds and evaluation
+  resume       a run's fingerprint; the checks a checkpoint passes before a run resumes from it
+  study/       the statistical study: settings and presets, the runner, the tables, the valuation study
   metrics      evaluation and result tables
   checkpoint   atomic orbax checkpoints
 """

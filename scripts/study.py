@@ -2,8 +2,8 @@
 program, with 95% confidence intervals and paired differences; the N-scaling table.
 
 --preset=quick is a smoke run of every code path (< 60 s on a 2-core CPU); --preset=paper is the full
-protocol (fcfn_jax/study.py: presets). --settings picks some of a preset's settings; --seeds, --draws and
---rounds override their counts. Outputs in --out (written whole at the end), per setting <name>_*:
+protocol (fcfn_jax/study/settings.py: presets). --settings picks some of a preset's settings; --seeds,
+--draws and --rounds override their counts. Outputs in --out (written whole at the end), per setting <name>_*:
 accuracy.*, redundant_loss.*, vs_stackelberg.*, vs_social_optimum.*, game.*, game_vs_stackelberg.*,
 curves.csv, summary.csv, history.csv, accuracy_per_round.png, utilities.png, redundant_loss.png;
 and scaling.* with gap_vs_clients.png when the preset has a scaling group; timings.*; manifest.json. Examples:
