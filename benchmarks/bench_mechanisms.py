@@ -79,7 +79,7 @@ def _row(cfg: SimulationConfig, fed_data: data.FederatedData) -> dict:
   state, key = simulation.init_state(exp), simulation.training_key(cfg)
   for name in ("round_s", "round_warm_s"):
     with Timer() as timer:
-      state, _ = jax.block_until_ready(simulation._participants_round(exp, state, key))
+      state, _ = jax.block_until_ready(simulation.participants_round(exp, state, key))
     times[name] = timer.elapsed
   return {
     "clients": int(n.shape[0]),
