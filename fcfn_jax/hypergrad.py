@@ -121,8 +121,8 @@ def make_problem(
   sampler = events.sampler_of(cfg.federated, cfg.privacy)
   overflow = events.overflow_probability(n, simulation.total_steps(cfg), sampler)
   validation, held_out = split_validation(fed_data.test, validation_fraction, key)
-  model = simulation._model(cfg.model, fed_data.input_shape, fed_data.num_classes)
-  params = models.init_params(model, jax.random.fold_in(key, simulation._INIT_STREAM), fed_data.input_shape)
+  model = simulation.model_of(cfg.model, fed_data.input_shape, fed_data.num_classes)
+  params = models.init_params(model, jax.random.fold_in(key, simulation.INIT_STREAM), fed_data.input_shape)
   with jax.enable_x64(True):
     game, spec = simulation.game_of(cfg, costs, weights, n)
     problem = TrainedProblem(

@@ -41,13 +41,14 @@ import os
 from typing import Any, NamedTuple
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 
 from fcfn_jax import checkpoint, data, distributed, federated, fingerprint, models
-from fcfn_jax.config import MECHANISM_LABELS, GameConfig, SimulationConfig
+from fcfn_jax.config import MECHANISM_LABELS, GameConfig, ModelConfig, SimulationConfig
 from fcfn_jax.game import baselines, misreport, valuation
 from fcfn_jax.game.outcome import Outcome
 from fcfn_jax.game.spec import Game, GameSpec, make_game, spec_from_config
@@ -58,9 +59,9 @@ from fcfn_jax.resume import STATE_LAYOUT_VERSION as STATE_LAYOUT_VERSION
 from fcfn_jax.resume import check_checkpoint, check_resumed, data_digest, run_fingerprint
 from fcfn_jax.validate import require
 
-_COST_STREAM = 1  # fold_in tags of the run key's independent streams
-_INIT_STREAM = 2
-_TRAIN_STREAM = 3
+COST_STREAM = 1  # fold_in tags of the run key's independent streams
+INIT_STREAM = 2
+TRAIN_STREAM = 3
 # The game-level columns of a summary row (deterministic per seed: the mechanism's outcome, not training).
 GAME_COLUMNS = (
   "quality",
@@ -119,8 +120,9 @@ class Experiment(NamedTuple):
 
 
 @functools.cache
-def _model(model_cfg, input_shape: tuple[int, ...], num_classes: int):
-  """One module instance per architecture: jit caches on ``model.apply``, so reuse avoids recompiles."""
+def model_of(model_cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+  """``models.make_model``, one module instance per architecture: jit caches on ``model.apply``, so reuse
+  avoids recompiles (what :func:`prepare`, :func:`init_state` and ``hypergrad`` build their model with)."""
   return models.make_model(model_cfg, input_shape, num_classes)
 
 
@@ -131,14 +133,14 @@ def total_steps(cfg: SimulationConfig) -> int:
 
 def training_key(cfg: SimulationConfig) -> chex.PRNGKey:
   """The key of the rounds' sampling and noise: fold_in(fold_in(PRNGKey(seed), TRAIN), draw)."""
-  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _TRAIN_STREAM), cfg.draw)
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), TRAIN_STREAM), cfg.draw)
 
 
 def client_costs(key: chex.PRNGKey, num_clients: int, game: GameConfig) -> np.ndarray:
   """Per-unit privacy costs c_i ~ Uniform[cost_low, cost_high]: float64 [clients] (seeded)."""
   # float32 draws whatever the x64 mode, so the same seed gives the same costs everywhere.
   u = np.asarray(
-    jax.random.uniform(jax.random.fold_in(key, _COST_STREAM), (num_clients,), jnp.float32), np.float64
+    jax.random.uniform(jax.random.fold_in(key, COST_STREAM), (num_clients,), jnp.float32), np.float64
   )
   return game.cost_low + (game.cost_high - game.cost_low) * u
 
@@ -280,7 +282,7 @@ def mechanism_round(
   return SimState(server=server, steps_done=steps_done), metrics, outcome, z
 
 
-def _participants_round(exp: Experiment, state: SimState, key: chex.PRNGKey):
+def participants_round(exp: Experiment, state: SimState, key: chex.PRNGKey):
   """One DP round over the participants only, with the calibrated z_i and the game's weights a_i.
 
   Clients with eps_i = 0 would contribute nothing, so they are left out of the batch rather than computed
@@ -394,7 +396,7 @@ def prepare(
   _check_unmet_budgets(eps, z, light, overflow, rates, cfg, sampler)
   trains = np.isfinite(z)
   aggregation = np.where(trains, aggregation, 0.0) / max(aggregation[trains].sum(), 1e-300)
-  model = _model(cfg.model, fed_data.input_shape, fed_data.num_classes)
+  model = model_of(cfg.model, fed_data.input_shape, fed_data.num_classes)
   rows = np.flatnonzero(trains)
   mesh = federated.client_mesh() if distributed.is_multiprocess() else None
   if mesh is None:
@@ -423,9 +425,9 @@ def prepare(
 def init_state(exp: Experiment) -> SimState:
   """Round-0 state: freshly initialized model (seeded), empty privacy ledger."""
   cfg = exp.cfg
-  model = _model(cfg.model, exp.data.input_shape, exp.data.num_classes)
+  model = model_of(cfg.model, exp.data.input_shape, exp.data.num_classes)
   params = models.init_params(
-    model, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _INIT_STREAM), exp.data.input_shape
+    model, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), INIT_STREAM), exp.data.input_shape
   )
   return SimState(
     server=federated.init_server_state(params, cfg.federated),
@@ -580,7 +582,7 @@ def run(
     rounds = range(start, cfg.federated.rounds)
     bar = tqdm.tqdm(rounds, desc=cfg.game.mechanism, disable=not progress, leave=False)
     for t in bar:
-      state, metrics = _participants_round(exp, state, train_key)
+      state, metrics = participants_round(exp, state, train_key)
       accuracy, loss = federated.evaluate(
         state.server.params, test.x, test.y, exp.apply_fn, federated.EVAL_BATCH
       )

@@ -19,6 +19,7 @@ default run reproduces the snapshot: the game columns exactly as printed, the ac
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import platform
@@ -136,17 +137,19 @@ def recorded_command(manifest_path: str) -> str:
 
 
 def describe_machine() -> str:
-  """This machine: CPU model and count, OS, Python, JAX and its default device."""
+  """This machine: CPU model and count (``benchmarks/common.machine``, what the benchmarks record), OS,
+  Python, JAX and its default device."""
   import jax  # noqa: PLC0415  (only where the machine is described)
 
-  cpu = platform.processor() or platform.machine()
-  if os.path.exists("/proc/cpuinfo"):
-    with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+  path = os.path.join(REPO, "benchmarks", "common.py")
+  spec = importlib.util.spec_from_file_location("benchmarks_common", path)
+  common = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(common)
+  info = common.machine()
   device = jax.devices()[0]
   return (
-    f"{cpu}, {os.cpu_count()} CPUs, {platform.system()}, Python {platform.python_version()}, "
-    f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
+    f"{info['cpu']}, {info['cpu_cores']} CPUs, {platform.system()}, Python {platform.python_version()}, "
+    f"jax {info['jax']} on {device.platform} ({device.device_kind})"
   )
 
 

@@ -292,7 +292,10 @@ def canary_scores(
   direction = canary_direction(params, canary, apply_fn)
   scale = min(fed.batch_size, n) / (fed.client_lr * privacy.clip_norm)
   # lax.map's batches are an unnamed vmap, under which a skipped slot block would be a select: one block of
-  # all the step's slots computes the same examples with fewer, larger matmuls.
+  # all the step's slots computes the same examples with fewer, larger matmuls. With one block
+  # (clipping.blocked_clipped_sum makes it one plain call, no lax.cond) nothing depends on the joined counts
+  # of the other trials, so client_update runs without axis_name (no pmax); federated_round names its chunk
+  # axis only so its conditional blocks stay branches.
   fed = dataclasses.replace(fed, slot_block=_ALL_SLOTS)
 
   def trial(inputs):
