@@ -534,7 +534,7 @@ def _cost_segments(k, caps) -> _Segments:
 
 def _segment_level(total, segments: _Segments):
   """y(X) on X's piece (total > 0; at a break the piece on its left, where y is largest)."""
-  piece = jnp.minimum(jnp.sum(segments.breaks < jax.lax.stop_gradient(total)), segments.last)
+  piece = jnp.minimum(jnp.searchsorted(segments.breaks, jax.lax.stop_gradient(total)), segments.last)
   slope = segments.slope[piece]
   level = segments.capped[piece] + (segments.interior[piece] - 1.0) * total
   return level / jnp.where(slope > 0, slope, 1.0)
