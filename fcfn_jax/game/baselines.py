@@ -20,7 +20,8 @@ aggregate the server forms under the one aggregation rule), the same caps, and o
 - three_party: server -> M = max(1, min(num_aggregators, N // 2)) edge aggregators -> clients; clients
   sorted by k = c / w are dealt round-robin (rank j to group j mod M). Inside group m the aggregator's
   payment P_m buys the group's exact capped proportional-share equilibrium, total X_m at cost
-  P_m = C_m(X_m) (``equilibrium.capped_level``; convex, linear until a cap binds). The aggregators play a
+  P_m = C_m(X_m) (``equilibrium.capped_level``; linear until a cap binds), whose pieces in X are swept
+  once per game (``_cost_segments``), so each evaluation is a lookup. The aggregators play a
   proportional-share game for the server's R, u_m = R X_m / X - C_m(X_m), X_m in [0, sum of the group's
   caps], solved exactly by the generic solver; the server searches R for its true objective. With M = 1
   the lone aggregator has no competitor and no positive-effort equilibrium: nothing is bought.
