@@ -434,7 +434,11 @@ def _round_robin(k, caps, groups):
   return deal(k, k.max()), deal(caps, 0.0)
 
 
-@pytest.mark.parametrize("slots, padding", [(2, 0), (5, 1), (13, 1), (60, 0), (200, 1)])
+# Each case is a compile of both costs' gradients: two by default, all with -m slow.
+@pytest.mark.parametrize(
+  "slots, padding",
+  [(13, 1), (200, 1), *(pytest.param(n, p, marks=pytest.mark.slow) for n, p in ((2, 0), (5, 1), (60, 0)))],
+)
 def test_group_cost_pieces_are_capped_level(slots, padding):
   """C(X) = X^2 / y(X) from the swept pieces equals the capped_level search at every X, with the same
   slope in X and the same gradient in the real clients' k and caps (caps varied so that clients cap,
@@ -479,7 +483,9 @@ def _kkt_gaps(payment, totals, k, caps):
   return jnp.stack([foc(totals * (1 - 1e-9)), foc(totals * (1 + 1e-9))])
 
 
-@pytest.mark.parametrize("clients, seed", [(50, 0), (120, 1), (200, 2)])
+@pytest.mark.parametrize(
+  "clients, seed", [(50, 0), *(pytest.param(n, s, marks=pytest.mark.slow) for n, s in ((120, 1), (200, 2)))]
+)
 def test_aggregator_equilibrium_from_pieces_is_the_reference(clients, seed):
   """The aggregators' equilibrium totals X_m(R) with each group's cost from its pieces equal those with
   capped_level at every call (the reference) over R's range, wherever both are trusted (the solver
@@ -533,7 +539,7 @@ def test_three_party_from_pieces_is_the_reference_outcome(valuation_name):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * scale, err_msg=name)
 
 
-@pytest.mark.parametrize("clients, seed", [(60, 3), (150, 4)])
+@pytest.mark.parametrize("clients, seed", [(60, 3), pytest.param(150, 4, marks=pytest.mark.slow)])
 def test_three_party_aggregators_gain_nothing_from_nearby_deviations(clients, seed):
   """At the outcome's payment R no aggregator gains by moving its total X_m on a fine grid of +-10%
   (others fixed): R X'_m / (X_-m + X'_m) - C_m(X'_m) with C_m from capped_level (not the pieces). The
