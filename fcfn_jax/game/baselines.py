@@ -453,8 +453,8 @@ def _cost_segments(k, caps) -> _Segments:
   are the uncapped participants (``equilibrium.participation``); on a piece with capped sum a, n interior
   clients of k-sum K, y = (a + (n - 1) X) / K, so interior i caps at X = (cap_i K + k_i a) / (K - (n - 1)
   k_i) and out j enters at X = k_j a / (K - (n - 1) k_j) (when positive): the sweep takes the nearest
-  event, at most 2 per client. The pieces' sums are exact masked sums (like ``capped_level``), their
-  derivatives in k and caps those of the same sums.
+  event, at most 2 per client (2 S sequential steps of O(S) each, once per game). The pieces' sums are
+  exact masked sums (like ``capped_level``), their derivatives in k and caps those of the same sums.
   """
   sg = jax.lax.stop_gradient
   traced_k, traced_caps = k, caps
