@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -419,6 +420,147 @@ def test_three_party_below_four_clients_has_no_market_and_says_why(clients):
     "no market: posted_price buys no budget from any of the 8 clients"
   )
   assert baselines.no_market("three_party", 4, 8, 2) == ""
+
+
+def _round_robin(k, caps, groups):
+  """[N] -> [M, slots] as three_party deals sorted k (padding: k = max k, cap 0)."""
+  order = np.argsort(k)
+  slots = -(-len(k) // groups)
+
+  def deal(values, fill):
+    padded = np.concatenate([values[order], np.full(groups * slots - len(k), fill)])
+    return jnp.asarray(padded.reshape(slots, groups).T)
+
+  return deal(k, k.max()), deal(caps, 0.0)
+
+
+# Each case is a compile of both costs' gradients: two by default, all with -m slow.
+@pytest.mark.parametrize(
+  "slots, padding",
+  [(13, 1), (200, 1), *(pytest.param(n, p, marks=pytest.mark.slow) for n, p in ((2, 0), (5, 1), (60, 0)))],
+)
+def test_group_cost_pieces_are_capped_level(slots, padding):
+  """C(X) = X^2 / y(X) from the swept pieces equals the capped_level search at every X, with the same
+  slope in X and the same gradient in the real clients' k and caps (caps varied so that clients cap,
+  enter after others cap and all cap)."""
+  rng = np.random.default_rng(slots)
+  costs, weights = costs_and_weights(seed=slots, games=1, clients=slots, cost_high=3.0, weight_sigma=1.0)
+  k = np.sort(costs[0] / weights[0])
+  caps = weights[0] * 8.0 * rng.uniform(0.1, 1.0, slots)
+  k, caps = np.concatenate([k, [k[-1]] * padding]), np.concatenate([caps, [0.0] * padding])
+  full = caps.sum()
+  segments = baselines._cost_segments(jnp.asarray(k), jnp.asarray(caps))
+  breaks = np.asarray(segments.breaks)[: int(segments.last) + 1]
+  assert np.all(np.diff(breaks) >= 0) and np.isclose(breaks[-1], full, rtol=1e-12)
+  totals = jnp.asarray(np.concatenate([rng.uniform(0.0, full, 500), [full]]))
+
+  def cost(total, k, caps, pieces):
+    return baselines._group_cost(total, k, caps, baselines._cost_segments(k, caps) if pieces else None)
+
+  value = jax.jit(
+    jax.vmap(jax.value_and_grad(cost, argnums=(0, 1, 2)), (0, None, None, None)), static_argnums=3
+  )
+  (c_new, d_new), (c_old, d_old) = (
+    value(totals, jnp.asarray(k), jnp.asarray(caps), p) for p in (True, False)
+  )
+  np.testing.assert_allclose(c_new, c_old, rtol=1e-12)
+  np.testing.assert_allclose(d_new[0], d_old[0], rtol=1e-10)
+  real = slice(0, slots)  # padding caps are constants (three_party never differentiates them)
+  for new, old in zip(d_new[1:], d_old[1:]):
+    np.testing.assert_allclose(new[:-1, real], old[:-1, real], rtol=1e-9, atol=1e-12 * np.abs(old).max())
+
+
+def _kkt_gaps(payment, totals, k, caps):
+  """Each aggregator's first-order condition F_m = R (X - X_m) / X^2 - C_m'(X_m) just left and right of
+  X_m: [2, M] (capped_level costs). A KKT point has F(X_m-) >= 0 unless X_m = 0 and F(X_m+) <= 0 unless
+  X_m is its group's cap sum: a root of F or a jump of C_m' across 0."""
+  aggregate = jnp.sum(totals)
+  slope = jax.vmap(jax.grad(baselines._group_cost), (0, 0, 0))
+
+  def foc(x):
+    return payment * (aggregate - x) / aggregate**2 - slope(x, k, caps)
+
+  return jnp.stack([foc(totals * (1 - 1e-9)), foc(totals * (1 + 1e-9))])
+
+
+@pytest.mark.parametrize(
+  "clients, seed", [(50, 0), *(pytest.param(n, s, marks=pytest.mark.slow) for n, s in ((120, 1), (200, 2)))]
+)
+def test_aggregator_equilibrium_from_pieces_is_the_reference(clients, seed):
+  """The aggregators' equilibrium totals X_m(R) with each group's cost from its pieces equal those with
+  capped_level at every call (the reference) over R's range, wherever both are trusted (the solver
+  marks an untrusted answer NaN, which for an aggregator at a kink of its cost is decided at rounding
+  level, for either evaluation). Where C_m' jumps down (a follower enters after others cap) an
+  aggregator's first-order condition can have two roots, and which one the root finder reaches depends
+  on rounding-level differences of its path: there both answers must be KKT points, and that is rare."""
+  costs, weights = costs_and_weights(seed=seed, games=1, clients=clients, cost_high=3.0, weight_sigma=1.0)
+  k, caps = _round_robin(costs[0] / weights[0], weights[0] * 8.0, 4)
+  full = jnp.sum(caps, axis=1)
+  segments = jax.vmap(baselines._cost_segments)(k, caps)
+  payments = float(baselines._group_upper_bound(k, caps)) * np.logspace(-6, 0, 40)
+
+  @jax.jit
+  def totals(payment):
+    def solve(pieces):
+      params = baselines._Groups(payment, k, caps, pieces)
+      return solver.solve_equilibrium(baselines._aggregator_utility, jnp.ones(4), params, full)
+
+    return solve(segments), solve(None)
+
+  new, old = (np.stack(a) for a in zip(*(totals(r) for r in payments)))
+  both = np.isfinite(new).all(1) & np.isfinite(old).all(1)
+  assert both.sum() >= 30
+  same = np.all(np.abs(new - old) <= 1e-9 * (np.abs(old) + float(full.max())), axis=1)
+  assert np.sum(both & ~same) <= 2
+  for r in np.flatnonzero(both & ~same):
+    for x in (new[r], old[r]):
+      left, right = np.asarray(_kkt_gaps(payments[r], jnp.asarray(x), k, caps))
+      tol = 1e-6 * payments[r] / x.sum()
+      assert np.all((left >= -tol) | (x <= 0)) and np.all((right <= tol) | (x >= full)), (r, x)
+
+
+def _prepared(g, s):
+  """The game and spec as the mechanism wrapper hands them to the jitted core (float64)."""
+  s = baselines._canonical(s, g.costs.shape[-1], "num_aggregators")
+  return valuation.with_noise_table(baselines._cast(g, jnp.float64), s), s
+
+
+@pytest.mark.parametrize("valuation_name", [pytest.param("dp", marks=pytest.mark.slow), "log"])
+def test_three_party_from_pieces_is_the_reference_outcome(valuation_name):
+  """The whole three-party outcome at the tests' size is the one of the reference (capped_level at every
+  call) to ~1e-6: the same equilibrium at both levels and the same payment."""
+  gs = games(13, 3, lam=20.0, eps_max=8.0)
+  reference = jax.jit(functools.partial(baselines._three_party, pieces=False), static_argnums=1)
+  for i in range(3):
+    g, s = _prepared(take(gs, i), spec(valuation_name, "three_party"))
+    new, old = baselines.solve(take(gs, i), s), reference(g, s)
+    for name, a, b in zip(new._fields, new, old):
+      scale = max(float(np.max(np.abs(b))), 1e-12)
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("clients, seed", [(60, 3), pytest.param(150, 4, marks=pytest.mark.slow)])
+def test_three_party_aggregators_gain_nothing_from_nearby_deviations(clients, seed):
+  """At the outcome's payment R no aggregator gains by moving its total X_m on a fine grid of +-10%
+  (others fixed): R X'_m / (X_-m + X'_m) - C_m(X'_m) with C_m from capped_level (not the pieces). The
+  payoff is not concave where followers enter after others cap, so the check is local, as above."""
+  costs, weights = costs_and_weights(seed=seed, games=1, clients=clients, cost_high=3.0, weight_sigma=1.0)
+  g = game(costs[0], weights[0], lam=30.0 * clients / 8)
+  out = baselines.solve(g, spec("log", "three_party"))
+  k_all = costs[0] / weights[0]
+  k, caps = _round_robin(k_all, weights[0] * 8.0, 4)
+  x = np.asarray(out.budgets) * weights[0]
+  totals = np.asarray(_round_robin(k_all, x, 4)[1]).sum(1)
+  server = float(out.total_payment)
+  assert out.participants >= 2 and server > 0
+  cost = jax.jit(jax.vmap(baselines._group_cost, (0, None, None)))
+  for m in range(4):
+    grid = np.clip(totals[m] * np.linspace(0.9, 1.1, 2001), 1e-12, float(caps[m].sum()))
+    trial = np.asarray(cost(jnp.asarray(np.append(grid, totals[m])), k[m], caps[m]))
+    margins = server * np.append(grid, totals[m]) / (totals.sum() - totals[m] + np.append(grid, totals[m]))
+    margins = margins - trial
+    own = margins[-1]
+    assert np.all(margins[:-1] <= own + 1e-7 * (1 + abs(own))), m
 
 
 # ---------------------------------------------------------------------------------------------------------

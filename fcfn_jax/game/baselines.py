@@ -20,7 +20,8 @@ aggregate the server forms under the one aggregation rule), the same caps, and o
 - three_party: server -> M = max(1, min(num_aggregators, N // 2)) edge aggregators -> clients; clients
   sorted by k = c / w are dealt round-robin (rank j to group j mod M). Inside group m the aggregator's
   payment P_m buys the group's exact capped proportional-share equilibrium, total X_m at cost
-  P_m = C_m(X_m) (``equilibrium.capped_level``; convex, linear until a cap binds). The aggregators play a
+  P_m = C_m(X_m) (``equilibrium.capped_level``; linear until a cap binds), whose pieces in X are swept
+  once per game (``_cost_segments``), so each evaluation is a lookup. The aggregators play a
   proportional-share game for the server's R, u_m = R X_m / X - C_m(X_m), X_m in [0, sum of the group's
   caps], solved exactly by the generic solver; the server searches R for its true objective. With M = 1
   the lone aggregator has no competitor and no positive-effort equilibrium: nothing is bought.
@@ -417,27 +418,146 @@ def contract(game: Game, spec: GameSpec) -> Outcome:
 # ---------------------------------------------------------------------------------------------------------
 
 
+class _Segments(NamedTuple):
+  """A group's cost C(X) = X^2 / y(X) piece by piece (:func:`_cost_segments`): on piece t, between
+  breaks[t - 1] and breaks[t] (breaks[-1] = 0), y(X) = (capped[t] + (interior[t] - 1) X) / slope[t].
+
+  breaks: [T] non-decreasing, +inf after the last; capped: sum of the capped clients' caps [T + 1];
+  interior: number of interior clients [T + 1]; slope: sum of their k [T + 1]; last: the last piece
+  with an interior client (int []).
+  """
+
+  breaks: chex.Array
+  capped: chex.Array
+  interior: chex.Array
+  slope: chex.Array
+  last: chex.Array
+
+
 class _Groups(NamedTuple):
   """Per-aggregator parameters of the three-party game: payment R [], k [M, S], caps [M, S] (padding
-  slots have cap 0 and never contribute)."""
+  slots have cap 0 and never contribute), and each group's cost pieces (None: ``capped_level`` at every
+  evaluation, the reference)."""
 
   payment: chex.Array
   k: chex.Array
   caps: chex.Array
+  segments: _Segments | None = None
 
 
-def _group_cost(total, k, caps):
+def _cost_segments(k, caps) -> _Segments:
+  """The pieces of a group's level y(X) over 0 < X <= sum of caps, by one sweep in X (k non-decreasing).
+
+  As X grows the clients only move out -> interior -> capped (r = y / X solves sum_i clip(1 - k_i r, 0,
+  cap_i / X) = 1, so it falls as X grows: 1 - k_i r rises, cap_i / X falls). Near 0 the interior clients
+  are the uncapped participants (``equilibrium.participation``); on a piece with capped sum a, n interior
+  clients of k-sum K, y = (a + (n - 1) X) / K, so interior i caps at X = (cap_i K + k_i a) / (K - (n - 1)
+  k_i) and out j enters at X = k_j a / (K - (n - 1) k_j) (when positive): the sweep takes the nearest
+  event, at most 2 per client (2 S sequential steps of O(S) each, once per game). The pieces' sums are
+  exact masked sums (like ``capped_level``), their derivatives in k and caps those of the same sums.
+  """
+  sg = jax.lax.stop_gradient
+  traced_k, traced_caps = k, caps
+  k, caps = sg(k), sg(caps)  # the sweep only places the pieces
+  slots = k.shape[-1]
+  events = 2 * slots
+  real = caps > 0
+  prefix = jnp.cumsum(k)
+  rank = jnp.arange(1, slots + 1, dtype=k.dtype)
+  size = jnp.sum(real & ((rank - 2) * k < prefix - k))
+  entered = jnp.arange(slots) < size
+  capped = jnp.zeros(slots, bool)
+
+  def sums(entered, capped):
+    interior = entered & ~capped
+    return (
+      jnp.sum(jnp.where(capped, caps, 0.0)),
+      jnp.sum(interior).astype(k.dtype),
+      jnp.sum(jnp.where(interior, k, 0.0)),
+      interior,
+    )
+
+  def step(t, state):
+    x, entered, capped, breaks, cap_sums, counts, slopes, who, capping = state
+    a, n, slope, interior = sums(entered, capped)
+    denom = slope - (n - 1.0) * k
+    safe = jnp.where(denom > 0, denom, 1.0)
+    cap_at = jnp.where(interior & (denom > 0), (caps * slope + k * a) / safe, jnp.inf)
+    # Clients enter in the order of k (the smallest out client first; k_j a / (K - (n - 1) k_j) rises
+    # with k_j), which also settles ties such as every out client's entry at X = a when nobody is interior.
+    out = real & ~entered
+    i, j = jnp.argmin(cap_at), jnp.argmax(out)
+    enter_at = jnp.where(out[j] & (denom[j] > 0), k[j] * a / safe[j], jnp.inf)
+    use_cap = cap_at[i] <= enter_at
+    nearest = jnp.minimum(cap_at[i], enter_at)
+    moves = jnp.isfinite(nearest)
+    capped = capped.at[i].set(capped[i] | (moves & use_cap))
+    entered = entered.at[j].set(entered[j] | (moves & ~use_cap))
+    a, n, slope, _ = sums(entered, capped)
+    x = jnp.where(moves, jnp.maximum(nearest, x), x)
+    return (
+      x,
+      entered,
+      capped,
+      breaks.at[t].set(jnp.where(moves, x, jnp.inf)),
+      cap_sums.at[t + 1].set(a),
+      counts.at[t + 1].set(n),
+      slopes.at[t + 1].set(slope),
+      who.at[t].set(jnp.where(use_cap, i, j).astype(jnp.int32)),
+      capping.at[t].set(jnp.where(moves, jnp.where(use_cap, 1, -1), 0).astype(jnp.int32)),
+    )
+
+  a, n, slope, _ = sums(entered, capped)
+  table = lambda first: jnp.zeros(events + 1, k.dtype).at[0].set(first)
+  init = (
+    jnp.zeros((), k.dtype),
+    entered,
+    capped,
+    jnp.full(events, jnp.inf, k.dtype),
+    table(a),
+    table(n),
+    table(slope),
+    jnp.zeros(events, jnp.int32),
+    jnp.zeros(events, jnp.int32),
+  )
+  _, _, _, breaks, cap_sums, counts, slopes, who, capping = jax.lax.fori_loop(0, events, step, init)
+  # The same sums as functions of k and caps (values from the sweep, derivatives from these): event e caps
+  # client who_e (capping 1: its cap joins the capped sum, its k leaves the interior) or lets it enter (-1).
+  zero = jnp.zeros(1, k.dtype)
+  cap_terms = jnp.concatenate([zero, jnp.cumsum(jnp.where(capping > 0, traced_caps[who], 0.0))])
+  first = jnp.sum(jnp.where(entered, traced_k, 0.0))
+  slope_terms = first + jnp.concatenate([zero, jnp.cumsum(-capping.astype(k.dtype) * traced_k[who])])
+  cap_sums = cap_sums + cap_terms - sg(cap_terms)
+  slopes = slopes + slope_terms - sg(slope_terms)
+  last = jnp.maximum(jnp.sum(jnp.isfinite(breaks)) - 1, 0)
+  return _Segments(breaks, cap_sums, counts, slopes, last)
+
+
+def _segment_level(total, segments: _Segments):
+  """y(X) on X's piece (total > 0; at a break the piece on its left, where y is largest)."""
+  piece = jnp.minimum(jnp.searchsorted(segments.breaks, jax.lax.stop_gradient(total)), segments.last)
+  slope = segments.slope[piece]
+  level = segments.capped[piece] + (segments.interior[piece] - 1.0) * total
+  return level / jnp.where(slope > 0, slope, 1.0)
+
+
+def _group_cost(total, k, caps, segments: _Segments | None = None):
   """C_m(X): the least payment P whose capped equilibrium in the group has total X: P = X^2 / y(X) (k
-  non-decreasing, as every group of :func:`three_party` is)."""
+  non-decreasing, as every group of :func:`three_party` is), from the group's pieces when given."""
   positive = total > 0
   safe = jnp.where(positive, total, 1.0)
-  return jnp.where(positive, safe**2 / equilibrium.capped_level(safe, k, caps, k_sorted=True), 0.0)
+  if segments is None:
+    level = equilibrium.capped_level(safe, k, caps, k_sorted=True)
+  else:
+    level = _segment_level(safe, segments)
+  return jnp.where(positive, safe**2 / level, 0.0)
 
 
 def _aggregator_utility(totals, aggregate, weights, params: _Groups):
   """u_m = R X_m / X - C_m(X_m): [M], the aggregators' proportional-share game (weights are 1)."""
   del weights
-  return params.payment * totals / aggregate - jax.vmap(_group_cost)(totals, params.k, params.caps)
+  costs = jax.vmap(_group_cost)(totals, params.k, params.caps, params.segments)
+  return params.payment * totals / aggregate - costs
 
 
 def _group_upper_bound(k, caps):
@@ -455,6 +575,12 @@ def _group_upper_bound(k, caps):
 @_mechanism(uses="num_aggregators")
 def three_party(game: Game, spec: GameSpec) -> Outcome:
   """Server -> M aggregators -> clients with exact capped followers at both levels (module docstring)."""
+  return _three_party(game, spec)
+
+
+def _three_party(game: Game, spec: GameSpec, pieces: bool = True) -> Outcome:
+  """:func:`three_party` on a prepared game; ``pieces`` (static) False evaluates each group's cost by
+  ``equilibrium.capped_level`` at every call instead of from its pieces (the slower reference)."""
   n = game.costs.shape[-1]
   dtype = game.costs.dtype
   groups = spec.num_aggregators  # M, already max(1, min(num_aggregators, N // 2)) (see _canonical)
@@ -479,6 +605,8 @@ def three_party(game: Game, spec: GameSpec) -> Outcome:
   caps = to_groups(game.weights * game.eps_max, 0.0)
   full = jnp.sum(caps, axis=1)
   options = spec.search.solver
+  # Each group's cost pieces depend on the game only: swept once, outside the payment search.
+  segments = jax.vmap(_cost_segments)(k_groups, caps) if pieces else None
 
   # The payment search evaluates several R per step with one vmapped call; batched, the solver's nested
   # data-dependent loops run every lane to the slowest lane's count (several times the cost of solving the
@@ -486,12 +614,14 @@ def three_party(game: Game, spec: GameSpec) -> Outcome:
   @jax.custom_batching.sequential_vmap
   def play(payment):
     """(budgets [N], client payments [N], margins [M]) at the server's payment R > 0."""
-    params = _Groups(payment, k_groups, caps)
+    params = _Groups(payment, k_groups, caps, segments)
     totals = solver.solve_equilibrium(_aggregator_utility, jnp.ones(groups, dtype), params, full, options)
-    group_payments = jax.vmap(_group_cost)(totals, k_groups, caps)
-    levels = jax.vmap(functools.partial(equilibrium.capped_level, k_sorted=True))(
-      jnp.where(totals > 0, totals, 1.0), k_groups, caps
-    )
+    group_payments = jax.vmap(_group_cost)(totals, k_groups, caps, segments)
+    safe = jnp.where(totals > 0, totals, 1.0)
+    if pieces:
+      levels = jax.vmap(_segment_level)(safe, segments)
+    else:
+      levels = jax.vmap(functools.partial(equilibrium.capped_level, k_sorted=True))(safe, k_groups, caps)
     x = equilibrium.capped_contributions(totals[:, None], levels[:, None], k_groups, caps)
     x = jnp.where(totals[:, None] > 0, x, 0.0)
     margins = _proportional(payment, totals) - group_payments
