@@ -37,6 +37,7 @@ Where it is not differentiable:
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -44,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcfn_jax import data, federated, models, simulation
+from fcfn_jax import data, federated, models, simulation, stats
 from fcfn_jax.config import SimulationConfig
 from fcfn_jax.game import leader, valuation
 from fcfn_jax.game.spec import Game, GameSpec
@@ -297,3 +298,54 @@ def trained_draws(
   """:func:`train` for each key of keys [K, 2]: a Trained with a leading [K] axis on every leaf."""
   one = functools.partial(train, apply_fn=apply_fn, cfg=cfg, spec=spec, outer_axes=(_DRAW_AXIS,))
   return jax.vmap(one, in_axes=(None, None, 0, None), axis_name=_DRAW_AXIS)(payment, problem, keys, prices)
+
+
+ARMS = ("Q", "training")  # tuned for the proxy objective lam Q - R / for the trained objective U
+# Metrics compared side by side (per seed) and as paired differences training - Q (over seeds).
+COMPARED = ("R", "payment", "trained_objective", "test_accuracy", "validation_loss", "proxy_utility")
+
+
+def standard_error(values: np.ndarray) -> float:
+  """std(values, ddof=1) / sqrt(K) of values [K] (K = 1: nan)."""
+  values = np.asarray(values, np.float64)
+  return float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else float("nan")
+
+
+def tuning_comparison(
+  evaluations: Sequence[Mapping[str, Any]], confidence: float = 0.95
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """Tuned-for-Q vs tuned-for-training over seeds (issue 23).
+
+  evaluations: one per seed, ``{"seed": s, "Q": m, "training": m}`` with m[metric] (metric in COMPARED)
+  a number or the values of the held-out noise draws [K] (K equal over seeds). Returns (per-seed rows:
+  one per seed x arm, each metric's mean over the draws, its standard error over the draws for metrics
+  with draws, and the arm's other entries (e.g. participants); difference rows: one per metric, the paired
+  difference training - Q: draws averaged per seed, Student's t interval over the seeds,
+  ``stats.pairwise_table``'s columns with each arm's mean beside it).
+  """
+  require(
+    len(evaluations) >= 2,
+    f"evaluations has {len(evaluations)} seeds: expected >= 2 (a confidence interval needs two)",
+  )
+  rows = []
+  for evaluation in evaluations:
+    for arm in ARMS:
+      measured = evaluation[arm]
+      row = {"seed": evaluation["seed"], "tuned_for": arm}
+      for metric in COMPARED:
+        values = np.asarray(measured[metric], np.float64)
+        row[metric] = float(values.mean())
+        if values.ndim:
+          row[f"{metric}_stderr"] = standard_error(values)
+      row.update({k: v for k, v in measured.items() if k not in COMPARED})
+      rows.append(row)
+  differences = []
+  for metric in COMPARED:
+    per_seed = {
+      f"tuned_for_{arm}": np.stack([np.asarray(e[arm][metric], np.float64) for e in evaluations])
+      for arm in ("training", "Q")
+    }
+    (row,) = stats.pairwise_table(per_seed, "tuned_for_Q", confidence)
+    means = {name: float(stats.mean_interval(values, confidence).mean) for name, values in per_seed.items()}
+    differences.append({"metric": metric, **means, **row})
+  return rows, differences

@@ -215,3 +215,37 @@ def gap_vs_clients(rows: Sequence[Row], path: str | os.PathLike[str]) -> str:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   return _save(fig, path)
+
+
+def objective_along_payment(rows: Sequence[Row], path: str | os.PathLike[str], lambda_acc: float) -> str:
+  """The trained objective U(R) along the payment: mean over the held-out draws with a +-1 standard-error
+  band, the hypergradient dU/dR as a short tangent segment at each point, and R*_Q / R*_trained marked.
+
+  rows: one per payment with ``payment``, ``objective``, ``objective_stderr``, ``grad`` and the booleans
+  ``is_R_Q`` / ``is_R_trained`` (the rows of ``tune_pricing.py --objective=trained``'s objective_along_R);
+  a point whose gradient is not finite is drawn without its tangent.
+  """
+  rows = sorted(rows, key=lambda r: r["payment"])
+  r = np.array([row["payment"] for row in rows])
+  u = np.array([row["objective"] for row in rows])
+  se = np.array([row["objective_stderr"] for row in rows])
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  (line,) = ax.plot(r, u, marker="o", ms=3, label="U(R), mean over held-out draws")
+  ax.fill_between(r, u - se, u + se, color=line.get_color(), alpha=0.2, label="+-1 standard error")
+  half = 0.25 * (np.min(np.diff(r)) if r.size > 1 else max(abs(r[0]), 1.0))
+  dx = np.array([-half, half])
+  tangents = [(x, y, row["grad"]) for x, y, row in zip(r, u, rows) if np.isfinite(row["grad"])]
+  for i, (x, y, slope) in enumerate(tangents):  # a non-finite gradient gets no tangent
+    ax.plot(x + dx, y + slope * dx, color="black", lw=1.2, label="dU/dR" if i == 0 else None)
+  for key, label, color in (("is_R_Q", "R*_Q", "tab:orange"), ("is_R_trained", "R*_trained", "tab:green")):
+    for row in rows:
+      if row[key]:
+        ax.axvline(row["payment"], color=color, ls="--", lw=1, label=label)
+  ax.set(
+    xlabel="payment R",
+    ylabel=f"U = {lambda_acc:g} (-validation loss) - R",
+    title="Trained objective along R, hypergradient tangents",
+  )
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  return _save(fig, path)

@@ -8,13 +8,23 @@ payment when it is 0. Also reported: the grid's best uniform payment, ``leader.s
 same groups and, for --valuation=log, the closed form R* = max(0, lam - K_S / (|S|-1)) with the tuned
 payment's absolute error |R - R*| and, where R* > 0, its relative error.
 
---objective=trained (issue 23) prices against the trained model instead of Q: the game is the data's
-(--num_clients clients of the embedded FEMNIST digits, costs and weights as ``simulation.prepare`` draws
-them), and Adam on log R maximizes U = lambda_acc (-validation loss after T rounds) - R
-(``fcfn_jax.hypergrad``, --draws noise draws, uniform prices) from the Q-optimal R*
+--objective=trained (issue 23) prices against the trained model instead of Q, tuned-for-Q vs
+tuned-for-training side by side over --seeds seeds (--seed, --seed + 1, ...; each draws the costs, the
+partition and the initial model; the seeds share one pool capacity and one compiled program). Per seed the
+game is the data's (--num_clients clients of the embedded FEMNIST digits, costs and weights as
+``simulation.prepare`` draws them), and Adam on log R maximizes U = lambda_acc (-validation loss after T
+rounds) - R (``fcfn_jax.hypergrad``, --draws noise draws, uniform prices) from the Q-optimal R*
 (``leader.solve_leader``). Both R are then evaluated on --draws held-out noise draws (keys the tuning
-never saw): server utility lam Q - R, U, validation loss, held-out test accuracy, payment. Outputs:
-trajectory.{csv,json,md} and summary.json ('traced' calibration; 'exact' is replaced by it).
+never saw): U, test accuracy on the test split left after the validation split, payment, validation loss,
+lam Q - R. Outputs: comparison.{csv,json,md} (one row per seed x arm), differences.{csv,json,md} (tuned-
+for-training minus tuned-for-Q paired by seed, draws averaged per seed, 95% t intervals over the seeds:
+``fcfn_jax.stats``; a verdict needs stats.MIN_SEEDS seeds), trajectory.{csv,json,md} (per seed and step),
+objective_along_R.{csv,json,md,png} (the first seed: U on the held-out draws at --plot_points payments
+around both R, with a standard-error band and the hypergradient as tangents) and summary.json ('traced'
+calibration; 'exact' is replaced by it). Example:
+
+  python scripts/tune_pricing.py --objective=trained --seeds=5 --num_clients=12 --rounds=5 \
+      --local_steps=2 --steps=20 --draws=4 --out=results/tune_trained
 
 Outputs in --out (written whole at the end): trajectory.{csv,json,md} (one row per step), summary.json,
 trajectory.png (objective and parameters per step) and manifest.json. Example (about a minute on a CPU):
@@ -35,7 +45,7 @@ import optax
 from absl import flags
 
 from fcfn_jax import config as fc
-from fcfn_jax import data, federated, hypergrad, plotting, report, validate
+from fcfn_jax import data, federated, hypergrad, plotting, report, stats, study, validate
 from fcfn_jax.game import equilibrium, leader, sweep, tuning
 from fcfn_jax.game.spec import Game, GameSpec
 
@@ -74,12 +84,43 @@ flags.DEFINE_enum(
   "proxy: lam Q - R on a drawn game; trained: lambda_acc (-validation loss of the trained model) - R.",
 )
 flags.DEFINE_integer("draws", 4, "--objective=trained: noise draws averaged per hypergradient (>= 2).")
+flags.DEFINE_integer(
+  "seeds",
+  5,
+  "--objective=trained: seeds compared, --seed .. --seed + seeds - 1 (each draws the costs, the partition "
+  "and the initial model; >= 2, a verdict needs stats.MIN_SEEDS = 3).",
+)
+flags.DEFINE_integer(
+  "plot_points", 7, "--objective=trained: payments of objective_along_R.png besides R*_Q and R*_trained."
+)
 flags.DEFINE_float("lambda_acc", 100.0, "--objective=trained: payment units per nat of validation loss.")
 FLAGS = flags.FLAGS
 FLAGS.set_default("out", "results/tune")
 FLAGS.set_default("lam", 200.0)
 FLAGS.set_default("eps_max", 50.0)
 _MAX = 10**6
+_COMPARISON_COLUMNS = (
+  "seed",
+  "tuned_for",
+  "R",
+  "payment",
+  "trained_objective",
+  "trained_objective_stderr",
+  "test_accuracy",
+  "validation_loss",
+  "proxy_utility",
+  "participants",
+)
+_DIFFERENCE_COLUMNS = (
+  "metric",
+  "tuned_for_Q",
+  "tuned_for_training",
+  "mean_difference",
+  "ci_low",
+  "ci_high",
+  "seeds",
+  "verdict",
+)
 
 
 def _problem() -> tuple[Game, GameSpec, jax.Array, fc.SimulationConfig]:
@@ -181,11 +222,12 @@ def _tune(game: Game, spec: GameSpec, groups: jax.Array) -> tuple[dict, list]:
   return summary, rows
 
 
-def _evaluate_trained(payment, problem, spec, apply_fn, cfg, keys, held_out) -> dict:
-  """One R on the noise draws ``keys``: the game's utility, U (mean and standard error over the draws),
-  the validation loss and the held-out test accuracy (means over the draws)."""
+def _evaluate_trained(payment, problem, spec, apply_fn, program, keys, held_out) -> dict:
+  """One R on the noise draws ``keys`` [K, 2]: per draw [K] the trained objective U (the server's utility of
+  the trained model), the validation loss and the held-out test accuracy; the payment actually made (R
+  when someone participates, else 0), the proxy utility lam Q - R and the participants."""
   trained = hypergrad.trained_draws(
-    jnp.float64(payment), problem, keys, apply_fn=apply_fn, cfg=cfg, spec=spec
+    jnp.float64(payment), problem, keys, apply_fn=apply_fn, cfg=program, spec=spec
   )
   draw = lambda k: jax.tree.map(lambda a: np.asarray(a[k], np.float32), trained.params)
   with jax.enable_x64(False):  # the evaluation runs in float32, as in the simulation
@@ -193,21 +235,110 @@ def _evaluate_trained(payment, problem, spec, apply_fn, cfg, keys, held_out) -> 
       float(federated.evaluate(draw(k), held_out.x, held_out.y, apply_fn, 512)[0])
       for k in range(keys.shape[0])
     ]
-  values = -FLAGS.lambda_acc * np.asarray(trained.loss) - payment * bool(np.any(trained.budgets > 0))
+  paid = float(payment) * bool(np.any(np.asarray(trained.budgets) > 0))
+  loss = np.asarray(trained.loss, np.float64)
   return {
-    "payment": float(payment),
-    "server_utility": float(leader.server_utility(jnp.float64(payment), problem.game, spec)),
-    "trained_objective": float(values.mean()),
-    "trained_objective_stderr": float(values.std(ddof=1) / np.sqrt(len(values))),
-    "validation_loss": float(np.mean(trained.loss)),
-    "test_accuracy": float(np.mean(accuracy)),
+    "R": float(payment),
+    "payment": paid,
+    "trained_objective": -FLAGS.lambda_acc * loss - paid,
+    "test_accuracy": np.asarray(accuracy),
+    "validation_loss": loss,
+    "proxy_utility": float(leader.server_utility(jnp.float64(payment), problem.game, spec)),
     "participants": int(np.sum(np.asarray(trained.budgets[0]) > 0)),
   }
 
 
-def _tune_trained(cfg: fc.SimulationConfig) -> tuple[dict, list]:
-  """Adam on log R for the trained objective from the Q-optimal R*; both evaluated on held-out draws."""
+def _seed_data(
+  cfg: fc.SimulationConfig,
+) -> tuple[list[tuple[fc.SimulationConfig, data.FederatedData]], fc.SimulationConfig]:
+  """Each seed's config and data (seeds cfg.seed .. cfg.seed + --seeds - 1: costs, partition, initial
+  model) with one pool capacity and one test-split size, and the program config: every traced program
+  takes it as its static config, so all seeds reuse one compilation (the seed enters only through the
+  traced problem and the keys)."""
+  seeds = [cfg.seed + s for s in range(FLAGS.seeds)]
+  configs = [dataclasses.replace(cfg, seed=s, data=dataclasses.replace(cfg.data, seed=s)) for s in seeds]
+  loaded = study.load_shared([c.data for c in configs])
+  capacity = int(loaded[0].pool.x.shape[1])
+  size = min(len(d.test.y) for d in loaded)
+  loaded = [
+    d if len(d.test.y) == size else d._replace(test=data.subsample(d.test, size, c.seed))
+    for c, d in zip(configs, loaded)
+  ]
+  configs = [dataclasses.replace(c, data=dataclasses.replace(c.data, capacity=capacity)) for c in configs]
+  program = dataclasses.replace(configs[0], seed=0, data=dataclasses.replace(configs[0].data, seed=0))
+  return list(zip(configs, loaded)), program
+
+
+def _tune_seed(cfg, program, problem, spec, apply_fn, keys) -> tuple[float, float, list]:
+  """Adam on log R for the trained objective on the draws ``keys`` from the Q-optimal R*: (R*_Q, the best R
+  of the trajectory, one row per step). A non-finite hypergradient ends the trajectory (its row is kept)."""
+  start = float(leader.solve_leader(problem.game, spec).payment)
+  optimizer = optax.adam(optax.exponential_decay(FLAGS.learning_rate, FLAGS.decay_steps, 0.5))
+  theta = jnp.log(jnp.float64(start))
+  state = optimizer.init(theta)
+  rows, best = [], (-np.inf, start)
+  for t in range(FLAGS.steps + 1):
+    payment = jnp.exp(theta)
+    hg = hypergrad.hypergradient(
+      payment, problem, keys, lambda_acc=FLAGS.lambda_acc, apply_fn=apply_fn, cfg=program, spec=spec
+    )
+    rows.append(
+      {
+        "seed": cfg.seed,
+        "step": t,
+        "payment": float(payment),
+        "objective": float(hg.value),
+        "grad": float(hg.grad),
+        "grad_stderr": float(hg.stderr),
+      }
+    )
+    if not np.isfinite(float(hg.grad)):  # e.g. the traced accountant's gradient at a very small z: stop
+      break
+    best = max(best, (float(hg.value), float(payment)))
+    if t < FLAGS.steps:  # ascent on U in log R: dU/dlog R = R dU/dR
+      updates, state = optimizer.update(-payment * hg.grad, state, theta)
+      theta = optax.apply_updates(theta, updates)
+  return start, best[1], rows
+
+
+def _along_payment(r_q: float, r_trained: float, problem, spec, apply_fn, program, keys) -> list:
+  """The trained objective on the held-out draws ``keys`` at --plot_points payments log-spaced over
+  [min R / 1.5, max R * 1.5] plus R*_Q and R*_trained: per point the mean U, its standard error over the
+  draws and the mean hypergradient dU/dR."""
+  low, high = min(r_q, r_trained) / 1.5, max(r_q, r_trained) * 1.5
+  grid = sorted({*np.geomspace(low, high, FLAGS.plot_points).tolist(), r_q, r_trained})
+  rows = []
+  for payment in grid:
+    hg = hypergrad.hypergradient(
+      jnp.float64(payment),
+      problem,
+      keys,
+      lambda_acc=FLAGS.lambda_acc,
+      apply_fn=apply_fn,
+      cfg=program,
+      spec=spec,
+    )
+    rows.append(
+      {
+        "payment": payment,
+        "objective": float(hg.value),
+        "objective_stderr": hypergrad.standard_error(np.asarray(hg.values)),
+        "grad": float(hg.grad),
+        "grad_stderr": float(hg.stderr),
+        "is_R_Q": payment == r_q,
+        "is_R_trained": payment == r_trained,
+      }
+    )
+  return rows
+
+
+def _tune_trained(cfg: fc.SimulationConfig) -> tuple[dict, list, list, list, list]:
+  """Per seed: Adam on log R for the trained objective from the Q-optimal R* on --draws tuning draws, then
+  both R evaluated on --draws held-out draws (keys the tuning never saw). Returns (summary, per-seed
+  comparison rows, paired-difference rows, trajectory rows, the first seed's objective along R)."""
   validate.check_int("draws", FLAGS.draws, minimum=2, maximum=_MAX)
+  validate.check_int("seeds", FLAGS.seeds, minimum=2, maximum=_MAX)
+  validate.check_int("plot_points", FLAGS.plot_points, minimum=2, maximum=_MAX)
   validate.check_positive("lambda_acc", FLAGS.lambda_acc)
   privacy = cfg.privacy
   if privacy.calibration == "exact":
@@ -215,43 +346,30 @@ def _tune_trained(cfg: fc.SimulationConfig) -> tuple[dict, list]:
   cfg = dataclasses.replace(
     cfg, data=dataclasses.replace(cfg.data, num_clients=FLAGS.num_clients), privacy=privacy
   )
-  fed_data = data.load_federated(cfg.data)
-  problem, spec, apply_fn, held_out = hypergrad.make_problem(cfg, fed_data)
+  seeds, program = _seed_data(cfg)
+  evaluations, trajectory, along = [], [], []
   with jax.enable_x64(True):
-    keys = hypergrad.draw_keys(cfg, 2 * FLAGS.draws)
-    tune_keys, eval_keys = keys[: FLAGS.draws], keys[FLAGS.draws :]
-    start = float(leader.solve_leader(problem.game, spec).payment)
-    optimizer = optax.adam(optax.exponential_decay(FLAGS.learning_rate, FLAGS.decay_steps, 0.5))
-    theta = jnp.log(jnp.float64(start))
-    state = optimizer.init(theta)
-    rows, best = [], (-np.inf, start)
-    for t in range(FLAGS.steps + 1):
-      payment = jnp.exp(theta)
-      hg = hypergrad.hypergradient(
-        payment, problem, tune_keys, lambda_acc=FLAGS.lambda_acc, apply_fn=apply_fn, cfg=cfg, spec=spec
-      )
-      rows.append(
-        {
-          "step": t,
-          "payment": float(payment),
-          "objective": float(hg.value),
-          "grad": float(hg.grad),
-          "grad_stderr": float(hg.stderr),
-        }
-      )
-      best = max(best, (float(hg.value), float(payment)))
-      if t < FLAGS.steps:  # ascent on U in log R: dU/dlog R = R dU/dR
-        updates, state = optimizer.update(-payment * hg.grad, state, theta)
-        theta = optax.apply_updates(theta, updates)
-    summary = {
-      "objective": "trained",
-      "lambda_acc": FLAGS.lambda_acc,
-      "draws": FLAGS.draws,
-      "steps": FLAGS.steps,
-      "tuned_for_Q": _evaluate_trained(start, problem, spec, apply_fn, cfg, eval_keys, held_out),
-      "tuned_for_training": _evaluate_trained(best[1], problem, spec, apply_fn, cfg, eval_keys, held_out),
-    }
-  return summary, rows
+    for seed_cfg, fed_data in seeds:
+      problem, spec, apply_fn, held_out = hypergrad.make_problem(seed_cfg, fed_data)
+      keys = hypergrad.draw_keys(seed_cfg, 2 * FLAGS.draws)
+      tune_keys, eval_keys = keys[: FLAGS.draws], keys[FLAGS.draws :]
+      r_q, r_trained, rows = _tune_seed(seed_cfg, program, problem, spec, apply_fn, tune_keys)
+      trajectory += rows
+      evaluate = lambda r: _evaluate_trained(r, problem, spec, apply_fn, program, eval_keys, held_out)  # noqa: B023
+      evaluations.append({"seed": seed_cfg.seed, "Q": evaluate(r_q), "training": evaluate(r_trained)})
+      if not along:
+        along = _along_payment(r_q, r_trained, problem, spec, apply_fn, program, eval_keys)
+  per_seed, differences = hypergrad.tuning_comparison(evaluations)
+  summary = {
+    "objective": "trained",
+    "lambda_acc": FLAGS.lambda_acc,
+    "draws": FLAGS.draws,
+    "steps": FLAGS.steps,
+    "seeds": [e["seed"] for e in evaluations],
+    "min_seeds_for_a_verdict": stats.MIN_SEEDS,
+    "differences": differences,
+  }
+  return summary, per_seed, differences, trajectory, along
 
 
 def main(_):
@@ -261,16 +379,29 @@ def main(_):
     validate.check_int("num_clients", FLAGS.num_clients, minimum=2, maximum=_MAX)
     validate.check_int("steps", FLAGS.steps, maximum=_MAX)
     header = (
-      f"trained objective: {FLAGS.num_clients} clients, lambda_acc {FLAGS.lambda_acc}, {FLAGS.draws} draws, "
-      f"{FLAGS.steps} Adam steps on log R; {cfg.federated.rounds} x {cfg.federated.local_steps} steps, "
-      f"seed {cfg.seed}"
+      f"trained objective: {FLAGS.seeds} seeds from {cfg.seed}, {FLAGS.num_clients} clients, lambda_acc "
+      f"{FLAGS.lambda_acc}, {FLAGS.draws} tuning + {FLAGS.draws} held-out draws, {FLAGS.steps} Adam steps "
+      f"on log R; {cfg.federated.rounds} x {cfg.federated.local_steps} steps"
     )
     with sim_flags.results(run, header, dataclasses.asdict(cfg)) as out:
-      summary, rows = _tune_trained(cfg)
-      out.table("trajectory", rows)
+      summary, per_seed, differences, trajectory, along = _tune_trained(cfg)
+      note = (
+        f"Differences tuned-for-training minus tuned-for-Q over {len(summary['seeds'])} seeds, draws "
+        f"averaged per seed, 95% t intervals (fcfn_jax/stats.py; a verdict needs >= {stats.MIN_SEEDS} seeds)."
+      )
+      out.table(
+        "comparison",
+        per_seed,
+        _COMPARISON_COLUMNS,
+        note="Per seed: each R evaluated on held-out training-noise draws (means, _stderr over the draws).",
+      )
+      out.table("differences", differences, _DIFFERENCE_COLUMNS, note=note)
+      out.table("trajectory", trajectory)
+      out.table("objective_along_R", along)
       out.json("summary", summary)
-    table = [{"tuned_for": k, **summary[k]} for k in ("tuned_for_Q", "tuned_for_training")]
-    print(report.format_table(table, floatfmt=".6g"))
+      plotting.objective_along_payment(along, out.file("objective_along_R.png"), FLAGS.lambda_acc)
+    print(report.format_table(per_seed, _COMPARISON_COLUMNS, floatfmt=".6g"))
+    print(report.format_table(differences, _DIFFERENCE_COLUMNS, floatfmt=".4g"))
     return
   with jax.enable_x64(True):
     game, spec, groups, cfg = _problem()

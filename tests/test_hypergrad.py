@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from fcfn_jax import config as fc
-from fcfn_jax import data, hypergrad
+from fcfn_jax import data, hypergrad, stats
 from fcfn_jax.game import leader
 
 from .cli import REPO, env
@@ -129,26 +129,111 @@ def test_price_gradient_is_scale_free_and_uniform_prices_are_the_plain_game(setu
   np.testing.assert_allclose(np.sum(price_grad), 0.0, atol=1e-6 * np.abs(price_grad).sum())
 
 
-@pytest.mark.slow  # compiles the hypergradient and the training program: ~1 minute on a loaded CPU
-def test_tune_pricing_trained_objective_reports_both_payments(tmp_path):
+def test_tuning_comparison_has_both_arms_per_seed_and_paired_intervals():
+  """Per-seed rows: one per seed x arm with means over the draws; difference rows: training - Q paired by
+  seed (draws averaged first), Student's t interval over the seeds (stats.paired_difference)."""
+  rng = np.random.default_rng(0)
+  seeds, draws = 3, 4
+
+  def arm(shift):
+    return {
+      "R": 10.0 + shift,
+      "payment": 10.0 + shift,
+      "trained_objective": rng.normal(-100 + shift, 1.0, draws),
+      "test_accuracy": rng.uniform(0.5, 0.6, draws),
+      "validation_loss": rng.uniform(1.0, 2.0, draws),
+      "proxy_utility": 5.0 - shift,
+      "participants": 3,
+    }
+
+  evaluations = [{"seed": s, "Q": arm(0.0), "training": arm(1.0 + 0.1 * s)} for s in range(seeds)]
+  per_seed, differences = hypergrad.tuning_comparison(evaluations)
+  assert [(r["seed"], r["tuned_for"]) for r in per_seed] == [
+    (s, a) for s in range(seeds) for a in ("Q", "training")
+  ]
+  for row in per_seed:
+    assert all(np.isfinite(row[m]) for m in hypergrad.COMPARED) and row["participants"] == 3
+    assert np.isfinite(row["trained_objective_stderr"]) and "R_stderr" not in row
+  first = evaluations[0]["training"]["trained_objective"]
+  np.testing.assert_allclose(per_seed[1]["trained_objective"], first.mean())
+  np.testing.assert_allclose(per_seed[1]["trained_objective_stderr"], first.std(ddof=1) / np.sqrt(draws))
+  assert [r["metric"] for r in differences] == list(hypergrad.COMPARED)
+  for row in differences:
+    assert row["seeds"] == seeds and row["ci_low"] <= row["mean_difference"] <= row["ci_high"]
+    assert all(np.isfinite(row[c]) for c in ("tuned_for_training", "tuned_for_Q", "ci_low", "ci_high"))
+  by_metric = {r["metric"]: r for r in differences}
+  diff = lambda m: [np.mean(e["training"][m]) - np.mean(e["Q"][m]) for e in evaluations]
+  expected = stats.mean_interval(diff("trained_objective"))
+  np.testing.assert_allclose(
+    [by_metric["trained_objective"][c] for c in ("mean_difference", "ci_low", "ci_high")],
+    [expected.mean, expected.low, expected.high],
+  )
+  assert by_metric["R"]["mean_difference"] == pytest.approx(1.1)  # shifts 1, 1.1, 1.2
+  assert by_metric["R"]["verdict"] == "tuned_for_training > tuned_for_Q"
+  # Two seeds give an interval but no verdict (stats.MIN_SEEDS).
+  _, two = hypergrad.tuning_comparison(evaluations[:2])
+  assert all(r["seeds"] == 2 and r["verdict"] == stats.INSUFFICIENT_SEEDS for r in two)
+
+
+@pytest.mark.slow  # two seeds of tuning and evaluation with their compilations: ~75 s on a loaded CPU
+def test_tune_pricing_trained_objective_compares_both_payments_over_seeds(tmp_path):
   out = tmp_path / "tune"
-  flags = ["--objective=trained", "--num_clients=6", "--rounds=2", "--local_steps=1", "--steps=2"]
+  flags = [
+    "--objective=trained",
+    "--num_clients=6",
+    "--rounds=1",
+    "--local_steps=1",
+    "--steps=1",
+    "--draws=2",
+  ]
   proc = subprocess.run(
-    [sys.executable, "scripts/tune_pricing.py", *flags, "--draws=2", f"--out={out}", "--progress=false"],
+    [
+      sys.executable,
+      "scripts/tune_pricing.py",
+      *flags,
+      "--draws=2",
+      "--seeds=2",
+      "--plot_points=2",
+      f"--out={out}",
+      "--progress=false",
+    ],
     cwd=REPO,
-    env=env(),
+    env=env(JAX_LOG_COMPILES="1"),
     capture_output=True,
     text=True,
     timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  summary = json.loads((out / "summary.json").read_text())
+  # Every seed reuses the first seed's programs (one static config, same shapes).
+  for program in ("hypergradient", "trained_draws"):
+    assert proc.stderr.count(f"Compiling jit({program})") == 1, program
+  per_seed = json.loads((out / "comparison.json").read_text())
+  differences = json.loads((out / "differences.json").read_text())
   trajectory = json.loads((out / "trajectory.json").read_text())
-  assert len(trajectory) == 3 and all(np.isfinite(row["grad"]) for row in trajectory)
-  q, trained = summary["tuned_for_Q"], summary["tuned_for_training"]
-  # The tuned R is the best of the trajectory, which starts at the Q-optimal R*.
-  assert trajectory[0]["payment"] == pytest.approx(q["payment"])
-  assert max(row["objective"] for row in trajectory) >= trajectory[0]["objective"]
-  assert any(row["payment"] == pytest.approx(trained["payment"]) for row in trajectory)
-  for row in (q, trained):
+  along = json.loads((out / "objective_along_R.json").read_text())
+  assert [(r["seed"], r["tuned_for"]) for r in per_seed] == [
+    (0, "Q"),
+    (0, "training"),
+    (1, "Q"),
+    (1, "training"),
+  ]
+  for row in per_seed:
+    assert all(np.isfinite(row[m]) for m in hypergrad.COMPARED)
     assert 0 <= row["test_accuracy"] <= 1 and row["validation_loss"] > 0 and row["participants"] >= 1
+  for seed in (0, 1):
+    steps = [r for r in trajectory if r["seed"] == seed]
+    q, trained = (r for r in per_seed if r["seed"] == seed)
+    assert len(steps) == 2 and all(np.isfinite(r["grad"]) for r in steps)
+    # The tuned R is the best of the trajectory, which starts at the Q-optimal R*.
+    assert steps[0]["payment"] == pytest.approx(q["R"])
+    best = max(steps, key=lambda r: r["objective"])
+    assert trained["R"] == pytest.approx(best["payment"])
+  assert {r["metric"] for r in differences} == set(hypergrad.COMPARED)
+  for row in differences:
+    assert row["seeds"] == 2 and np.isfinite(row["ci_low"]) and np.isfinite(row["ci_high"])
+  assert len(along) >= 3 and sum(r["is_R_Q"] for r in along) == 1
+  assert all(np.isfinite(r["objective"]) and r["objective_stderr"] >= 0 for r in along)
+  # The grid's ends may reach budgets whose traced accountant has no finite gradient (z ~ 0.26 at q ~ 0.27
+  # in this 1-step run); the tuned points do not.
+  assert all(np.isfinite(r["grad"]) for r in along if r["is_R_Q"] or r["is_R_trained"])
+  assert (out / "objective_along_R.png").stat().st_size > 0
