@@ -24,6 +24,7 @@ import pytest
 from fcfn_jax import config as fc
 from fcfn_jax import data, hypergrad, stats
 from fcfn_jax.game import leader
+from fcfn_jax.privacy import traced
 
 from .cli import REPO, env
 
@@ -127,6 +128,28 @@ def test_price_gradient_is_scale_free_and_uniform_prices_are_the_plain_game(setu
   price_grad = np.asarray(priced.price_grad)
   assert np.all(np.isfinite(price_grad)) and np.abs(price_grad).max() > 0
   np.testing.assert_allclose(np.sum(price_grad), 0.0, atol=1e-6 * np.abs(price_grad).sum())
+
+
+def test_accountant_inverse_has_forward_mode_and_finite_partials_where_orders_drop_out(x64):
+  """Forward mode (jax.jvp in R, bench_hypergrad's third case) runs through the accountant's inverse: at
+  one step and q = 0.25 some orders are left out (rdp = inf); their d total / d steps must not read inf
+  (its zero tangent or cotangent would give 0 * inf = nan). The jvp in eps equals reverse mode's
+  derivative, and d z / d steps is finite."""
+  eps, q = jnp.array([3.7, 8.0]), jnp.full(2, 0.25)
+
+  def noise(e, steps):
+    return traced.traced_noise_multiplier(e, q, steps, 1e-5, 0.0)
+
+  @jax.jit
+  def both(e, steps):
+    _, tangent = jax.jvp(lambda x: noise(x, steps), (e,), (jnp.ones_like(e),))
+    by_eps, by_steps = jax.grad(lambda x, s: jnp.sum(noise(x, s)), argnums=(0, 1))(e, steps)
+    return tangent, by_eps, by_steps
+
+  tangent, by_eps, by_steps = both(eps, jnp.float64(1.0))
+  assert np.all(np.isfinite(np.asarray(tangent))) and np.all(np.asarray(tangent) < 0)
+  np.testing.assert_allclose(np.asarray(tangent), np.asarray(by_eps), rtol=1e-10)
+  assert np.isfinite(float(by_steps)) and float(by_steps) > 0  # more steps, more noise
 
 
 def test_tuning_comparison_has_both_arms_per_seed_and_paired_intervals():

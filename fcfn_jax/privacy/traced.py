@@ -263,7 +263,10 @@ def _rdp_to_epsilon(
   'eps = 0'; the integer orders keep it (their A - 1 is accurate)."""
   tables = _order_tables(tuple(orders))
   alpha = jnp.asarray(tables.orders, rdp.dtype)
-  total = jnp.asarray(steps, rdp.dtype)[..., None] * rdp
+  # Double where: an order left out (rdp = inf) has total = inf with no derivative, not d total / d steps =
+  # inf, which times its zero cotangent would make d eps / d steps nan (and forward mode's 0 * nan too).
+  finite = jnp.isfinite(rdp)
+  total = jnp.where(finite, jnp.asarray(steps, rdp.dtype)[..., None] * jnp.where(finite, rdp, 0.0), jnp.inf)
   delta = jnp.asarray(delta, rdp.dtype)[..., None]
   kl = tables.integer | (rdp.dtype == jnp.float64)
   if not kl.all():
