@@ -221,7 +221,9 @@ def _log_ndtr(x: jax.Array) -> jax.Array:
   near = jnp.where(tail, cut, x)  # double where: the unused branches stay finite (and their gradients)
   far = jnp.where(tail, x, cut)
   e = jax.lax.erfc(jnp.abs(near) / math.sqrt(2.0))
-  body = jnp.where(near > 0, jnp.log1p(-0.5 * e), jnp.log(0.5 * e))
+  # Double where again: for large x > 0, erfc underflows to 0 and the unused log(0.5 e) would give an inf
+  # derivative (0 * inf = nan in the gradient).
+  body = jnp.where(near > 0, jnp.log1p(-0.5 * e), jnp.log(0.5 * jnp.where(near > 0, 1.0, e)))
   r = 1.0 / (far * far)
   series = jnp.log1p(r * (-1.0 + r * (3.0 + r * (-15.0 + r * 105.0))))
   asymptotic = -0.5 * far * far - jnp.log(-far) - 0.5 * math.log(2 * math.pi) + series
