@@ -141,6 +141,29 @@ def test_bench_replicas_sides_train_the_same_models(tmp_path):
   assert row["max_param_diff"] <= 1e-6  # R sequential runs and one replicas.run train the same models
 
 
+@pytest.mark.slow  # the forward run, the hypergradient and the jvp compiled (float64): ~100 s loaded
+def test_bench_hypergrad_reverse_and_forward_mode_agree(tmp_path):
+  out = _run(
+    tmp_path,
+    "bench_hypergrad.py",
+    "--models=logreg",
+    "--clients=4",
+    "--capacity=16",
+    "--test_examples=60",
+    "--rounds=1",
+    "--local_steps=1",
+    "--batch_size=4",
+    "--draws=2",
+    "--repeats=1",
+  )
+  header, rows = _read(out, "bench_hypergrad", "hypergrad")
+  sizes = ("temp_mb", "argument_mb", "output_mb")
+  _check(header, rows, (*MEASURED, "model", "time_vs_forward", *sizes), (*MEASURED[1:4], *sizes))
+  assert [r["case"] for r in rows] == ["forward", "reverse", "forward_mode"]
+  # dU/dR per draw by reverse mode and by forward mode: the same derivative (|dU/dR| ~ 1 here).
+  assert all(r["max_grad_diff_reverse_vs_forward_mode"] <= 1e-6 for r in rows)
+
+
 @pytest.mark.slow  # three layouts, each in fresh processes (two of them gloo-connected): ~40 s loaded
 def test_bench_multihost_round_layouts(tmp_path):
   out = _run(
