@@ -603,18 +603,19 @@ def _three_party(game: Game, spec: GameSpec, pieces: bool = True) -> Outcome:
 
   k_groups = to_groups(k, jnp.max(k))
   caps = to_groups(game.weights * game.eps_max, 0.0)
-  full = jnp.sum(caps, axis=1)
   options = spec.search.solver
   # Each group's cost pieces depend on the game only: swept once, outside the payment search.
   segments = jax.vmap(_cost_segments)(k_groups, caps) if pieces else None
 
   # The payment search evaluates several R per step with one vmapped call; batched, the solver's nested
   # data-dependent loops run every lane to the slowest lane's count (several times the cost of solving the
-  # lanes one after another), so a batch of payments is solved in a loop.
+  # lanes one after another), so a batch of payments is solved in a loop. Every array it reads is an
+  # argument: a custom_vmap function may not close over values batched by an outer vmap (say, over costs).
   @jax.custom_batching.sequential_vmap
-  def play(payment):
-    """(budgets [N], client payments [N], margins [M]) at the server's payment R > 0."""
+  def play(payment, k_groups, caps, segments):
+    """(contributions [M, slots], client payments [M, slots], margins [M]) at the server's payment R > 0."""
     params = _Groups(payment, k_groups, caps, segments)
+    full = jnp.sum(caps, axis=1)
     totals = solver.solve_equilibrium(_aggregator_utility, jnp.ones(groups, dtype), params, full, options)
     group_payments = jax.vmap(_group_cost)(totals, k_groups, caps, segments)
     safe = jnp.where(totals > 0, totals, 1.0)
@@ -625,12 +626,13 @@ def _three_party(game: Game, spec: GameSpec, pieces: bool = True) -> Outcome:
     x = equilibrium.capped_contributions(totals[:, None], levels[:, None], k_groups, caps)
     x = jnp.where(totals[:, None] > 0, x, 0.0)
     margins = _proportional(payment, totals) - group_payments
-    return budgets_of(x), from_groups(_proportional(group_payments, x)), margins
+    return x, _proportional(group_payments, x), margins
 
   def utility(log_payment):  # log R = -inf: nothing is bought
     payment = jnp.exp(log_payment)
+    x, client_payments, margins = play(jnp.where(payment > 0, payment, 1.0), k_groups, caps, segments)
     bought = jax.tree.map(
-      lambda a: jnp.where(payment > 0, a, 0.0), play(jnp.where(payment > 0, payment, 1.0))
+      lambda a: jnp.where(payment > 0, a, 0.0), (budgets_of(x), from_groups(client_payments), margins)
     )
     return game.lam * valuation.quality(bought[0], game, spec) - payment, bought
 
