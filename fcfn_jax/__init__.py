@@ -6,7 +6,8 @@ Architecture (one module per concept, see docs/model.md):
   models       flax CNNs and logistic regression
   privacy/     per-example clipping + Gaussian noise (clipping); epsilon <-> noise: the sampler's events
                (events), the surrogate, the traced accountant (traced), the ledger, the calibration
-  game/        follower equilibrium and leader (equilibrium, solver, leader), baselines, outcomes
+  game/        follower equilibrium and leader (equilibrium, solver, leader), the proposed mechanism
+               (stackelberg), the baselines and the dispatcher (baselines), outcomes
   federated    one client's DP-SGD update, vmapped once into a round, FedAvg aggregation
   simulation   the loop joining mechanism, privacy calibration, rounds and evaluation
   resume       a run's fingerprint; the checks a checkpoint passes before a run resumes from it

@@ -1,4 +1,5 @@
-"""The mechanisms of fcfn_jax/game/baselines.py (docs/model.md "Baselines"), both valuations, float64."""
+"""The mechanisms ``baselines.solve`` runs: the Stackelberg game (fcfn_jax/game/stackelberg.py) and the
+baselines (fcfn_jax/game/baselines.py; docs/model.md "Baselines"), both valuations, float64."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from fcfn_jax.config import MECHANISMS
-from fcfn_jax.game import baselines, equilibrium, leader, solver, valuation
+from fcfn_jax.game import baselines, common, equilibrium, leader, solver, valuation
 from fcfn_jax.game.outcome import build_outcome
 from fcfn_jax.validate import ConfigError
 from tests.games import costs_and_weights, game, spec, take
@@ -521,8 +522,8 @@ def test_aggregator_equilibrium_from_pieces_is_the_reference(clients, seed):
 
 def _prepared(g, s):
   """The game and spec as the mechanism wrapper hands them to the jitted core (float64)."""
-  s = baselines._canonical(s, g.costs.shape[-1], "num_aggregators")
-  return valuation.with_noise_table(baselines._cast(g, jnp.float64), s), s
+  s = common.canonical(s, g.costs.shape[-1], "num_aggregators")
+  return valuation.with_noise_table(common.cast(g, jnp.float64), s), s
 
 
 @pytest.mark.parametrize("valuation_name", [pytest.param("dp", marks=pytest.mark.slow), "log"])

@@ -1,12 +1,12 @@
-"""The Stackelberg mechanism and its baselines on the same game (docs/model.md "Stage I", "Baselines").
+"""The baselines the Stackelberg mechanism is compared with, and ``solve``, which runs any mechanism by name
+(docs/model.md "Baselines").
 
 Every mechanism is ``mechanism(game, spec) -> Outcome``: the same clients (costs, quality weights,
 sampling rates), the same valuation lam Q(eps) (``valuation.quality``: by default the noise of the
 aggregate the server forms under the one aggregation rule), the same caps, and one accounting
-(``outcome.build_outcome``). Each optimizes the server's TRUE objective with the followers' caps:
+(``outcome.build_outcome``). Each optimizes the server's TRUE objective with the followers' caps. The
+proposed mechanism, ``stackelberg``, is in ``stackelberg.py`` (importable from here too); the baselines:
 
-- stackelberg: the leader's capped optimum (``leader.solve_leader``): R* maximizes lam Q(eps*(R)) - R over
-  the capped follower equilibrium; payment_i = R* x_i / X.
 - contract: contract theory under incomplete information. K cost types are quantile bins of the
   empirical (sorted) costs, K = min(num_types, N) or N for num_types = 0 (one type per client); the type
   cost theta_k is the bin's upper edge (its largest cost), so a menu feasible for theta_k is individually
@@ -35,9 +35,9 @@ aggregate the server forms under the one aggregation rule), the same caps, and o
   the best prefix of clients at eps_max (ranked by cost per unit of quality) refined by projected
   gradient ascent.
 
-Each mechanism checks the game on the host, runs jitted with the GameSpec static (compiled once per
-shape and spec, reused across seeds), works on one game ([N] arrays) and vmaps over games:
-``jax.vmap(lambda g: contract(g, spec))(games)``.
+Each mechanism goes through ``common.mechanism``: it checks the game on the host, runs jitted with the
+GameSpec static (compiled once per shape and spec, reused across seeds), works on one game ([N] arrays)
+and vmaps over games: ``jax.vmap(lambda g: contract(g, spec))(games)``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
 
 import chex
 import jax
@@ -53,12 +53,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fcfn_jax.config import MECHANISMS
-from fcfn_jax.game import equilibrium, leader, solver, valuation
+from fcfn_jax.game import common, equilibrium, leader, solver, valuation
 from fcfn_jax.game.outcome import Outcome, build_outcome
-from fcfn_jax.game.spec import Game, GameSpec, num_aggregators, num_intermediaries, num_types, validate_game
-from fcfn_jax.validate import check_choice, fail, is_traced, require
-
-_T = TypeVar("_T")
+from fcfn_jax.game.spec import Game, GameSpec, num_intermediaries, num_types
+from fcfn_jax.game.stackelberg import stackelberg
+from fcfn_jax.validate import check_choice, require
 
 # Contract clients treat utilities within this many ulps of the items' size as ties.
 _TIE_ULPS = 1e3
@@ -81,82 +80,6 @@ class Menu(NamedTuple):
   types: chex.Array
   budgets: chex.Array
   rewards: chex.Array
-
-
-def _check_outcome(result) -> bool:
-  """True when every leaf is finite, except -inf utilities of an outcome with nobody participating
-  (no model: Q = -inf under 'dp')."""
-  leaves = jax.tree.leaves(result)
-  if isinstance(result, Outcome) and int(result.participants) == 0:
-    leaves = [result.budgets, result.payments, result.client_utilities, result.total_payment]
-  return all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves)
-
-
-def _canonical(spec: GameSpec, num_clients: int, uses: str | None) -> GameSpec:
-  """The spec with num_types and num_aggregators at their effective values (K, M) where the mechanism
-  uses them (``uses``) and at their defaults elsewhere, so equal programs share one compilation (e.g.
-  num_aggregators 10 and 4 both give M = 4 for 8 clients; stackelberg ignores both)."""
-  default = GameSpec()
-  k_types = num_types(spec, num_clients) if uses == "num_types" else default.num_types
-  aggregators = num_aggregators(spec, num_clients) if uses == "num_aggregators" else default.num_aggregators
-  return dataclasses.replace(spec, num_types=k_types, num_aggregators=aggregators)
-
-
-def _cast(game: Game, dtype) -> Game:
-  """Every leaf of ``game`` as a ``dtype`` array (an absent noise table stays None)."""
-  return Game(*(None if value is None else jnp.asarray(value, dtype) for value in game))
-
-
-def _mechanism(
-  core: Callable[[Game, GameSpec], _T] | None = None, *, uses: str | None = None
-) -> Callable[[Game, GameSpec], _T]:
-  """Checks the game on the host (skipped for tracers), runs core(game, spec) jitted with spec static.
-
-  A concrete float32 game whose result is not finite (an equilibrium the solver cannot trust in float32,
-  or an overflow) is solved again in float64 and cast back; if that fails too, ConfigError. ``uses``
-  names the spec field among num_types / num_aggregators the mechanism reads (see ``_canonical``).
-  """
-  if core is None:
-    return functools.partial(_mechanism, uses=uses)
-  jitted = jax.jit(core, static_argnums=1)
-
-  @functools.wraps(core)
-  def wrapper(game: Game, spec: GameSpec) -> _T:
-    require(isinstance(spec, GameSpec), f"spec={spec!r} is invalid: expected a GameSpec")
-    validate_game(game)
-    spec = _canonical(spec, game.costs.shape[-1], uses)
-    # Field by field: a leaf given as a Python list is one array, not a pytree of scalars.
-    dtype = jnp.result_type(float, *(jnp.asarray(value) for value in game if value is not None))
-    game = _cast(game, dtype)
-    # The accountant's noise table once per game, outside the mechanism's searches (valuation.noise_table).
-    game = valuation.with_noise_table(game, spec)
-    result = jitted(game, spec)
-    if any(is_traced(leaf) for leaf in jax.tree.leaves(game)) or _check_outcome(result):
-      return result
-    if dtype != jnp.float64:
-      with jax.enable_x64(True):
-        wide = jitted(_cast(game, jnp.float64), spec)
-        narrow = jax.tree.map(
-          lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, wide
-        )
-        # Float64 may be finite where its values overflow the caller's dtype (e.g. payments near 1e38).
-        if _check_outcome(wide) and _check_outcome(narrow):
-          return narrow
-    costs = np.asarray(game.costs)
-    fail(
-      f"{core.__name__} is not finite in {np.dtype(dtype).name} (nor in float64) for costs in "
-      f"[{float(costs.min())!r}, {float(costs.max())!r}]: expected magnitudes whose ratios c_i / w_i and "
-      "their sum stay finite (rescale the costs and lam together)"
-    )
-
-  return wrapper
-
-
-def _proportional(total: chex.Array, x: chex.Array) -> chex.Array:
-  """Shares total * x_i / sum_j x_j along the last axis: x [..., n], total [...]; 0 where sum_j x_j = 0."""
-  x_sum = jnp.sum(x, axis=-1, keepdims=True)
-  positive = x_sum > 0
-  return jnp.where(positive, jnp.expand_dims(total, -1) * x / jnp.where(positive, x_sum, 1.0), 0.0)
 
 
 def _prefix_map(fn: Callable[[chex.Array], chex.Array], count: int) -> chex.Array:
@@ -215,20 +138,6 @@ def _projected_ascent(
   init = (jnp.zeros((), jnp.int32), start, value0, jnp.zeros((), dtype), jnp.asarray(True))
   _, x, value, _, _ = jax.lax.while_loop(lambda s: s[-1] & (s[0] < iters), step, init)
   return x, value
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Stackelberg.
-# ---------------------------------------------------------------------------------------------------------
-
-
-@_mechanism
-def stackelberg(game: Game, spec: GameSpec) -> Outcome:
-  """The proposed mechanism: the leader's capped optimum R*, the followers' capped Nash equilibrium,
-  payment_i = R* x_i / X (docs/model.md "Stage I")."""
-  solution = leader.solve_leader(game, spec)
-  payments = _proportional(solution.payment, game.weights * solution.budgets)
-  return build_outcome(solution.budgets, payments, game, spec)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,7 +285,7 @@ def _generic_menu_budgets(game: Game, spec: GameSpec, types: chex.Array, type_co
   return budgets
 
 
-@_mechanism(uses="num_types")
+@common.mechanism(uses="num_types")
 def contract_menu(game: Game, spec: GameSpec) -> Menu:
   """The server's optimal menu for K quantile cost types (see the module docstring)."""
   n = game.costs.shape[-1]
@@ -398,7 +307,7 @@ def contract_menu(game: Game, spec: GameSpec) -> Menu:
   )
 
 
-@_mechanism(uses="num_types")
+@common.mechanism(uses="num_types")
 def contract(game: Game, spec: GameSpec) -> Outcome:
   """Clients pick their best item of :func:`contract_menu` by true cost, or opt out (0, 0)."""
   menu = contract_menu(game, spec)
@@ -572,7 +481,7 @@ def _group_upper_bound(k, caps):
   return jnp.max(2.0 * full / level * total**2 / (total - full))
 
 
-@_mechanism(uses="num_aggregators")
+@common.mechanism(uses="num_aggregators")
 def three_party(game: Game, spec: GameSpec) -> Outcome:
   """Server -> M aggregators -> clients with exact capped followers at both levels (module docstring)."""
   return _three_party(game, spec)
@@ -583,7 +492,7 @@ def _three_party(game: Game, spec: GameSpec, pieces: bool = True) -> Outcome:
   ``equilibrium.capped_level`` at every call instead of from its pieces (the slower reference)."""
   n = game.costs.shape[-1]
   dtype = game.costs.dtype
-  groups = spec.num_aggregators  # M, already max(1, min(num_aggregators, N // 2)) (see _canonical)
+  groups = spec.num_aggregators  # M, already max(1, min(num_aggregators, N // 2)) (see common.canonical)
   if groups == 1:  # no competitor: no positive-effort equilibrium, nothing is bought
     zeros = jnp.zeros(n, dtype)
     return build_outcome(zeros, zeros, game, spec, jnp.zeros(1, dtype))
@@ -625,8 +534,8 @@ def _three_party(game: Game, spec: GameSpec, pieces: bool = True) -> Outcome:
       levels = jax.vmap(functools.partial(equilibrium.capped_level, k_sorted=True))(safe, k_groups, caps)
     x = equilibrium.capped_contributions(totals[:, None], levels[:, None], k_groups, caps)
     x = jnp.where(totals[:, None] > 0, x, 0.0)
-    margins = _proportional(payment, totals) - group_payments
-    return x, _proportional(group_payments, x), margins
+    margins = common.proportional(payment, totals) - group_payments
+    return x, common.proportional(group_payments, x), margins
 
   def utility(log_payment):  # log R = -inf: nothing is bought
     payment = jnp.exp(log_payment)
@@ -651,7 +560,7 @@ def _three_party(game: Game, spec: GameSpec, pieces: bool = True) -> Outcome:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@_mechanism
+@common.mechanism
 def posted_price(game: Game, spec: GameSpec) -> Outcome:
   """One price per unit of epsilon, optimized exactly over the break points (the sorted costs)."""
   costs = game.costs
@@ -670,7 +579,7 @@ def posted_price(game: Game, spec: GameSpec) -> Outcome:
   return build_outcome(budgets, price * budgets, game, spec)
 
 
-@_mechanism
+@common.mechanism
 def no_incentive(game: Game, spec: GameSpec) -> Outcome:
   """A mandate: every client must use eps_min and is paid nothing (violates IR: u_i = -c_i eps_min)."""
   budgets = jnp.broadcast_to(game.eps_min, game.costs.shape).astype(game.costs.dtype)
@@ -704,7 +613,7 @@ def _welfare_budgets(game: Game, spec: GameSpec) -> chex.Array:
   return budgets
 
 
-@_mechanism
+@common.mechanism
 def social_optimum(game: Game, spec: GameSpec) -> Outcome:
   """Complete-information welfare maximum; payments c_i eps_i (transfers: clients are made whole)."""
   if spec.valuation == "log":
@@ -713,6 +622,11 @@ def social_optimum(game: Game, spec: GameSpec) -> Outcome:
   else:
     budgets = _welfare_budgets(game, spec)
   return build_outcome(budgets, game.costs * budgets, game, spec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch: every mechanism by name.
+# ---------------------------------------------------------------------------------------------------------
 
 
 _MECHANISMS: dict[str, Callable[[Game, GameSpec], Outcome]] = {

@@ -1,10 +1,10 @@
 """Outcome of one incentive mechanism on one game, with one accounting for all (docs/model.md "Metrics").
 
-Every mechanism (the Stackelberg game and each baseline in ``baselines.py``) ends in budgets eps: [N] and
-payments: [N] (what each client receives); :func:`build_outcome` turns them into the same metrics, under
-the game's one valuation lam Q(eps) (``valuation.quality``), so the mechanisms are compared on equal
-terms. Payments are transfers: they cancel in the social welfare, which is always lam Q(eps) - sum_i c_i
-eps_i.
+Every mechanism (the Stackelberg game in ``stackelberg.py``, each baseline in ``baselines.py``) ends in
+budgets eps: [N] and payments: [N] (what each client receives); :func:`build_outcome` turns them into the
+same metrics, under the game's one valuation lam Q(eps) (``valuation.quality``), so the mechanisms are
+compared on equal terms. Payments are transfers: they cancel in the social welfare, which is always
+lam Q(eps) - sum_i c_i eps_i.
 """
 
 from __future__ import annotations
