@@ -8,7 +8,10 @@ Architecture (one module per concept, see docs/model.md):
                (events), the surrogate, the traced accountant (traced), the ledger, the calibration
   game/        follower equilibrium and leader (equilibrium, solver, leader), the proposed mechanism
                (stackelberg), the baselines and the dispatcher (baselines), outcomes
-  federated    one client's DP-SGD update, vmapped once into a round, FedAvg aggregation
+  client       one client's round: the sampler's batches and S local steps of DP-SGD
+  chunking     clients per vmapped chunk from the backend's memory budget and one client's XLA bytes
+  mesh         the client axis over devices: mesh, sharding, a pool split over processes
+  federated    the client update vmapped once into a round (chunked, optionally sharded), FedAvg
   simulation   the loop joining mechanism, privacy calibration, rounds and evaluation
   resume       a run's fingerprint; the checks a checkpoint passes before a run resumes from it
   study/       the statistical study: settings and presets, the runner, the tables, the valuation study

@@ -1,44 +1,56 @@
-"""Federated training: one client's DP-SGD update, vmapped once into a FedAvg round, and evaluation.
+"""Federated training: one client's DP-SGD update (:mod:`fcfn_jax.client`), vmapped once into a FedAvg
+round, and evaluation.
 
 A round (docs/model.md "From epsilon_i to noise"): every client i runs S local steps of DP-SGD (or plain SGD
-on the non-private path) from the server model theta, each on a batch its sampler draws from its own n_i
-examples (Poisson at rate q_i = min(1, B / n_i) into B_max slots, or B without replacement), noise
-multiplier z_i; it returns Delta_i = theta_i^S - theta. The server forms the FedAvg pseudo-gradient
+on the non-private path) from the server model theta (:func:`client_update`) and returns
+Delta_i = theta_i^S - theta. The server forms the FedAvg pseudo-gradient
 
   g = -(sum_i a_i Delta_i) / (sum_i a_i),   a_i = weight_i * n_i * [z_i < inf]
 
 and applies its optax optimizer (``FederatedConfig.server_optimizer``). Clients with a_i = 0 sit out:
-they run (shapes are fixed) with no examples and contribute exactly nothing. A local step's slots run in
-blocks (``FederatedConfig.slot_block``): a block no client of the vmapped chunk has joined is skipped, so a
-Poisson step costs about the examples it samples rather than its B_max slots. Keys: client i of round t
-uses fold_in(fold_in(key, t), i).
+they run (shapes are fixed) with no examples and contribute exactly nothing. Clients run in vmapped chunks
+sized by :mod:`fcfn_jax.chunking`; with a mesh the client axis is split over devices (:mod:`fcfn_jax.mesh`).
+Keys: client i of round t uses fold_in(fold_in(key, t), i).
+
+The client's update, the chunk sizing and the mesh helpers are re-exported here under their old names
+(``federated.client_update``, ``federated.chunk_clients``, ``federated.shard_clients``, ...).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from fcfn_jax import distributed
+from fcfn_jax.chunking import (  # noqa: F401  (re-exported)
+  CPU_CHUNK_BYTES,
+  DEVICE_MEMORY_SHARE,
+  chunk_budget,
+  chunk_clients,
+  client_bytes,
+)
+from fcfn_jax.client import (  # noqa: F401  (re-exported)
+  ClientResult,
+  client_update,
+  head_slots,
+  sample_client_batches,
+  sample_client_indices,
+  slot_block,
+)
 from fcfn_jax.config import FederatedConfig, PrivacyConfig
 from fcfn_jax.data import ClientPool
-from fcfn_jax.models import ApplyFn, LossFn, cross_entropy, make_loss_fn, normalize_pixels
-from fcfn_jax.privacy import events
-from fcfn_jax.privacy.clipping import (
-  ClippedSum,
-  ClippedSumFn,
-  blocked_clipped_sum,
-  make_clipped_sum_fn,
-  privatize,
+from fcfn_jax.mesh import (  # noqa: F401  (re-exported)
+  client_mesh,
+  client_sharding,
+  pad_clients,
+  pad_sit_outs,
+  shard_clients,
 )
+from fcfn_jax.models import ApplyFn, cross_entropy, normalize_pixels
 from fcfn_jax.validate import check_int, require
 
 _SERVER_MOMENTUM = 0.9
@@ -52,18 +64,6 @@ class ServerState(NamedTuple):
   params: chex.ArrayTree
   opt_state: optax.OptState
   round: chex.Array
-
-
-class ClientResult(NamedTuple):
-  """One client's round: model delta, mean train loss, clipped fraction.
-
-  delta: params pytree theta^S - theta. loss: mean over the valid examples of all S steps, each at its
-  step's pre-update params. clip_fraction: share of those examples clipped (0 on the non-private path).
-  """
-
-  delta: chex.ArrayTree
-  loss: chex.Array
-  clip_fraction: chex.Array
 
 
 class RoundMetrics(NamedTuple):
@@ -86,176 +86,6 @@ def init_server_state(params: chex.ArrayTree, fed: FederatedConfig) -> ServerSta
   """Round 0 with a fresh server optimizer state for ``params``."""
   return ServerState(
     params=params, opt_state=make_server_optimizer(fed).init(params), round=jnp.zeros((), jnp.int32)
-  )
-
-
-def sample_client_indices(
-  key: chex.PRNGKey,
-  num_examples: chex.Array,
-  sampling_rate: chex.Array,
-  capacity: int,
-  steps: int,
-  sampler: events.Sampler,
-) -> tuple[chex.Array, chex.Array]:
-  """Slots of S batches of ONE client (docs/model.md "From epsilon_i to noise"): index, mask [S, slots].
-
-  'poisson': every valid slot joins a step independently with probability q (u < q for a uniform score u);
-  the step holds slots = sampler.capacity (B_max) of them, and an overflowing draw keeps the B_max with the
-  smallest scores, a uniform subset (given which examples joined, their scores are i.i.d. U(0, q)).
-  'fixed': slots = B, holding min(B, n) distinct valid slots uniform without replacement, then masked
-  ones. Either way the joined slots come first and every shape is static.
-
-  Args:
-    key: PRNG key of this client and round.
-    num_examples: int32 scalar n, the number of valid slots; slots >= n of the client's row are padding.
-    sampling_rate: float scalar q in (0, 1] ('poisson'; ignored by 'fixed').
-    capacity, steps: static row length and S. sampler: static events.Sampler.
-
-  Returns:
-    index int32 [S, slots] into the client's row and mask bool [S, slots].
-  """
-  slots = sampler.capacity
-  valid = jnp.arange(capacity) < jnp.minimum(num_examples, capacity)
-  u = jax.random.uniform(key, (steps, capacity))
-  joined = valid & (u < sampling_rate) if sampler.kind == "poisson" else valid
-  # The smallest scores of the joined slots; the rest score 2 > 1 and come last. (top_k rather than
-  # argsort: 3x faster on XLA:CPU.)
-  scores = jnp.where(joined, u, 2.0)
-  index = jax.lax.top_k(-scores, min(slots, capacity))[1]
-  mask = jnp.take_along_axis(scores, index, axis=1) < 2.0
-  pad = ((0, 0), (0, slots - index.shape[1]))
-  return jnp.pad(index, pad), jnp.pad(mask, pad)
-
-
-def sample_client_batches(
-  key: chex.PRNGKey,
-  x: chex.Array,
-  y: chex.Array,
-  num_examples: chex.Array,
-  sampling_rate: chex.Array,
-  steps: int,
-  sampler: events.Sampler,
-) -> tuple[chex.Array, chex.Array, chex.Array]:
-  """The examples of :func:`sample_client_indices`: x float32 [S, slots, H, W, C] in [0, 1], y int32
-  [S, slots], mask bool [S, slots], from one client's row x uint8 [capacity, H, W, C], y int32 [capacity]."""
-  index, mask = sample_client_indices(key, num_examples, sampling_rate, x.shape[0], steps, sampler)
-  return normalize_pixels(x[index]), y[index], mask
-
-
-def slot_block(fed: FederatedConfig, sampler: events.Sampler) -> int:
-  """Slots per block of a local step (:func:`fcfn_jax.privacy.clipping.blocked_clipped_sum`), at most the
-  step's slots: ``fed.slot_block``, or (0 = automatic) ceil(B / 4) for 'poisson', whose B_max slots hold
-  about B joined examples, and all slots for 'fixed', whose batches are full."""
-  automatic = -(-sampler.batch_size // 4) if sampler.kind == "poisson" else sampler.capacity
-  return min(fed.slot_block or automatic, sampler.capacity)
-
-
-def head_slots(fed: FederatedConfig, sampler: events.Sampler) -> int:
-  """Slots of a local step that always run before its blocks: with the automatic block size and the
-  'poisson' sampler, the expected batch B (joined about half the time in full, and nearly always in part),
-  so that only the tail past B runs in conditional blocks; 0 otherwise."""
-  automatic = not fed.slot_block and sampler.kind == "poisson"
-  return min(sampler.batch_size, sampler.capacity) if automatic else 0
-
-
-def _summed_gradient(loss_fn: LossFn) -> ClippedSumFn:
-  """The non-private counterpart of a :data:`ClippedSumFn`: (grad of sum_j m_j loss_j, losses [B] with 0
-  at masked slots, norms 0); the clipping bound is ignored."""
-
-  def summed_gradient(params, x, y, mask, clip_norm):
-    del clip_norm
-
-    def total_loss(p):
-      losses = jnp.where(mask, loss_fn(p, x, y), 0.0)
-      return jnp.sum(losses), losses
-
-    grad, losses = jax.grad(total_loss, has_aux=True)(params)
-    return ClippedSum(summed=grad, losses=losses, norms=jnp.zeros_like(losses))
-
-  return summed_gradient
-
-
-def client_update(
-  params: chex.ArrayTree,
-  x: chex.Array,
-  y: chex.Array,
-  num_examples: chex.Array,
-  noise_multiplier: chex.Numeric,
-  key: chex.PRNGKey,
-  dataset_size: chex.Array | None = None,
-  *,
-  apply_fn: ApplyFn,
-  fed: FederatedConfig,
-  privacy: PrivacyConfig,
-  axis_name: str | None = None,
-) -> ClientResult:
-  """ONE client's round: S local steps theta <- theta - client_lr * g~ from the server model.
-
-  Each step samples with :func:`sample_client_indices` (the sampler of ``privacy``) at q = min(1, B / n);
-  g~ is the DP-SGD gradient (:func:`fcfn_jax.privacy.clipping.privatize` of the clipped sum) with
-  multiplier z divided by the expected batch size q n = min(B, n), or the plain mean gradient over the
-  step's examples when ``privacy.private`` is False (static). z = inf means the client sits out
-  (epsilon_i = 0): its delta is exactly zero and nothing is NaN.
-
-  The step's slots run in blocks of :func:`slot_block` slots
-  (:func:`fcfn_jax.privacy.clipping.blocked_clipped_sum`): the sampler puts the joined examples first, so
-  a block past the step's joined count is skipped. With ``axis_name`` (a vmap over clients named so) the
-  count is the largest over that axis, the same for every client of the vmap, so a block is skipped when
-  no client needs it and the skip stays a branch. The sampled examples and the update do not depend on the
-  blocks beyond float rounding.
-
-  n is the public ``dataset_size`` (default: num_examples): q and the divisor are constants of the
-  mechanism, so a neighbouring dataset (one example added or replaced, as in an audit) runs with the
-  same ones.
-
-  Args:
-    params: server model. x: uint8 [capacity, H, W, C], y: int32 [capacity], num_examples: int32 scalar
-      (one row of a ClientPool). noise_multiplier: scalar z. key: this client's key for this round.
-    dataset_size: int32 scalar n >= 1, or None (= num_examples).
-    apply_fn, fed, privacy: static model apply function and configs.
-    axis_name: static name of the vmapped client axis this call runs under, or None.
-  """
-  x, y = jnp.asarray(x), jnp.asarray(y)
-  sampler = events.sampler_of(fed, privacy)
-  size = jnp.maximum(jnp.asarray(num_examples if dataset_size is None else dataset_size), 1)
-  sampling_rate = events.sampling_rates(size, fed.batch_size)
-  expected_batch = jnp.minimum(size, fed.batch_size).astype(jnp.float32)  # q n, exactly
-  sample_key, noise_key = jax.random.split(key)
-  # Indices up front, examples gathered inside each block: under vmap a pre-gathered [clients, S, B, ...]
-  # stack is transposed to the scan's [S, clients, ...] layout (a full copy, 25% of a logreg round).
-  indices, masks = sample_client_indices(
-    sample_key, num_examples, sampling_rate, x.shape[0], fed.local_steps, sampler
-  )
-  used = jnp.sum(masks, axis=1, dtype=jnp.int32)
-  if axis_name is not None:
-    used = jax.lax.pmax(used, axis_name)
-  skip = ~jnp.isfinite(noise_multiplier)
-  noise_multiplier = jnp.where(skip, 0.0, noise_multiplier)
-  summed_fn = make_clipped_sum_fn(apply_fn) if privacy.private else _summed_gradient(make_loss_fn(apply_fn))
-  block, head = slot_block(fed, sampler), head_slots(fed, sampler)
-
-  def load(index):
-    return normalize_pixels(x[index]), y[index]
-
-  def local_step(p, inputs):
-    index, mb, step_used, step_key = inputs
-    out = blocked_clipped_sum(summed_fn, p, load, index, mb, privacy.clip_norm, block, step_used, head)
-    if privacy.private:
-      grad = privatize(out.summed, noise_multiplier, step_key, privacy.clip_norm, expected_batch)
-      clipped = out.norms > privacy.clip_norm
-    else:
-      grad = jax.tree.map(lambda g: g / jnp.maximum(jnp.sum(mb), 1), out.summed)
-      clipped = jnp.zeros_like(mb)
-    p = jax.tree.map(lambda w, g: w - fed.client_lr * g, p, grad)
-    return p, (out.losses, clipped)
-
-  step_keys = jax.random.split(noise_key, fed.local_steps)
-  final, (losses, clipped) = jax.lax.scan(local_step, params, (indices, masks, used, step_keys))
-  count = jnp.maximum(jnp.sum(masks), 1)
-  return ClientResult(
-    delta=jax.tree.map(lambda new, old: jnp.where(skip, 0.0, new - old), final, params),
-    loss=jnp.sum(losses) / count,
-    clip_fraction=jnp.sum(clipped & masks) / count,
   )
 
 
@@ -297,89 +127,6 @@ class _Totals(NamedTuple):
   loss_sum: chex.Array
   clip_sum: chex.Array
   participants: chex.Array
-
-
-# Working memory one chunk of clients may take (README "Speed and scale", benchmarks/README.md "chunks").
-# On CPU a round is fastest when a chunk's working set stays cache-sized: the best fixed chunks measured
-# (the CNN: 1 client, ~16 MiB; logistic regression: ~32 clients) both sit near 16 MiB. On an accelerator
-# the chunk is bounded by a share of the device's memory instead (what is left holds the pool and params).
-CPU_CHUNK_BYTES = 16 * 2**20
-DEVICE_MEMORY_SHARE = 0.25
-_DEFAULT_DEVICE_BYTES = 16 * 2**30  # when the backend reports no memory limit
-
-
-def chunk_budget(backend: str | None = None) -> int:
-  """Bytes of working memory one chunk of clients may take on ``backend`` (default: jax's)."""
-  backend = backend or jax.default_backend()
-  if backend == "cpu":
-    return CPU_CHUNK_BYTES
-  stats = jax.devices(backend)[0].memory_stats() or {}
-  return int(DEVICE_MEMORY_SHARE * stats.get("bytes_limit", _DEFAULT_DEVICE_BYTES))
-
-
-@functools.cache
-def _client_bytes(apply_fn: ApplyFn, params: tuple, row: tuple, fed: FederatedConfig, privacy: PrivacyConfig):
-  structs = lambda leaves: [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves]
-  treedef, leaves = params
-  (capacity, *shape), dtype = row
-  update = functools.partial(client_update, apply_fn=apply_fn, fed=fed, privacy=privacy)
-  compiled = (
-    jax.jit(update)
-    .lower(
-      jax.tree.unflatten(treedef, structs(leaves)),
-      jax.ShapeDtypeStruct((capacity, *shape), dtype),
-      jax.ShapeDtypeStruct((capacity,), jnp.int32),
-      jax.ShapeDtypeStruct((), jnp.int32),
-      jax.ShapeDtypeStruct((), jnp.float32),
-      jax.random.key(0),
-    )
-    .compile()
-  )
-  memory = compiled.memory_analysis()
-  return int(memory.temp_size_in_bytes + memory.output_size_in_bytes)
-
-
-def client_bytes(
-  apply_fn: ApplyFn,
-  params: chex.ArrayTree,
-  row: jax.ShapeDtypeStruct,
-  fed: FederatedConfig,
-  privacy: PrivacyConfig,
-) -> int:
-  """XLA's working memory of ONE client's :func:`client_update` (temp + output buffers), in bytes.
-
-  Compiled once per (model, shapes, configs) from shapes alone (params may be tracers); ``row`` is the
-  shape and dtype of one client's x, [capacity, H, W, C].
-  """
-  leaves, treedef = jax.tree.flatten(params)
-  signature = (treedef, tuple((tuple(leaf.shape), jnp.result_type(leaf)) for leaf in leaves))
-  fed = dataclasses.replace(fed, chunk_size=1)  # irrelevant to one client; one cache entry per round
-  return _client_bytes(apply_fn, signature, (tuple(row.shape), row.dtype), fed, privacy)
-
-
-def chunk_clients(
-  fed: FederatedConfig,
-  privacy: PrivacyConfig,
-  apply_fn: ApplyFn,
-  params: chex.ArrayTree,
-  row: jax.ShapeDtypeStruct,
-  clients: int,
-  replicas: int = 1,
-  backend: str | None = None,
-) -> int:
-  """Clients per vmapped chunk of a round over ``clients`` clients: ``fed.chunk_size`` when it is set,
-  else (0 = automatic) the most whose working memory, ``replicas`` rounds side by side, fits the backend's
-  budget: clamp(floor(chunk_budget / (replicas x client_bytes)), 1, clients) (docs/model.md "Scale").
-
-  The automatic chunk is not capped for the Poisson sampler's slot blocks, although a block runs when any
-  client of the chunk needs it: the chunk's largest joined count exceeds the mean B by only about
-  sigma sqrt(2 ln c) for c clients (sigma = sqrt(B (1 - q))), so with B = 32, q = 0.2 and blocks of 8 of
-  81 slots a step computes about 36 slots per client at c = 1, 48 at c = 64 and 56 at c = 4096, while a
-  cap would give up the vectorization that large chunks exist for."""
-  if fed.chunk_size:
-    return min(fed.chunk_size, clients)
-  per_client = client_bytes(apply_fn, params, row, fed, privacy) * replicas
-  return int(min(max(chunk_budget(backend) // max(per_client, 1), 1), clients))
 
 
 def _client_totals(
@@ -458,59 +205,6 @@ def _client_totals(
   zeros = _Totals(jax.tree.map(jnp.zeros_like, params), *(jnp.zeros(()),) * 4)
   positions = jnp.arange(num_chunks * chunk).reshape(num_chunks, chunk)
   return jax.lax.scan(run_chunk, zeros, positions)[0]
-
-
-def client_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-  """The sharding of per-client arrays ([clients, ...]) in a round on ``mesh``: the leading axis split
-  over all mesh axes. Put the pool on it once: ``jax.device_put(pool, client_sharding(mesh))``."""
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
-
-
-def client_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh ``("clients",)`` over every device of every process, grouped by process, so that each
-  process's share of the client axis is one contiguous block (:func:`shard_clients`)."""
-  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-  return jax.sharding.Mesh(np.asarray(devices), ("clients",))
-
-
-def pad_sit_outs(
-  noise_multipliers: chex.Array, weights: chex.Array, clients: int, xp=jnp
-) -> tuple[chex.Array, chex.Array]:
-  """z [n] and weights [n] padded to [clients] with clients that sit out (z = inf, weight 0: they change
-  no total). ``xp``: ``jnp`` inside a program, ``np`` on the host."""
-  pad = clients - noise_multipliers.shape[0]
-  return xp.pad(noise_multipliers, (0, pad), constant_values=np.inf), xp.pad(weights, (0, pad))
-
-
-def pad_clients(
-  pool: ClientPool, noise_multipliers: chex.Array, weights: chex.Array, pad: int, xp=jnp
-) -> tuple[ClientPool, chex.Array, chex.Array]:
-  """The round's per-client inputs with ``pad`` clients appended that have no examples and sit out."""
-  pool = jax.tree.map(lambda a: xp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)), pool)
-  return pool, *pad_sit_outs(noise_multipliers, weights, pool.y.shape[0], xp)
-
-
-def shard_clients(
-  mesh: jax.sharding.Mesh, num_clients: int, load: Callable[[slice], ClientPool]
-) -> ClientPool:
-  """A ClientPool of ``num_clients`` clients as global arrays on :func:`client_sharding` of ``mesh``, which
-  may span processes (docs/model.md "Multi-host").
-
-  Each process calls ``load(rows)`` for its own block of clients only (a ClientPool of host arrays
-  [rows, ...]; ``rows`` may be empty) and ``jax.make_array_from_process_local_data`` joins the blocks,
-  so no process reads another's clients. The client axis is padded to a multiple of ``mesh.size`` with
-  clients that have no examples; give the round z and weights padded to match (:func:`pad_sit_outs`),
-  so that client i keeps id i and its key in :func:`federated_round`.
-  """
-  check_int("num_clients", num_clients)
-  padded = -(-num_clients // mesh.size) * mesh.size
-
-  def load_block(rows: slice) -> ClientPool:
-    pool = jax.tree.map(np.asarray, load(slice(min(rows.start, num_clients), min(rows.stop, num_clients))))
-    pad = (rows.stop - rows.start) - pool.y.shape[0]
-    return jax.tree.map(lambda a: np.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)), pool)
-
-  return distributed.global_rows(client_sharding(mesh), padded, load_block)
 
 
 def _sharded_totals(
