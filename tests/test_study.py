@@ -62,7 +62,7 @@ def test_every_replica_and_the_ceiling_ran(result):
   assert {(r["seed"], r["draw"], r["mechanism"]) for r in result.summary} == {
     (s, d, m) for s in range(2) for d in range(2) for m in MECHS
   }
-  assert len(result.ceiling) == 2 and all(r["mechanism"] == "no_incentive" for r in result.ceiling)
+  assert len(result.ceiling) == 2 and all(r["mechanism"] == st.CEILING for r in result.ceiling)
   assert result.clients["capacity"] == 32 and result.clients["examples_max"] <= 32
   # Draws of one (seed, mechanism) share the game but not the training noise.
   acc = st.per_seed(result.summary, "stackelberg", "test_accuracy", 2, 2)

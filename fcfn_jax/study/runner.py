@@ -40,11 +40,16 @@ UNIT_LAYOUT = 1
 # Fingerprint parts known only once the data is loaded (check_units without datasets skips them).
 DATA_PARTS = ("data_digest", "study.capacity")
 OTHER_RUN = ".other-run.json"  # suffix of a unit file set aside by restart_on_mismatch
+# The mechanism of the non-private ceiling's rows in a Result, its tables and the summary CSV. It trains
+# as 'no_incentive' (every client, no noise): unit files keep that config's rows as trained, and
+# run_setting relabels them here once.
+CEILING = "non_private"
 
 
 class Result(NamedTuple):
   """A setting's raw results: one summary row per replica (private runs), their history rows, the
-  non-private ceiling's summary and history rows (one draw per seed), the data's sizes, the timings, and
+  non-private ceiling's summary and history rows (one draw per seed, mechanism = ``CEILING``), the data's
+  sizes, the timings, and
   the labels of the units read back from disk instead of trained (:func:`run_setting`)."""
 
   setting: Setting
@@ -130,6 +135,8 @@ def run_setting(
     "test_examples": int(len(next(iter(datasets.values())).test.y)),
   }
   rows = {key: [row for unit in parts for row in unit[key]] for key in _UNIT_ROWS}
+  for key in ("ceiling", "ceiling_history"):
+    rows[key] = [dict(row, mechanism=CEILING) for row in rows[key]]
   return Result(setting, **rows, clients=clients, loaded=tuple(finished))
 
 

@@ -26,13 +26,12 @@ import numpy as np
 from fcfn_jax import fingerprint, simulation, stats
 from fcfn_jax.config import MECHANISM_LABELS
 from fcfn_jax.report import csv_value
-from fcfn_jax.study.runner import Result
+from fcfn_jax.study.runner import CEILING, Result
 from fcfn_jax.study.settings import Row, Setting
 from fcfn_jax.validate import require
 
 GAME_METRICS = simulation.GAME_COLUMNS
 PAIRED_GAME_METRICS = ("server_utility", "average_utility", "social_welfare")
-CEILING = "non_private"
 
 
 def per_seed(rows: Sequence[Row], mechanism: str, metric: str, seeds: int, draws: int) -> np.ndarray:
@@ -73,7 +72,7 @@ def accuracy_table(result: Result) -> list[Row]:
         "draws": s.draws,
       }
     )
-  ceiling = stats.mean_interval(per_seed(result.ceiling, "no_incentive", "test_accuracy", s.seeds, 1))
+  ceiling = stats.mean_interval(per_seed(result.ceiling, CEILING, "test_accuracy", s.seeds, 1))
   rows.append(
     {
       "mechanism": CEILING,
@@ -146,13 +145,13 @@ def curves(result: Result) -> list[Row]:
   s = result.setting
   rounds = s.cfg.federated.rounds
   out = []
-  groups = [(m, result.history, m, s.draws) for m in s.mechanisms]
-  groups.append((CEILING, result.ceiling_history, "no_incentive", 1))
-  for name, history, mech, draws in groups:
+  groups = [(m, result.history, s.draws) for m in s.mechanisms]
+  groups.append((CEILING, result.ceiling_history, 1))
+  for mech, history, draws in groups:
     for t in range(1, rounds + 1):
       rows = [r for r in history if r["round"] == t]
       interval = stats.mean_interval(per_seed(rows, mech, "test_accuracy", s.seeds, draws))
-      out.append({"mechanism": name, "round": t, **_interval_row(interval, "accuracy")})
+      out.append({"mechanism": mech, "round": t, **_interval_row(interval, "accuracy")})
   return out
 
 
@@ -198,7 +197,7 @@ def gap_vs_clients(results: Sequence[Result]) -> list[Row]:
 def summary_rows(result: Result) -> list[Row]:
   """One row per replica and one per ceiling run (mechanism = CEILING): what ``<name>_summary.csv`` holds
   and :func:`load_result` reads back."""
-  return result.summary + [dict(r, mechanism=CEILING) for r in result.ceiling]
+  return result.summary + result.ceiling
 
 
 # Setting fields that do not change a setting's rows: where its data file lives, how its seeds are split
@@ -253,7 +252,7 @@ def load_result(folder: str | os.PathLike[str], setting: Setting) -> Result:
   with open(path, newline="") as f:
     rows = [{k: csv_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
   summary = [r for r in rows if r["mechanism"] != CEILING]
-  ceiling = [dict(r, mechanism="no_incentive") for r in rows if r["mechanism"] == CEILING]
+  ceiling = [r for r in rows if r["mechanism"] == CEILING]
   return Result(setting, summary, [], ceiling, [], meta["clients"], [])
 
 
