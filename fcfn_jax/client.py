@@ -70,7 +70,7 @@ def sample_client_indices(
   u = jax.random.uniform(key, (steps, capacity))
   joined = valid & (u < sampling_rate) if sampler.kind == "poisson" else valid
   # The smallest scores of the joined slots; the rest score 2 > 1 and come last. (top_k rather than
-  # argsort: 3x faster on XLA:CPU.)
+  # argsort: faster on XLA:CPU, benchmarks/README.md "Targets".)
   scores = jnp.where(joined, u, 2.0)
   index = jax.lax.top_k(-scores, min(slots, capacity))[1]
   mask = jnp.take_along_axis(scores, index, axis=1) < 2.0
@@ -173,7 +173,7 @@ def client_update(
   expected_batch = jnp.minimum(size, fed.batch_size).astype(jnp.float32)  # q n, exactly
   sample_key, noise_key = jax.random.split(key)
   # Indices up front, examples gathered inside each block: under vmap a pre-gathered [clients, S, B, ...]
-  # stack is transposed to the scan's [S, clients, ...] layout (a full copy, 25% of a logreg round).
+  # stack is transposed to the scan's [S, clients, ...] layout (a full copy: benchmarks/README.md "Targets").
   indices, masks = sample_client_indices(
     sample_key, num_examples, sampling_rate, x.shape[0], fed.local_steps, sampler
   )

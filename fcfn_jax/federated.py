@@ -180,7 +180,8 @@ def _client_totals(
     return result, agg_weight
 
   def run_chunk(totals, positions):
-    if chunk == 1:  # A size-1 vmap makes every matmul a batched one, ~20% slower on XLA:CPU.
+    # A size-1 vmap makes every matmul a batched one, slower on XLA:CPU (benchmarks/README.md "Targets").
+    if chunk == 1:
       results, agg_weights = jax.tree.map(lambda a: a[None], one_client(positions[0], outer_axes or None))
     else:
       one = functools.partial(one_client, axis_name=(_CHUNK_AXIS, *outer_axes))
