@@ -10,6 +10,7 @@ Every public name of these modules is importable from here (``from fcfn_jax impo
 """
 
 from fcfn_jax.study.runner import (
+  CEILING,
   DATA_PARTS,
   OTHER_RUN,
   UNIT_LAYOUT,
@@ -38,7 +39,6 @@ from fcfn_jax.study.settings import (
   preset,
 )
 from fcfn_jax.study.tables import (
-  CEILING,
   GAME_METRICS,
   PAIRED_GAME_METRICS,
   accuracy_table,
