@@ -31,7 +31,6 @@ from typing import Any, NamedTuple
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -271,7 +270,8 @@ def _check_compatible(experiments: Sequence[simulation.Experiment]) -> None:
 
 
 def _stack(trees: Sequence[Any]) -> Any:
-  return jax.tree.map(lambda *leaves: jnp.stack([jnp.asarray(leaf) for leaf in leaves]), *trees)
+  """The trees' leaves stacked on the host (numpy: an eager ``jnp.stack`` compiles a program per shape)."""
+  return jax.tree.map(lambda *leaves: np.stack([np.asarray(leaf) for leaf in leaves]), *trees)
 
 
 # A round's record of each replica: history column -> dtype (the dtypes the programs return, kept through
@@ -323,6 +323,8 @@ def _train_group(
   cohorts = _stack([cohort(exp, first_row[r.experiment], size) for exp, r in mine])
   keys = _stack([simulation.training_key(dataclasses.replace(exp.cfg, draw=r.draw)) for exp, r in mine])
   tests = {k: jax.device_put(v._replace(index=v.index[padded])) for k, v in evaluations.items()}
+  # Each replica's test examples, on the host (indexing the device copies would compile a program).
+  counts = {k: v.count[v.index[padded]] for k, v in evaluations.items()}
   curves: dict[str, list[np.ndarray]] = {name: [] for name in _CURVES}
   bar = tqdm.tqdm(range(rounds), desc=desc, disable=not progress)
   with Timer() as timer:
@@ -330,15 +332,14 @@ def _train_group(
       states, metrics = replica_round(
         states, pool, cohorts, keys, apply_fn=exp0.apply_fn, fed=fed, privacy=cfg0.privacy, group=group
       )
-      test = tests["full" if t == rounds - 1 else "partial"]
-      accuracy, loss = replica_accuracy(states.params, test, apply_fn=exp0.apply_fn, group=group)
-      count = test.count[test.index]
+      which = "full" if t == rounds - 1 else "partial"
+      accuracy, loss = replica_accuracy(states.params, tests[which], apply_fn=exp0.apply_fn, group=group)
       values = jax.device_get(
-        (accuracy, loss, count, metrics.train_loss, metrics.clip_fraction, metrics.participants)
+        (accuracy, loss, counts[which], metrics.train_loss, metrics.clip_fraction, metrics.participants)
       )
       for name, value in zip(_CURVES, values):
         curves[name].append(value[: len(block)])  # the repeated copies dropped
-      bar.set_postfix(acc=f"{float(np.mean(accuracy)):.3f}")
+      bar.set_postfix(acc=f"{float(np.mean(values[0])):.3f}")
   states = jax.tree.map(lambda a: a[: len(block)], states)
   out = {name: np.stack(columns, axis=1).astype(_CURVES[name]) for name, columns in curves.items()}
   return out, states, np.array([len(padded), chunk, group, timer.elapsed], np.float64)
@@ -471,6 +472,6 @@ def run(
     summary=summary,
     history=history,
     clients=clients,
-    states=jax.tree.map(jnp.asarray, joined["states"]),
+    states=jax.device_put(joined["states"]),  # no program (jnp.asarray compiles one per shape)
     timings=timings,
   )

@@ -194,6 +194,9 @@ def _program_noise(
   )
 
 
+CALIBRATION_ROWS = 32  # calibrate's least padded row count: small runs of any N share one program
+
+
 def calibrate(
   eps: np.ndarray,
   num_examples: np.ndarray,
@@ -221,8 +224,10 @@ def calibrate(
     _, first, inverse = np.unique(
       np.stack([eps, rates, overflow], axis=1), axis=0, return_index=True, return_inverse=True
     )
-    # Padded to a power of two (repeating a row): few compiled programs whatever the distinct count.
-    rows = np.pad(first, (0, (1 << max(len(first) - 1, 0).bit_length()) - len(first)), mode="edge")
+    # Padded to a power of two, at least CALIBRATION_ROWS (repeating a row): few compiled programs whatever
+    # the distinct count (the map is elementwise: a row's z does not depend on the padding).
+    size = max(1 << max(len(first) - 1, 0).bit_length(), CALIBRATION_ROWS)
+    rows = np.pad(first, (0, size - len(first)), mode="edge")
     with jax.enable_x64(True):
       distinct = np.asarray(_program_noise(eps[rows], rates[rows], overflow[rows], cfg), np.float64)
     z = distinct[inverse.reshape(-1)]

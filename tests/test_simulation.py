@@ -139,7 +139,12 @@ def test_calibrate_maps_each_distinct_input_once_and_scatters_back(monkeypatch):
   program_noise = simulation._program_noise
   monkeypatch.setattr(simulation, "_program_noise", lambda e, *a: seen.append(len(e)) or program_noise(e, *a))
   z = simulation.calibrate(eps, n, overflow, cfg, sampler)
-  assert seen == [4]  # 4 distinct (eps, q, p) rows, padded to a power of two
+  assert seen == [simulation.CALIBRATION_ROWS]  # 4 distinct (eps, q, p) rows, padded to the least size
+  monkeypatch.setattr(simulation, "CALIBRATION_ROWS", 1)
+  seen.clear()
+  # Without the least size: 4 rows (a power of two), and the padding changes no value.
+  np.testing.assert_array_equal(simulation.calibrate(eps, n, overflow, cfg, sampler), z)
+  assert seen == [4]
   alone = [simulation.calibrate(eps[[i]], n[[i]], overflow[[i]], cfg, sampler)[0] for i in range(6)]
   np.testing.assert_array_equal(z, alone)
   assert z[0] == z[2] != z[1]
