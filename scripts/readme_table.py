@@ -1,8 +1,10 @@
-"""The README's default table, generated from the default command's output (never edited by hand).
+"""The README's default table, generated from the default command's output, and its study summary,
+generated from the study's tables in docs/results (never edited by hand).
 
   python scripts/compare_mechanisms.py --out=results/default
   python scripts/readme_table.py --update     # docs/default_comparison.json + the README block from it
-  python scripts/readme_table.py              # exit 0 iff the README block is the snapshot's rendering
+  python scripts/readme_table.py --update_study   # only the study block, from docs/results
+  python scripts/readme_table.py              # exit 0 iff the README blocks are their sources' rendering
 
 --update reads --comparison (a results folder, or its comparison.json / comparison.csv; the folder's
 manifest.json must show the default command: no flag but --out and --progress), writes the snapshot
@@ -59,12 +61,28 @@ GAME_COLUMNS = simulation.GAME_COLUMNS
 ACCURACY_TOLERANCE = {"test_accuracy": 0.005, "redundant_accuracy_loss": 0.01}
 FLOATFMT = ".4g"  # compare_mechanisms.py's table format (report.format_table / markdown_table)
 _HARMLESS_FLAGS = ("--out=", "--progress", "--noprogress")  # flags that leave the results unchanged
+STUDY_BEGIN = "<!-- readme_table.py: study begin (generated from docs/results; do not edit) -->"
+STUDY_END = "<!-- readme_table.py: study end -->"
+# The study's settings the README summarizes (docs/RESULTS.md sections 1-4), with their descriptions.
+STUDY_SETTINGS = {
+  "femnist_logreg": "FEMNIST digits, logreg, 40 writers",
+  "femnist62_cnn": "FEMNIST-62, CNN, 40 writers",
+  "cifar10_dirichlet_cnn": "CIFAR-10, CNN, 40 Dirichlet(0.5) clients",
+  "scaling_n5000": "FEMNIST-62, logreg, 5,000 clients, lambda = 50 N / 40",
+  "scaling_fixed_lambda_n5000": "FEMNIST-62, logreg, 5,000 clients, lambda = 50",
+}
 
 COMPARISON = flags.DEFINE_string(
   "comparison", "results/default", "The default command's results folder, or its comparison.{json,csv}."
 )
 UPDATE = flags.DEFINE_bool("update", False, "Write the snapshot and the README block from --comparison.")
 README = flags.DEFINE_string("readme", os.path.join(REPO, "README.md"), "The README holding the block.")
+UPDATE_STUDY = flags.DEFINE_bool(
+  "update_study", False, "Rewrite only the README's study block from --results_dir (no default run needed)."
+)
+RESULTS_DIR = flags.DEFINE_string(
+  "results_dir", os.path.join(REPO, "docs", "results"), "The study's tables the README's study block renders."
+)
 SNAPSHOT = flags.DEFINE_string(
   "snapshot", os.path.join(REPO, "docs", "default_comparison.json"), "The snapshot the block renders."
 )
@@ -175,19 +193,59 @@ def render(snapshot: Mapping[str, Any]) -> str:
   )
 
 
-def block(readme: str) -> str:
+def block(readme: str, begin: str = BEGIN, end: str = END) -> str:
   """The text between the README's markers (exclusive, without the surrounding newlines)."""
   validate.require(
-    readme.count(BEGIN) == 1 and readme.count(END) == 1 and readme.index(BEGIN) < readme.index(END),
-    f"the README is invalid: expected one {BEGIN!r} followed by one {END!r}",
+    readme.count(begin) == 1 and readme.count(end) == 1 and readme.index(begin) < readme.index(end),
+    f"the README is invalid: expected one {begin!r} followed by one {end!r}",
   )
-  return readme[readme.index(BEGIN) + len(BEGIN) : readme.index(END)].strip("\n")
+  return readme[readme.index(begin) + len(begin) : readme.index(end)].strip("\n")
 
 
-def replace_block(readme: str, text: str) -> str:
+def replace_block(readme: str, text: str, begin: str = BEGIN, end: str = END) -> str:
   """``readme`` with the text between its markers replaced by ``text``."""
-  block(readme)
-  return readme[: readme.index(BEGIN) + len(BEGIN)] + "\n" + text + "\n" + readme[readme.index(END) :]
+  block(readme, begin, end)
+  return readme[: readme.index(begin) + len(begin)] + "\n" + text + "\n" + readme[readme.index(end) :]
+
+
+def study_accuracy(results_dir: str, setting: str) -> list[dict[str, Any]]:
+  """The rows of ``<results_dir>/<folder>/<setting>_accuracy.csv`` (the study's accuracy table; the folder
+  is the setting's own or its group's)."""
+  found = sorted(
+    os.path.join(results_dir, folder, f"{setting}_accuracy.csv")
+    for folder in os.listdir(results_dir)
+    if os.path.isfile(os.path.join(results_dir, folder, f"{setting}_accuracy.csv"))
+  )
+  validate.require(
+    len(found) == 1,
+    f"results_dir={results_dir!r} is invalid: expected one {setting}_accuracy.csv, found {found}",
+  )
+  with open(found[0], newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def render_study(results_dir: str) -> str:
+  """The README's study block: per setting of :data:`STUDY_SETTINGS`, each mechanism's final test accuracy
+  (mean +- 95% CI half-width over seeds) as docs/RESULTS.md's tables hold it."""
+  table = []
+  for setting, description in STUDY_SETTINGS.items():
+    rows = study_accuracy(results_dir, setting)
+    row: dict[str, Any] = {
+      "setting": description,
+      "seeds x draws": f"{rows[0]['seeds']} x {rows[0]['draws']}",
+    }
+    row.update({r["label"]: r["summary"] for r in rows})
+    table.append(row)
+  columns = list(dict.fromkeys(key for row in table for key in row))
+  return "\n".join(
+    [
+      "Final test accuracy, mean +- 95% CI over seeds (`docs/results/*/<setting>_accuracy.csv`, rendered by "
+      "`python scripts/readme_table.py --update_study`); paired differences, verdicts, the game tables "
+      "and the scaling to N = 5,000 with both lambda rules are in [docs/RESULTS.md](docs/RESULTS.md).",
+      "",
+      report.markdown_table(table, columns, FLOATFMT),
+    ]
+  )
 
 
 def parse_table(text: str) -> list[dict[str, str]]:
@@ -226,6 +284,11 @@ def main(argv):
   del argv
   with open(README.value) as f:
     readme = f.read()
+  if UPDATE_STUDY.value and not UPDATE.value:
+    readme = replace_block(readme, render_study(RESULTS_DIR.value), STUDY_BEGIN, STUDY_END)
+    report.write_text_atomic(README.value, readme)
+    print(f"wrote the study block in {os.path.relpath(README.value)}")
+    return
   if UPDATE.value:
     folder = COMPARISON.value if os.path.isdir(COMPARISON.value) else os.path.dirname(COMPARISON.value)
     snapshot = {
@@ -236,6 +299,7 @@ def main(argv):
     }
     report.write_json_atomic(SNAPSHOT.value, snapshot)
     readme = replace_header(replace_block(readme, render(snapshot)), header_line())
+    readme = replace_block(readme, render_study(RESULTS_DIR.value), STUDY_BEGIN, STUDY_END)
     report.write_text_atomic(README.value, readme)
     print(f"wrote {os.path.relpath(SNAPSHOT.value)} and the table in {os.path.relpath(README.value)}")
     return
@@ -245,7 +309,11 @@ def main(argv):
     validate.fail(
       f"the README's table is not {SNAPSHOT.value} rendered: run scripts/readme_table.py --update"
     )
-  print(f"the README's table is {SNAPSHOT.value} rendered")
+  if block(readme, STUDY_BEGIN, STUDY_END) != render_study(RESULTS_DIR.value):
+    validate.fail(
+      f"the README's study block is not {RESULTS_DIR.value} rendered: run scripts/readme_table.py --update"
+    )
+  print(f"the README's table is {SNAPSHOT.value} rendered, its study block {RESULTS_DIR.value}'s")
 
 
 if __name__ == "__main__":

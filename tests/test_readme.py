@@ -87,6 +87,21 @@ def test_the_readme_table_is_the_snapshot_rendered_and_parses():
     assert set(readme_table.GAME_COLUMNS) | set(readme_table.ACCURACY_TOLERANCE) <= set(row)
 
 
+def test_the_readme_study_block_is_the_study_tables_rendered():
+  """README study block == render_study(docs/results): each cell is the setting's accuracy table's summary."""
+  results = os.path.join(REPO, "docs", "results")
+  block = readme_table.block(_read("README.md"), readme_table.STUDY_BEGIN, readme_table.STUDY_END)
+  assert block == readme_table.render_study(results)
+  rows = readme_table.parse_table(block)
+  assert [r["setting"] for r in rows] == list(readme_table.STUDY_SETTINGS.values())
+  for shown, setting in zip(rows, readme_table.STUDY_SETTINGS, strict=True):
+    table = readme_table.study_accuracy(results, setting)
+    assert {r["label"]: r["summary"] for r in table} == {
+      k: v for k, v in shown.items() if k in {r["label"] for r in table}
+    }
+    assert shown["seeds x draws"] == f"{table[0]['seeds']} x {table[0]['draws']}"
+
+
 def test_the_script_checks_the_readme_and_exits_0():
   result = subprocess.run(
     [sys.executable, os.path.join(REPO, "scripts", "readme_table.py")],
