@@ -127,29 +127,28 @@ def _paper(data_dir: str) -> list[Setting]:
   # rounds at client lr 0.1 / 0.3; CIFAR-10 Dirichlet(0.5) 0.29 at lr 0.1 and does not learn at lr 0.3.
   cnn = FederatedConfig(rounds=PAPER_CNN_ROUNDS, local_steps=3, client_lr=0.3)
   cifar_cnn = dataclasses.replace(cnn, client_lr=0.1)
+
   # FEMNIST-62 (the shared LEAF subset, 49k training examples): the embedded digits (31k) cannot give
   # 5,000 Dirichlet(0.5) clients an example each; 62 classes can (min 1, median 10 examples).
-  # lambda scaled with N (lambda = lambda_40 x N / 40: the server values its population as the 40-client
-  # settings do) and, as the contrast, held at lambda_40 (a server that stops buying as N grows).
-  scaling = [
-    Setting(
-      f"scaling_{rule}n{n}",
-      dataclasses.replace(
-        cfg := _cfg(
-          dataclasses.replace(femnist62, partition="dirichlet", num_clients=n, min_examples_per_client=1),
-          "logreg",
-          logreg,
-        ),
-        game=dataclasses.replace(cfg.game, lam=cfg.game.lam * (n / 40 if rule == "" else 1.0)),
-      ),
+  def scaling(n: int, scaled: bool) -> Setting:
+    # lambda scaled with N (lambda = lambda_40 x N / 40: the server values its population as the 40-client
+    # settings do) or, as the contrast, held at lambda_40 (a server that stops buying as N grows).
+    cfg = _cfg(
+      dataclasses.replace(femnist62, partition="dirichlet", num_clients=n, min_examples_per_client=1),
+      "logreg",
+      logreg,
+    )
+    lam = cfg.game.lam * (n / 40) if scaled else cfg.game.lam
+    return Setting(
+      f"scaling_n{n}" if scaled else f"scaling_fixed_lambda_n{n}",
+      dataclasses.replace(cfg, game=dataclasses.replace(cfg.game, lam=lam)),
       seeds=10,
       draws=SCALING_DRAWS,
-      group="scaling" if rule == "" else "scaling_fixed_lambda",
+      group="scaling" if scaled else "scaling_fixed_lambda",
       eval_examples=500,
     )
-    for rule in ("", "fixed_lambda_")
-    for n in (100, 1000, 5000)
-  ]
+
+  scaling = [scaling(n, scaled) for scaled in (True, False) for n in (100, 1000, 5000)]
   settings = [
     Setting("femnist_logreg", _cfg(digits, "logreg", logreg), seeds=10, draws=3),
     *scaling,
