@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from unittest import mock
 
 import chex
 import dp_accounting
@@ -332,6 +333,48 @@ class LedgerTest(chex.TestCase):
     assert np.all(np.diff(spent) > 0)
     spent = ledger.epsilon_spent(1.0, np.array([32000, 3200, 320, 32]), 100, 1e-5, poisson(32))
     assert np.all(np.diff(spent) > 0)
+
+  # (z, n, B, steps, delta): the pruned path (Pinsker's bound excludes the KL branch) at q in (0.03, 0.5].
+  MEMO_CASES = (
+    (1.3, 200, 16, 50, 1e-5),
+    (0.8, 1000, 32, 300, 1e-6),
+    (4.0, 64, 32, 4, 1e-5),
+    (2.0, 150, 32, 60, 1e-8),
+  )
+
+  def test_memoized_curve_equals_a_fresh_curve_and_the_full_accountant(self):
+    """R_a is delta-free: a curve that saw z at other deltas (either order) returns the same minimum."""
+    for z, n, batch, steps, delta in self.MEMO_CASES:
+      event = events.dp_event(z, n, steps, poisson(batch), "rdp").event
+      acc = rdp_privacy_accountant.RdpAccountant()
+      acc.compose(event)
+      deltas = (delta, 0.7 * delta, 0.3 * delta)
+      for order in (deltas, deltas[::-1], deltas[1:] + deltas[:1]):
+        curve = ledger.EpsilonCurve(n, steps, poisson(batch), "rdp")
+        for d in order + order:  # the second pass is served from the memo at every delta
+          fresh = ledger.EpsilonCurve(n, steps, poisson(batch), "rdp")(z, d)
+          self.assertEqual(curve(z, d), fresh, (z, n, steps, d))
+          np.testing.assert_allclose(fresh, acc.get_epsilon(d), rtol=1e-12)
+
+  def test_same_noise_at_another_delta_composes_fewer_orders(self):
+    composed = []
+    compose = rdp_privacy_accountant.RdpAccountant.compose
+
+    def counting(acc, event, count=1):
+      composed[-1] += len(acc._orders)
+      return compose(acc, event, count)
+
+    orders = len(rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+    with mock.patch.object(rdp_privacy_accountant.RdpAccountant, "compose", counting):
+      for z, n, batch, steps, delta in self.MEMO_CASES:
+        curve = ledger.EpsilonCurve(n, steps, poisson(batch), "rdp")
+        for d in (delta, 0.7 * delta, delta):
+          composed.append(0)
+          curve(z, d)
+        first, second, again = composed[-3:]
+        assert 0 < first < orders, (first, orders)  # pruned
+        assert second < first, (z, n, steps, first, second)
+        self.assertEqual(again, 0)  # every order the minimum needs is known
 
   def test_fixed_batches_cost_more_than_poisson(self):
     """Replace-one with sensitivity 2C: several times the Poisson epsilon at the same noise."""

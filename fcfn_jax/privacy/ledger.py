@@ -9,6 +9,7 @@ the minimum. privacy/calibration.py inverts it.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from typing import Any
@@ -96,13 +97,21 @@ class EpsilonCurve:
   The accountant's KL branch (eps_a = 0 when R_a < -log(1 - delta^2)) cannot fire when Pinsker's bound
   R_a >= KL >= 2 steps (q (2 Phi(1/(2z)) - 1))^2 exceeds that floor; otherwise the full accountant runs,
   as it always does for PLD and for the fixed sampler's bound (which is no exact divergence).
+
+  R_a does not depend on delta: the curve memoizes the evaluated R_a of the last ``MEMO_SIZE`` noise
+  multipliers (NaN = not evaluated), so another delta at the same z (the truncation charge's fixed point,
+  :func:`events.with_charge`) composes only orders not yet known. More known orders only tighten the
+  lower bounds, so the minimum found is the same.
   """
+
+  MEMO_SIZE = 64  # noise multipliers whose R_a the curve keeps (one float64 per default order each).
 
   def __init__(self, num_examples: int, steps: int, sampler: Sampler, accountant: str):
     self._n, self._steps, self._sampler, self._accountant = num_examples, steps, sampler, accountant
     self._q = float(sampling_rates(np.int64(num_examples), sampler.batch_size))
     self._pruned = sampler.kind == "poisson" and accountant == "rdp"
     self._optimum = None  # Index of the last optimal order: the next search starts there.
+    self._memo: collections.OrderedDict[float, np.ndarray] = collections.OrderedDict()  # z -> R_a.
 
   @staticmethod
   def _lower_bounds(rdp: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -126,6 +135,16 @@ class EpsilonCurve:
         r[side] = np.maximum(r[side], chord / (a[side] - 1.0))
     return np.where(np.isnan(rdp), r + c, np.inf)
 
+  def _known_rdp(self, z: float) -> np.ndarray:
+    """The memo's R_a of z (NaN where not evaluated; filled in place), most recently used last."""
+    rdp = self._memo.pop(z, None)
+    if rdp is None:
+      rdp = np.full(_RDP_ORDERS.shape, np.nan)
+      if len(self._memo) >= self.MEMO_SIZE:
+        self._memo.popitem(last=False)
+    self._memo[z] = rdp
+    return rdp
+
   def _full(self, z: float, delta: float) -> float:
     client = dp_event(z, self._n, self._steps, self._sampler, self._accountant)
     acc = _make_accountant(self._accountant, client.relation)
@@ -140,8 +159,7 @@ class EpsilonCurve:
     c = np.log1p(-1.0 / _RDP_ORDERS) - np.log(delta * _RDP_ORDERS) / (_RDP_ORDERS - 1.0)
     if self._optimum is None:
       self._optimum = int(np.searchsorted(_RDP_ORDERS, _gaussian_optimal_order(z, q, steps, delta)))
-    event = dp_event(z, self._n, steps, self._sampler, self._accountant).event
-    rdp = np.full(_RDP_ORDERS.shape, np.nan)
+    rdp = self._known_rdp(z)
     # Start at the last optimum with two integer orders on either side as anchors.
     anchors = np.flatnonzero(_INTEGER_ORDERS)
     k = np.searchsorted(anchors, self._optimum)
@@ -149,16 +167,21 @@ class EpsilonCurve:
       np.arange(max(self._optimum - 1, 0), min(self._optimum + 2, len(_RDP_ORDERS))),
       anchors[max(k - 2, 0) : k + 2],
     )
-    grow = 2
-    while todo.size:
-      acc = dp_rdp.RdpAccountant(_RDP_ORDERS[todo])
-      acc.compose(event)
-      rdp[todo] = acc.rdp
+    todo, grow, event = (todo if np.isnan(rdp).all() else todo[:0]), 2, None  # known z: bounds first
+    while True:
+      if todo.size:
+        if event is None:
+          event = dp_event(z, self._n, steps, self._sampler, self._accountant).event
+        acc = dp_rdp.RdpAccountant(_RDP_ORDERS[todo])
+        acc.compose(event)
+        rdp[todo] = acc.rdp
       done = ~np.isnan(rdp)
       eps, order = dp_rdp.compute_epsilon(_RDP_ORDERS[done], rdp[done], delta)
       bound = self._lower_bounds(rdp, c)
       todo = np.sort(np.argsort(bound)[:grow])
       todo, grow = todo[bound[todo] < eps], 2 * grow
+      if not todo.size:
+        break
     self._optimum = int(np.searchsorted(_RDP_ORDERS, order))
     return float(eps)
 
