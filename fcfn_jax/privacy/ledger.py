@@ -99,9 +99,10 @@ class EpsilonCurve:
   as it always does for PLD and for the fixed sampler's bound (which is no exact divergence).
 
   R_a does not depend on delta: the curve memoizes the evaluated R_a of the last ``MEMO_SIZE`` noise
-  multipliers (NaN = not evaluated), so another delta at the same z (the truncation charge's fixed point,
-  :func:`events.with_charge`) composes only orders not yet known. More known orders only tighten the
-  lower bounds, so the minimum found is the same.
+  multipliers (NaN = not evaluated), and a call at a known z (another delta, as in the truncation
+  charge's fixed point, :func:`events.with_charge`) starts from them and composes only the orders whose
+  bound is still below their minimum. The search still stops only when every unevaluated order's lower
+  bound exceeds the minimum found, so the value is the same.
   """
 
   MEMO_SIZE = 64  # noise multipliers whose R_a the curve keeps (one float64 per default order each).
@@ -160,14 +161,14 @@ class EpsilonCurve:
     if self._optimum is None:
       self._optimum = int(np.searchsorted(_RDP_ORDERS, _gaussian_optimal_order(z, q, steps, delta)))
     rdp = self._known_rdp(z)
-    # Start at the last optimum with two integer orders on either side as anchors.
-    anchors = np.flatnonzero(_INTEGER_ORDERS)
-    k = np.searchsorted(anchors, self._optimum)
-    todo = np.union1d(
-      np.arange(max(self._optimum - 1, 0), min(self._optimum + 2, len(_RDP_ORDERS))),
-      anchors[max(k - 2, 0) : k + 2],
-    )
-    todo, grow, event = (todo if np.isnan(rdp).all() else todo[:0]), 2, None  # known z: bounds first
+    todo, grow, event = np.zeros(0, np.int64), 2, None
+    if np.isnan(rdp).all():  # New z: the last optimum with two integer orders on either side as anchors.
+      anchors = np.flatnonzero(_INTEGER_ORDERS)
+      k = np.searchsorted(anchors, self._optimum)
+      todo = np.union1d(
+        np.arange(max(self._optimum - 1, 0), min(self._optimum + 2, len(_RDP_ORDERS))),
+        anchors[max(k - 2, 0) : k + 2],
+      )
     while True:
       if todo.size:
         if event is None:
