@@ -34,7 +34,9 @@ def _site() -> str:
   frames = [
     f
     for f in traceback.extract_stack()
-    if f.filename.startswith(ROOT) and not f.filename.endswith("count_compiles.py")
+    if f.filename.startswith(ROOT)
+    and "site-packages" not in f.filename  # a virtual environment inside the repository
+    and not f.filename.endswith("count_compiles.py")
   ]
   return " <- ".join(f"{os.path.relpath(f.filename, ROOT)}:{f.lineno}" for f in frames[::-1][:3])
 

@@ -87,8 +87,8 @@ def computed_slots(setup: Setup, fed: FederatedConfig, privacy: PrivacyConfig, c
   chunk's largest joined count (the samples of federated.client_update's keys; the last chunk's padding
   clients join nothing)."""
   sampler = events.sampler_of(fed, privacy)
-  block, head = federated.slot_block(fed, sampler), federated.head_slots(fed, sampler)
-  if block >= sampler.capacity:  # one block: nothing is skipped
+  block, head = federated.slot_block(fed, sampler), federated.head_slots(fed, sampler, chunk)
+  if block >= sampler.capacity or head >= sampler.capacity:  # one call: nothing is skipped
     return float(sampler.capacity)
   round_key = jax.random.fold_in(setup.key, 0)
   pool = setup.pool

@@ -93,9 +93,10 @@ def chunk_clients(
 
   The automatic chunk is not capped for the Poisson sampler's slot blocks, although a block runs when any
   client of the chunk needs it: the chunk's largest joined count exceeds the mean B by only about
-  sigma sqrt(2 ln c) for c clients (sigma = sqrt(B (1 - q))), so with B = 32, q = 0.2 and blocks of 8 of
-  81 slots a step computes about 36 slots per client at c = 1, 48 at c = 64 and 56 at c = 4096, while a
-  cap would give up the vectorization that large chunks exist for."""
+  sigma sqrt(2 ln c) for c clients (sigma = sqrt(B (1 - q)) <= sqrt(B)), and the step's head covers it
+  (``client.head_slots``: B + ceil(sqrt(2 B ln c)) slots), so with B = 32 a step computes about 36 slots per
+  client at c = 1, 49 at c = 64 and 54 at c = 1024, while a cap would give up the vectorization that large
+  chunks exist for."""
   if fed.chunk_size:
     return min(fed.chunk_size, clients)
   per_client = client_bytes(apply_fn, params, row, fed, privacy) * replicas

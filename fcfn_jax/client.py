@@ -10,6 +10,7 @@ skipped, so a Poisson step costs about the examples it samples rather than its B
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import chex
@@ -101,12 +102,17 @@ def slot_block(fed: FederatedConfig, sampler: events.Sampler) -> int:
   return min(fed.slot_block or automatic, sampler.capacity)
 
 
-def head_slots(fed: FederatedConfig, sampler: events.Sampler) -> int:
-  """Slots of a local step that always run before its blocks: with the automatic block size and the
-  'poisson' sampler, the expected batch B (joined about half the time in full, and nearly always in part),
-  so that only the tail past B runs in conditional blocks; 0 otherwise."""
-  automatic = not fed.slot_block and sampler.kind == "poisson"
-  return min(sampler.batch_size, sampler.capacity) if automatic else 0
+def head_slots(fed: FederatedConfig, sampler: events.Sampler, width: int = 1) -> int:
+  """Slots of a local step that run in one call before its blocks (0 otherwise): with the automatic block
+  size and the 'poisson' sampler, about the largest joined count of the ``width`` clients that share the
+  blocks' skips (a vmapped chunk, times the replicas vmapped beside it), B + ceil(sqrt(2 B ln width)), at
+  most B_max. A client's joined count has mean B (at most) and variance at most B, and the largest of
+  ``width`` such counts is about B + sqrt(2 B ln width); so the tail past it nearly always skips in one
+  branch, and its blocks add no work (nor per-block overhead) to a round of many small clients."""
+  if fed.slot_block or sampler.kind != "poisson":
+    return 0
+  spread = math.ceil(math.sqrt(2.0 * sampler.batch_size * math.log(max(width, 1))))
+  return min(sampler.batch_size + spread, sampler.capacity)
 
 
 def _summed_gradient(loss_fn: LossFn) -> ClippedSumFn:
@@ -146,14 +152,15 @@ def client_update(
   g~ is the DP-SGD gradient (:func:`fcfn_jax.privacy.clipping.privatize` of the clipped sum) with
   multiplier z divided by the expected batch size q n = min(B, n), or the plain mean gradient over the
   step's examples when ``privacy.private`` is False (static). z = inf means the client sits out
-  (epsilon_i = 0): its delta is exactly zero and nothing is NaN.
+  (epsilon_i = 0): its delta is exactly zero and nothing is NaN; with no examples as well (n = 0) its
+  result is all zeros, and when every client of the vmap is such a client nothing runs (one branch).
 
-  The step's slots run in blocks of :func:`slot_block` slots
+  The step's slots run as a head of :func:`head_slots` slots, then blocks of :func:`slot_block` slots
   (:func:`fcfn_jax.privacy.clipping.blocked_clipped_sum`): the sampler puts the joined examples first, so
   a block past the step's joined count is skipped. With ``axis_name`` (a vmap over clients named so) the
   count is the largest over that axis, the same for every client of the vmap, so a block is skipped when
-  no client needs it and the skip stays a branch. The sampled examples and the update do not depend on the
-  blocks beyond float rounding.
+  no client needs it and the skip stays a branch; the head grows with the axis size to cover that largest
+  count. The sampled examples and the update do not depend on the blocks beyond float rounding.
 
   n is the public ``dataset_size`` (default: num_examples): q and the divisor are constants of the
   mechanism, so a neighbouring dataset (one example added or replaced, as in an audit) runs with the
@@ -183,7 +190,8 @@ def client_update(
   skip = ~jnp.isfinite(noise_multiplier)
   noise_multiplier = jnp.where(skip, 0.0, noise_multiplier)
   summed_fn = make_clipped_sum_fn(apply_fn) if privacy.private else _summed_gradient(make_loss_fn(apply_fn))
-  block, head = slot_block(fed, sampler), head_slots(fed, sampler)
+  width = 1 if axis_name is None else jax.lax.axis_size(axis_name)  # clients sharing the skips
+  block, head = slot_block(fed, sampler), head_slots(fed, sampler, width)
 
   def load(index):
     return normalize_pixels(x[index]), y[index]
@@ -201,7 +209,19 @@ def client_update(
     return p, (out.losses, clipped)
 
   step_keys = jax.random.split(noise_key, fed.local_steps)
-  final, (losses, clipped) = jax.lax.scan(local_step, params, (indices, masks, used, step_keys))
+
+  def train(_):
+    return jax.lax.scan(local_step, params, (indices, masks, used, step_keys))
+
+  def sit_out(_):
+    return jax.tree.map(jnp.zeros_like, jax.eval_shape(train, None))
+
+  # A client that sits out with no examples (z = inf, n = 0) has a zero result: when every client of the
+  # vmap does (e.g. a chunk of a cohort's padding), nothing runs.
+  idle = skip & (jnp.asarray(num_examples) <= 0)
+  if axis_name is not None:
+    idle = jax.lax.pmin(idle.astype(jnp.int32), axis_name) > 0
+  final, (losses, clipped) = jax.lax.cond(idle, sit_out, train, None)
   count = jnp.maximum(jnp.sum(masks), 1)
   return ClientResult(
     delta=jax.tree.map(lambda new, old: jnp.where(skip, 0.0, new - old), final, params),

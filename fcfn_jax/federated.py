@@ -8,8 +8,9 @@ Delta_i = theta_i^S - theta. The server forms the FedAvg pseudo-gradient
   g = -(sum_i a_i Delta_i) / (sum_i a_i),   a_i = weight_i * n_i * [z_i < inf]
 
 and applies its optax optimizer (``FederatedConfig.server_optimizer``). Clients with a_i = 0 sit out:
-they run (shapes are fixed) with no examples and contribute exactly nothing. Clients run in vmapped chunks
-sized by :mod:`fcfn_jax.chunking`; with a mesh the client axis is split over devices (:mod:`fcfn_jax.mesh`).
+they contribute exactly nothing, and a chunk of them runs nothing (shapes are fixed; a branch skips it).
+Clients run in vmapped chunks sized by :mod:`fcfn_jax.chunking`; with a mesh the client axis is split over
+devices (:mod:`fcfn_jax.mesh`).
 Keys: client i of round t uses fold_in(fold_in(key, t), i).
 
 The client's update, the chunk sizing and the mesh helpers are re-exported here under their old names
@@ -164,13 +165,15 @@ def _client_totals(
     z = noise_multipliers[i]
     real = (position < clients) & jnp.isfinite(z)
     agg_weight = jnp.where(real, weights[i] * num_examples[row], 0.0).astype(jnp.float32)
-    # A client that sits out runs with no examples: its result is discarded, and it needs no slot block.
+    # A client that sits out runs with no examples and z = inf: its result is discarded, and a chunk of
+    # such clients runs nothing (client_update).
+    joins = agg_weight > 0
     result = client_update(
       params,
       pool.x[row],
       pool.y[row],
-      jnp.where(agg_weight > 0, num_examples[row], 0),
-      z,
+      jnp.where(joins, num_examples[row], 0),
+      jnp.where(joins, z, jnp.inf),
       jax.random.fold_in(round_key, first_id + position),
       apply_fn=apply_fn,
       fed=fed,

@@ -9,12 +9,12 @@ with rows of weight 0 and z = inf, their noise multipliers and aggregation weigh
 pools are stacked into one pool (they must share the capacity: ``DataConfig.capacity``), so no replica
 copies the data; ``federated._client_totals`` (the one vmap over clients) indexes it through the rows.
 
-Replicas are grouped by cohort size (powers of two up to the largest participant count: a replica with 5
-participants is not padded to the 40 of 'no_incentive'); each group is ONE jitted round, mapped over its
-replicas: ``lax.map`` over batches of ``group`` replicas, each batch a ``vmap``, where group x chunk clients
-fit the backend's working-memory budget (``federated.chunk_clients``). The replica axis is a plain leading
-axis of every input: with several processes each trains its own block of every group and one gather at
-the end joins the results (:func:`run`; docs/model.md "Multi-host").
+Replicas are grouped by cohort size (powers of two from ``MIN_COHORT`` up to the largest participant count:
+a replica with 70 participants is not padded to the 1,000 of 'no_incentive'); each group is ONE jitted
+round, mapped over its replicas: ``lax.map`` over batches of ``group`` replicas, each batch a ``vmap``,
+where group x chunk clients fit the backend's working-memory budget (``federated.chunk_clients``). The
+replica axis is a plain leading axis of every input: with several processes each trains its own block of
+every group and one gather at the end joins the results (:func:`run`; docs/model.md "Multi-host").
 
 A replica equals ``simulation.run`` of the same config (seed, mechanism, draw) to float rounding, whatever
 the calibration: same initial model (fold_in of the seed), same per-client keys (fold_in(fold_in(key, t),
@@ -126,11 +126,19 @@ def cohort(exp: simulation.Experiment, offset: int, size: int) -> Cohort:
   )
 
 
-def cohort_sizes(counts: Sequence[int]) -> np.ndarray:
-  """The cohort size of each participant count: the next power of two, capped at the largest count (at
-  least 1): few programs to compile, at most 2x padding."""
+# Cohorts below this many clients share one size (and so one program): a padding client joins no example,
+# so it skips every slot block of its local steps (``clipping.blocked_clipped_sum``) and costs little next
+# to compiling one more round (seconds).
+MIN_COHORT = 64
+
+
+def cohort_sizes(counts: Sequence[int], min_cohort: int = MIN_COHORT) -> np.ndarray:
+  """The cohort size of each participant count: the next power of two, at least ``min_cohort``, capped
+  at the largest count (at least 1): few programs to compile, at most 2x padding above ``min_cohort``."""
+  check_int("min_cohort", min_cohort)
   counts = np.maximum(np.asarray(counts, np.int64), 1)
-  return np.minimum(2 ** np.ceil(np.log2(counts)).astype(np.int64), counts.max())
+  sizes = np.maximum(2 ** np.ceil(np.log2(counts)).astype(np.int64), min_cohort)
+  return np.minimum(sizes, counts.max())
 
 
 def layout(
@@ -351,6 +359,7 @@ def run(
   *,
   eval_examples: int = 0,
   cohort_size: int = 0,
+  min_cohort: int = MIN_COHORT,
   progress: bool = True,
   account: bool = True,
 ) -> Runs:
@@ -369,6 +378,7 @@ def run(
       test split); the last round always uses the whole split.
     cohort_size: 0 = group the replicas by :func:`cohort_sizes` (a few programs, little padding); K > 0 =
       one program, every replica padded to K (at least the largest participant count).
+    min_cohort: the smallest automatic cohort size (:func:`cohort_sizes`).
     progress: show a progress bar over rounds.
     account: compute each client's spent epsilon with dp-accounting (``simulation.privacy_spent``: the
       client records and max_epsilon_spent); False skips it (seconds per client at scale): no client
@@ -396,7 +406,7 @@ def run(
     f"cohort_size={cohort_size} is invalid: a replica has {max(counts)} participants; expected 0 "
     "(automatic) or at least that many",
   )
-  sizes = np.full(len(counts), cohort_size) if cohort_size else cohort_sizes(counts)
+  sizes = np.full(len(counts), cohort_size) if cohort_size else cohort_sizes(counts, min_cohort)
   splits = [experiments[r.experiment].data.test for r in replicas]
   evaluations = {"full": test_sets(splits), "partial": test_sets(splits, eval_examples)}
   cohorts = np.unique(sizes)

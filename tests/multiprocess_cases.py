@@ -123,7 +123,8 @@ def run_replicas() -> replicas.Runs:
     simulation.prepare(dataclasses.replace(pair, data=dataclasses.replace(pair.data, num_clients=2)))
   )
   runs.append(replicas.Replica(len(experiments) - 1, 0))
-  return replicas.run(experiments, runs, eval_examples=50, progress=False, account=False)
+  # min_cohort=1: cohort sizes 2, 4 and 8, three groups (the default floor would make them one).
+  return replicas.run(experiments, runs, eval_examples=50, min_cohort=1, progress=False, account=False)
 
 
 BLOCK_ITEMS = 5  # split unevenly over 2 processes: 3 + 2

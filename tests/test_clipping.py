@@ -127,11 +127,12 @@ class ClippingTest(chex.TestCase):
           np.testing.assert_array_equal(blocked.norms, 0.0)
         elif used == BATCH or block == 4:  # every joined slot is in a block that runs: exact
           chex.assert_trees_all_close(blocked, reference, atol=1e-6)
-    for head, used in ((2, 4), (2, 1), (BATCH, 4)):  # a head of slots that always runs, then the blocks
+    # A head of slots that always runs in one call, then the blocks (all skipped at once when used <= head).
+    for head, used in ((2, 4), (2, 1), (2, 0), (BATCH, 4)):
       runs.clear()
       blocked = blocked_fn(clipped_sum_fn, params, load, (x, y), mask, CLIP, 1, jnp.int32(used), head)
       jax.effects_barrier()
-      self.assertEqual(len(runs), 1 + (-(-(used - head) // 1) if head < BATCH and used > head else 0))
+      self.assertEqual(len(runs), 1 + (used - head if head < BATCH and used > head else 0))
       if used >= 4:  # every joined slot is in the head or a block that runs: exact
         chex.assert_trees_all_close(blocked, reference, atol=1e-6)
 

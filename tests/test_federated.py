@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 
 import chex
 import jax
@@ -399,9 +400,60 @@ def test_blocked_slot_block_is_validated_and_resolved():
   assert federated.slot_block(auto, fixed) == 32  # fixed batches are full: one block
   assert federated.slot_block(dataclasses.replace(auto, slot_block=100), poisson) == 81
   assert federated.slot_block(dataclasses.replace(auto, slot_block=5), fixed) == 5
-  assert federated.head_slots(auto, poisson) == 32  # the expected batch always runs, the tail in blocks
+  assert federated.head_slots(auto, poisson) == 32  # one client: the expected batch, the tail in blocks
+  # 32 clients sharing the skips: B + ceil(sqrt(2 B ln 32)) = 32 + 15; never past B_max.
+  assert federated.head_slots(auto, poisson, 32) == 47
+  assert federated.head_slots(auto, poisson, 2**100) == 81
   assert federated.head_slots(auto, fixed) == 0
   assert federated.head_slots(dataclasses.replace(auto, slot_block=5), poisson) == 0
+
+
+@pytest.mark.parametrize("batch", [8, 32])
+def test_the_head_nearly_always_holds_every_joined_slot_of_the_chunk(batch):
+  """head_slots(width) is about the largest joined count of ``width`` clients: for clients of n in
+  [B, 8 B] examples (q = B / n), the chunk's largest Poisson count exceeds the head in few draws, and a
+  head of B alone (width 1) would be exceeded in most draws of a wide chunk."""
+  fed = FederatedConfig(batch_size=batch)
+  sampler = events.sampler_of(fed, PRIVATE)
+  rng = np.random.default_rng(0)
+  for width in (4, 32, 256):
+    n = rng.integers(batch, 8 * batch + 1, size=(2000, width))
+    largest = rng.binomial(n, batch / n).max(axis=1)
+    head = federated.head_slots(fed, sampler, width)
+    assert np.mean(largest > head) < 0.15, (width, head)
+    assert width < 32 or np.mean(largest > batch) > 0.9, width
+
+
+def test_a_chunk_of_clients_that_sit_out_runs_nothing():
+  """Chunks of 2, each step one call of all its slots: clients 0-1 train, 2-3 sit out (z = inf), 4-5 have
+  weight 0, 6 trains. The model runs (a callback in its apply function counts the runs) for 2 of the 4
+  chunks, half as often as when every client trains; the round equals the round of clients 0, 1 and 6
+  with the others given z = inf, and its update is that of the 3 participants."""
+  calls = []
+
+  def counted_apply(*args, **kwargs):
+    jax.debug.callback(lambda: calls.append(1))
+    return LOGREG.apply(*args, **kwargs)
+
+  model = types.SimpleNamespace(apply=counted_apply)
+  pool, state, key = _pool(), _state(), jax.random.key(3)
+  z = np.array([0.8, 0.8, np.inf, np.inf, 0.8, 0.8, 0.8])
+  w = np.array([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0])
+  fed = dataclasses.replace(FED, chunk_size=2, slot_block=ALL_SLOTS)
+
+  def runs(z, w):
+    calls.clear()
+    out = jax.block_until_ready(_round(state, pool, z, w, key, model=model, fed=fed))
+    jax.effects_barrier()
+    return out, len(calls)
+
+  got, some = runs(z, w)
+  keep = w * np.isfinite(z) > 0
+  alone, _ = runs(np.where(keep, z, np.inf), keep.astype(float))
+  _, every = runs(np.full(CLIENTS, 0.8), np.ones(CLIENTS))
+  chex.assert_trees_all_close(got, alone, atol=1e-6)
+  assert int(got[1].participants) == 3
+  assert every > 0 and 2 * some == every, (some, every)
 
 
 def test_blocked_round_equals_all_slots_round():

@@ -94,8 +94,12 @@ def test_cohort_pads_with_rows_that_sit_out(study):
     replicas.cohort(exp, offset=0, size=len(joined) - 1)
 
 
-def test_cohort_sizes_are_powers_of_two_capped_at_the_largest():
-  np.testing.assert_array_equal(replicas.cohort_sizes([5, 9, 16, 0, 40]), [8, 16, 16, 1, 40])
+def test_cohort_sizes_are_powers_of_two_from_the_floor_capped_at_the_largest():
+  assert replicas.MIN_COHORT == 64
+  np.testing.assert_array_equal(replicas.cohort_sizes([5, 9, 16, 0, 40]), [40] * 5)  # one program
+  np.testing.assert_array_equal(replicas.cohort_sizes([5, 64, 65, 200, 1000]), [64, 64, 128, 256, 1000])
+  np.testing.assert_array_equal(replicas.cohort_sizes([0]), [1])
+  np.testing.assert_array_equal(replicas.cohort_sizes([5, 9, 16, 0, 40], min_cohort=1), [8, 16, 16, 1, 40])
 
 
 def test_pools_of_other_capacity_are_refused():

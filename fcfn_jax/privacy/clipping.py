@@ -331,7 +331,8 @@ def blocked_clipped_sum(
   head: int = 0,
 ) -> ClippedSum:
   """The :data:`ClippedSumFn` sum over B slots: the first ``head`` slots in one plain call, the rest in
-  blocks of ``block`` slots, skipping every block that starts at or after ``used``.
+  blocks of ``block`` slots, skipping every block that starts at or after ``used`` (and all of them in one
+  branch when used <= head).
 
   sum_j m_j clip_C(g_j) = sum_k sum_{j in block k}, block k = slots [k b, (k + 1) b) (the last one padded
   with masked slots); block k runs under ``lax.cond`` iff used > k b and adds 0 otherwise. Exact whenever
@@ -346,7 +347,7 @@ def blocked_clipped_sum(
       gather of the client's examples by index, so only the blocks that run read their examples.
     slots: pytree of per-slot inputs [B, ...] (e.g. indices int32 [B]). mask: bool [B].
     clip_norm: C. block: static b >= 1. used: int scalar. head: static h >= 0, slots that always run
-      (e.g. the expected batch B, nearly always joined: one call instead of B / b conditional blocks).
+      (e.g. about the largest joined count: one call instead of h / b conditional blocks).
 
   Returns:
     ClippedSum with losses and norms [B] (0 at masked slots).
@@ -357,17 +358,21 @@ def blocked_clipped_sum(
   if block >= size or head >= size:
     return clipped_sum_fn(params, *load(slots), mask, clip_norm)
   if head:
+    # Not under a cond: a branch around the head costs the CNN's round ~8% on XLA:CPU (measured).
     first = clipped_sum_fn(params, *load(jax.tree.map(lambda a: a[:head], slots)), mask[:head], clip_norm)
-    rest = blocked_clipped_sum(
-      clipped_sum_fn,
-      params,
-      load,
-      jax.tree.map(lambda a: a[head:], slots),
-      mask[head:],
-      clip_norm,
-      block,
-      used - head,
-    )
+
+    def compute_rest(_):
+      tail = jax.tree.map(lambda a: a[head:], slots)
+      return blocked_clipped_sum(
+        clipped_sum_fn, params, load, tail, mask[head:], clip_norm, block, used - head
+      )
+
+    def skip_rest(_):
+      return jax.tree.map(jnp.zeros_like, jax.eval_shape(compute_rest, None))
+
+    # The tail's blocks as one branch too: past a head that nearly always holds every joined slot, one
+    # skip instead of a skip per block.
+    rest = jax.lax.cond(used > head, compute_rest, skip_rest, None)
     return ClippedSum(
       summed=jax.tree.map(jnp.add, first.summed, rest.summed),
       losses=jnp.concatenate([first.losses, rest.losses]),
