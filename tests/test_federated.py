@@ -464,7 +464,7 @@ def test_blocked_round_equals_all_slots_round():
   pool, state, key = _pool(), _state(), jax.random.key(6)
   z = np.array([0.8, 0.8, 0.8, np.inf, 0.8, 0.8, 0.8])
   w = np.array([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0])
-  private = [(ALL_SLOTS, 3), (1, 3), (5, 3), (5, 1), (0, 3)]  # 0: automatic, a head of B slots + blocks
+  private = [(ALL_SLOTS, 3), (1, 3), (5, 3), (5, 1), (0, 3)]  # 0: automatic, a head (7 slots) + blocks
   non_private = [(ALL_SLOTS, 3), (5, 3)]
 
   def run(settings, privacy):
