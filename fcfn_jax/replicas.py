@@ -126,9 +126,9 @@ def cohort(exp: simulation.Experiment, offset: int, size: int) -> Cohort:
   )
 
 
-# Cohorts below this many clients share one size (and so one program): a padding client joins no example,
-# so it skips every slot block of its local steps (``clipping.blocked_clipped_sum``) and costs little next
-# to compiling one more round (seconds).
+# Cohorts below this many clients share one size (and so one program): a chunk of padding clients (z = inf,
+# no examples) runs nothing (``client.client_update``), and padding inside a chunk of real clients costs
+# little next to compiling one more round (seconds).
 MIN_COHORT = 64
 
 
